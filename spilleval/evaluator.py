@@ -1,0 +1,192 @@
+"""The evaluation engine for any loop: reduce each batch on device, update streaming metrics, spill, finalize.
+
+    evaluator = Evaluator("runs/eval-1", metrics=["token_accuracy", "answer_macro_f1"], tokenizer=tok)
+    for batch in loader:
+        with torch.no_grad():
+            logits = model(**batch).logits
+        evaluator.update(logits, batch["labels"], sample_index=batch["index"])
+    results = evaluator.finalize()
+
+`SpillingTrainer` drives the same engine from `transformers.Trainer`'s evaluation loop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .batch import SampleBatch, id_dtype_for_vocab
+from .metrics.runner import MetricSpec, MetricSuite
+from .reduce import DEFAULT_CHUNK_BYTES as DEFAULT_REDUCE_CHUNK_BYTES
+from .reduce import ReducedBatch, reduce_logits
+from .spill import Manifest, SpillReader, SpillWriter
+from .spill.manifest import MANIFEST_NAME, RESULTS_NAME, library_versions, write_json_atomic
+from .spill.writer import DEFAULT_CHUNK_BYTES, SpillExistsError
+
+
+class EmptyEvaluationError(ValueError):
+    """finalize() was called before any sample was evaluated."""
+
+
+class Evaluator:
+    """Memory-bounded evaluation into a spill directory; see the module docstring for the loop."""
+
+    def __init__(
+        self,
+        spill_dir: str | os.PathLike,
+        metrics: Iterable[MetricSpec] = ("token_accuracy",),
+        *,
+        tokenizer: Any = None,
+        task: str = "causal_lm",
+        shift: bool | None = None,
+        keep_logprob: bool | None = None,
+        dataset_length: int | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_rows: int | None = None,
+        compression: str | None = "zstd",
+        reduce_chunk_bytes: int = DEFAULT_REDUCE_CHUNK_BYTES,
+        resume: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.spill_dir = Path(spill_dir)
+        self.suite = MetricSuite(metrics, tokenizer=tokenizer)
+        self.tokenizer = tokenizer
+        self.task = task
+        self.shift = (task == "causal_lm") if shift is None else shift
+        self.keep_logprob = self.suite.needs_logprob if keep_logprob is None else keep_logprob
+        self.suite.check(has_logprob=self.keep_logprob)
+        self.dataset_length = dataset_length
+        self.chunk_bytes, self.chunk_rows, self.compression = chunk_bytes, chunk_rows, compression
+        self.reduce_chunk_bytes = reduce_chunk_bytes
+        self.resume = resume
+        self.extra = dict(extra or {})
+        self.rank, self.world_size = _process_group()
+        self._writer: SpillWriter | None = None
+        self._next_index = 0
+        self._loss_sum = 0.0
+        self._finalized = False
+        if (self.spill_dir / MANIFEST_NAME).exists() and not resume and self.rank == 0:
+            raise SpillExistsError(
+                f"{self.spill_dir} already holds a spill. spilleval never overwrites one: choose a new "
+                "spill_dir, delete this one, or pass resume=True to continue it."
+            )
+
+    # ------------------------------------------------------------------------------------------- per batch
+    def update(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        sample_index: torch.Tensor | np.ndarray | list[int] | None = None,
+        *,
+        columns: dict[str, list[Any]] | None = None,
+        arrays: dict[str, Any] | None = None,
+    ) -> ReducedBatch:
+        """Reduce one batch of logits on their device and hand the ids to the spill writer.
+
+        `columns` are per-sample dataset values stored next to the predictions (e.g. `{"references": [...]}`);
+        `arrays` are fixed-shape per-sample arrays (e.g. `{"class_scores": probs}`), stored in zarr.
+        """
+        index = self._sample_index(sample_index, logits.shape[0])
+        reduced = reduce_logits(
+            logits,
+            labels,
+            shift=self.shift,
+            sample_index=index,
+            keep_logprob=self.keep_logprob,
+            chunk_bytes=self.reduce_chunk_bytes,
+        )
+        if reduced.loss_sum is not None:
+            self._loss_sum += float(reduced.loss_sum)
+        self._write(reduced, logits.shape[-1], columns, arrays)
+        return reduced
+
+    def add(self, batch: SampleBatch, *, vocab_size: int) -> None:
+        """Add an already reduced batch (e.g. generated ids) through the same metrics and spill."""
+        self._write(batch, vocab_size, None, None)
+
+    # ------------------------------------------------------------------------------------------- the end
+    def finalize(self) -> dict[str, float]:
+        """Close the spill, compute streaming and corpus metrics, store them in results.json, return them."""
+        if self._finalized:
+            raise RuntimeError("finalize() was already called")
+        self._finalized = True
+        if self._writer is None:
+            raise EmptyEvaluationError(
+                "no sample was evaluated: the eval dataset is empty (check its length and the dataloader)."
+            )
+        summary = self._writer.close()
+        if summary.rows == 0:
+            raise EmptyEvaluationError("no sample was evaluated: the eval dataset is empty.")
+        results = self.suite.compute_streaming()
+        if self.suite.corpus:
+            results.update(self.suite.compute_corpus(SpillReader(self.spill_dir)))
+        write_json_atomic(self.spill_dir / RESULTS_NAME, results)
+        return results
+
+    def abort(self) -> None:
+        """Stop after an error; committed chunks stay readable as a partial spill."""
+        self._finalized = True
+        if self._writer is not None:
+            self._writer.abort()
+
+    @property
+    def reader(self) -> SpillReader:
+        return SpillReader(self.spill_dir)
+
+    @property
+    def loss_sum(self) -> float:
+        """-sum of label log-probabilities so far (when log-probs are kept): the eval loss numerator."""
+        return self._loss_sum
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _write(self, batch, vocab_size: int, columns, arrays) -> None:
+        writer = self._writer or self._open_writer(vocab_size)
+        writer.write(batch, columns=columns, arrays=arrays)
+
+    def _open_writer(self, vocab_size: int) -> SpillWriter:
+        self.suite.check(has_logprob=self.keep_logprob, vocab_size=vocab_size)
+        manifest = Manifest(
+            task=self.task,
+            vocab_size=int(vocab_size),
+            id_dtype=id_dtype_for_vocab(vocab_size).name,
+            dataset_length=self.dataset_length,
+            world_size=self.world_size,
+            metrics=self.suite.specs(),
+            has_logprob=self.keep_logprob,
+            versions=library_versions(),
+            extra=self.extra,
+        )
+        self._writer = SpillWriter(
+            self.spill_dir,
+            manifest,
+            rank=self.rank,
+            chunk_bytes=self.chunk_bytes,
+            chunk_rows=self.chunk_rows,
+            tokenizer=self.tokenizer,
+            listeners=[self.suite.update],
+            compression=self.compression,
+            resume=self.resume,
+        )
+        return self._writer
+
+    def _sample_index(self, sample_index, batch_size: int):
+        if sample_index is not None:
+            return sample_index
+        if self.world_size > 1:
+            raise ValueError(
+                "sample_index is required in a distributed evaluation (each rank sees a different shard): pass the "
+                "dataset indices of the batch's rows."
+            )
+        index = np.arange(self._next_index, self._next_index + batch_size, dtype=np.int64)
+        self._next_index += batch_size
+        return index
+
+
+def _process_group() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

@@ -1,0 +1,125 @@
+"""The two metric protocols.
+
+`StreamingMetric` (after torchmetrics' `Metric`): states are declared with `add_state`, are small and fixed-size,
+and merge by addition, so a metric can be updated batch by batch, split across processes and merged exactly.
+`update(batch)` only adds sufficient statistics (sacrebleu-style); `compute()` turns them into the score.
+
+`CorpusMetric`: needs the whole corpus (document frequencies, an open label set, exact percentiles). It gets the
+`SpillReader` and makes as many bounded-memory passes over it as it needs.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from ..batch import SampleBatch
+
+if TYPE_CHECKING:
+    from ..spill import SpillReader
+
+State = dict[str, np.ndarray]
+
+
+class Metric(ABC):
+    """Common part: a registry name, what the metric needs from a batch, and its constructor parameters."""
+
+    name: ClassVar[str] = ""
+    needs_text: ClassVar[bool] = False  # decoded pred_text / label_text
+    needs_logprob: ClassVar[bool] = False  # spilled label log-probabilities (keep_logprob=True)
+    needs_columns: ClassVar[tuple[str, ...]] = ()  # dataset columns stored next to the predictions
+    needs_arrays: ClassVar[tuple[str, ...]] = ()  # fixed-shape per-sample arrays (zarr)
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able constructor arguments, stored in the manifest so `spilleval compute` rebuilds the metric."""
+        return {}
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "params": self.params()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+
+class StreamingMetric(Metric):
+    """Mergeable sufficient statistics. Subclasses declare states in `__init__` and implement update/compute."""
+
+    def __init__(self) -> None:
+        self._defaults: dict[str, np.ndarray] = {}
+        self._state: State = {}
+
+    def add_state(self, name: str, shape: tuple[int, ...] = (), dtype: Any = np.int64) -> None:
+        """Declare a summed state. Float sums use compensated (double-double) accumulation: see `add_float`."""
+        default = np.zeros(shape, dtype=dtype)
+        self._defaults[name] = default
+        self._state[name] = default.copy()
+
+    def add_float_state(self, name: str) -> None:
+        """A float sum kept as a (hi, lo) pair so that it is independent of batching and merge order."""
+        self.add_state(name, (2,), np.float64)
+
+    def reset(self) -> None:
+        self._state = {k: v.copy() for k, v in self._defaults.items()}
+
+    def state(self) -> State:
+        return {k: v.copy() for k, v in self._state.items()}
+
+    def merge(self, other: State) -> None:
+        """Add another metric's state (another shard, another rank, another batch)."""
+        for key, value in other.items():
+            if key not in self._state:
+                raise KeyError(f"{self.name}: unknown state {key!r}")
+            if self._state[key].dtype == np.float64 and self._state[key].shape == (2,):
+                self._state[key] = _dd_add(self._state[key], value[0], value[1])
+            else:
+                self._state[key] = self._state[key] + value
+
+    def add(self, name: str, value: Any) -> None:
+        """Add to an integer / array state."""
+        self._state[name] = self._state[name] + value
+
+    def add_float(self, name: str, values: Any) -> None:
+        """Add float values to a compensated state; the batch sum is exact (math.fsum) before it is added."""
+        total = math.fsum(np.asarray(values, dtype=np.float64).ravel().tolist())
+        self._state[name] = _dd_add(self._state[name], total, 0.0)
+
+    def value(self, name: str) -> Any:
+        state = self._state[name]
+        if state.dtype == np.float64 and state.shape == (2,):
+            return float(state[0] + state[1])
+        return state
+
+    @abstractmethod
+    def update(self, batch: SampleBatch) -> None: ...
+
+    @abstractmethod
+    def compute(self) -> dict[str, float]: ...
+
+
+class CorpusMetric(Metric):
+    """Computed from the whole spill in bounded-memory passes."""
+
+    @abstractmethod
+    def compute(self, reader: "SpillReader") -> dict[str, float]: ...
+
+
+def _two_sum(a: float, b: float) -> tuple[float, float]:
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _dd_add(state: np.ndarray, hi: float, lo: float) -> np.ndarray:
+    """Double-double addition: (state.hi, state.lo) + (hi, lo), error ~2^-106 relative."""
+    s, e = _two_sum(float(state[0]), float(hi))
+    e += float(state[1]) + float(lo)
+    s, e = _two_sum(s, e)
+    return np.array([s, e], dtype=np.float64)
+
+
+def safe_div(num: float, den: float) -> float:
+    return float(num) / float(den) if den else 0.0

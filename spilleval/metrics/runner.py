@@ -1,0 +1,123 @@
+"""Run a set of metrics: live over batches as they are spilled, or offline over a spill directory.
+
+Both paths feed the same `update(SampleBatch)` calls, so `spilleval compute <dir>` reproduces the live numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+from ..batch import SampleBatch
+from ..decode import check_tokenizer_vocab, decode_batch
+from .base import CorpusMetric, Metric, State, StreamingMetric
+from .registry import build_metrics
+
+MetricSpec = str | dict[str, Any] | Metric
+
+
+class MetricConfigError(ValueError):
+    """The chosen metrics cannot run with what this evaluation provides."""
+
+
+class MetricSuite:
+    """The metrics of one evaluation, split into streaming and corpus metrics."""
+
+    def __init__(self, specs: Iterable[MetricSpec], *, tokenizer: Any = None) -> None:
+        self.metrics = build_metrics(specs)
+        self.tokenizer = tokenizer
+        self.streaming = [m for m in self.metrics if isinstance(m, StreamingMetric)]
+        self.corpus = [m for m in self.metrics if isinstance(m, CorpusMetric)]
+        self._streaming_needs_text = any(m.needs_text for m in self.streaming)
+
+    @property
+    def needs_logprob(self) -> bool:
+        return any(m.needs_logprob for m in self.metrics)
+
+    @property
+    def needs_text(self) -> bool:
+        return any(m.needs_text for m in self.metrics)
+
+    def specs(self) -> list[dict[str, Any]]:
+        return [m.spec() for m in self.metrics]
+
+    def check(self, *, has_logprob: bool, vocab_size: int | None = None) -> None:
+        """Fail before evaluating when a metric cannot be served."""
+        if self.needs_text and self.tokenizer is None:
+            names = ", ".join(m.name for m in self.metrics if m.needs_text)
+            raise MetricConfigError(f"metric(s) {names} decode text and need a tokenizer: pass tokenizer=...")
+        if self.needs_text and vocab_size is not None:
+            check_tokenizer_vocab(self.tokenizer, vocab_size)
+        if self.needs_logprob and not has_logprob:
+            names = ", ".join(m.name for m in self.metrics if m.needs_logprob)
+            raise MetricConfigError(f"metric(s) {names} need label log-probabilities: evaluate with keep_logprob=True")
+
+    def reset(self) -> None:
+        for metric in self.streaming:
+            metric.reset()
+
+    def update(self, batch: SampleBatch) -> None:
+        """Update every streaming metric with one batch (decoding once if any of them reads text)."""
+        if not self.streaming:
+            return
+        if self._streaming_needs_text:
+            decode_batch(batch, self.tokenizer)
+        for metric in self.streaming:
+            metric.update(batch)
+
+    def states(self) -> list[State]:
+        return [m.state() for m in self.streaming]
+
+    def merge(self, states: list[State]) -> None:
+        for metric, state in zip(self.streaming, states, strict=True):
+            metric.merge(state)
+
+    def compute_streaming(self) -> dict[str, float]:
+        return _merge_results(m.compute() for m in self.streaming)
+
+    def compute_corpus(self, reader: Any) -> dict[str, float]:
+        return _merge_results(m.compute(reader) for m in self.corpus)
+
+
+def compute_from_spill(
+    spill_dir: str | os.PathLike,
+    metrics: Iterable[MetricSpec] | None = None,
+    *,
+    allow_partial: bool = False,
+    batch_size: int = 4096,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Recompute metrics from a spill directory alone (tokenizer and metric config read from it)."""
+    from ..spill import SpillReader
+
+    reader = SpillReader(spill_dir, allow_partial=allow_partial)
+    specs = list(metrics) if metrics is not None else reader.manifest.metrics
+    suite = MetricSuite(specs, tokenizer=reader.tokenizer if _any_text(specs) else None)
+    if suite.needs_text:
+        reader.require_tokenizer()
+    suite.check(has_logprob=reader.manifest.has_logprob, vocab_size=reader.manifest.vocab_size)
+    if suite.streaming:
+        batches = reader.iter_batches(batch_size, with_arrays=True)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="streaming metrics", unit="batch", leave=False)
+        for batch in batches:
+            suite.update(batch)
+    results = suite.compute_streaming()
+    results.update(suite.compute_corpus(reader))
+    return results
+
+
+def _any_text(specs: list[MetricSpec]) -> bool:
+    return any(m.needs_text for m in build_metrics(specs))
+
+
+def _merge_results(parts: Iterable[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in parts:
+        clash = set(out) & set(part)
+        if clash:
+            raise MetricConfigError(f"two metrics report the same key(s): {', '.join(sorted(clash))}")
+        out.update(part)
+    return out

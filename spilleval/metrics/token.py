@@ -1,0 +1,70 @@
+"""Metrics on token ids: no decoding needed, fully vectorised."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..batch import SampleBatch
+from .base import StreamingMetric, safe_div
+from .registry import register
+
+
+@register("token_accuracy")
+class TokenAccuracy(StreamingMetric):
+    """Fraction of supervised tokens whose argmax equals the label."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("correct")
+        self.add_state("total")
+
+    def update(self, batch: SampleBatch) -> None:
+        self.add("correct", int(np.count_nonzero(batch.pred_ids == batch.label_ids)))
+        self.add("total", batch.num_tokens)
+
+    def compute(self) -> dict[str, float]:
+        return {"token_accuracy": safe_div(self.value("correct"), self.value("total"))}
+
+
+@register("sequence_exact_match")
+class SequenceExactMatch(StreamingMetric):
+    """Fraction of samples whose every supervised token is right (a sample with none counts as right)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("matched")
+        self.add_state("samples")
+
+    def update(self, batch: SampleBatch) -> None:
+        wrong = (batch.pred_ids != batch.label_ids).astype(np.int64)
+        wrong_per_sample = np.add.reduceat(wrong, batch.offsets[:-1]) if len(wrong) else np.zeros(len(batch))
+        wrong_per_sample = np.where(batch.lengths > 0, wrong_per_sample, 0)  # reduceat quirk on empty rows
+        self.add("matched", int(np.count_nonzero(wrong_per_sample == 0)))
+        self.add("samples", len(batch))
+
+    def compute(self) -> dict[str, float]:
+        return {"sequence_exact_match": safe_div(self.value("matched"), self.value("samples"))}
+
+
+@register("nll")
+class NegativeLogLikelihood(StreamingMetric):
+    """Mean negative log-likelihood per supervised token and its perplexity (needs keep_logprob=True)."""
+
+    needs_logprob = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_float_state("logprob_sum")
+        self.add_state("tokens")
+
+    def update(self, batch: SampleBatch) -> None:
+        if batch.label_logprob is None:
+            raise ValueError("metric 'nll' needs label log-probabilities: evaluate with keep_logprob=True")
+        self.add_float("logprob_sum", batch.label_logprob)
+        self.add("tokens", batch.num_tokens)
+
+    def compute(self) -> dict[str, float]:
+        nll = -safe_div(self.value("logprob_sum"), self.value("tokens"))
+        return {"nll": nll, "perplexity": math.exp(nll) if nll < 700 else math.inf}

@@ -1,0 +1,163 @@
+"""Encode one `SampleBatch` as a chunk directory (Arrow IPC + zarr v3) and decode it back, verifying checksums."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import zarr
+
+from ..batch import SampleBatch
+from .manifest import ARRAYS_DIR, TOKENS_FILE, ChunkRecord, SpillFormatError, safe_join
+
+TOKEN_COLUMNS = ("sample_index", "pred_ids", "label_ids", "label_logprob")
+ZARR_CHUNK_BYTES = 4 * 2**20
+
+
+class ChunkCorruptError(SpillFormatError):
+    """A committed chunk does not match its recorded length or checksum."""
+
+
+def write_chunk_files(directory: Path, batch: SampleBatch, *, compression: str | None) -> dict[str, dict[str, int]]:
+    """Write the chunk's files into `directory` (fsynced) and return {relative name: {bytes, crc32}}."""
+    table = batch_to_table(batch)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as writer:
+        writer.write_table(table, max_chunksize=max(1, len(batch)))
+    files = {TOKENS_FILE: _write_file(directory / TOKENS_FILE, sink.getvalue())}
+    if batch.arrays:
+        _write_arrays(directory / ARRAYS_DIR, batch.arrays)
+        for path in sorted(p for p in (directory / ARRAYS_DIR).rglob("*") if p.is_file()):
+            files[path.relative_to(directory).as_posix()] = _record_file(path)
+    return files
+
+
+def _write_file(path: Path, data: pa.Buffer) -> dict[str, int]:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": data.size, "crc32": zlib.crc32(data)}
+
+
+def _record_file(path: Path) -> dict[str, int]:
+    data = path.read_bytes()
+    _fsync_file(path)
+    return {"bytes": len(data), "crc32": zlib.crc32(data)}
+
+
+def batch_to_table(batch: SampleBatch) -> pa.Table:
+    offsets = pa.array(batch.offsets.astype(np.int32))
+    columns: dict[str, pa.Array] = {
+        "sample_index": pa.array(batch.sample_index),
+        "pred_ids": pa.ListArray.from_arrays(offsets, pa.array(batch.pred_ids)),
+        "label_ids": pa.ListArray.from_arrays(offsets, pa.array(batch.label_ids)),
+    }
+    if batch.label_logprob is not None:
+        columns["label_logprob"] = pa.ListArray.from_arrays(offsets, pa.array(batch.label_logprob))
+    for name, values in batch.columns.items():
+        if name in TOKEN_COLUMNS:
+            raise ValueError(f"column name {name!r} is reserved; rename the dataset column")
+        columns[name] = pa.array(values)
+    return pa.table(columns)
+
+
+def read_chunk(directory: Path, record: ChunkRecord, *, verify: bool = True, columns: Iterable[str] | None = None,
+               with_arrays: bool = True) -> SampleBatch:
+    """Read a committed chunk back as a `SampleBatch`, checking every file's length and CRC-32 first."""
+    payloads = {}
+    names = [n for n in record.files if with_arrays or not n.startswith(ARRAYS_DIR)]
+    for name in names:
+        payloads[name] = _read_verified(directory, name, record.files[name], verify=verify)
+    table = pa.ipc.open_file(pa.BufferReader(payloads[TOKENS_FILE])).read_all()
+    batch = table_to_batch(table, columns=columns)
+    if with_arrays and any(n.startswith(ARRAYS_DIR) for n in record.files):
+        batch.arrays = _read_arrays(directory / ARRAYS_DIR)
+    return batch
+
+
+def read_sample_index(directory: Path, record: ChunkRecord, *, verify: bool = True) -> np.ndarray:
+    """Only the sample_index column of a chunk (for completeness and random access)."""
+    data = _read_verified(directory, TOKENS_FILE, record.files[TOKENS_FILE], verify=verify)
+    options = pa.ipc.IpcReadOptions(included_fields=[0])
+    table = pa.ipc.open_file(pa.BufferReader(data), options=options).read_all()
+    return table.column("sample_index").to_numpy()
+
+
+def table_to_batch(table: pa.Table, *, columns: Iterable[str] | None = None) -> SampleBatch:
+    table = table.combine_chunks()
+    pred = table.column("pred_ids").chunk(0) if table.num_rows else None
+    if pred is None:
+        id_type = table.schema.field("pred_ids").type.value_type.to_pandas_dtype()
+        empty = np.zeros(0, dtype=id_type)
+        return SampleBatch(np.zeros(0, np.int64), np.zeros(1, np.int64), empty, empty.copy())
+    offsets = pred.offsets.to_numpy().astype(np.int64)
+    start = offsets[0]
+    label = table.column("label_ids").chunk(0)
+    logprob = None
+    if "label_logprob" in table.column_names:
+        logprob = _list_values(table.column("label_logprob").chunk(0))
+    wanted = [c for c in table.column_names if c not in TOKEN_COLUMNS]
+    if columns is not None:
+        wanted = [c for c in wanted if c in set(columns)]
+    return SampleBatch(
+        sample_index=table.column("sample_index").to_numpy(),
+        offsets=offsets - start,
+        pred_ids=_list_values(pred),
+        label_ids=_list_values(label),
+        label_logprob=logprob,
+        columns={c: table.column(c).to_pylist() for c in wanted},
+    )
+
+
+def _list_values(array: pa.ListArray) -> np.ndarray:
+    offsets = array.offsets.to_numpy()
+    return array.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+
+
+def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
+    for name, values in arrays.items():
+        values = np.ascontiguousarray(values)
+        row_bytes = max(1, values[0:1].nbytes) if len(values) else 1
+        rows_per_chunk = max(1, min(len(values), ZARR_CHUNK_BYTES // row_bytes))
+        array = group.create_array(
+            name, shape=values.shape, dtype=values.dtype, chunks=(rows_per_chunk, *values.shape[1:])
+        )
+        array[...] = values
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(store=str(path), mode="r", zarr_format=3)
+    return {name: np.asarray(array[...]) for name, array in group.arrays()}
+
+
+def _read_verified(directory: Path, name: str, expected: dict[str, int], *, verify: bool) -> bytes:
+    path = safe_join(directory, name)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ChunkCorruptError(f"chunk {directory}: file {name} is missing") from None
+    if len(data) != expected["bytes"]:
+        raise ChunkCorruptError(
+            f"chunk {directory}: {name} has {len(data)} bytes, expected {expected['bytes']} (truncated or "
+            "overwritten). Delete this chunk directory and resume the evaluation, or read with verify=False."
+        )
+    if verify and zlib.crc32(data) != expected["crc32"]:
+        raise ChunkCorruptError(
+            f"chunk {directory}: {name} fails its CRC-32 check (the bytes changed after it was written). "
+            "Delete this chunk directory and resume the evaluation."
+        )
+    return data
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
