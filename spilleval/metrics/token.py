@@ -38,9 +38,10 @@ class SequenceExactMatch(StreamingMetric):
         self.add_state("samples")
 
     def update(self, batch: SampleBatch) -> None:
-        wrong = (batch.pred_ids != batch.label_ids).astype(np.int64)
-        wrong_per_sample = np.add.reduceat(wrong, batch.offsets[:-1]) if len(wrong) else np.zeros(len(batch))
-        wrong_per_sample = np.where(batch.lengths > 0, wrong_per_sample, 0)  # reduceat quirk on empty rows
+        # wrong tokens per row from a prefix sum: empty rows (anywhere, also trailing) count 0
+        wrong_before = np.zeros(len(batch.pred_ids) + 1, dtype=np.int64)
+        np.cumsum(batch.pred_ids != batch.label_ids, out=wrong_before[1:])
+        wrong_per_sample = wrong_before[batch.offsets[1:]] - wrong_before[batch.offsets[:-1]]
         self.add("matched", int(np.count_nonzero(wrong_per_sample == 0)))
         self.add("samples", len(batch))
 
