@@ -108,6 +108,23 @@ class Evaluator:
         """Add an already reduced batch (e.g. generated ids) through the same metrics and spill."""
         self._write(batch, vocab_size, None, None)
 
+    def add_reduced(
+        self,
+        reduced: ReducedBatch,
+        *,
+        columns: dict[str, list[Any]] | None = None,
+        arrays: dict[str, Any] | None = None,
+    ) -> None:
+        """Add a batch already reduced on its device (e.g. inside the loss call by `SpillingTrainer`).
+
+        Log-probabilities it carries are spilled only when this evaluation keeps them; its loss sum always counts.
+        """
+        if reduced.loss_sum is not None:
+            self._loss_sum += float(reduced.loss_sum)
+        if not self.keep_logprob:
+            reduced.label_logprob = None
+        self._write(reduced, reduced.vocab_size, columns, arrays)
+
     # ------------------------------------------------------------------------------------------- the end
     def finalize(self) -> dict[str, float]:
         """Close the spill, compute streaming and corpus metrics, store them in results.json, return them."""

@@ -1,0 +1,332 @@
+"""Stage 1 of the data path: find the labels that line up with the logits, as the model's own loss saw them.
+
+Multimodal models rewrite `labels` inside `forward` (an image placeholder becomes a variable number of feature
+positions labelled -100, and the batch is re-padded), so the batch's raw labels no longer line up with the logits.
+The labels to evaluate are the ones the loss saw. `resolve_labels` takes the first source that applies:
+
+1. `outputs.labels`, when the model returns them;
+2. the `labels` (or pre-shifted `shift_labels`) that `forward` passed to the instance's `loss_function`, recorded
+   by `LossCapture` (transformers >= 4.46 routes the causal-LM loss through it);
+3. the user's `label_fn(inputs, outputs)`;
+4. the batch's raw labels, only when their shape matches the logits.
+
+Anything else raises `LabelCaptureError`, naming the shapes and the fix: misaligned labels are never evaluated.
+(`label_fn` is tried before raw labels: a user who wrote one knows the raw labels are wrong even when their shape
+happens to match.)
+
+While it is installed, `LossCapture` also computes the causal-LM loss itself: in sequence chunks, from the logits in
+their own dtype, with the argmax and the per-token reduction of the same pass (`reduce_logits`). The model's own
+loss, which makes a float32 copy of the whole B x T x V logits, does not run at all; the loss value is the same.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from .batch import IGNORE_INDEX
+from .reduce import DEFAULT_CHUNK_BYTES, ReducedBatch, reduce_logits
+
+LabelFn = Callable[[Mapping[str, Any], Any], torch.Tensor]
+
+
+class LabelCaptureError(ValueError):
+    """No labels aligned with the logits could be found for a batch."""
+
+
+@dataclass
+class AlignedLabels:
+    """Labels that line up with the logits. `shift`: causal convention (`logits[:, t]` predicts `labels[:, t+1]`)."""
+
+    labels: torch.Tensor  # [B, T]
+    shift: bool
+    source: str  # "outputs.labels" | "loss_function" | "label_fn" | "batch labels"
+    preshifted: bool = False  # causal-LM `shift_labels`: `logits[:, t]` predicts `labels[:, t]`
+
+    def unshifted(self) -> torch.Tensor:
+        """Labels in the model-input convention, which `compute_metrics` closures shift themselves.
+
+        Pre-shifted labels move right by one position; a target at the very last position is dropped then.
+        """
+        if not self.preshifted:
+            return self.labels
+        pad = torch.full_like(self.labels[:, :1], IGNORE_INDEX)
+        return torch.cat([pad, self.labels[:, :-1]], dim=1)
+
+
+@dataclass
+class LossCall:
+    """What one call of `loss_function` received (and, when fused, the reduction computed there)."""
+
+    labels: torch.Tensor
+    shift: bool
+    preshifted: bool
+    reduced: ReducedBatch | None = None
+
+    def aligned(self) -> AlignedLabels:
+        return AlignedLabels(self.labels, self.shift, "loss_function", preshifted=self.preshifted)
+
+
+@dataclass
+class _BatchRecord:
+    sample_index: torch.Tensor | None = None
+    calls: list[LossCall] = field(default_factory=list)
+
+
+class LossCapture:
+    """Wrap the `loss_function` of every `PreTrainedModel` inside `model` while the context is open.
+
+    Per batch: `start_batch(sample_index)`, run the forward, then read `single_call()`. With `fuse=True` a standard
+    causal-LM loss is computed here (chunked, see the module docstring) and its `ReducedBatch` is kept on the call.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        shift: bool = True,
+        fuse: bool = True,
+        keep_logprob: bool = False,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        self.model = model
+        self.shift = shift
+        self.fuse = fuse
+        self.keep_logprob = keep_logprob
+        self.chunk_bytes = chunk_bytes
+        self._record = _BatchRecord()
+        self._restore: list[Callable[[], None]] = []
+
+    # ------------------------------------------------------------------------------------------- per batch
+    def start_batch(self, sample_index: torch.Tensor | None = None) -> None:
+        self._record = _BatchRecord(sample_index=sample_index)
+
+    def single_call(self) -> LossCall | None:
+        """The batch's loss call when there was exactly one (several calls are ambiguous: none is trusted)."""
+        calls = self._record.calls
+        return calls[0] if len(calls) == 1 else None
+
+    @property
+    def num_calls(self) -> int:
+        return len(self._record.calls)
+
+    # ------------------------------------------------------------------------------------------- install
+    def __enter__(self) -> "LossCapture":
+        for module in self.model.modules():
+            if _has_loss_function(module):
+                self._restore.append(_install(module, self._wrap(module.loss_function)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        while self._restore:
+            self._restore.pop()()
+
+    def _wrap(self, original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        signature = _signature(original)
+        causal = original is _causal_lm_loss()
+        shifts = causal or (self.shift and not _is_library_loss(original))
+        fusable = self.fuse and causal
+
+        def loss_function(*args: Any, **kwargs: Any) -> torch.Tensor:
+            bound = _bind(signature, args, kwargs)
+            logits, labels, shift_labels = bound.get("logits"), bound.get("labels"), bound.get("shift_labels")
+            target = shift_labels if shift_labels is not None else labels
+            if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+                return original(*args, **kwargs)
+            call = LossCall(target.detach(), shift=shifts and shift_labels is None, preshifted=shift_labels is not None)
+            self._record.calls.append(call)
+            if fusable and _can_fuse(logits, bound):
+                call.reduced = self._reduce(logits, call)
+                return _loss_from(call.reduced, bound.get("num_items_in_batch"))
+            return original(*args, **kwargs)
+
+        loss_function.__wrapped__ = original  # type: ignore[attr-defined]
+        return loss_function
+
+    def _reduce(self, logits: torch.Tensor, call: LossCall) -> ReducedBatch:
+        reduced = reduce_logits(
+            logits.detach(),
+            call.labels,
+            shift=call.shift,
+            sample_index=self._record.sample_index,
+            keep_logprob=True,  # the loss needs them; dropped before spilling unless asked for
+            chunk_bytes=self.chunk_bytes,
+        )
+        if not self.keep_logprob:
+            reduced.label_logprob = None
+        return reduced
+
+
+def resolve_labels(
+    outputs: Any,
+    logits: torch.Tensor,
+    inputs: Mapping[str, Any],
+    *,
+    loss_call: LossCall | None,
+    label_fn: LabelFn | None = None,
+    shift: bool = True,
+    label_name: str = "labels",
+    loss_calls: int = 0,
+) -> AlignedLabels:
+    """The first label source that applies (see the module docstring), checked against the logits' shape."""
+    returned = _get(outputs, "labels")
+    if isinstance(returned, torch.Tensor):
+        return _checked(AlignedLabels(returned, shift, "outputs.labels"), logits)
+    if loss_call is not None:
+        return _checked(loss_call.aligned(), logits)
+    if label_fn is not None:
+        return _checked(AlignedLabels(torch.as_tensor(label_fn(inputs, outputs)), shift, "label_fn"), logits)
+    raw = inputs.get(label_name)
+    if isinstance(raw, torch.Tensor) and tuple(raw.shape) == tuple(logits.shape[:2]):
+        return AlignedLabels(raw, shift, "batch labels")
+    raise LabelCaptureError(_unrecoverable_message(logits, raw, label_name, loss_calls))
+
+
+def _checked(aligned: AlignedLabels, logits: torch.Tensor) -> AlignedLabels:
+    if tuple(aligned.labels.shape) != tuple(logits.shape[:2]):
+        raise LabelCaptureError(
+            f"labels from {aligned.source} have shape {tuple(aligned.labels.shape)} but the logits have shape "
+            f"{tuple(logits.shape)}: expected labels of shape {tuple(logits.shape[:2])}. Return the labels that "
+            "line up with outputs.logits, or pass label_fn=lambda inputs, outputs: <labels of that shape>."
+        )
+    return aligned
+
+
+def _unrecoverable_message(logits: torch.Tensor, raw: Any, label_name: str, loss_calls: int) -> str:
+    raw_shape = tuple(raw.shape) if isinstance(raw, torch.Tensor) else None
+    seen = (
+        f"the batch's {label_name!r} have shape {raw_shape}, which does not match"
+        if raw_shape is not None
+        else f"the batch has no {label_name!r} tensor to compare with"
+    )
+    calls = (
+        f"called loss_function {loss_calls} times (ambiguous)" if loss_calls > 1 else "did not call loss_function"
+    )
+    return (
+        f"cannot find labels aligned with the logits {tuple(logits.shape)}: {seen} {tuple(logits.shape[:2])}, "
+        f"the model returned no outputs.labels and {calls} with labels. Evaluating the raw labels would be "
+        "silently misaligned. Fix: compute the loss with self.loss_function(logits=..., labels=...) in forward, "
+        "return the processed labels as outputs.labels, or pass label_fn=lambda inputs, outputs: labels "
+        f"(shape {tuple(logits.shape[:2])}) to SpillingTrainer."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- the loss
+def _can_fuse(logits: torch.Tensor, bound: dict[str, Any]) -> bool:
+    """Only the plain causal-LM cross-entropy, in no-grad evaluation, is computed here."""
+    return (
+        logits.dim() == 3
+        and logits.is_floating_point()
+        and not torch.is_grad_enabled()
+        and bound.get("ignore_index", IGNORE_INDEX) == IGNORE_INDEX
+        and bound.get("vocab_size", logits.shape[-1]) == logits.shape[-1]
+    )
+
+
+def _loss_from(reduced: ReducedBatch, num_items_in_batch: Any) -> torch.Tensor:
+    """What `ForCausalLMLoss` returns: mean over supervised tokens, or sum / num_items_in_batch when given."""
+    assert reduced.loss_sum is not None
+    total = reduced.loss_sum
+    if num_items_in_batch is None:
+        denominator = torch.tensor(float(reduced.num_tokens), dtype=torch.float64, device=total.device)
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=total.device).to(torch.float64)
+    return (total / denominator).to(torch.float32)
+
+
+def _library_losses() -> dict[str, Callable[..., torch.Tensor]]:
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING
+    except ImportError:  # transformers < 4.46: no loss_function
+        return {}
+    return LOSS_MAPPING
+
+
+def _causal_lm_loss() -> Callable[..., torch.Tensor] | None:
+    return _library_losses().get("ForCausalLM")
+
+
+def _is_library_loss(fn: Callable[..., torch.Tensor]) -> bool:
+    """A transformers loss of known convention (only ForCausalLM shifts); a user's own loss is not."""
+    return any(fn is known for known in _library_losses().values())
+
+
+# ----------------------------------------------------------------------------------------------- install
+def _has_loss_function(module: torch.nn.Module) -> bool:
+    return isinstance(inspect.getattr_static(type(module), "loss_function", None), property)
+
+
+def _install(module: torch.nn.Module, wrapper: Callable[..., torch.Tensor]) -> Callable[[], None]:
+    """Make `module.loss_function` return `wrapper`; returns the function that undoes it."""
+    prop = inspect.getattr_static(type(module), "loss_function")
+    if prop.fset is not None:  # transformers >= 4.48: an instance attribute behind a setter
+        had_own = "_loss_function" in module.__dict__
+        previous = module.__dict__.get("_loss_function")
+        module.loss_function = wrapper
+
+        def restore() -> None:
+            if had_own:
+                module.loss_function = previous
+            else:
+                del module.__dict__["_loss_function"]
+
+        return restore
+    # a read-only property: shadow it in a per-instance subclass, and put the class back afterwards
+    original_class = type(module)
+    module.__class__ = type(original_class.__name__, (original_class,), {"loss_function": property(lambda _: wrapper)})
+
+    def restore_class() -> None:
+        module.__class__ = original_class
+
+    return restore_class
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def _bind(signature: inspect.Signature | None, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Arguments by name (keyword extras flattened in), whatever way the model passed them."""
+    if signature is None:
+        return dict(kwargs)
+    try:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return dict(kwargs)
+    named = {k: v for k, v in bound.items() if signature.parameters[k].kind is not inspect.Parameter.VAR_KEYWORD}
+    for k, v in bound.items():
+        if signature.parameters[k].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(v)
+    return named
+
+
+def _get(outputs: Any, key: str) -> Any:
+    if isinstance(outputs, Mapping):
+        return outputs.get(key)
+    return getattr(outputs, key, None)
+
+
+def find_logits(outputs: Any) -> torch.Tensor:
+    """`outputs.logits` (a ModelOutput or dict), or the first 3-D float tensor of a tuple output."""
+    logits = _get(outputs, "logits")
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, (tuple, list)):
+        for value in outputs:
+            if isinstance(value, torch.Tensor) and value.dim() == 3 and value.is_floating_point():
+                return value
+    raise LabelCaptureError(
+        f"the model output ({type(outputs).__name__}) has no `logits` [batch, seq, vocab]. Return a ModelOutput with "
+        "`logits` (return_dict=True)."
+    )
+
+
+def as_index_tensor(index: Any) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(index) if isinstance(index, list) else index).reshape(-1).to(torch.int64)

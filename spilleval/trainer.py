@@ -1,0 +1,421 @@
+"""`SpillingTrainer`: `transformers.Trainer` with exact, memory-bounded evaluation. Change one import:
+
+    from spilleval import SpillingTrainer as Trainer
+    trainer = Trainer(model, args, ..., metrics=["token_accuracy", "text_match", "answer_macro_f1"])
+
+Per eval batch, on the device: the labels the model's loss saw are captured (`spilleval.capture`), the logits are
+reduced to token ids (`reduce_logits`, inside the loss call for causal LMs), the ids go to the spill writer (whose
+thread updates the streaming metrics), and the logits, hidden states, attentions and caches are dropped. At the end,
+corpus metrics run over the spill. Nothing on the host or the device grows with the number of eval samples.
+
+Only `prediction_step` and `evaluation_loop` change; `Trainer.evaluation_loop` still drives the loop (model
+preparation, callbacks, the eval loss), it just receives no logits to keep.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase, Trainer
+from transformers.trainer_pt_utils import find_batch_size, nested_detach
+from transformers.trainer_utils import EvalLoopOutput, EvalPrediction, has_length
+
+from .batch import IGNORE_INDEX
+from .capture import LabelFn, LossCapture, find_logits, resolve_labels
+from .evaluator import Evaluator
+from .metrics.runner import MetricSpec, MetricSuite
+from .reduce import reduce_logits
+from .spill import SpillReader
+from .spill.writer import SpillExistsError
+
+logger = logging.getLogger(__name__)
+
+INDEX_KEY = "spilleval_index"  # the dataset index of each row, added by the eval dataloader, removed before forward
+DEFAULT_SPILL_DIR = "spill-{prefix}-step-{step}"  # under args.output_dir
+
+
+class SpillPredictionOutput(NamedTuple):
+    """What `SpillingTrainer.predict()` returns: `PredictionOutput`'s fields, with a lazy reader for predictions.
+
+    `predictions` is a `SpillReader` over the spill (predicted and label ids of every sample, read in bounded memory:
+    `iter_batches()`, `get(i)`, `table()`); `label_ids` is None because the labels are in the same reader.
+    """
+
+    predictions: SpillReader
+    label_ids: None
+    metrics: dict[str, float]
+
+    @property
+    def reader(self) -> SpillReader:
+        return self.predictions
+
+
+class SpillingTrainer(Trainer):
+    """A drop-in `transformers.Trainer` whose evaluation spills reduced ids instead of keeping logits.
+
+    Extra arguments:
+        metrics: metric names or objects (default: token accuracy); results carry the usual `eval_` prefix.
+        spill_dir: where each evaluation spills. Default `<output_dir>/spill-{prefix}-step-{step}`, a fresh directory
+            per evaluation (a numeric suffix is added rather than overwriting one). A path may use `{prefix}` and
+            `{step}`; a path without them can serve one evaluation only and is never overwritten.
+        label_fn: `label_fn(inputs, outputs) -> labels` aligned with `outputs.logits`, for models whose processed
+            labels are neither returned nor passed to `self.loss_function` (see `spilleval.capture`).
+
+    `compute_metrics` still works: with `batch_eval_metrics=True` it is called per batch with that batch's outputs
+    and the aligned labels; otherwise it is called once with the predicted and label token ids read back from the
+    spill (`[samples, supervised tokens]`, padded with -100, `predictions[i, j]` predicts `label_ids[i, j]`).
+    `predict()` returns a `SpillPredictionOutput`: the metrics and a lazy reader instead of arrays.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        metrics: Iterable[MetricSpec] = ("token_accuracy",),
+        spill_dir: str | os.PathLike | None = None,
+        label_fn: LabelFn | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.spill_metrics = list(metrics)
+        self.spill_dir = spill_dir
+        self.label_fn = label_fn
+        self.last_spill_dir: Path | None = None
+        self._session: _EvalSession | None = None
+        MetricSuite(self.spill_metrics, tokenizer=self._spill_tokenizer()).check(has_logprob=True)
+        self._check_spill_dir_template()
+        if self.preprocess_logits_for_metrics is not None:
+            logger.warning("SpillingTrainer reduces logits itself; preprocess_logits_for_metrics is not used.")
+
+    # ------------------------------------------------------------------------------------------- dataloaders
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        dataset = dataset if dataset is not None else self.eval_dataset
+        if dataset is None:
+            return super().get_eval_dataloader(eval_dataset)  # raises transformers' own error
+        with self._index_carrying_collator():
+            return super().get_eval_dataloader(indexed(dataset))
+
+    def get_test_dataloader(self, test_dataset: Any) -> Any:
+        with self._index_carrying_collator():
+            return super().get_test_dataloader(indexed(test_dataset))
+
+    @contextmanager
+    def _index_carrying_collator(self) -> Iterator[None]:
+        """Let INDEX_KEY through `remove_unused_columns` and the user's collator, for the dataloader built inside."""
+        self._set_signature_columns_if_needed()
+        if INDEX_KEY not in self._signature_columns:
+            self._signature_columns.append(INDEX_KEY)
+        user_collator = self.data_collator
+        self.data_collator = IndexCarryingCollator(user_collator)
+        try:
+            yield
+        finally:
+            self.data_collator = user_collator
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """`Trainer.evaluation_loop` with a spilling `prediction_step`; spilled metrics join its `eval_loss`."""
+        spill_dir = self._new_spill_dir(metric_key_prefix)
+        session = self._open_session(spill_dir, dataloader, metric_key_prefix)
+        self._session = session
+        try:
+            with session.capture:
+                output = super().evaluation_loop(
+                    dataloader, description, prediction_loss_only=False, ignore_keys=ignore_keys,
+                    metric_key_prefix=metric_key_prefix,
+                )
+        except BaseException:
+            session.evaluator.abort()
+            raise
+        finally:
+            self._session = None
+        results = session.evaluator.finalize()
+        self.last_spill_dir = spill_dir
+        results.update(session.batch_metrics or {})
+        if self.compute_metrics is not None and not self.args.batch_eval_metrics:
+            results.update(self.compute_metrics(EvalPrediction(*padded_ids(SpillReader(spill_dir)))))
+        metrics = dict(output.metrics or {})
+        for key, value in results.items():
+            metrics[key if key.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{key}"] = value
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=output.num_samples)
+
+    def prediction_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, None, None]:
+        """Forward, capture the aligned labels, reduce and spill; only the loss goes back to the loop."""
+        session = self._session
+        if session is None:  # called outside SpillingTrainer's evaluation loop
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        index = session.sample_index(inputs)
+        inputs = self._prepare_inputs({k: v for k, v in inputs.items() if k != INDEX_KEY})
+        session.capture.start_batch(index)
+        loss, outputs = self._forward(model, inputs)
+        logits = find_logits(outputs)
+        aligned = resolve_labels(
+            outputs, logits, inputs,
+            loss_call=session.capture.single_call(),
+            label_fn=self.label_fn,
+            shift=session.shift,
+            label_name=self.label_names[0] if self.label_names else "labels",
+            loss_calls=session.capture.num_calls,
+        )
+        call = session.capture.single_call()
+        if aligned.source == "loss_function" and call is not None and call.reduced is not None:
+            reduced = call.reduced  # reduced inside the loss call, from the same logits and labels
+        else:
+            reduced = reduce_logits(
+                logits.detach(), aligned.labels, shift=aligned.shift, sample_index=index,
+                keep_logprob=session.evaluator.keep_logprob, chunk_bytes=session.evaluator.reduce_chunk_bytes,
+            )
+        session.evaluator.add_reduced(reduced)
+        if self.compute_metrics is not None and self.args.batch_eval_metrics:
+            self._batch_compute_metrics(session, outputs, aligned.unshifted(), inputs, loss, ignore_keys)
+        return (loss, None, None)
+
+    def predict(
+        self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
+    ) -> SpillPredictionOutput:  # type: ignore[override]
+        """Evaluate `test_dataset` into a spill; returns its metrics and a lazy `SpillReader` (no arrays)."""
+        output = super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        assert self.last_spill_dir is not None
+        return SpillPredictionOutput(SpillReader(self.last_spill_dir), None, output.metrics or {})
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _forward(self, model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor | None, Any]:
+        """The forward `Trainer.prediction_step` runs: through `compute_loss` when the batch has labels."""
+        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            if not has_labels:
+                return None, model(**inputs)
+            count_items = getattr(self, "_get_num_items_in_batch", None)  # transformers >= 4.50
+            if count_items is None:
+                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+            else:
+                num_items = count_items([inputs], self.args.device)
+                loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items)
+        return loss.detach().mean(), outputs
+
+    def _batch_compute_metrics(
+        self, session: "_EvalSession", outputs: Any, labels: torch.Tensor, inputs: dict[str, Any],
+        loss: torch.Tensor | None, ignore_keys: list[str] | None,
+    ) -> None:
+        """Call a `batch_eval_metrics` closure as `Trainer` does, with the aligned labels instead of the raw ones."""
+        include = getattr(self.args, "include_for_metrics", None) or []
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        prediction = EvalPrediction(
+            predictions=_predictions_like_trainer(outputs, ignore_keys, self.model),
+            label_ids=labels,
+            losses=loss if "loss" in include else None,
+            inputs=inputs.get(main_input) if "inputs" in include else None,
+        )
+        is_last = self.accelerator.gradient_state.end_of_dataloader
+        result = self.compute_metrics(prediction, compute_result=is_last)
+        if is_last:
+            session.batch_metrics = dict(result or {})
+
+    def _open_session(self, spill_dir: Path, dataloader: Any, prefix: str) -> "_EvalSession":
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        task = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal_lm"
+        dataset = getattr(dataloader, "dataset", None)
+        evaluator = Evaluator(
+            spill_dir,
+            self.spill_metrics,
+            tokenizer=self._spill_tokenizer(),
+            task=task,
+            dataset_length=len(dataset) if has_length(dataset) else None,
+            extra={"metric_key_prefix": prefix, "global_step": int(self.state.global_step), "trainer": "SpillingTrainer"},
+        )
+        evaluator.suite.reset()  # metric objects given by the user are reused across evaluations
+        capture = LossCapture(
+            self.model, shift=evaluator.shift, keep_logprob=evaluator.keep_logprob,
+            chunk_bytes=evaluator.reduce_chunk_bytes,
+        )
+        return _EvalSession(evaluator=evaluator, capture=capture, shift=evaluator.shift)
+
+    def _spill_tokenizer(self) -> Any:
+        """The tokenizer to save with the spill and decode with: `processing_class` or a processor's tokenizer."""
+        owner = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+        if owner is None or isinstance(owner, PreTrainedTokenizerBase):
+            return owner
+        return getattr(owner, "tokenizer", None)
+
+    def _spill_dir_template(self) -> str:
+        if self.spill_dir is None:
+            return os.path.join(self.args.output_dir or ".", DEFAULT_SPILL_DIR)
+        return os.fspath(self.spill_dir)
+
+    def _check_spill_dir_template(self) -> None:
+        template = self._spill_dir_template()
+        evaluates_often = str(getattr(self.args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO")
+        if evaluates_often and "{step}" not in template:
+            raise ValueError(
+                f"spill_dir={template!r} would be reused by every evaluation during training, and spilleval never "
+                "overwrites a spill. Put '{step}' (and '{prefix}' for several eval sets) in it, e.g. "
+                "spill_dir='runs/spill-{prefix}-step-{step}', or leave spill_dir unset."
+            )
+
+    def _new_spill_dir(self, prefix: str) -> Path:
+        """A directory no spill has used yet; every rank gets the same one."""
+        template = self._spill_dir_template()
+        path = Path(template.format(prefix=prefix, step=self.state.global_step))
+        if "{" in template and self.args.process_index == 0:
+            base, n = path, 1
+            while path.exists():
+                path, n = base.with_name(f"{base.name}-{n}"), n + 1
+        elif path.exists() and any(path.iterdir()) and self.args.process_index == 0:
+            raise SpillExistsError(
+                f"spill_dir {path} already exists and spilleval never overwrites a spill: choose a new spill_dir "
+                "or delete it."
+            )
+        return _same_on_every_rank(path)
+
+
+# ----------------------------------------------------------------------------------------------- sessions
+@dataclass
+class _EvalSession:
+    """The state of one evaluation: its engine, the loss capture, and a closure's final result."""
+
+    evaluator: Evaluator
+    capture: LossCapture
+    shift: bool
+    batch_metrics: dict[str, Any] | None = None
+    _next_index: int = field(default=0, repr=False)
+
+    def sample_index(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """The batch's dataset indices; a running count when the dataloader did not come from this trainer."""
+        index = inputs.get(INDEX_KEY)
+        if index is not None:
+            return torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        if self.evaluator.world_size > 1:
+            raise ValueError(
+                "eval batches carry no dataset index (a custom get_eval_dataloader?): in a distributed evaluation "
+                f"every row needs one. Keep SpillingTrainer's dataloader, or put the indices under {INDEX_KEY!r}."
+            )
+        size = find_batch_size(dict(inputs))
+        start, self._next_index = self._next_index, self._next_index + int(size)
+        return torch.arange(start, self._next_index, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------- sample identity
+class IndexedDataset(torch.utils.data.Dataset):
+    """Each item carries its dataset index (under INDEX_KEY), so spilled rows map back to dataset rows."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return _with_index(self.dataset[i], i)
+
+
+class IndexedIterableDataset(torch.utils.data.IterableDataset):
+    """Index = position in the stream."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, item in enumerate(self.dataset):
+            yield _with_index(item, i)
+
+
+@dataclass
+class IndexedItem:
+    """A non-mapping dataset item and its index (mapping items get INDEX_KEY instead)."""
+
+    index: int
+    item: Any
+
+
+def indexed(dataset: Any) -> torch.utils.data.Dataset:
+    if isinstance(dataset, (IndexedDataset, IndexedIterableDataset)):
+        return dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__getitem__"):
+        return IndexedIterableDataset(dataset)
+    return IndexedDataset(dataset)
+
+
+def _with_index(item: Any, index: int) -> Any:
+    return {**item, INDEX_KEY: index} if isinstance(item, Mapping) else IndexedItem(index, item)
+
+
+class IndexCarryingCollator:
+    """Take the index off each item, collate the rest with the user's collator, put the indices on the batch."""
+
+    def __init__(self, collator: Callable[[list[Any]], Any]) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[Any]) -> Any:
+        index = [f.index if isinstance(f, IndexedItem) else f[INDEX_KEY] for f in features]
+        plain = [f.item if isinstance(f, IndexedItem) else {k: v for k, v in f.items() if k != INDEX_KEY}
+                 for f in features]
+        batch = self.collator(plain)
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"the data collator returned a {type(batch).__name__}; SpillingTrainer needs batches that are "
+                "mappings (dict or BatchEncoding) to carry each row's dataset index."
+            )
+        batch[INDEX_KEY] = torch.tensor(index, dtype=torch.int64)
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------- compatibility
+def _predictions_like_trainer(outputs: Any, ignore_keys: list[str] | None, model: Any) -> Any:
+    """The `predictions` `Trainer.prediction_step` would give a closure: output values but the loss, detached."""
+    if ignore_keys is None:
+        config = getattr(model, "config", None)
+        ignore_keys = list(getattr(config, "keys_to_ignore_at_inference", None) or ["cache"])
+    if isinstance(outputs, Mapping):
+        values = tuple(v for k, v in outputs.items() if k not in ignore_keys + ["loss"])
+    else:
+        values = tuple(outputs[1:]) if isinstance(outputs[0], torch.Tensor) and outputs[0].dim() == 0 else tuple(outputs)
+    values = nested_detach(values)
+    return values[0] if len(values) == 1 else values
+
+
+def padded_ids(reader: SpillReader) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, label_ids): `[samples, max supervised tokens]` int64, padded with -100, by sample index.
+
+    This is what a classic `compute_metrics(eval_pred)` receives: token ids, never logits. It holds every sample's
+    supervised ids in memory, as `compute_metrics` demands; spilleval metrics do not need it.
+    """
+    rows: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for batch in reader.iter_batches(4096, with_arrays=False):
+        for i, (pred, label) in enumerate(batch.rows()):
+            rows.append((int(batch.sample_index[i]), pred, label))
+    rows.sort(key=lambda r: r[0])
+    width = max((len(p) for _, p, _ in rows), default=0)
+    preds = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    for j, (_, pred, label) in enumerate(rows):
+        preds[j, : len(pred)] = pred
+        labels[j, : len(label)] = label
+    return preds, labels
+
+
+def _same_on_every_rank(path: Path) -> Path:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        holder = [str(path)]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return Path(holder[0])
+    return path
