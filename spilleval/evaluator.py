@@ -7,6 +7,11 @@
         evaluator.update(logits, batch["labels"], sample_index=batch["index"])
     results = evaluator.finalize()
 
+After a crash, run the same loop with `resume=True` into the same directory: samples the earlier run committed
+are skipped (`evaluator.committed(index)` tells the loop which, so it can skip the forward too; `update` drops
+them anyway), their streaming metric states are recomputed from the spill (`spilleval.spill.resume` explains
+why), and the results equal those of an uninterrupted run.
+
 `SpillingTrainer` drives the same engine from `transformers.Trainer`'s evaluation loop.
 """
 
@@ -24,8 +29,9 @@ from .metrics.runner import MetricSpec, MetricSuite
 from .reduce import DEFAULT_CHUNK_BYTES as DEFAULT_REDUCE_CHUNK_BYTES
 from .reduce import ReducedBatch, reduce_logits
 from .spill import Manifest, SpillReader, SpillWriter
-from .spill.manifest import MANIFEST_NAME, RESULTS_NAME, library_versions, write_json_atomic
-from .spill.writer import DEFAULT_CHUNK_BYTES, SpillExistsError
+from .spill.manifest import MANIFEST_NAME, RESULTS_NAME, library_versions, load_manifest, write_json_atomic
+from .spill.resume import CommittedSamples, keep_rows, replay_shard
+from .spill.writer import DEFAULT_CHUNK_BYTES, SpillExistsError, SpillWriteError, raise_if_locked
 
 
 class EmptyEvaluationError(ValueError):
@@ -69,11 +75,18 @@ class Evaluator:
         self._next_index = 0
         self._loss_sum = 0.0
         self._finalized = False
-        if (self.spill_dir / MANIFEST_NAME).exists() and not resume and self.rank == 0:
-            raise SpillExistsError(
-                f"{self.spill_dir} already holds a spill. spilleval never overwrites one: choose a new "
-                "spill_dir, delete this one, or pass resume=True to continue it."
-            )
+        self._committed = CommittedSamples()
+        if dataset_length == 0:
+            raise EmptyEvaluationError("the eval dataset is empty (dataset_length=0): there is nothing to evaluate.")
+        if (self.spill_dir / MANIFEST_NAME).exists():
+            raise_if_locked(self.spill_dir, self.rank)  # another live writer: name it, whatever `resume` says
+            if not resume and self.rank == 0:
+                raise SpillExistsError(
+                    f"{self.spill_dir} already holds a spill. spilleval never overwrites one: choose a new "
+                    "spill_dir, delete this one, or pass resume=True to continue it."
+                )
+            if resume:
+                self._resume()
 
     # ------------------------------------------------------------------------------------------- per batch
     def update(
@@ -89,8 +102,11 @@ class Evaluator:
 
         `columns` are per-sample dataset values stored next to the predictions (e.g. `{"references": [...]}`);
         `arrays` are fixed-shape per-sample arrays (e.g. `{"class_scores": probs}`), stored in zarr.
+        Rows an earlier run already committed (`resume=True`) are dropped; returns None when that is all of them.
         """
         index = self._sample_index(sample_index, logits.shape[0])
+        if len(self._committed) and self.committed(index).all():
+            return None
         reduced = reduce_logits(
             logits,
             labels,
@@ -99,14 +115,12 @@ class Evaluator:
             keep_logprob=self.keep_logprob,
             chunk_bytes=self.reduce_chunk_bytes,
         )
-        if reduced.loss_sum is not None:
-            self._loss_sum += float(reduced.loss_sum)
-        self._write(reduced, logits.shape[-1], columns, arrays)
+        self._add(reduced, logits.shape[-1], columns, arrays)
         return reduced
 
     def add(self, batch: SampleBatch, *, vocab_size: int) -> None:
         """Add an already reduced batch (e.g. generated ids) through the same metrics and spill."""
-        self._write(batch, vocab_size, None, None)
+        self._add(batch, vocab_size, None, None)
 
     def add_reduced(
         self,
@@ -119,11 +133,7 @@ class Evaluator:
 
         Log-probabilities it carries are spilled only when this evaluation keeps them; its loss sum always counts.
         """
-        if reduced.loss_sum is not None:
-            self._loss_sum += float(reduced.loss_sum)
-        if not self.keep_logprob:
-            reduced.label_logprob = None
-        self._write(reduced, reduced.vocab_size, columns, arrays)
+        self._add(reduced, reduced.vocab_size, columns, arrays)
 
     # ------------------------------------------------------------------------------------------- the end
     def finalize(self) -> dict[str, float]:
@@ -154,15 +164,69 @@ class Evaluator:
     def reader(self) -> SpillReader:
         return SpillReader(self.spill_dir)
 
+    # ------------------------------------------------------------------------------------------- resume
+    def committed(self, sample_index: Any) -> np.ndarray:
+        """Boolean mask over `sample_index`: rows an earlier run already committed (skip their forward pass)."""
+        if isinstance(sample_index, torch.Tensor):
+            sample_index = sample_index.detach().cpu().numpy()
+        return self._committed.contains(sample_index)
+
+    @property
+    def num_committed(self) -> int:
+        """Samples this rank's earlier run(s) committed (0 unless resuming)."""
+        return len(self._committed)
+
+    def pending_indices(self) -> np.ndarray:
+        """Dataset indices still to evaluate (needs dataset_length), e.g. for `torch.utils.data.Subset`."""
+        if self.dataset_length is None:
+            raise ValueError("pending_indices() needs dataset_length=...; otherwise use committed(sample_index)")
+        return self._committed.pending(self.dataset_length)
+
+    def _resume(self) -> None:
+        """Continue the spill on disk: open its shard, replay what it committed through the streaming metrics."""
+        writer = self._open_writer(load_manifest(self.spill_dir).vocab_size)
+        self._committed = replay_shard(
+            writer.shard_dir, writer.resumed_chunks, self._replay_batch, size_hint=self.dataset_length or 0
+        )
+
+    def _replay_batch(self, batch: SampleBatch) -> None:
+        self.suite.update(batch)
+        if batch.label_logprob is not None:
+            self._loss_sum -= float(np.sum(batch.label_logprob, dtype=np.float64))
+
     @property
     def loss_sum(self) -> float:
         """-sum of label log-probabilities so far (when log-probs are kept): the eval loss numerator."""
         return self._loss_sum
 
     # ------------------------------------------------------------------------------------------- helpers
+    def _add(self, batch, vocab_size: int, columns, arrays) -> None:
+        """Drop rows committed by an earlier run, count the loss, spill (the writer thread updates the metrics)."""
+        if len(self._committed):
+            keep = ~self.committed(batch.sample_index)
+            if not keep.any():
+                return
+            if not keep.all():
+                batch, columns, arrays = keep_rows(batch, keep, columns, arrays)
+        if isinstance(batch, ReducedBatch):
+            if batch.loss_sum is not None:
+                self._loss_sum += float(batch.loss_sum)
+            if not self.keep_logprob:
+                batch.label_logprob = None
+        self._write(batch, vocab_size, columns, arrays)
+
     def _write(self, batch, vocab_size: int, columns, arrays) -> None:
         writer = self._writer or self._open_writer(vocab_size)
-        writer.write(batch, columns=columns, arrays=arrays)
+        if int(vocab_size) != writer.manifest.vocab_size:
+            raise ValueError(
+                f"this batch has a vocabulary of {vocab_size} but the spill was started with "
+                f"{writer.manifest.vocab_size}: every batch of one evaluation must come from the same model."
+            )
+        try:
+            writer.write(batch, columns=columns, arrays=arrays)
+        except SpillWriteError:
+            self.abort()  # release the shard; what was committed stays readable, resume=True continues it
+            raise
 
     def _open_writer(self, vocab_size: int) -> SpillWriter:
         self.suite.check(has_logprob=self.keep_logprob, vocab_size=vocab_size)

@@ -22,6 +22,14 @@ class ChunkCorruptError(SpillFormatError):
     """A committed chunk does not match its recorded length or checksum."""
 
 
+class ChunkTruncatedError(ChunkCorruptError):
+    """A file of a committed chunk is missing or has another length than recorded."""
+
+
+class ChunkChecksumError(ChunkCorruptError):
+    """A file of a committed chunk has its recorded length but fails its CRC-32 check."""
+
+
 def write_chunk_files(directory: Path, batch: SampleBatch, *, compression: str | None) -> dict[str, dict[str, int]]:
     """Write the chunk's files into `directory` (fsynced) and return {relative name: {bytes, crc32}}."""
     table = batch_to_table(batch)
@@ -73,10 +81,13 @@ def read_chunk(directory: Path, record: ChunkRecord, *, verify: bool = True, col
     names = [n for n in record.files if with_arrays or not n.startswith(ARRAYS_DIR)]
     for name in names:
         payloads[name] = _read_verified(directory, name, record.files[name], verify=verify)
-    table = pa.ipc.open_file(pa.BufferReader(payloads[TOKENS_FILE])).read_all()
-    batch = table_to_batch(table, columns=columns)
-    if with_arrays and any(n.startswith(ARRAYS_DIR) for n in record.files):
-        batch.arrays = _read_arrays(directory / ARRAYS_DIR)
+    try:
+        table = pa.ipc.open_file(pa.BufferReader(payloads[TOKENS_FILE])).read_all()
+        batch = table_to_batch(table, columns=columns)
+        if with_arrays and any(n.startswith(ARRAYS_DIR) for n in record.files):
+            batch.arrays = _read_arrays(payloads)
+    except (pa.ArrowException, ValueError, KeyError) as e:  # verify=False, or a crafted file with valid CRCs
+        raise ChunkCorruptError(f"chunk {directory} cannot be decoded ({e}); the chunk is corrupt.") from e
     return batch
 
 
@@ -131,8 +142,15 @@ def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
         array[...] = values
 
 
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    group = zarr.open_group(store=str(path), mode="r", zarr_format=3)
+def _read_arrays(payloads: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """Decode the zarr group from the verified bytes (an in-memory store): zarr reads nothing else from disk."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import MemoryStore
+
+    prefix = f"{ARRAYS_DIR}/"
+    buffer = default_buffer_prototype().buffer
+    store = MemoryStore({k[len(prefix) :]: buffer.from_bytes(v) for k, v in payloads.items() if k.startswith(prefix)})
+    group = zarr.open_group(store=store, mode="r", zarr_format=3)
     return {name: np.asarray(array[...]) for name, array in group.arrays()}
 
 
@@ -141,14 +159,16 @@ def _read_verified(directory: Path, name: str, expected: dict[str, int], *, veri
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ChunkCorruptError(f"chunk {directory}: file {name} is missing") from None
+        raise ChunkTruncatedError(
+            f"chunk {directory}: file {name} is missing. Delete this chunk directory and resume the evaluation."
+        ) from None
     if len(data) != expected["bytes"]:
-        raise ChunkCorruptError(
+        raise ChunkTruncatedError(
             f"chunk {directory}: {name} has {len(data)} bytes, expected {expected['bytes']} (truncated or "
-            "overwritten). Delete this chunk directory and resume the evaluation, or read with verify=False."
+            "overwritten). Delete this chunk directory and resume the evaluation."
         )
     if verify and zlib.crc32(data) != expected["crc32"]:
-        raise ChunkCorruptError(
+        raise ChunkChecksumError(
             f"chunk {directory}: {name} fails its CRC-32 check (the bytes changed after it was written). "
             "Delete this chunk directory and resume the evaluation."
         )

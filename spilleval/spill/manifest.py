@@ -39,6 +39,18 @@ class SpillFormatError(ValueError):
     """The directory is not a readable spill (unknown schema, corrupt or missing chunk, unsafe path)."""
 
 
+class SchemaVersionError(SpillFormatError):
+    """The manifest was written by a newer spilleval (or carries no schema version at all)."""
+
+
+class ChunkRecordError(SpillFormatError):
+    """A chunk's `chunk.json` is unreadable or does not describe a chunk."""
+
+
+class UnsafePathError(SpillFormatError):
+    """A file name read from spill metadata would point outside the spill directory."""
+
+
 @dataclass
 class Manifest:
     task: str  # "causal_lm" | "seq2seq" | "generation" | "classification" | custom
@@ -62,9 +74,9 @@ class Manifest:
     def from_json(cls, data: dict[str, Any], *, source: str = MANIFEST_NAME) -> "Manifest":
         version = data.get("schema_version")
         if not isinstance(version, int):
-            raise SpillFormatError(f"{source} has no integer schema_version; this is not a spilleval manifest")
+            raise SchemaVersionError(f"{source} has no integer schema_version; this is not a spilleval manifest")
         if version > SCHEMA_VERSION:
-            raise SpillFormatError(
+            raise SchemaVersionError(
                 f"{source} uses spill schema {version}, newer than this spilleval understands ({SCHEMA_VERSION}). "
                 "Upgrade spilleval (pip install -U spilleval) to read it."
             )
@@ -87,6 +99,36 @@ class ChunkRecord:
     @property
     def name(self) -> str:
         return chunk_dir_name(self.seq)
+
+
+def load_chunk_record(path: Path) -> ChunkRecord:
+    """Parse and type-check a `chunk.json`: a record from disk is untrusted input (names, numbers, files)."""
+    try:
+        data = read_json(path)
+    except SpillFormatError as e:
+        raise ChunkRecordError(f"{e}. Delete this chunk directory and resume the evaluation.") from e
+    ints = ("rank", "seq", "rows", "tokens", "min_index", "max_index")
+    files = data.get("files") if isinstance(data, dict) else None
+    valid = (
+        isinstance(data, dict)
+        and set(data) == {*ints, "files"}
+        and all(type(data[k]) is int and data[k] >= 0 for k in ints)
+        and isinstance(files, dict)
+        and TOKENS_FILE in files
+        and all(isinstance(name, str) and _is_file_entry(entry) for name, entry in files.items())
+    )
+    if not valid:
+        raise ChunkRecordError(
+            f"{path} is not a valid chunk record (expected integer {', '.join(ints)} and a files map of "
+            "{name: {bytes, crc32}}); the chunk is corrupt. Delete this chunk directory and resume the evaluation."
+        )
+    return ChunkRecord(**data)
+
+
+def _is_file_entry(entry: Any) -> bool:
+    return isinstance(entry, dict) and set(entry) == {"bytes", "crc32"} and all(
+        type(v) is int and v >= 0 for v in entry.values()
+    )
 
 
 def library_versions() -> dict[str, str]:
@@ -121,9 +163,17 @@ def safe_join(root: Path, relative: str) -> Path:
     """Join a path read from disk onto `root`, refusing anything that would leave `root`."""
     candidate = Path(relative)
     resolved_root = root.resolve()
-    resolved = (resolved_root / candidate).resolve()
-    if candidate.is_absolute() or not resolved.is_relative_to(resolved_root):
-        raise SpillFormatError(f"unsafe path {relative!r} in spill metadata points outside {root}")
+    try:
+        resolved = (resolved_root / candidate).resolve()
+    except (ValueError, OSError):  # NUL bytes, symlink loops
+        resolved = None
+    if candidate.is_absolute() or resolved is None or resolved == resolved_root or not resolved.is_relative_to(
+        resolved_root
+    ):
+        raise UnsafePathError(
+            f"unsafe path {relative!r} in spill metadata points outside {root}; refusing to read it (the spill "
+            "directory was tampered with or is not a spilleval spill)"
+        )
     return resolved
 
 

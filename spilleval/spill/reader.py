@@ -25,13 +25,17 @@ from .manifest import (
     SHARDS_DIR,
     TOKENIZER_DIR,
     ChunkRecord,
+    ChunkRecordError,
     Manifest,
     SpillFormatError,
     chunk_dir_name,
+    load_chunk_record,
     load_manifest,
     read_json,
     safe_join,
+    shard_dir_name,
 )
+
 
 class IncompleteSpillError(SpillFormatError):
     """The spill is partial (the run crashed or is still running); reading it needs allow_partial=True."""
@@ -59,17 +63,17 @@ def scan_shard(shard_dir: Path) -> list[ChunkRecord]:
     for entry in sorted(shard_dir.iterdir()) if shard_dir.exists() else []:
         if not entry.is_dir() or not entry.name.startswith("chunk-"):
             continue
-        record_path = entry / CHUNK_RECORD
+        record_path = safe_join(shard_dir, entry.name) / CHUNK_RECORD  # a chunk symlinked elsewhere is refused
         if not record_path.exists():
-            raise SpillFormatError(f"chunk {entry} has no {CHUNK_RECORD}; it was not written by spilleval")
-        data = read_json(record_path)
-        try:
-            record = ChunkRecord(**data)
-        except TypeError as e:
-            raise SpillFormatError(f"{record_path} is not a valid chunk record: {e}") from e
-        if record.name != entry.name:
-            raise SpillFormatError(f"{record_path} describes {record.name} but lies in {entry.name}")
+            raise ChunkRecordError(f"chunk {entry} has no {CHUNK_RECORD}; it was not written by spilleval")
+        record = load_chunk_record(record_path)
+        if record.name != entry.name or shard_dir_name(record.rank) != shard_dir.name:
+            raise ChunkRecordError(
+                f"{record_path} describes {shard_dir_name(record.rank)}/{record.name} but lies in "
+                f"{shard_dir.name}/{entry.name}; the chunk was moved or tampered with."
+            )
         records.append(record)
+    records.sort(key=lambda r: r.seq)
     for expected_seq, record in enumerate(records):
         if record.seq != expected_seq:
             raise MissingChunkError(
@@ -83,7 +87,8 @@ def scan_shard(shard_dir: Path) -> list[ChunkRecord]:
         if promised > len(records):
             raise MissingChunkError(
                 f"{shard_dir}: {chunk_dir_name(len(records))} is missing ({promised} chunks were committed, "
-                f"{len(records)} are on disk)."
+                f"{len(records)} are on disk). Resume the evaluation (resume=True) to re-evaluate the samples "
+                "they held."
             )
     return records
 

@@ -102,9 +102,21 @@ class SpillWriter:
         self.compression = compression
         self.listeners = list(listeners)
         self.shard_dir = self.spill_dir / SHARDS_DIR / shard_dir_name(rank)
-        self._prepare_directory(resume=resume, tokenizer=tokenizer)
-        self._lock_fd = _acquire_lock(self.shard_dir / LOCK_NAME, rank)
-        self._next_seq, committed = _existing_chunks(self.shard_dir)
+        self._prepare_directory(resume=resume)
+        try:
+            self._lock_fd = _acquire_lock(self.shard_dir / LOCK_NAME, rank)
+        except OSError as e:
+            raise SpillWriteError(self._describe_setup_error(e)) from e
+        try:  # from here on this process owns the shard (and, on rank 0, the top-level files)
+            self._write_metadata(tokenizer)
+            self._next_seq, committed = _existing_chunks(self.shard_dir)
+        except OSError as e:
+            _release_lock(self._lock_fd)
+            raise SpillWriteError(self._describe_setup_error(e)) from e
+        except BaseException:
+            _release_lock(self._lock_fd)
+            raise
+        self.resumed_chunks: list[ChunkRecord] = committed  # what an earlier run committed (resume)
         self.rows = sum(r.rows for r in committed)
         self.tokens = sum(r.tokens for r in committed)
         self.chunks = len(committed)
@@ -277,12 +289,13 @@ class SpillWriter:
             raise SpillWriteError(f"the spill writer thread failed: {error!r}") from error
 
     # ------------------------------------------------------------------------------------------- set-up
-    def _prepare_directory(self, *, resume: bool, tokenizer: Any) -> None:
+    def _prepare_directory(self, *, resume: bool) -> None:
         try:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             manifest_path = self.spill_dir / MANIFEST_NAME
             # rank 0 owns the manifest; other ranks only own their shard (they may start before rank 0)
             if (self.rank == 0 and manifest_path.exists()) or self.shard_dir.exists():
+                raise_if_locked(self.spill_dir, self.rank)
                 if not resume:
                     raise SpillExistsError(
                         f"{self.spill_dir} already holds a spill. spilleval never overwrites one: choose a new "
@@ -291,17 +304,35 @@ class SpillWriter:
                 if manifest_path.exists():
                     _check_resumable(load_manifest(self.spill_dir), self.manifest)
             self.shard_dir.mkdir(parents=True, exist_ok=True)
-            if self.rank == 0:
-                if tokenizer is not None and not (self.spill_dir / TOKENIZER_DIR).exists():
-                    tokenizer.save_pretrained(str(self.spill_dir / TOKENIZER_DIR))
-                save_manifest(self.spill_dir, self.manifest)
         except OSError as e:
             if isinstance(e, SpillExistsError):
                 raise
-            raise SpillWriteError(
-                f"cannot create the spill directory {self.spill_dir}: {e.strerror or e}. "
-                "Choose a writable spill_dir with free space."
-            ) from e
+            raise SpillWriteError(self._describe_setup_error(e)) from e
+
+    def _write_metadata(self, tokenizer: Any) -> None:
+        """Rank 0 writes the tokenizer (once, atomically: a crash never leaves half of it) and the manifest."""
+        if self.rank != 0:
+            return
+        target = self.spill_dir / TOKENIZER_DIR
+        staging = self.spill_dir / f"{TMP_PREFIX}{TOKENIZER_DIR}"
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run that crashed while saving it
+        if tokenizer is not None and not target.exists():
+            tokenizer.save_pretrained(str(staging))
+            os.rename(staging, target)
+            fsync_dir(self.spill_dir)
+        save_manifest(self.spill_dir, self.manifest)
+
+    def _describe_setup_error(self, error: OSError) -> str:
+        if error.errno == errno.ENOSPC:
+            cause = "the disk is full"
+        elif error.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            cause = "the directory is not writable"
+        else:
+            cause = error.strerror or str(error)
+        return (
+            f"cannot create the spill directory {self.spill_dir}: {cause} ({error}). "
+            "Choose a writable spill_dir with free space."
+        )
 
 
 def mark_spill_complete(spill_dir: str | os.PathLike, manifest: Manifest) -> None:
@@ -311,7 +342,7 @@ def mark_spill_complete(spill_dir: str | os.PathLike, manifest: Manifest) -> Non
 
 
 def _check_resumable(existing: Manifest, wanted: Manifest) -> None:
-    for key in ("task", "vocab_size", "id_dtype", "dataset_length", "world_size"):
+    for key in ("task", "vocab_size", "id_dtype", "dataset_length", "world_size", "has_logprob"):
         if getattr(existing, key) != getattr(wanted, key):
             raise SpillExistsError(
                 f"cannot resume: the spill on disk has {key}={getattr(existing, key)!r} but this evaluation has "
@@ -345,17 +376,43 @@ def _row_bytes(batch: SampleBatch) -> np.ndarray:
     return sizes
 
 
+def raise_if_locked(spill_dir: str | os.PathLike, rank: int = 0) -> None:
+    """Raise `SpillLockedError` naming the holder if a live writer holds this rank's shard of `spill_dir`."""
+    path = Path(spill_dir) / SHARDS_DIR / shard_dir_name(rank) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nobody has ever written this shard
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a flock dies with its process: a crash leaves no lock
+    except BlockingIOError:
+        raise SpillLockedError(_locked_message(path, fd)) from None
+    finally:
+        os.close(fd)
+
+
+def _locked_message(path: Path, fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode())
+        holder = f"pid {info['pid']} on host {info['host']} (rank {info['rank']}, since " + time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(info["since"])
+        ) + ")"
+    except (ValueError, KeyError, TypeError):
+        holder = "an unknown process"
+    return (
+        f"{path.parent} is being written by another writer: {holder}. Two writers cannot share a spill shard: "
+        "wait for that process to finish (or stop it), or use another spill_dir."
+    )
+
+
 def _acquire_lock(path: Path, rank: int) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "an unknown process"
+        message = _locked_message(path, fd)
         os.close(fd)
-        raise SpillLockedError(
-            f"{path.parent} is being written by another writer ({holder}). Two writers cannot share a spill "
-            "shard: wait for it to finish, or use another spill_dir."
-        ) from None
+        raise SpillLockedError(message) from None
     holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "rank": rank, "since": time.time()})
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder.encode(), 0)
