@@ -108,3 +108,171 @@ def pad_batch(items: list[dict[str, Any]], pad_id: int = 0, *, side: str = "righ
     if "index" in items[0]:
         batch["index"] = torch.tensor([it["index"] for it in items])
     return batch
+
+
+# =============================================================================================================
+# A LLaVA-style multimodal model (tests, demo, benchmarks).
+#
+# As in LLaVA, a mixin's `prepare_inputs_labels_for_multimodal` replaces each sample's <image> placeholder by a
+# per-sample number of projected image features, labels those positions -100, re-pads the batch (right or left)
+# and hands `inputs_embeds` and the new labels to `LlamaForCausalLM.forward` through `super()`. The model forces
+# `output_hidden_states=True`, like the model of the motivating example. The batch's raw labels therefore do not
+# line up with the logits: exactly the case `spilleval.capture` exists for.
+# =============================================================================================================
+IMAGE_TOKEN = "<image>"
+
+
+class LlavaStyleMixin:
+    """Multimodal input preparation over any causal LM that has `get_input_embeddings` and an `mm_projector`."""
+
+    def prepare_inputs_labels_for_multimodal(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Any,
+        labels: torch.Tensor | None,
+        images: torch.Tensor | None,
+        num_image_features: torch.Tensor | None = None,
+    ) -> tuple[None, torch.Tensor, torch.Tensor, Any, torch.Tensor, torch.Tensor | None]:
+        """(input_ids=None, position_ids, attention_mask, past_key_values, inputs_embeds, labels) after expansion."""
+        config = self.config  # type: ignore[attr-defined]
+        embed = self.get_input_embeddings()  # type: ignore[attr-defined]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        features = self.mm_projector(images) if images is not None else None  # type: ignore[attr-defined]
+        rows, row_labels = [], []
+        for i in range(input_ids.shape[0]):
+            keep = attention_mask[i].bool()
+            ids = input_ids[i][keep]
+            lab = labels[i][keep] if labels is not None else torch.full_like(ids, -100)
+            emb = embed(ids)
+            where = (ids == config.image_token_id).nonzero().flatten()
+            if len(where) and features is not None:
+                p = int(where[0])
+                k = int(num_image_features[i]) if num_image_features is not None else features.shape[1]
+                emb = torch.cat([emb[:p], features[i, :k].to(emb.dtype), emb[p + 1 :]])
+                lab = torch.cat([lab[:p], lab.new_full((k,), -100), lab[p + 1 :]])
+            rows.append(emb)
+            row_labels.append(lab)
+        embeds, new_labels, new_mask, new_positions = _repad(rows, row_labels, side=config.mm_padding_side)
+        return None, new_positions, new_mask, past_key_values, embeds, new_labels if labels is not None else None
+
+
+def _repad(rows: list[torch.Tensor], labels: list[torch.Tensor], *, side: str):
+    width = max(len(r) for r in rows)
+    batch, hidden = len(rows), rows[0].shape[-1]
+    embeds = rows[0].new_zeros((batch, width, hidden))
+    new_labels = labels[0].new_full((batch, width), -100)
+    mask = torch.zeros((batch, width), dtype=torch.long, device=rows[0].device)
+    positions = torch.zeros((batch, width), dtype=torch.long, device=rows[0].device)
+    for i, (row, lab) in enumerate(zip(rows, labels)):
+        n = len(row)
+        span = slice(width - n, width) if side == "left" else slice(0, n)
+        embeds[i, span], new_labels[i, span], mask[i, span] = row, lab, 1
+        positions[i, span] = torch.arange(n, device=row.device)
+    return embeds, new_labels, mask, positions
+
+
+def _llava_class() -> type:
+    from transformers import LlamaForCausalLM
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    class TinyLlavaForCausalLM(LlavaStyleMixin, LlamaForCausalLM):
+        """LlamaForCausalLM + a two-layer vision projector over synthetic image features (LLaVA's mlp2x_gelu)."""
+
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            self.mm_projector = torch.nn.Sequential(
+                torch.nn.Linear(config.mm_feature_dim, config.hidden_size),
+                torch.nn.GELU(),
+                torch.nn.Linear(config.hidden_size, config.hidden_size),
+            )
+            self.post_init()
+
+        def forward(
+            self,
+            input_ids: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            position_ids: torch.Tensor | None = None,
+            inputs_embeds: torch.Tensor | None = None,
+            labels: torch.Tensor | None = None,
+            images: torch.Tensor | None = None,
+            num_image_features: torch.Tensor | None = None,
+            use_cache: bool | None = None,
+            output_attentions: bool | None = None,
+            output_hidden_states: bool | None = True,
+            return_dict: bool | None = None,
+            **kwargs: Any,
+        ) -> CausalLMOutputWithPast:
+            if inputs_embeds is None:
+                (input_ids, position_ids, attention_mask, _, inputs_embeds, labels) = (
+                    self.prepare_inputs_labels_for_multimodal(
+                        input_ids, position_ids, attention_mask, None, labels, images, num_image_features
+                    )
+                )
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                output_attentions=False,
+                output_hidden_states=True,  # forced, as in the motivating example
+                return_dict=True,
+                **kwargs,
+            )
+
+    return TinyLlavaForCausalLM
+
+
+def tiny_llava(vocab_size: int, *, image_token_id: int, padding_side: str = "right", feature_dim: int = 8,
+               hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> Any:
+    """A config-built LLaVA-style model; `padding_side` is how the batch is re-padded after expansion."""
+    from transformers import LlamaConfig
+
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )
+    config.image_token_id = image_token_id
+    config.mm_feature_dim = feature_dim
+    config.mm_padding_side = padding_side
+    return _llava_class()(config)
+
+
+def encode_multimodal_qa(example: dict[str, str], tokenizer: Any, *, num_features: int, feature_dim: int = 8,
+                         seed: int = 0) -> dict[str, Any]:
+    """`<s> <image> question answer : ANSWER </s>` plus `num_features` synthetic image features."""
+    item = encode_qa({"question": f"{IMAGE_TOKEN} {example['question']}", "answer": example["answer"]}, tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    item["images"] = torch.randn(num_features, feature_dim, generator=generator)
+    return item
+
+
+def multimodal_qa_dataset(n: int, tokenizer: Any, *, feature_dim: int = 8, max_features: int = 6,
+                          seed: int = 0) -> list[dict[str, Any]]:
+    """Questions with an image of 1..max_features feature positions each (varies per sample)."""
+    rng = random.Random(seed)
+    return [
+        encode_multimodal_qa(ex, tokenizer, num_features=rng.randint(1, max_features), feature_dim=feature_dim,
+                             seed=seed * 100_003 + i)
+        for i, ex in enumerate(qa_examples(n, seed=seed))
+    ]
+
+
+def pad_multimodal_batch(items: list[dict[str, Any]], pad_id: int = 0, *, side: str = "right") -> dict[str, Any]:
+    """`pad_batch` plus `images [B, max_features, F]` (zero-padded) and `num_image_features [B]`."""
+    batch = pad_batch([{k: v for k, v in it.items() if k != "images"} for it in items], pad_id, side=side)
+    counts = [len(it["images"]) for it in items]
+    images = torch.zeros(len(items), max(counts), items[0]["images"].shape[-1])
+    for i, it in enumerate(items):
+        images[i, : counts[i]] = it["images"]
+    batch["images"] = images
+    batch["num_image_features"] = torch.tensor(counts)
+    return batch
