@@ -10,13 +10,13 @@ and merge by addition, so a metric can be updated batch by batch, split across p
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from ..batch import SampleBatch
+from . import exact_sum
 
 if TYPE_CHECKING:
     from ..spill import SpillReader
@@ -51,16 +51,18 @@ class StreamingMetric(Metric):
     def __init__(self) -> None:
         self._defaults: dict[str, np.ndarray] = {}
         self._state: State = {}
+        self._float_states: set[str] = set()
 
     def add_state(self, name: str, shape: tuple[int, ...] = (), dtype: Any = np.int64) -> None:
-        """Declare a summed state. Float sums use compensated (double-double) accumulation: see `add_float`."""
+        """Declare a summed integer / array state. Float sums are declared with `add_float_state`."""
         default = np.zeros(shape, dtype=dtype)
         self._defaults[name] = default
         self._state[name] = default.copy()
 
     def add_float_state(self, name: str) -> None:
-        """A float sum kept as a (hi, lo) pair so that it is independent of batching and merge order."""
-        self.add_state(name, (2,), np.float64)
+        """An exact float sum (`exact_sum`: integer limbs), so it is independent of batching and merge order."""
+        self.add_state(name, (exact_sum.STATE_SIZE,), np.int64)
+        self._float_states.add(name)
 
     def reset(self) -> None:
         self._state = {k: v.copy() for k, v in self._defaults.items()}
@@ -73,8 +75,8 @@ class StreamingMetric(Metric):
         for key, value in other.items():
             if key not in self._state:
                 raise KeyError(f"{self.name}: unknown state {key!r}")
-            if self._state[key].dtype == np.float64 and self._state[key].shape == (2,):
-                self._state[key] = _dd_add(self._state[key], value[0], value[1])
+            if key in self._float_states:
+                self._state[key] = exact_sum.merge(self._state[key], value)
             else:
                 self._state[key] = self._state[key] + value
 
@@ -83,14 +85,13 @@ class StreamingMetric(Metric):
         self._state[name] = self._state[name] + value
 
     def add_float(self, name: str, values: Any) -> None:
-        """Add float values to a compensated state; the batch sum is exact (math.fsum) before it is added."""
-        total = math.fsum(np.asarray(values, dtype=np.float64).ravel().tolist())
-        self._state[name] = _dd_add(self._state[name], total, 0.0)
+        """Add float values to an exact float state (`add_float_state`)."""
+        self._state[name] = exact_sum.add(self._state[name], values)
 
     def value(self, name: str) -> Any:
         state = self._state[name]
-        if state.dtype == np.float64 and state.shape == (2,):
-            return float(state[0] + state[1])
+        if name in self._float_states:
+            return exact_sum.value(state)
         return state
 
     @abstractmethod
@@ -105,20 +106,6 @@ class CorpusMetric(Metric):
 
     @abstractmethod
     def compute(self, reader: "SpillReader") -> dict[str, float]: ...
-
-
-def _two_sum(a: float, b: float) -> tuple[float, float]:
-    s = a + b
-    bb = s - a
-    return s, (a - (s - bb)) + (b - bb)
-
-
-def _dd_add(state: np.ndarray, hi: float, lo: float) -> np.ndarray:
-    """Double-double addition: (state.hi, state.lo) + (hi, lo), error ~2^-106 relative."""
-    s, e = _two_sum(float(state[0]), float(hi))
-    e += float(state[1]) + float(lo)
-    s, e = _two_sum(s, e)
-    return np.array([s, e], dtype=np.float64)
 
 
 def safe_div(num: float, den: float) -> float:
