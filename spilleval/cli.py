@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -136,6 +139,222 @@ def _missing_text(completeness) -> str:
     shown = ", ".join(f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in completeness.missing[:10])
     more = " ..." if len(completeness.missing) > 10 else ""
     return f"{completeness.missing_count} ({shown}{more})"
+
+
+# ---------------------------------------------------------------------------------- inspecting predictions
+AllowPartialOpt = typer.Option(False, "--allow-partial", help="Read a partial spill (after a crash).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+MaxTokensOpt = typer.Option(256, "--max-tokens", min=1, help="Tokens shown per sample (scores cover all).")
+
+
+class ExportFormat(str, Enum):
+    jsonl = "jsonl"
+    parquet = "parquet"
+
+
+def _print_json(payload: dict) -> None:
+    """Strict JSON on stdout (NaN becomes null), not wrapped or coloured."""
+    print(json.dumps(_json_safe(payload), ensure_ascii=False, indent=2))
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _parse_indices(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of sample indices, e.g. 3,17") from None
+
+
+@app.command()
+def show(
+    spill_dir: Path = SpillDir,
+    n: int = typer.Option(5, "-n", min=1, help="How many samples (in stored order)."),
+    index: Optional[str] = typer.Option(None, "--index", "-i", help="Comma-separated sample indices, e.g. 3,17."),
+    only_wrong: bool = typer.Option(False, "--only-wrong", help="Only samples with a wrong token."),
+    max_tokens: int = MaxTokensOpt,
+    as_json: bool = JsonOpt,
+    allow_partial: bool = AllowPartialOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Decoded prediction against reference per sample, wrong tokens highlighted, with the sample's scores."""
+    from .report import default_scores, first_samples, sample_views, samples_by_index
+    from .report.scan import show_progress
+    from .report.terminal import print_sample
+    from .spill import SpillReader
+
+    reader = SpillReader(spill_dir, allow_partial=allow_partial)
+    scores = default_scores(has_logprob=reader.manifest.has_logprob)
+    if index is not None:
+        batch, values = samples_by_index(reader, _parse_indices(index), scores)
+        if only_wrong:
+            keep = np.flatnonzero(values["exact_match"] < 1)
+            batch, values = batch.take(keep), {k: v[keep] for k, v in values.items()}
+    else:
+        progress = show_progress(quiet) and not as_json
+        batch, values = first_samples(reader, scores, n, only_wrong=only_wrong, progress_bar=progress)
+    views = sample_views(batch, values, reader.tokenizer, max_tokens=max_tokens) if batch is not None else []
+    if as_json:
+        _print_json({"spill": str(spill_dir), "samples": [v.to_json() for v in views]})
+        return
+    for view in views:
+        print_sample(console, view)
+    if not views:
+        console.print("no sample matched" + (" (every sample is exactly right)" if only_wrong else ""))
+
+
+@app.command()
+def worst(
+    spill_dir: Path = SpillDir,
+    by: str = typer.Option("token_accuracy", "--by", help="Per-sample score to rank by (see --help for names)."),
+    n: int = typer.Option(10, "-n", min=1, help="How many samples."),
+    max_tokens: int = MaxTokensOpt,
+    as_json: bool = JsonOpt,
+    allow_partial: bool = AllowPartialOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """The N samples with the worst per-sample score, in one bounded pass (a heap of N samples).
+
+    Scores: token_accuracy, exact_match, token_f1, nll (needs log-probs), length (worst = longest),
+    text_exact_match (decodes every sample).
+    """
+    from .batch import SampleBatch
+    from .report import WorstSamples, default_scores, resolve_scores, sample_views, scan
+    from .report.scan import show_progress
+    from .report.terminal import format_score, print_sample
+    from .spill import SpillReader
+
+    reader = SpillReader(spill_dir, allow_partial=allow_partial)
+    has_logprob = reader.manifest.has_logprob
+    score = resolve_scores([by], has_logprob=has_logprob, has_tokenizer=reader.tokenizer is not None)[0]
+    scores = default_scores(has_logprob=has_logprob)
+    scores += [score] if score not in scores else []
+    heap = WorstSamples(score, n)
+    scan(reader, scores, [heap], progress_bar=show_progress(quiet) and not as_json, desc=f"worst by {by}")
+    ranked = heap.result()
+    views = []
+    if ranked:
+        rows = SampleBatch.concat([r.row for r in ranked])
+        values = {name: np.array([r.scores[name] for r in ranked]) for name in ranked[0].scores}
+        views = sample_views(rows, values, reader.tokenizer, max_tokens=max_tokens)
+    if as_json:
+        samples = [{"rank": rank, **view.to_json()} for rank, view in enumerate(views, 1)]
+        _print_json({"spill": str(spill_dir), "by": by, "higher_is_better": score.higher_is_better,
+                     "undefined_skipped": heap.skipped_undefined, "samples": samples})
+        return
+    direction = "lowest" if score.higher_is_better else "highest"
+    console.print(f"[bold]{len(views)} worst samples by {by}[/] ({direction} first) in {spill_dir}")
+    for rank, view in enumerate(views, 1):
+        title = f"#{rank}  sample {view.sample_index}  {by} {format_score(view.scores[by])}"
+        print_sample(console, view, title=title, highlight=by)
+    if heap.skipped_undefined:
+        console.print(f"[dim]{heap.skipped_undefined} sample(s) without a defined {by} were skipped[/]")
+
+
+@app.command()
+def diff(
+    dir_a: Path = typer.Argument(..., exists=True, file_okay=False, help="Spill A (e.g. the older checkpoint)."),
+    dir_b: Path = typer.Argument(..., exists=True, file_okay=False, help="Spill B of the same eval set."),
+    limit: int = typer.Option(5, "--limit", min=0, help="Flipped samples listed per direction."),
+    recompute: bool = typer.Option(False, "--recompute", help="Recompute metrics instead of reading results.json."),
+    max_tokens: int = MaxTokensOpt,
+    as_json: bool = JsonOpt,
+    allow_partial: bool = AllowPartialOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Two spills of the same eval set: metric deltas (B − A) and samples that flipped right↔wrong."""
+    from .report import default_scores, diff_spills, samples_by_index, sample_views
+    from .report.scan import show_progress
+    from .report.terminal import metric_delta_table, print_sample
+    from .spill import SpillReader
+
+    reader_a = SpillReader(dir_a, allow_partial=allow_partial)
+    reader_b = SpillReader(dir_b, allow_partial=allow_partial)
+    result = diff_spills(reader_a, reader_b, limit=limit, recompute=recompute,
+                         progress_bar=show_progress(quiet) and not as_json)
+    if as_json:
+        _print_json(result.to_json())
+        return
+    console.print(metric_delta_table(f"A = {dir_a}\nB = {dir_b}", result.metrics))
+    console.print(
+        f"{result.compared:,} samples in both: exactly right {result.right_in_a:,} in A, {result.right_in_b:,} in B; "
+        f"[red]right → wrong {result.right_to_wrong_count:,}[/], [green]wrong → right {result.wrong_to_right_count:,}"
+        f"[/]" + (f"; only in A {result.only_in_a:,}, only in B {result.only_in_b:,}"
+                  if result.only_in_a or result.only_in_b else "")
+    )
+    for label, indices, wrong_side in (("right in A → wrong in B", result.right_to_wrong, "b"),
+                                       ("wrong in A → right in B", result.wrong_to_right, "a")):
+        if not indices:
+            continue
+        views = {}
+        for side, reader in (("a", reader_a), ("b", reader_b)):
+            scores = default_scores(has_logprob=reader.manifest.has_logprob)
+            batch, values = samples_by_index(reader, indices, scores)
+            views[side] = sample_views(batch, values, reader.tokenizer, max_tokens=max_tokens)
+        for view_a, view_b in zip(views["a"], views["b"]):
+            print_sample(console, view_b if wrong_side == "b" else view_a,
+                         title=f"sample {view_a.sample_index}: {label}",
+                         predictions=[("A", view_a), ("B", view_b)])
+
+
+@app.command()
+def export(
+    spill_dir: Path = SpillDir,
+    fmt: ExportFormat = typer.Option(ExportFormat.jsonl, "--format", "-f", help="Output format."),
+    output: Optional[str] = typer.Option(
+        None, "--output", "-o", help="File to write, or - for stdout (jsonl). Default: <spill dir name>.<format>."
+    ),
+    decode: bool = typer.Option(False, "--decode", help="Add decoded prediction / reference text columns."),
+    with_scores: bool = typer.Option(False, "--scores", help="Add per-sample score columns."),
+    force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
+    allow_partial: bool = AllowPartialOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Stream every sample out as JSON Lines or Parquet, one window at a time (stored order; see sample_index)."""
+    from .report import default_scores, export_spill
+    from .report.scan import show_progress
+    from .spill import SpillReader
+
+    reader = SpillReader(spill_dir, allow_partial=allow_partial)
+    destination = output or f"{Path(spill_dir).resolve().name}.{fmt.value}"
+    scores = default_scores(has_logprob=reader.manifest.has_logprob) if with_scores else []
+    summary = export_spill(reader, destination, fmt.value, decode=decode, scores=scores, overwrite=force,
+                           progress_bar=show_progress(quiet))
+    size = f" ({summary.bytes:,} bytes)" if summary.bytes is not None else ""
+    (err_console if destination == "-" else console).print(
+        f"exported {summary.rows:,} samples to {summary.path}{size}", highlight=False
+    )
+
+
+@app.command()
+def report(
+    spill_dir: Path = SpillDir,
+    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="The HTML file to write."),
+    by: str = typer.Option("token_accuracy", "--by", help="Per-sample score for the worst samples."),
+    n: int = typer.Option(20, "-n", min=1, help="How many worst samples to show."),
+    recompute: bool = typer.Option(False, "--recompute", help="Recompute metrics instead of reading results.json."),
+    max_tokens: int = MaxTokensOpt,
+    allow_partial: bool = AllowPartialOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """A self-contained static HTML page: metrics, per-sample score histograms, worst samples, manifest."""
+    from .report.html import build_report, write_report
+    from .report.scan import show_progress
+    from .spill import SpillReader
+
+    reader = SpillReader(spill_dir, allow_partial=allow_partial)
+    data = build_report(reader, by=by, n=n, recompute=recompute, max_tokens=max_tokens,
+                        progress_bar=show_progress(quiet))
+    path = write_report(data, output)
+    console.print(f"wrote {path} ({path.stat().st_size:,} bytes)", highlight=False)
 
 
 def main() -> None:

@@ -1,0 +1,172 @@
+"""Compare two spills of the same eval set (e.g. two checkpoints): metric deltas and samples that flipped.
+
+Memory: one byte per sample per side. Each spill is read once, in its own stored order (shards are not globally
+sorted, so no merge by sample index is needed): the byte of sample i holds whether it was exactly right and a
+6-bit fingerprint of its labels, which catches two spills that are not of the same eval set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..batch import SampleBatch
+from ..spill import SpillReader
+from .results import metric_results
+from .scan import iter_scored
+
+ABSENT, WRONG, RIGHT = 0, 1, 2
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX = np.uint64(0xBF58476D1CE4E5B9)
+
+
+class SpillsDifferError(ValueError):
+    """The two spills are not evaluations of the same data, so their samples cannot be compared."""
+
+
+def label_fingerprint(batch: SampleBatch) -> np.ndarray:
+    """6 bits per sample that depend on every label id and its position (uint64 arithmetic wraps on purpose)."""
+    lengths = batch.lengths
+    starts = batch.offsets[:-1] - batch.offsets[0]
+    position = np.arange(batch.num_tokens, dtype=np.uint64) - np.repeat(starts, lengths).astype(np.uint64)
+    mixed = (batch.label_ids.astype(np.uint64) + np.uint64(1)) * ((position + np.uint64(1)) * _GOLDEN)
+    sums = np.add.reduceat(np.append(mixed, np.uint64(0)), starts) if len(starts) else np.zeros(0, np.uint64)
+    sums = np.where(lengths > 0, sums, np.uint64(0)) ^ (lengths.astype(np.uint64) * _MIX)
+    return ((sums * _GOLDEN) >> np.uint64(58)).astype(np.uint8)
+
+
+class SampleStatus:
+    """One byte per dataset index: low 2 bits ABSENT / WRONG / RIGHT (sequence exact match), high 6 the
+    label fingerprint."""
+
+    def __init__(self, size: int) -> None:
+        self.codes = np.zeros(size, dtype=np.uint8)
+
+    def update(self, batch: SampleBatch, scores: dict[str, np.ndarray]) -> None:
+        status = np.where(scores["exact_match"] == 1, RIGHT, WRONG).astype(np.uint8)
+        self.codes[batch.sample_index] = (label_fingerprint(batch) << 2) | status
+
+    def status(self, size: int) -> np.ndarray:
+        return _padded(self.codes & 3, size)
+
+    def fingerprints(self, size: int) -> np.ndarray:
+        return _padded(self.codes >> 2, size)
+
+
+def _padded(values: np.ndarray, size: int) -> np.ndarray:
+    return values if len(values) >= size else np.pad(values, (0, size - len(values)))
+
+
+@dataclass
+class SpillDiff:
+    a: str
+    b: str
+    metrics: dict[str, dict[str, Any]]  # name -> {"a", "b", "delta"}
+    metrics_source: dict[str, str]  # "a"/"b" -> "results.json" | "recomputed"
+    compared: int
+    only_in_a: int
+    only_in_b: int
+    right_in_a: int
+    right_in_b: int
+    right_to_wrong_count: int
+    wrong_to_right_count: int
+    right_to_wrong: list[int] = field(default_factory=list)  # the first `limit` sample indices of each
+    wrong_to_right: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "a": self.a,
+            "b": self.b,
+            "metrics": self.metrics,
+            "metrics_source": self.metrics_source,
+            "samples": {
+                "compared": self.compared,
+                "only_in_a": self.only_in_a,
+                "only_in_b": self.only_in_b,
+                "exact_match_a": self.right_in_a,
+                "exact_match_b": self.right_in_b,
+                "right_to_wrong": self.right_to_wrong_count,
+                "wrong_to_right": self.wrong_to_right_count,
+            },
+            "right_to_wrong": self.right_to_wrong,
+            "wrong_to_right": self.wrong_to_right,
+        }
+
+
+def metric_deltas(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in list(a) + [k for k in b if k not in a]:
+        va, vb = a.get(name), b.get(name)
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (va, vb))
+        out[name] = {"a": va, "b": vb, "delta": (vb - va) if numeric else None}
+    return out
+
+
+def diff_spills(
+    reader_a: SpillReader,
+    reader_b: SpillReader,
+    *,
+    limit: int = 10,
+    recompute: bool = False,
+    progress_bar: bool = False,
+) -> SpillDiff:
+    from .scores import resolve_scores
+
+    _check_same_kind(reader_a, reader_b)
+    exact = resolve_scores(["exact_match"], has_logprob=False, has_tokenizer=False)
+    statuses = []
+    for name, reader in (("A", reader_a), ("B", reader_b)):
+        status = SampleStatus(_index_bound(reader))
+        for batch, values in iter_scored(reader, exact, progress_bar=progress_bar, desc=f"reading {name}"):
+            status.update(batch, values)
+        statuses.append(status)
+    size = max(len(s.codes) for s in statuses)
+    sa, sb = (s.status(size) for s in statuses)
+    both = (sa != ABSENT) & (sb != ABSENT)
+    _check_same_labels(statuses, size, both)
+    right_to_wrong = np.flatnonzero(both & (sa == RIGHT) & (sb == WRONG))
+    wrong_to_right = np.flatnonzero(both & (sa == WRONG) & (sb == RIGHT))
+    results_a, source_a = metric_results(reader_a, recompute=recompute, progress_bar=progress_bar)
+    results_b, source_b = metric_results(reader_b, recompute=recompute, progress_bar=progress_bar)
+    return SpillDiff(
+        a=str(reader_a.path),
+        b=str(reader_b.path),
+        metrics=metric_deltas(results_a, results_b),
+        metrics_source={"a": source_a, "b": source_b},
+        compared=int(both.sum()),
+        only_in_a=int(((sa != ABSENT) & (sb == ABSENT)).sum()),
+        only_in_b=int(((sb != ABSENT) & (sa == ABSENT)).sum()),
+        right_in_a=int((both & (sa == RIGHT)).sum()),
+        right_in_b=int((both & (sb == RIGHT)).sum()),
+        right_to_wrong_count=len(right_to_wrong),
+        wrong_to_right_count=len(wrong_to_right),
+        right_to_wrong=right_to_wrong[:limit].tolist(),
+        wrong_to_right=wrong_to_right[:limit].tolist(),
+    )
+
+
+def _index_bound(reader: SpillReader) -> int:
+    top = max((r.max_index + 1 for r in reader.chunks), default=0)
+    return max(top, reader.manifest.dataset_length or 0)
+
+
+def _check_same_kind(a: SpillReader, b: SpillReader) -> None:
+    for key in ("task", "dataset_length"):
+        va, vb = getattr(a.manifest, key), getattr(b.manifest, key)
+        if va is not None and vb is not None and va != vb:
+            raise SpillsDifferError(
+                f"the spills differ in {key} ({va!r} in {a.path}, {vb!r} in {b.path}); diff compares two "
+                "evaluations of the same eval set (e.g. two checkpoints)"
+            )
+
+
+def _check_same_labels(statuses: list[SampleStatus], size: int, both: np.ndarray) -> None:
+    differ = np.flatnonzero(both & (statuses[0].fingerprints(size) != statuses[1].fingerprints(size)))
+    if len(differ):
+        raise SpillsDifferError(
+            f"the spills are not of the same eval set: {len(differ)} sample(s) have different reference labels "
+            f"(first: sample {differ[0]}). diff compares two evaluations of the same data (e.g. two checkpoints); "
+            "check that both ran on the same dataset, order of indices and tokenizer"
+        )

@@ -1,0 +1,179 @@
+"""`spilleval report`: one self-contained static HTML page about a spill (no network needed to view it).
+
+One bounded pass over the spill gathers the per-sample score histograms and the worst samples; the metrics come
+from results.json (or are recomputed). Plots are matplotlib PNGs inlined as base64, the CSS is inline, and the
+page is rendered from a Jinja2 template with autoescaping (decoded model output is untrusted text).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..spill import SpillReader
+from .results import metric_results
+from .samples import DEFAULT_MAX_TOKENS, SampleView, sample_views
+from .scan import ScoreHistogram, ScoreHistograms, WorstSamples, scan
+from .scores import SampleScore, default_scores, resolve_scores
+from .terminal import format_score, visible
+
+BAR_COLOUR = "#3b6ea8"
+HISTOGRAM_BINS = 30
+
+
+@dataclass
+class Plot:
+    title: str
+    caption: str
+    png_base64: str
+
+
+@dataclass
+class ReportData:
+    spill: str
+    manifest: dict[str, Any]
+    metrics: dict[str, Any]
+    metrics_source: str
+    overview: list[tuple[str, str]]
+    score_summaries: list[dict[str, Any]]
+    plots: list[Plot]
+    worst_by: SampleScore
+    worst: list[SampleView]
+    generated: str
+
+
+def build_report(
+    reader: SpillReader,
+    *,
+    by: str = "token_accuracy",
+    n: int = 20,
+    recompute: bool = False,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    progress_bar: bool = False,
+) -> ReportData:
+    """Everything the page shows, from one pass over the spill (plus a metrics recompute if asked)."""
+    has_logprob = reader.manifest.has_logprob
+    worst_score = resolve_scores([by], has_logprob=has_logprob, has_tokenizer=reader.tokenizer is not None)[0]
+    scores = default_scores(has_logprob=has_logprob)
+    if worst_score not in scores:
+        scores.append(worst_score)
+    histograms = ScoreHistograms(scores)
+    worst = WorstSamples(worst_score, n)
+    scan(reader, scores, [histograms, worst], progress_bar=progress_bar, desc="report")
+    metrics, source = metric_results(reader, recompute=recompute, progress_bar=progress_bar)
+    ranked = worst.result()
+    views = []
+    if ranked:
+        from ..batch import SampleBatch
+
+        rows = SampleBatch.concat([r.row for r in ranked])
+        values = {name: np.array([r.scores[name] for r in ranked]) for name in ranked[0].scores}
+        views = sample_views(rows, values, reader.tokenizer, max_tokens=max_tokens)
+    return ReportData(
+        spill=str(reader.path.resolve()),
+        manifest=reader.manifest.to_json(),
+        metrics=metrics,
+        metrics_source=source,
+        overview=_overview(reader, histograms.by_name["length"]),
+        score_summaries=[{"name": h.score.name, "description": h.score.description, **h.summary()}
+                         for h in histograms.by_name.values()],
+        plots=[_plot(h) for h in histograms.by_name.values() if h.samples],
+        worst_by=worst_score,
+        worst=views,
+        generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    )
+
+
+def render_html(data: ReportData) -> str:
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader("spilleval.report", "templates"), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["score"] = format_score
+    env.filters["metric"] = _format_metric
+    env.globals["visible"] = visible
+    return env.get_template("report.html.j2").render(
+        data=data, manifest_json=json.dumps(data.manifest, indent=2, sort_keys=True), version=__version__
+    )
+
+
+def write_report(data: ReportData, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_html(data), encoding="utf-8")
+    return path
+
+
+def _format_metric(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.6f}"
+    return str(value)
+
+
+def _overview(reader: SpillReader, lengths: ScoreHistogram) -> list[tuple[str, str]]:
+    m = reader.manifest
+    expected = m.dataset_length
+    samples = f"{lengths.samples:,}" + (f" of {expected:,}" if expected else "")
+    return [
+        ("status", "complete" if reader.is_complete else "PARTIAL"),
+        ("task", m.task),
+        ("samples", samples),
+        ("supervised tokens", f"{int(lengths.total):,}"),
+        ("tokens per sample", f"{lengths.mean:.1f} mean, {lengths.quantile(0.5):.0f} median" if lengths.samples else "-"),
+        ("vocabulary", f"{m.vocab_size:,} ({m.id_dtype})"),
+        ("label log-probs", "yes" if m.has_logprob else "no"),
+        ("bytes on disk", f"{reader.bytes_on_disk:,}"),
+    ]
+
+
+def _plot(histogram: ScoreHistogram) -> Plot:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    score = histogram.score
+    values, counts = histogram.values(), histogram.counts
+    # small in inches, high dpi: the labels stay readable when the browser scales the image to its grid cell
+    fig, ax = plt.subplots(figsize=(3.6, 2.2), dpi=170, layout="constrained")
+    try:
+        if score.resolution >= 1.0 and score.upper <= 1.0:  # a yes/no score: two bars
+            ax.bar(["0 (no)", "1 (yes)"], [counts[0] if len(counts) > 0 else 0, counts[1] if len(counts) > 1 else 0],
+                   color=BAR_COLOUR, width=0.6)
+        else:
+            ax.hist(values, bins=_edges(histogram), weights=counts, color=BAR_COLOUR, edgecolor="white", linewidth=0.5)
+        ax.set_xlabel(score.name)
+        ax.set_ylabel("samples")
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.grid(axis="y", alpha=0.3)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+    finally:
+        plt.close(fig)
+    summary = histogram.summary()
+    caption = f"mean {format_score(summary['mean'])} · median {format_score(summary['median'])} · " \
+              f"{histogram.samples:,} samples"
+    return Plot(title=score.name, caption=caption, png_base64=base64.b64encode(buffer.getvalue()).decode("ascii"))
+
+
+def _edges(histogram: ScoreHistogram) -> np.ndarray:
+    """Bin edges: 20 bins over [0, 1] for bounded scores, whole numbers for counts, else the observed range."""
+    score = histogram.score
+    if score.upper <= 1.0:
+        return np.linspace(0.0, 1.0, 21)
+    nonzero = np.flatnonzero(histogram.counts)
+    lo, hi = histogram.values()[nonzero[[0, -1]]]
+    if score.resolution >= 1.0:
+        step = max(1, math.ceil((hi - lo + 1) / HISTOGRAM_BINS))
+        return np.arange(lo - 0.5, hi + step + 0.5, step)
+    if hi <= lo:
+        return np.array([lo - score.resolution, hi + score.resolution])
+    return np.linspace(lo, hi, HISTOGRAM_BINS + 1)

@@ -1,0 +1,153 @@
+"""What a person reads about one sample: its decoded tokens, which positions are wrong, and its per-sample scores.
+
+Predictions are aligned with labels position by position (teacher-forced argmax, or generated ids padded to the
+labels), so the token-level diff is positional: position i is wrong when pred_ids[i] != label_ids[i].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..batch import SampleBatch
+from ..spill import SpillReader
+from .scan import iter_scored
+from .scores import SampleScore, exact_match, score_batch
+
+DEFAULT_MAX_TOKENS = 256  # tokens shown per sample; scores always cover the whole sample
+
+
+@dataclass
+class SampleView:
+    sample_index: int
+    scores: dict[str, float]
+    prediction: str  # decoded with skip_special_tokens=True, as the text metrics see it
+    reference: str
+    pred_pieces: list[str]  # one decoded piece per shown position, with its leading space
+    label_pieces: list[str]
+    wrong: list[int]  # shown positions where the prediction differs from the label
+    length: int  # supervised tokens in the sample
+    wrong_total: int  # wrong positions in the whole sample
+    columns: dict[str, Any]
+
+    @property
+    def shown(self) -> int:
+        return len(self.label_pieces)
+
+    def tokens(self) -> Iterator[tuple[str, str, bool]]:
+        """(predicted piece, reference piece, right) for every shown position."""
+        wrong = set(self.wrong)
+        for i, (pred, label) in enumerate(zip(self.pred_pieces, self.label_pieces)):
+            yield pred, label, i not in wrong
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sample_index": self.sample_index,
+            "scores": self.scores,
+            "prediction": self.prediction,
+            "reference": self.reference,
+            "prediction_tokens": self.pred_pieces,
+            "reference_tokens": self.label_pieces,
+            "wrong_positions": self.wrong,
+            "wrong_tokens": self.wrong_total,
+            "length": self.length,
+            "truncated": self.shown < self.length,
+            "columns": self.columns,
+        }
+
+
+def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """The text each token adds to the decoded string (its leading space included), special tokens kept.
+
+    Decodes every prefix once (one batched call) and takes the differences, which is exact for any tokenizer
+    whose decoding of a prefix is a prefix of the decoding; elsewhere (e.g. a split UTF-8 byte) the token is
+    decoded alone.
+    """
+    ids = [int(i) for i in ids]
+    if tokenizer is None:
+        return [f" {i}" if k else str(i) for k, i in enumerate(ids)]
+    prefixes = tokenizer.batch_decode(
+        [ids[: k + 1] for k in range(len(ids))], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    pieces, previous = [], ""
+    for token, text in zip(ids, prefixes):
+        if text.startswith(previous):
+            pieces.append(text[len(previous):])
+        else:
+            pieces.append(tokenizer.decode([token], skip_special_tokens=False))
+        previous = text
+    return pieces
+
+
+def sample_views(
+    batch: SampleBatch,
+    scores: dict[str, np.ndarray],
+    tokenizer: Any,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> list[SampleView]:
+    """A view per row of `batch` (already chosen: this decodes, so call it on the few samples shown)."""
+    views = []
+    for row in range(len(batch)):
+        pred, label = batch.row(row)
+        shown = slice(0, max_tokens)
+        wrong_mask = pred != label
+        views.append(
+            SampleView(
+                sample_index=int(batch.sample_index[row]),
+                scores={name: float(values[row]) for name, values in scores.items()},
+                prediction=_decode(tokenizer, pred),
+                reference=_decode(tokenizer, label),
+                pred_pieces=token_pieces(tokenizer, pred[shown]),
+                label_pieces=token_pieces(tokenizer, label[shown]),
+                wrong=np.flatnonzero(wrong_mask[shown]).tolist(),
+                length=len(label),
+                wrong_total=int(wrong_mask.sum()),
+                columns={name: values[row] for name, values in batch.columns.items()},
+            )
+        )
+    return views
+
+
+def _decode(tokenizer: Any, ids: np.ndarray) -> str:
+    if tokenizer is None:
+        return " ".join(str(int(i)) for i in ids)
+    return tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+
+
+def first_samples(
+    reader: SpillReader,
+    scores: list[SampleScore],
+    n: int,
+    *,
+    only_wrong: bool = False,
+    progress_bar: bool = False,
+) -> tuple[SampleBatch | None, dict[str, np.ndarray]]:
+    """The first n samples in stored order (only those not exactly right with only_wrong); stops reading early."""
+    picked: list[SampleBatch] = []
+    picked_scores: list[dict[str, np.ndarray]] = []
+    count = 0
+    for batch, values in iter_scored(reader, scores, progress_bar=progress_bar, desc="finding samples"):
+        rows = np.flatnonzero(exact_match(batch) < 1) if only_wrong else np.arange(len(batch))
+        rows = rows[: n - count]
+        if len(rows):
+            picked.append(batch.take(rows))
+            picked_scores.append({name: v[rows] for name, v in values.items()})
+            count += len(rows)
+        if count >= n:
+            break
+    if not picked:
+        return None, {}
+    return SampleBatch.concat(picked), {name: np.concatenate([p[name] for p in picked_scores]) for name in values}
+
+
+def samples_by_index(
+    reader: SpillReader, indices: Sequence[int], scores: list[SampleScore]
+) -> tuple[SampleBatch, dict[str, np.ndarray]]:
+    """The samples with these dataset indices, in the order given (a KeyError names a missing one)."""
+    chosen = SampleBatch.concat([reader.get(int(i)) for i in indices])
+    if any(s.needs_text for s in scores):
+        reader.decode(chosen)
+    return chosen, score_batch(chosen, scores)

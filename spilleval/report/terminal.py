@@ -1,0 +1,113 @@
+"""Rich rendering of samples and spill comparisons for the terminal.
+
+Wrong positions are coloured (reference: green, prediction: red, underlined); every sample also gets a plain
+`wrong` line naming them, so the diff survives a colourless terminal, a log file or a pipe.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
+
+from .samples import SampleView
+
+REFERENCE_STYLE = "bold green"
+PREDICTION_STYLE = "bold red underline"
+MAX_WRONG_LISTED = 8
+MAX_COLUMN_CHARS = 300
+
+
+def format_score(value: float) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.4f}"
+
+
+def visible(piece: str) -> tuple[str, str]:
+    """(leading whitespace, body) of a decoded piece; a whitespace-only token gets a visible body."""
+    body = piece.lstrip()
+    lead = piece[: len(piece) - len(body)]
+    if not body:
+        return "", piece.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥") or "∅"
+    return lead, body
+
+
+def token_line(view: SampleView, *, side: str) -> Text:
+    """The reference or the prediction of a sample, with its wrong positions styled."""
+    style = REFERENCE_STYLE if side == "reference" else PREDICTION_STYLE
+    line = Text()
+    for pred, label, right in view.tokens():
+        lead, body = visible(label if side == "reference" else pred)
+        line.append(lead)
+        line.append(body, style=None if right else style)
+    if view.shown < view.length:
+        line.append(f"  … {view.length - view.shown} more tokens", style="dim")
+    return line
+
+
+def wrong_summary(view: SampleView) -> Text:
+    if not view.wrong_total:
+        return Text("none", style="green")
+    parts = [f"{view.wrong_total} of {view.length} tokens:"]
+    for position in view.wrong[:MAX_WRONG_LISTED]:
+        pred, label = visible(view.pred_pieces[position])[1], visible(view.label_pieces[position])[1]
+        parts.append(f"@{position} {pred!r}→{label!r}")
+    if view.wrong_total > min(len(view.wrong), MAX_WRONG_LISTED):
+        parts.append("…")
+    return Text(" ".join(parts))
+
+
+def score_line(scores: dict[str, float], highlight: str | None = None) -> Text:
+    line = Text()
+    for i, (name, value) in enumerate(scores.items()):
+        if i:
+            line.append(" · ", style="dim")
+        line.append(f"{name} ")
+        line.append(format_score(value), style="bold" if name == highlight else "cyan")
+    return line
+
+
+def print_sample(console: Console, view: SampleView, *, title: str | None = None,
+                 highlight: str | None = None, predictions: Iterable[tuple[str, SampleView]] = ()) -> None:
+    """One sample: its scores, dataset columns, reference, prediction(s) and the list of wrong positions."""
+    console.print(Rule(title or f"sample {view.sample_index}", align="left", style="blue"))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="dim", no_wrap=True)
+    grid.add_column(overflow="fold")
+    grid.add_row("scores", score_line(view.scores, highlight))
+    for name, value in view.columns.items():
+        grid.add_row(name, Text(_short(value)))
+    grid.add_row("reference", token_line(view, side="reference"))
+    others = list(predictions) or [("prediction", view)]
+    for label, other in others:
+        grid.add_row(label, token_line(other, side="prediction"))
+    for label, other in others:
+        grid.add_row("wrong" if len(others) == 1 else f"wrong ({label})", wrong_summary(other))
+    console.print(grid)
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= MAX_COLUMN_CHARS else text[:MAX_COLUMN_CHARS] + "…"
+
+
+def metric_delta_table(title: str, metrics: dict[str, dict[str, Any]]) -> Table:
+    table = Table("metric", "A", "B", "B − A", title=title)
+    for name, row in metrics.items():
+        delta = row["delta"]
+        shown = "-" if delta is None else f"{delta:+.6f}" if isinstance(delta, float) else f"{delta:+d}"
+        table.add_row(name, _value(row["a"]), _value(row["b"]), shown)
+    return table
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
