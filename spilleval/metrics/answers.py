@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .base import CorpusMetric
+from .ondisk import ScratchStore
 from .registry import register
+from .sums import CompensatedSum
 
 if TYPE_CHECKING:
     from ..spill import SpillReader
@@ -18,8 +20,9 @@ if TYPE_CHECKING:
 class AnswerMacroF1(CorpusMetric):
     """Macro-F1 over decoded answers, classes = every answer seen as label or prediction.
 
-    Equals `sklearn.metrics.f1_score(labels, preds, average="macro")` on the whole data. Memory: one pass over
-    the spill, three counters per distinct answer string (not per sample).
+    Equals `sklearn.metrics.f1_score(labels, preds, average="macro")` on the whole data. One pass over the spill;
+    the (true positives, false positives, false negatives) of each distinct answer go to an on-disk table, so
+    memory stays bounded even when every answer is different.
     """
 
     needs_text = True
@@ -31,24 +34,27 @@ class AnswerMacroF1(CorpusMetric):
         return {"batch_size": self.batch_size}
 
     def compute(self, reader: "SpillReader") -> dict[str, float]:
-        tp: Counter[str] = Counter()
-        fp: Counter[str] = Counter()
-        fn: Counter[str] = Counter()
-        for batch in reader.iter_batches(self.batch_size, decode=True, with_arrays=False):
-            for pred, label in zip(batch.pred_text or [], batch.label_text or []):
-                if pred == label:
-                    tp[label] += 1
-                else:
-                    fp[pred] += 1
-                    fn[label] += 1
-        classes = set(tp) | set(fp) | set(fn)
-        if not classes:
-            return {"answer_macro_f1": 0.0}
-        f1 = np.array([_f1(tp[c], fp[c], fn[c]) for c in sorted(classes)], dtype=np.float64)
-        # numpy's (pairwise) mean over sorted classes, as sklearn averages: bit-identical, not only close
-        return {"answer_macro_f1": float(np.mean(f1))}
+        with ScratchStore(reader.path) as store:
+            table = store.counter("answers", counts=("tp", "fp", "fn"))
+            for batch in reader.iter_batches(self.batch_size, decode=True, with_arrays=False):
+                table.add(_answer_counts(batch.pred_text or [], batch.label_text or []))
+            total, classes = CompensatedSum(), 0
+            for rows in table.scan():
+                counts = np.array([r[1:] for r in rows], dtype=np.int64)
+                tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+                total.add(2 * tp / (2 * tp + fp + fn))  # every answer was seen, so 2tp + fp + fn > 0
+                classes += len(rows)
+        return {"answer_macro_f1": total.value / classes if classes else 0.0}
 
 
-def _f1(tp: int, fp: int, fn: int) -> float:
-    denominator = 2 * tp + fp + fn
-    return 2 * tp / denominator if denominator else 0.0
+def _answer_counts(preds: list[str], labels: list[str]) -> list[tuple[str, int, int, int]]:
+    tp: Counter[str] = Counter()
+    fp: Counter[str] = Counter()
+    fn: Counter[str] = Counter()
+    for pred, label in zip(preds, labels):
+        if pred == label:
+            tp[label] += 1
+        else:
+            fp[pred] += 1
+            fn[label] += 1
+    return [(answer, tp[answer], fp[answer], fn[answer]) for answer in tp.keys() | fp.keys() | fn.keys()]

@@ -1,3 +1,15 @@
 """Importing this module registers every built-in metric."""
 
-from . import answers, text, token  # noqa: F401
+from . import (  # noqa: F401
+    answers,
+    asr,
+    caption,
+    classification,
+    distributions,
+    rouge,
+    scores,
+    squad,
+    text,
+    token,
+    translation,
+)

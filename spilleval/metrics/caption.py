@@ -1,0 +1,111 @@
+"""CIDEr-D, a corpus metric: document frequencies over every reference of the corpus first, then the scores.
+
+Both passes reuse pycocoevalcap's `CiderScorer` (the CIDEr-D of the COCO caption evaluation: clipped tf-idf
+n-gram cosine, Gaussian length penalty, sigma 6). Pass 1 counts, for each n-gram, the samples whose references
+contain it, in an on-disk table (`ondisk.py`), so memory does not grow with the corpus. Pass 2 scores one batch
+at a time with a `CiderScorer` given those corpus document frequencies and the corpus size, so each per-sample
+score is the one pycocoevalcap computes on the whole corpus, and the result equals
+`pycocoevalcap.cider.cider.Cider().compute_score(gts, res)[0]`.
+
+Tokenization: pycocoevalcap splits captions on whitespace; its `PTBTokenizer` (which needs Java) is not applied.
+Captions are lowercased (`lowercase=True`) and split on whitespace on both sides; to reproduce the number, pass
+the same lowercased strings to `Cider().compute_score`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import TYPE_CHECKING, Any, Iterator
+
+from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs
+
+from .base import CorpusMetric
+from .inputs import references_of
+from .ondisk import ScratchStore
+from .registry import register
+from .sums import CompensatedSum
+
+if TYPE_CHECKING:
+    from ..spill import SpillReader
+
+Ngram = tuple[str, ...]
+
+
+class _CorpusSizedList(list):
+    """`CiderScorer.compute_cider` sets its idf offset to log(len(crefs)), the number of images. Scoring one batch
+    needs the corpus's number, so the batch's reference list reports the corpus size as its length."""
+
+    def __init__(self, corpus_size: int) -> None:
+        super().__init__()
+        self.corpus_size = corpus_size
+
+    def __len__(self) -> int:
+        return self.corpus_size
+
+
+@register("cider")
+class Cider(CorpusMetric):
+    """CIDEr-D (pycocoevalcap's scale, about 0-10) over decoded predictions and their references."""
+
+    needs_text = True
+
+    def __init__(
+        self,
+        references_column: str | None = None,
+        lowercase: bool = True,
+        n: int = 4,
+        sigma: float = 6.0,
+        batch_size: int = 1024,
+    ) -> None:
+        self.references_column = references_column
+        self.lowercase = lowercase
+        self.n = n
+        self.sigma = sigma
+        self.batch_size = batch_size
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "references_column": self.references_column,
+            "lowercase": self.lowercase,
+            "n": self.n,
+            "sigma": self.sigma,
+            "batch_size": self.batch_size,
+        }
+
+    def compute(self, reader: "SpillReader") -> dict[str, float]:
+        with ScratchStore(reader.path) as store:
+            document_frequency = store.counter("document_frequency")
+            images = 0
+            for _, refs in self._captions(reader):
+                in_documents: Counter[str] = Counter()
+                for sample_refs in refs:
+                    in_documents.update({_key(g) for ref in cook_refs(sample_refs, self.n) for g in ref})
+                document_frequency.add(in_documents.items())
+                images += len(refs)
+            if not images:
+                return {"cider": 0.0}
+            total = CompensatedSum()
+            for hyps, refs in self._captions(reader):
+                scorer = CiderScorer(n=self.n, sigma=self.sigma)
+                scorer.crefs = _CorpusSizedList(images)
+                for hyp, sample_refs in zip(hyps, refs):
+                    scorer += (hyp, sample_refs)
+                needed = {g for test in scorer.ctest for g in test} | {g for c in scorer.crefs for r in c for g in r}
+                counts = document_frequency.get(_key(g) for g in needed)
+                scorer.document_frequency = defaultdict(
+                    float, {g: float(counts[_key(g)][0]) for g in needed if _key(g) in counts}
+                )
+                total.add(scorer.compute_cider())
+        return {"cider": total.value / images}
+
+    def _captions(self, reader: "SpillReader") -> Iterator[tuple[list[str], list[list[str]]]]:
+        """(predictions, references) per batch, lowercased when asked."""
+        fold = str.lower if self.lowercase else (lambda s: s)
+        for batch in reader.iter_batches(self.batch_size, decode=True, with_arrays=False):
+            refs = references_of(batch, self.references_column, self.name)
+            yield [fold(p) for p in batch.pred_text or []], [[fold(r) for r in rs] for rs in refs]
+
+
+def _key(ngram: Ngram) -> str:
+    """An n-gram as one string: words come from str.split(), so none contains a space and the join is unique."""
+    return " ".join(ngram)

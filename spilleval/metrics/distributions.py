@@ -1,0 +1,132 @@
+"""Corpus statistics of the whole distribution: exact percentiles of per-sample loss, distinct-n.
+
+Both keep what grows with the corpus (every loss value, every distinct n-gram) in on-disk tables
+(`ondisk.py`): memory stays bounded and nothing is sketched or hashed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ..batch import SampleBatch
+from .base import CorpusMetric
+from .inputs import MetricInputError
+from .ondisk import ScratchStore
+from .registry import register
+
+if TYPE_CHECKING:
+    from ..spill import SpillReader
+
+
+def sample_nll(batch: SampleBatch) -> np.ndarray:
+    """Per-sample NLL: -(correctly rounded float64 sum of the row's label log-probs) / row length.
+
+    Samples without supervised tokens have no loss and are left out.
+    """
+    losses = [
+        -math.fsum(batch.logprob_row(i).astype(np.float64).tolist()) / length
+        for i, length in enumerate(batch.lengths.tolist())
+        if length
+    ]
+    return np.array(losses, dtype=np.float64)
+
+
+def linear_percentile(lower: float, upper: float, n: int, q: float) -> float:
+    """numpy.percentile's default ("linear") interpolation between the order statistics at floor((n-1)q/100) and
+    the next one, with numpy's own arithmetic (`_lerp`), so the result is the same float."""
+    virtual = (n - 1) * (q / 100)
+    if virtual >= n - 1:
+        return upper
+    gamma = virtual - math.floor(virtual)
+    diff = upper - lower
+    return upper - diff * (1 - gamma) if gamma >= 0.5 else lower + diff * gamma
+
+
+def percentile_ranks(n: int, q: float) -> tuple[int, int]:
+    """The two 0-based ranks whose values `linear_percentile` interpolates."""
+    virtual = (n - 1) * (q / 100)
+    lower = n - 1 if virtual >= n - 1 else math.floor(virtual)
+    return lower, min(lower + 1, n - 1)
+
+
+@register("loss_percentiles")
+class LossPercentiles(CorpusMetric):
+    """loss_p50 / loss_p90 / loss_p99 of per-sample NLL, equal to `numpy.percentile(nll, q)` on the whole array."""
+
+    needs_logprob = True
+
+    def __init__(self, percentiles: Sequence[float] = (50, 90, 99), batch_size: int = 4096) -> None:
+        if not percentiles or any(not 0 <= q <= 100 for q in percentiles):
+            raise ValueError(f"percentiles must lie in [0, 100], got {list(percentiles)}")
+        self.percentiles = [float(q) for q in percentiles]
+        self.batch_size = batch_size
+
+    def params(self) -> dict[str, Any]:
+        return {"percentiles": self.percentiles, "batch_size": self.batch_size}
+
+    def compute(self, reader: "SpillReader") -> dict[str, float]:
+        keys = [f"loss_p{q:g}" for q in self.percentiles]
+        with ScratchStore(reader.path) as store:
+            table = store.counter("losses", key="REAL")
+            n = 0
+            for batch in reader.iter_batches(self.batch_size, with_arrays=False):
+                losses = sample_nll(batch)
+                if np.isnan(losses).any():
+                    raise MetricInputError("loss_percentiles: a sample's label log-probabilities contain NaN")
+                values, counts = np.unique(losses, return_counts=True)
+                table.add(zip(values.tolist(), counts.tolist()))
+                n += len(losses)
+            if n == 0:
+                return {k: math.nan for k in keys}
+            ranks = {q: percentile_ranks(n, q) for q in self.percentiles}
+            at = _values_at_ranks(table, sorted({r for pair in ranks.values() for r in pair}))
+        return {k: linear_percentile(at[ranks[q][0]], at[ranks[q][1]], n, q) for k, q in zip(keys, self.percentiles)}
+
+
+def _values_at_ranks(table: Any, ranks: list[int]) -> dict[int, float]:
+    """Order statistics by one ascending scan of a (value -> count) table."""
+    found: dict[int, float] = {}
+    pending = iter(ranks)
+    rank = next(pending, None)
+    seen = 0
+    for rows in table.scan():
+        for value, count in rows:
+            seen += count
+            while rank is not None and rank < seen:
+                found[rank] = float(value)
+                rank = next(pending, None)
+            if rank is None:
+                return found
+    return found
+
+
+@register("distinct_n")
+class DistinctN(CorpusMetric):
+    """distinct_1, distinct_2, ...: distinct n-grams / all n-grams over every prediction (whitespace tokens)."""
+
+    needs_text = True
+
+    def __init__(self, orders: Sequence[int] = (1, 2), batch_size: int = 4096) -> None:
+        if not orders or any(int(n) < 1 for n in orders):
+            raise ValueError(f"orders must be positive n-gram sizes, got {list(orders)}")
+        self.orders = [int(n) for n in orders]
+        self.batch_size = batch_size
+
+    def params(self) -> dict[str, Any]:
+        return {"orders": self.orders, "batch_size": self.batch_size}
+
+    def compute(self, reader: "SpillReader") -> dict[str, float]:
+        with ScratchStore(reader.path) as store:
+            tables = {n: store.counter(f"ngrams_{n}") for n in self.orders}
+            totals = dict.fromkeys(self.orders, 0)
+            for batch in reader.iter_batches(self.batch_size, decode=True, with_arrays=False):
+                words = [p.split() for p in batch.pred_text or []]
+                for n in self.orders:
+                    grams = Counter(" ".join(w[i : i + n]) for w in words for i in range(len(w) - n + 1))
+                    totals[n] += sum(grams.values())
+                    tables[n].add(grams.items())
+            return {f"distinct_{n}": len(tables[n]) / totals[n] if totals[n] else 0.0 for n in self.orders}

@@ -1,0 +1,61 @@
+"""ROUGE-1/2/L/Lsum: the mean over samples of rouge-score's per-sample F-measure, streaming.
+
+Each sample is scored by `rouge_score.rouge_scorer.RougeScorer.score_multi` (with several references, the
+reference of highest F per ROUGE type, as rouge-score does); the state is one compensated sum per type and the
+sample count. This is the plain mean, not rouge-score's bootstrap `BootstrapAggregator`. rougeLsum splits
+sentences on newlines, like rouge-score.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from rouge_score.rouge_scorer import RougeScorer
+
+from ..batch import SampleBatch
+from .base import StreamingMetric, safe_div
+from .inputs import references_of
+from .registry import register
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+@register("rouge")
+class Rouge(StreamingMetric):
+    """Mean F-measure per ROUGE type (0-1), keys rouge1, rouge2, rougeL, rougeLsum."""
+
+    needs_text = True
+
+    def __init__(
+        self,
+        references_column: str | None = None,
+        rouge_types: Sequence[str] = ROUGE_TYPES,
+        use_stemmer: bool = False,
+    ) -> None:
+        super().__init__()
+        self.references_column = references_column
+        self.rouge_types = list(rouge_types)
+        self.use_stemmer = use_stemmer
+        self.scorer = RougeScorer(self.rouge_types, use_stemmer=use_stemmer)
+        for rouge_type in self.rouge_types:
+            self.add_float_state(rouge_type)
+        self.add_state("samples")
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "references_column": self.references_column,
+            "rouge_types": self.rouge_types,
+            "use_stemmer": self.use_stemmer,
+        }
+
+    def update(self, batch: SampleBatch) -> None:
+        assert batch.pred_text is not None
+        refs = references_of(batch, self.references_column, self.name)
+        scores = [self.scorer.score_multi(r, p) for p, r in zip(batch.pred_text, refs)]
+        for rouge_type in self.rouge_types:
+            self.add_float(rouge_type, [s[rouge_type].fmeasure for s in scores])
+        self.add("samples", len(batch))
+
+    def compute(self) -> dict[str, float]:
+        samples = self.value("samples")
+        return {t: safe_div(self.value(t), samples) for t in self.rouge_types}

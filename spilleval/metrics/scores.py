@@ -1,0 +1,222 @@
+"""AUROC, average precision and ECE over per-sample class scores stored in the spill's zarr arrays.
+
+Scores: `Evaluator.update(..., arrays={"class_scores": probs})` with probs [B, C] (one column per class, in the
+order of `labels`), or [B] / [B, 1] for a binary task (the score of class 1). The true class comes from
+`labels` (decoded label text or first label token -> column index) or from `target_column` (see `inputs.py`).
+
+- Binary (C == 2): the positive class is class 1 and its score is column 1; equal to
+  `sklearn.metrics.roc_auc_score(y, s[:, 1])` / `average_precision_score(y, s[:, 1])`.
+- Multiclass (C > 2): one-vs-rest per class, macro mean; equal to `roc_auc_score(y, s, multi_class="ovr",
+  average="macro", labels=range(C))` and `average_precision_score(label_binarize(y, classes=range(C)), s,
+  average="macro")`. A class with no positive (or no negative) sample has an undefined AUROC: NaN, as sklearn.
+  sklearn also requires rows that sum to 1 for multiclass AUROC; this metric does not.
+
+Exact and bounded: each class's (score -> positives, negatives) counts go to an on-disk table (`ondisk.py`) whose
+B-tree keeps the scores sorted; one scan in score order then gives AUROC as the Mann-Whitney statistic in integer
+arithmetic (ties count one half, as sklearn's trapezoids do) and AP as sklearn's step sum over distinct
+thresholds. No score is binned or sketched.
+
+ECE is the standard equal-width binned estimate (Guo et al., 2017): confidence = max probability (in float64),
+prediction = its argmax (the first on ties), bins (k/n_bins, (k+1)/n_bins] for k < n_bins (15 by default),
+ECE = sum over bins of |bin| / N * |accuracy(bin) - mean confidence(bin)|. Its state is per-bin counts and sums.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+from ..batch import SampleBatch
+from .base import CorpusMetric
+from .inputs import ClassTarget, MetricInputError
+from .ondisk import ScratchStore
+from .registry import register
+from .runner import MetricConfigError
+from .sums import CompensatedSum
+
+if TYPE_CHECKING:
+    from ..spill import SpillReader
+
+DEFAULT_SCORES = "class_scores"
+
+
+class ClassScoreMetric(CorpusMetric):
+    """Reads (class scores [B, C], true class [B]) batch by batch from the spill."""
+
+    def __init__(
+        self,
+        scores: str = DEFAULT_SCORES,
+        labels: Sequence[str | int] | None = None,
+        target_column: str | None = None,
+        batch_size: int = 4096,
+    ) -> None:
+        if labels is None and target_column is None:
+            raise MetricConfigError(
+                f"metric {self.name!r} needs the true class of each sample: pass labels=[...] (the classes in the "
+                f"column order of {scores!r}) or target_column='...' (a dataset column holding the class index)."
+            )
+        self.scores = scores
+        self.target = ClassTarget(labels, target_column, self.name)
+        self.needs_text = self.target.needs_text and target_column is None
+        self.needs_arrays = (scores,)
+        self.batch_size = batch_size
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "scores": self.scores,
+            "labels": self.target.labels,
+            "target_column": self.target.target_column,
+            "batch_size": self.batch_size,
+        }
+
+    def scored_batches(self, reader: "SpillReader") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(scores float64 [B, C] with C >= 2, true class int64 [B]) for every batch of the spill."""
+        for batch in reader.iter_batches(self.batch_size, decode=self.needs_text, with_arrays=True):
+            scores = self._scores(batch)
+            yield scores, self.target.true_classes(batch, scores.shape[1])
+
+    def _scores(self, batch: SampleBatch) -> np.ndarray:
+        if self.scores not in batch.arrays:
+            have = ", ".join(sorted(batch.arrays)) or "none"
+            raise MetricInputError(
+                f"metric {self.name!r} reads the per-sample array {self.scores!r}, but the spill has arrays: {have}. "
+                f"Pass it while evaluating: Evaluator.update(..., arrays={{{self.scores!r}: probs}})."
+            )
+        scores = np.asarray(batch.arrays[self.scores], dtype=np.float64)
+        if scores.ndim == 2 and scores.shape[1] == 1:
+            scores = scores[:, 0]
+        if scores.ndim == 1:
+            scores = np.stack([1.0 - scores, scores], axis=1)
+        if scores.ndim != 2:
+            raise MetricInputError(f"metric {self.name!r}: {self.scores!r} must be [B, C] or [B], got {scores.shape}")
+        labels = self.target.labels
+        if labels is not None and scores.shape[1] != len(labels):
+            raise MetricInputError(
+                f"metric {self.name!r}: {self.scores!r} has {scores.shape[1]} columns but {len(labels)} labels were "
+                "declared; give one score column per label, in the order of labels."
+            )
+        if not np.isfinite(scores).all():
+            raise MetricInputError(f"metric {self.name!r}: {self.scores!r} contains NaN or infinite scores")
+        return scores
+
+
+class RankingMetric(ClassScoreMetric):
+    """Fills one (score -> positives, negatives) table per scored class, then computes from sorted scans."""
+
+    result_key = ""
+
+    def compute(self, reader: "SpillReader") -> dict[str, float]:
+        with ScratchStore(reader.path) as store:
+            tables: dict[int, Any] = {}
+            for scores, true in self.scored_batches(reader):
+                binary = scores.shape[1] == 2
+                for c in [1] if binary else range(scores.shape[1]):
+                    if c not in tables:
+                        tables[c] = store.counter(f"class_{c}", key="REAL", counts=("pos", "neg"))
+                    tables[c].add(_score_counts(scores[:, c], true == c))
+            if not tables:
+                return {self.result_key: math.nan}
+            per_class = [self.from_sorted(tables[c]) for c in sorted(tables)]
+        return {self.result_key: float(np.average(per_class))}
+
+    def from_sorted(self, table: Any) -> float:
+        raise NotImplementedError
+
+
+def _score_counts(scores: np.ndarray, positive: np.ndarray) -> list[tuple[float, int, int]]:
+    """(distinct score, positives, negatives) rows of one batch."""
+    values, inverse = np.unique(scores, return_inverse=True)
+    pos = np.bincount(inverse[positive], minlength=len(values))
+    neg = np.bincount(inverse[~positive], minlength=len(values))
+    return list(zip(values.tolist(), pos.tolist(), neg.tolist()))
+
+
+@register("auroc")
+class Auroc(RankingMetric):
+    """Area under the ROC curve (binary, or one-vs-rest macro), equal to sklearn's roc_auc_score."""
+
+    result_key = "auroc"
+
+    def from_sorted(self, table: Any) -> float:
+        """Mann-Whitney U in integers: pairs (pos, neg) with pos scored higher, ties counted one half."""
+        twice_u, negatives_below, positives = 0, 0, 0
+        for rows in table.scan():
+            pos = np.array([r[1] for r in rows], dtype=np.int64)
+            neg = np.array([r[2] for r in rows], dtype=np.int64)
+            below = negatives_below + np.cumsum(neg) - neg
+            twice_u += int(np.sum(pos * (2 * below + neg)))
+            negatives_below += int(neg.sum())
+            positives += int(pos.sum())
+        if positives == 0 or negatives_below == 0:
+            return math.nan
+        return twice_u / (2 * positives * negatives_below)
+
+
+@register("average_precision")
+class AveragePrecision(RankingMetric):
+    """Average precision (binary, or one-vs-rest macro), equal to sklearn's average_precision_score."""
+
+    result_key = "average_precision"
+
+    def from_sorted(self, table: Any) -> float:
+        """sum over distinct thresholds (highest first) of recall increase x precision, as sklearn."""
+        weighted = CompensatedSum()
+        tp, fp = 0, 0
+        for rows in table.scan(descending=True):
+            pos = np.array([r[1] for r in rows], dtype=np.int64)
+            neg = np.array([r[2] for r in rows], dtype=np.int64)
+            cum_tp = tp + np.cumsum(pos)
+            cum_fp = fp + np.cumsum(neg)
+            weighted.add(pos * (cum_tp / (cum_tp + cum_fp)))
+            tp, fp = int(cum_tp[-1]), int(cum_fp[-1])
+        return weighted.value / tp if tp else 0.0
+
+
+@register("ece")
+class ExpectedCalibrationError(ClassScoreMetric):
+    """Expected calibration error with equal-width bins (see the module docstring)."""
+
+    def __init__(
+        self,
+        scores: str = DEFAULT_SCORES,
+        labels: Sequence[str | int] | None = None,
+        target_column: str | None = None,
+        n_bins: int = 15,
+        batch_size: int = 4096,
+    ) -> None:
+        super().__init__(scores, labels, target_column, batch_size)
+        if n_bins < 1:
+            raise MetricConfigError(f"metric 'ece': n_bins must be positive, got {n_bins}")
+        self.n_bins = n_bins
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "n_bins": self.n_bins}
+
+    def compute(self, reader: "SpillReader") -> dict[str, float]:
+        edges = np.linspace(0.0, 1.0, self.n_bins + 1)
+        count = np.zeros(self.n_bins, dtype=np.int64)
+        correct = np.zeros(self.n_bins, dtype=np.int64)
+        confidence = [CompensatedSum() for _ in range(self.n_bins)]
+        samples = 0
+        for scores, true in self.scored_batches(reader):
+            conf = scores.max(axis=1)
+            if (conf < 0).any() or (conf > 1).any():
+                raise MetricInputError(f"metric 'ece': {self.scores!r} must hold probabilities in [0, 1]")
+            bins = np.searchsorted(edges, conf, side="left") - 1  # bin k holds (edges[k], edges[k+1]]
+            hit = scores.argmax(axis=1) == true
+            for k in np.unique(bins[bins >= 0]).tolist():
+                in_bin = bins == k
+                count[k] += int(in_bin.sum())
+                correct[k] += int(hit[in_bin].sum())
+                confidence[k].add(conf[in_bin])
+            samples += len(true)
+        if samples == 0:
+            return {"ece": math.nan}
+        gaps = [
+            abs(correct[k] / count[k] - confidence[k].value / count[k]) * (count[k] / samples)
+            for k in range(self.n_bins)
+            if count[k]
+        ]
+        return {"ece": math.fsum(gaps)}

@@ -1,0 +1,85 @@
+"""SQuAD v1.1 exact match and token F1, streaming.
+
+`normalize_answer`, `f1_score` and `exact_match_score` are the official SQuAD v1.1 evaluation script's
+(evaluate-v1.1.py), unchanged; a sample scores the maximum over its references, as in the script. The state is the
+sum of exact matches, the compensated sum of F1 and the sample count; the results are in percent, like the script.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from typing import Any
+
+from ..batch import SampleBatch
+from .base import StreamingMetric, safe_div
+from .inputs import references_of
+from .registry import register
+
+
+def normalize_answer(s: str) -> str:
+    """Lower text and remove punctuation, articles and extra whitespace."""
+
+    def remove_articles(text: str) -> str:
+        return re.sub(r"\b(a|an|the)\b", " ", text)
+
+    def white_space_fix(text: str) -> str:
+        return " ".join(text.split())
+
+    def remove_punc(text: str) -> str:
+        exclude = set(string.punctuation)
+        return "".join(ch for ch in text if ch not in exclude)
+
+    def lower(text: str) -> str:
+        return text.lower()
+
+    return white_space_fix(remove_articles(remove_punc(lower(s))))
+
+
+def f1_score(prediction: str, ground_truth: str) -> float:
+    prediction_tokens = normalize_answer(prediction).split()
+    ground_truth_tokens = normalize_answer(ground_truth).split()
+    common = Counter(prediction_tokens) & Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0
+    precision = 1.0 * num_same / len(prediction_tokens)
+    recall = 1.0 * num_same / len(ground_truth_tokens)
+    f1 = (2 * precision * recall) / (precision + recall)
+    return f1
+
+
+def exact_match_score(prediction: str, ground_truth: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(ground_truth)
+
+
+@register("squad")
+class Squad(StreamingMetric):
+    """squad_exact_match and squad_f1 (0-100), max over each sample's references."""
+
+    needs_text = True
+
+    def __init__(self, references_column: str | None = None) -> None:
+        super().__init__()
+        self.references_column = references_column
+        self.add_state("exact_match")
+        self.add_float_state("f1")
+        self.add_state("samples")
+
+    def params(self) -> dict[str, Any]:
+        return {"references_column": self.references_column}
+
+    def update(self, batch: SampleBatch) -> None:
+        assert batch.pred_text is not None
+        refs = references_of(batch, self.references_column, self.name)
+        self.add("exact_match", sum(max(exact_match_score(p, r) for r in rs) for p, rs in zip(batch.pred_text, refs)))
+        self.add_float("f1", [max(f1_score(p, r) for r in rs) for p, rs in zip(batch.pred_text, refs)])
+        self.add("samples", len(batch))
+
+    def compute(self) -> dict[str, float]:
+        samples = self.value("samples")
+        return {
+            "squad_exact_match": safe_div(100.0 * self.value("exact_match"), samples),
+            "squad_f1": safe_div(100.0 * self.value("f1"), samples),
+        }
