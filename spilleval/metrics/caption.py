@@ -23,7 +23,7 @@ from .base import CorpusMetric
 from .inputs import references_of
 from .ondisk import ScratchStore
 from .registry import register
-from .sums import CompensatedSum
+from .sums import ExactSum
 
 if TYPE_CHECKING:
     from ..spill import SpillReader
@@ -84,7 +84,7 @@ class Cider(CorpusMetric):
                 images += len(refs)
             if not images:
                 return {"cider": 0.0}
-            total = CompensatedSum()
+            total = ExactSum()
             for hyps, refs in self._captions(reader):
                 scorer = CiderScorer(n=self.n, sigma=self.sigma)
                 scorer.crefs = _CorpusSizedList(images)

@@ -34,7 +34,7 @@ from .inputs import ClassTarget, MetricInputError
 from .ondisk import ScratchStore
 from .registry import register
 from .runner import MetricConfigError
-from .sums import CompensatedSum
+from .sums import ExactSum
 
 if TYPE_CHECKING:
     from ..spill import SpillReader
@@ -162,7 +162,7 @@ class AveragePrecision(RankingMetric):
 
     def from_sorted(self, table: Any) -> float:
         """sum over distinct thresholds (highest first) of recall increase x precision, as sklearn."""
-        weighted = CompensatedSum()
+        weighted = ExactSum()
         tp, fp = 0, 0
         for rows in table.scan(descending=True):
             pos = np.array([r[1] for r in rows], dtype=np.int64)
@@ -198,7 +198,7 @@ class ExpectedCalibrationError(ClassScoreMetric):
         edges = np.linspace(0.0, 1.0, self.n_bins + 1)
         count = np.zeros(self.n_bins, dtype=np.int64)
         correct = np.zeros(self.n_bins, dtype=np.int64)
-        confidence = [CompensatedSum() for _ in range(self.n_bins)]
+        confidence = [ExactSum() for _ in range(self.n_bins)]
         samples = 0
         for scores, true in self.scored_batches(reader):
             conf = scores.max(axis=1)

@@ -1,4 +1,4 @@
-"""A float accumulator for corpus metrics, with the same exact arithmetic as streaming float states."""
+"""An exact float accumulator for corpus metrics: the same integer superaccumulator as streaming float states."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 from . import exact_sum
 
 
-class CompensatedSum:
-    """Sum of floats kept exactly (`exact_sum`: integer limbs) and rounded once, so the result does not depend on
-    how the terms were grouped into batches or ordered."""
+class ExactSum:
+    """Sum of floats, exact until `value` rounds it once (= math.fsum of every value added), so a corpus metric's
+    result does not depend on how its terms were grouped into batches."""
 
     def __init__(self) -> None:
         self._state = exact_sum.zeros()
