@@ -20,6 +20,15 @@ from spilleval.testing import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run ~100x slower when torch threads oversubscribe the CI's two cores (pytest -n 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def batch(tokenizer):
     return pad_batch([encode_qa(ex, tokenizer) for ex in qa_examples(6, seed=3)])
