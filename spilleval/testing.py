@@ -110,6 +110,24 @@ def pad_batch(items: list[dict[str, Any]], pad_id: int = 0, *, side: str = "righ
     return batch
 
 
+def train_qa(model: Any, tokenizer: Any, *, steps: int = 60, batch_size: int = 16, lr: float = 1e-2,
+             examples: int = 512, seed: int = 0) -> Any:
+    """Teach a tiny causal LM the synthetic QA task a little (a plain torch loop), so that its predictions are a
+    mix of right and wrong answers rather than all wrong. Returns the model in eval mode."""
+    train = [encode_qa(ex, tokenizer) for ex in qa_examples(examples, seed=seed + 10_000)]
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        picks = torch.randint(0, len(train), (batch_size,), generator=generator).tolist()
+        batch = pad_batch([train[i] for i in picks], tokenizer.pad_token_id)
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
 # =============================================================================================================
 # A LLaVA-style multimodal model (tests, demo, benchmarks).
 #
@@ -134,8 +152,10 @@ class LlavaStyleMixin:
         labels: torch.Tensor | None,
         images: torch.Tensor | None,
         num_image_features: torch.Tensor | None = None,
+        padding_side: str | None = None,
     ) -> tuple[None, torch.Tensor, torch.Tensor, Any, torch.Tensor, torch.Tensor | None]:
-        """(input_ids=None, position_ids, attention_mask, past_key_values, inputs_embeds, labels) after expansion."""
+        """(input_ids=None, position_ids, attention_mask, past_key_values, inputs_embeds, labels) after expansion,
+        re-padded on `padding_side` (default: the config's `mm_padding_side`)."""
         config = self.config  # type: ignore[attr-defined]
         embed = self.get_input_embeddings()  # type: ignore[attr-defined]
         if attention_mask is None:
@@ -155,7 +175,8 @@ class LlavaStyleMixin:
                 lab = torch.cat([lab[:p], lab.new_full((k,), -100), lab[p + 1 :]])
             rows.append(emb)
             row_labels.append(lab)
-        embeds, new_labels, new_mask, new_positions = _repad(rows, row_labels, side=config.mm_padding_side)
+        side = padding_side or config.mm_padding_side
+        embeds, new_labels, new_mask, new_positions = _repad(rows, row_labels, side=side)
         return None, new_positions, new_mask, past_key_values, embeds, new_labels if labels is not None else None
 
 
@@ -205,7 +226,7 @@ def _llava_class() -> type:
             return_dict: bool | None = None,
             **kwargs: Any,
         ) -> CausalLMOutputWithPast:
-            if inputs_embeds is None:
+            if inputs_embeds is None and not _decoding_from_cache(kwargs):
                 (input_ids, position_ids, attention_mask, _, inputs_embeds, labels) = (
                     self.prepare_inputs_labels_for_multimodal(
                         input_ids, position_ids, attention_mask, None, labels, images, num_image_features
@@ -224,7 +245,31 @@ def _llava_class() -> type:
                 **kwargs,
             )
 
+        @torch.no_grad()
+        def generate(
+            self,
+            input_ids: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            images: torch.Tensor | None = None,
+            num_image_features: torch.Tensor | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            """As LLaVA does: embed the prompts with their image features, re-padded on the left as generation
+            needs, and generate from `inputs_embeds`. The output holds the new tokens only."""
+            if input_ids is None:
+                return super().generate(attention_mask=attention_mask, **kwargs)
+            _, _, mask, _, embeds, _ = self.prepare_inputs_labels_for_multimodal(
+                input_ids, None, attention_mask, None, None, images, num_image_features, padding_side="left"
+            )
+            return super().generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+
     return TinyLlavaForCausalLM
+
+
+def _decoding_from_cache(forward_kwargs: dict[str, Any]) -> bool:
+    """A generation step after the first: the prompt (and its image features) is already in the cache."""
+    cache = forward_kwargs.get("cache", forward_kwargs.get("past_key_values"))  # transformers >= 5 / before
+    return cache is not None and cache.get_seq_length() > 0
 
 
 def tiny_llava(vocab_size: int, *, image_token_id: int, padding_side: str = "right", feature_dim: int = 8,

@@ -12,14 +12,19 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pytest
+import torch
 
 from spilleval.batch import SampleBatch
 from spilleval.spill import Manifest, SpillWriter
 from spilleval.spill.manifest import library_versions
-from spilleval.testing import build_tokenizer, encode_qa, pad_batch, qa_examples, tiny_llama
+from spilleval.testing import build_tokenizer, encode_qa, pad_batch, qa_examples, tiny_llama, train_qa
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPILLEVAL_SCRIPT = Path(sys.executable).with_name("spilleval")  # the installed console script
+
+# CI runs `pytest -n 2` on 2 cores: one intra-op thread per worker, or the two workers' thread pools fight over the
+# cores and tiny models get many times slower
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +37,12 @@ def tokenizer() -> Any:
 def tiny_model(tokenizer) -> Any:
     """A tiny randomly initialised `LlamaForCausalLM` (eval mode). Do not train it in a test: it is shared."""
     return tiny_llama(len(tokenizer)).eval()
+
+
+@pytest.fixture(scope="session")
+def trained_model(tokenizer) -> Any:
+    """A tiny Llama trained for a few seconds on the synthetic QA task: predictions partly right, partly wrong."""
+    return train_qa(tiny_llama(len(tokenizer), seed=1), tokenizer, steps=60)
 
 
 @pytest.fixture(scope="session")
