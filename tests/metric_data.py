@@ -84,13 +84,14 @@ def run_streaming(specs: Sequence[Any], batches: Sequence[SampleBatch]) -> Metri
 
 
 def write_samples(path: Path, samples: Sequence[Sample], *, chunk_rows: int, order: Sequence[int] | None = None,
-                  batch_size: int = 7) -> Path:
-    """A complete spill of the samples (written in `order`, in batches) with the tokenizer saved in it."""
+                  batch_size: int = 7, with_tokenizer: bool = True) -> Path:
+    """A complete spill of the samples (written in `order`, in batches), the tokenizer saved in it."""
     from conftest import make_manifest, write_spill
 
-    manifest = make_manifest(len(tokenizer()), has_logprob=bool(samples) and samples[0].logprob is not None)
-    return write_spill(path, batches_of(samples, batch_size, order), manifest, tokenizer=tokenizer(),
-                       chunk_rows=chunk_rows)
+    manifest = make_manifest(len(tokenizer()), has_logprob=bool(samples) and samples[0].logprob is not None,
+                             dataset_length=len(samples))
+    return write_spill(path, batches_of(samples, batch_size, order), manifest,
+                       tokenizer=tokenizer() if with_tokenizer else None, chunk_rows=chunk_rows)
 
 
 # ----------------------------------------------------------------------------------------------- strategies
