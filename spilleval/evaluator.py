@@ -18,6 +18,7 @@ why), and the results equal those of an uninterrupted run.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -25,13 +26,15 @@ import numpy as np
 import torch
 
 from .batch import SampleBatch, id_dtype_for_vocab
+from .dedupe import FirstSeen, subtract_rows
+from .distributed import DEFAULT_TIMEOUT_S, Coordinator, DistributedEvaluationError, process_group
 from .metrics.runner import MetricSpec, MetricSuite
 from .reduce import DEFAULT_CHUNK_BYTES as DEFAULT_REDUCE_CHUNK_BYTES
 from .reduce import ReducedBatch, reduce_logits
 from .spill import Manifest, SpillReader, SpillWriter
 from .spill.manifest import MANIFEST_NAME, RESULTS_NAME, library_versions, load_manifest, write_json_atomic
 from .spill.resume import CommittedSamples, keep_rows, replay_shard
-from .spill.writer import DEFAULT_CHUNK_BYTES, SpillExistsError, SpillWriteError, raise_if_locked
+from .spill.writer import DEFAULT_CHUNK_BYTES, SpillExistsError, SpillWriteError, mark_spill_complete, raise_if_locked
 
 
 class EmptyEvaluationError(ValueError):
@@ -57,6 +60,7 @@ class Evaluator:
         reduce_chunk_bytes: int = DEFAULT_REDUCE_CHUNK_BYTES,
         resume: bool = False,
         extra: dict[str, Any] | None = None,
+        dist_timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.spill_dir = Path(spill_dir)
         self.suite = MetricSuite(metrics, tokenizer=tokenizer)
@@ -70,23 +74,30 @@ class Evaluator:
         self.reduce_chunk_bytes = reduce_chunk_bytes
         self.resume = resume
         self.extra = dict(extra or {})
-        self.rank, self.world_size = _process_group()
+        self.rank, self.world_size = process_group()
         self._writer: SpillWriter | None = None
         self._next_index = 0
         self._loss_sum = 0.0
-        self._finalized = False
+        self._finalized = self._aborted = False
         self._committed = CommittedSamples()
-        if dataset_length == 0:
-            raise EmptyEvaluationError("the eval dataset is empty (dataset_length=0): there is nothing to evaluate.")
-        if (self.spill_dir / MANIFEST_NAME).exists():
-            raise_if_locked(self.spill_dir, self.rank)  # another live writer: name it, whatever `resume` says
-            if not resume and self.rank == 0:
-                raise SpillExistsError(
-                    f"{self.spill_dir} already holds a spill. spilleval never overwrites one: choose a new "
-                    "spill_dir, delete this one, or pass resume=True to continue it."
-                )
-            if resume:
-                self._resume()
+        self._first_seen = FirstSeen(dataset_length)  # streaming metrics count a sample once, as the reader does
+        # a collective: every rank constructs its Evaluator (see spilleval.distributed)
+        self._coordinator = Coordinator(self.spill_dir, timeout=dist_timeout) if self.world_size > 1 else None
+        try:
+            if dataset_length == 0:
+                raise EmptyEvaluationError("the eval dataset is empty (dataset_length=0): nothing to evaluate.")
+            if (self.spill_dir / MANIFEST_NAME).exists():
+                raise_if_locked(self.spill_dir, self.rank)  # another live writer: name it, whatever `resume` says
+                if not resume and self.rank == 0:
+                    raise SpillExistsError(
+                        f"{self.spill_dir} already holds a spill. spilleval never overwrites one: choose a new "
+                        "spill_dir, delete this one, or pass resume=True to continue it."
+                    )
+                if resume:
+                    self._resume()
+        except BaseException as error:
+            self.abort(error)
+            raise
 
     # ------------------------------------------------------------------------------------------- per batch
     def update(
@@ -141,6 +152,8 @@ class Evaluator:
         if self._finalized:
             raise RuntimeError("finalize() was already called")
         self._finalized = True
+        if self._coordinator is not None:
+            return self._finalize_distributed(self._coordinator)
         if self._writer is None:
             raise EmptyEvaluationError(
                 "no sample was evaluated: the eval dataset is empty (check its length and the dataloader)."
@@ -148,17 +161,94 @@ class Evaluator:
         summary = self._writer.close()
         if summary.rows == 0:
             raise EmptyEvaluationError("no sample was evaluated: the eval dataset is empty.")
+        return self._compute_results()
+
+    def abort(self, error: BaseException | None = None) -> None:
+        """Stop after an error; committed chunks stay readable as a partial spill.
+
+        In a distributed evaluation the other ranks are told, and stop with an error naming this rank and `error`
+        (default: the exception being handled, so `except ...: evaluator.abort(); raise` reports it).
+        `with Evaluator(...) as evaluator:` calls this when the block raises.
+        """
+        if self._aborted:
+            return
+        self._aborted = self._finalized = True
+        if self._writer is not None:
+            self._writer.abort()
+        if self._coordinator is not None:
+            self._tell_other_ranks(error if error is not None else sys.exc_info()[1])
+
+    def __enter__(self) -> "Evaluator":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and not self._finalized:
+            self.abort(exc)
+
+    # ------------------------------------------------------------------------------------------- distributed
+    def _finalize_distributed(self, coordinator: Coordinator) -> dict[str, float]:
+        """Close this rank's shard; then, with every rank: check that all finished, take the samples a lower rank
+        also holds out of the streaming states (`spilleval.dedupe`), merge the states on rank 0, which marks the
+        spill complete, runs the corpus metrics over the merged spill and sends the results to every rank."""
+        try:
+            if self._writer is not None:
+                self._writer.close(mark_complete=False)
+        except BaseException as error:
+            self._tell_other_ranks(error)
+            raise
+        coordinator.post(vocab_size=self._writer.manifest.vocab_size if self._writer is not None else None)
+        statuses = coordinator.wait_for_all()
+        if self._writer is None:  # this rank got no sample: an empty shard (on rank 0, the manifest)
+            vocab_sizes = [s.vocab_size for s in statuses if s.vocab_size is not None]
+            if not vocab_sizes:
+                raise EmptyEvaluationError("no sample was evaluated on any rank: the eval dataset is empty.")
+            self._open_writer(vocab_sizes[0]).close(mark_complete=False)
+        assert self._writer is not None
+        subtract_rows(self.suite, self._writer.shard_dir, coordinator.owned_by_lower_rank(self._first_seen.present))
+        states = coordinator.gather_to_root(self.suite.states())
+        outcome = coordinator.broadcast_from_root(self._results_on_root(states) if self.rank == 0 else None)
+        if "error" in outcome:
+            if self.rank == 0:
+                raise self._root_error
+            raise DistributedEvaluationError(
+                f"rank 0 failed computing the metrics of {self.spill_dir}: {outcome['error']}. Every shard is "
+                f"complete: recompute with `spilleval compute {self.spill_dir}` once the cause is fixed."
+            )
+        return outcome["results"]
+
+    def _results_on_root(self, states: list[Any]) -> dict[str, Any]:
+        """Rank 0: merge every rank's streaming states, mark the spill complete, compute all metrics."""
+        try:
+            for state in states[1:]:
+                self.suite.merge(state)
+            assert self._writer is not None
+            mark_spill_complete(self.spill_dir, self._writer.manifest)
+            return {"results": self._compute_results()}
+        except Exception as error:  # noqa: BLE001 - reported to every rank, re-raised here
+            self._root_error = error
+            return {"error": f"{type(error).__name__}: {error}"}
+
+    def _tell_other_ranks(self, error: BaseException | None) -> None:
+        """Post this rank's failure and give the others time to read it; never masks `error` itself."""
+        assert self._coordinator is not None
+        try:
+            self._coordinator.post(error=error if error is not None else "aborted")
+            self._coordinator.wait_quietly()
+        except DistributedEvaluationError:
+            pass
+        if isinstance(error, Exception) and not isinstance(error, DistributedEvaluationError):
+            error.add_note(
+                f"spilleval: rank {self.rank} of {self.world_size} failed; the other ranks were told and stop too. "
+                f"Committed chunks stay readable: SpillReader('{self.spill_dir}', allow_partial=True)."
+            )
+
+    def _compute_results(self) -> dict[str, float]:
+        """Streaming results, then corpus metrics over the (complete) spill; stored in results.json."""
         results = self.suite.compute_streaming()
         if self.suite.corpus:
             results.update(self.suite.compute_corpus(SpillReader(self.spill_dir)))
         write_json_atomic(self.spill_dir / RESULTS_NAME, results)
         return results
-
-    def abort(self) -> None:
-        """Stop after an error; committed chunks stay readable as a partial spill."""
-        self._finalized = True
-        if self._writer is not None:
-            self._writer.abort()
 
     @property
     def reader(self) -> SpillReader:
@@ -190,7 +280,7 @@ class Evaluator:
         )
 
     def _replay_batch(self, batch: SampleBatch) -> None:
-        self.suite.update(batch)
+        self._count(batch)
         if batch.label_logprob is not None:
             self._loss_sum -= float(np.sum(batch.label_logprob, dtype=np.float64))
 
@@ -202,6 +292,8 @@ class Evaluator:
     # ------------------------------------------------------------------------------------------- helpers
     def _add(self, batch, vocab_size: int, columns, arrays) -> None:
         """Drop rows committed by an earlier run, count the loss, spill (the writer thread updates the metrics)."""
+        if self._coordinator is not None:
+            self._coordinator.raise_if_peer_failed()  # another rank failed: stop now, not at finalize
         if len(self._committed):
             keep = ~self.committed(batch.sample_index)
             if not keep.any():
@@ -248,11 +340,15 @@ class Evaluator:
             chunk_bytes=self.chunk_bytes,
             chunk_rows=self.chunk_rows,
             tokenizer=self.tokenizer,
-            listeners=[self.suite.update],
+            listeners=[self._count],
             compression=self.compression,
             resume=self.resume,
         )
         return self._writer
+
+    def _count(self, batch: SampleBatch) -> None:
+        """Update the streaming metrics with the rows whose sample this rank sees for the first time."""
+        self.suite.update(self._first_seen.fresh(batch))
 
     def _sample_index(self, sample_index, batch_size: int):
         if sample_index is not None:
@@ -265,9 +361,3 @@ class Evaluator:
         index = np.arange(self._next_index, self._next_index + batch_size, dtype=np.int64)
         self._next_index += batch_size
         return index
-
-
-def _process_group() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1

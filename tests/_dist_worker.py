@@ -1,0 +1,183 @@
+"""One rank of a real multi-process evaluation (gloo on CPU), started by tests/test_distributed.py.
+
+    python tests/_dist_worker.py '<json config>'      # RANK / WORLD_SIZE in the environment (or torchrun's)
+
+Scenarios (config["scenario"]):
+  evaluate   `Evaluator` in a plain DDP loop: a tiny real Llama, DistributedSampler (shuffled, padded), batch 4.
+  raise      the same, but rank config["fail_rank"] raises after two batches (inside `with evaluator:`).
+  crash      the same, but rank config["fail_rank"] dies (os._exit) after two batches, telling no one.
+  trainer    `SpillingTrainer.evaluate()` on the LLaVA-style test model (launched by torchrun).
+Each rank writes `<out>/rank-<r>.json`: the results it returned, or the error it raised, and how long it took.
+`evaluate_qa` also runs in the test process without any process group: the single-process reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spilleval import Evaluator
+from spilleval.testing import (
+    IMAGE_TOKEN,
+    build_tokenizer,
+    encode_qa,
+    multimodal_qa_dataset,
+    pad_batch,
+    pad_multimodal_batch,
+    qa_examples,
+    tiny_llama,
+    tiny_llava,
+)
+
+NUM_SAMPLES = 37  # not a multiple of world size x batch size for world sizes 2 and 3
+BATCH_SIZE = 4
+METRICS = ["token_accuracy", "sequence_exact_match", "text_match", "nll", "answer_macro_f1"]
+
+
+def qa_items(tokenizer: Any) -> list[dict[str, Any]]:
+    return [encode_qa(ex, tokenizer, index=i) | {"question": ex["question"]}
+            for i, ex in enumerate(qa_examples(NUM_SAMPLES, seed=5))]
+
+
+def fit(model: torch.nn.Module, batches: list[dict[str, Any]], steps: int = 40) -> torch.nn.Module:
+    """A few optimizer steps so that predictions are often right (metrics far from 0 and 1)."""
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(steps):
+        model(**batches[step % len(batches)]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def train_models(directory: Path) -> None:
+    """Fit both test models a little, once, and save their weights for every rank to load."""
+    torch.set_num_threads(1)
+    tokenizer = build_tokenizer()
+    items = qa_items(tokenizer)
+    llama = tiny_llama(len(tokenizer), seed=3)
+    keys = ("input_ids", "attention_mask", "labels")
+    fit(llama, [{k: v for k, v in pad_batch(items[i : i + 8]).items() if k in keys} for i in range(0, len(items), 8)])
+    torch.save(llama.state_dict(), directory / "llama.pt")
+    llava = _llava(tokenizer)
+    data = llava_dataset(tokenizer)
+    fit(llava, [pad_multimodal_batch(data[i : i + 8]) for i in range(0, len(data), 8)])
+    torch.save(llava.state_dict(), directory / "llava.pt")
+
+
+def _llava(tokenizer: Any) -> torch.nn.Module:
+    return tiny_llava(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+
+
+def load(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
+
+
+def row_stable_logits(model: Any, items: list[dict[str, Any]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a batch, each row computed alone at one fixed width.
+
+    CPU matmuls may round a row differently when the batch around it changes shape; computing rows alone makes
+    every row's logits independent of which rank and batch it lands in, so runs can be compared bit for bit.
+    """
+    logits, labels = [], []
+    for item in items:
+        pad = width - len(item["input_ids"])
+        ids = torch.tensor([item["input_ids"] + [0] * pad])
+        mask = torch.tensor([[1] * len(item["input_ids"]) + [0] * pad])
+        with torch.no_grad():
+            logits.append(model(input_ids=ids, attention_mask=mask).logits)
+        labels.append(torch.tensor([item["labels"] + [-100] * pad]))
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate_qa(spill_dir: str | Path, models: Path, *, fail_rank: int | None = None, failure: str = "raise",
+                dist_timeout: float = 60.0, chunk_rows: int = 3) -> dict[str, Any]:
+    """The plain DDP evaluation loop of the README, on whatever process group is initialised (or none)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    torch.set_num_threads(1)
+    tokenizer = build_tokenizer()
+    model = load(tiny_llama(len(tokenizer), seed=3), models / "llama.pt")
+    items = qa_items(tokenizer)
+    width = max(len(it["input_ids"]) for it in items)
+    distributed = torch.distributed.is_initialized()
+    sampler = DistributedSampler(items, shuffle=True, seed=0) if distributed else None
+    loader = DataLoader(items, batch_size=BATCH_SIZE, sampler=sampler, collate_fn=list)
+    rank = torch.distributed.get_rank() if distributed else 0
+    with Evaluator(spill_dir, METRICS, tokenizer=tokenizer, dataset_length=len(items), chunk_rows=chunk_rows,
+                   dist_timeout=dist_timeout) as evaluator:
+        for step, batch in enumerate(loader):
+            if rank == fail_rank and step == 2:
+                if failure == "crash":
+                    os._exit(17)
+                raise RuntimeError(f"injected failure in the forward pass on rank {rank}")
+            logits, labels = row_stable_logits(model, batch, width)
+            evaluator.update(logits, labels, sample_index=[it["index"] for it in batch],
+                             columns={"question": [it["question"] for it in batch]})
+        return evaluator.finalize()
+
+
+def llava_dataset(tokenizer: Any) -> list[dict[str, Any]]:
+    """37 multimodal samples, the longest (after image expansion) last.
+
+    The padded last batch of rank 1 ([36, 0, 1, 2] under accelerate) is then as wide as sample 36 alone, the last
+    batch of a single process, so sample 36's logits do not depend on the world size either.
+    """
+    data = multimodal_qa_dataset(NUM_SAMPLES, tokenizer, seed=5)
+    longest = max(range(len(data)), key=lambda i: len(data[i]["input_ids"]) + len(data[i]["images"]))
+    return data[:longest] + data[longest + 1 :] + [data[longest]]
+
+
+def build_trainer(output_dir: str | Path, spill_dir: str | Path, models: Path) -> Any:
+    from transformers import TrainingArguments
+
+    from spilleval import SpillingTrainer
+
+    torch.set_num_threads(1)
+    tokenizer = build_tokenizer()
+    args = TrainingArguments(str(output_dir), per_device_eval_batch_size=BATCH_SIZE, report_to=[], use_cpu=True,
+                             disable_tqdm=True, save_strategy="no", logging_strategy="no")
+    return SpillingTrainer(model=load(_llava(tokenizer), models / "llava.pt"), args=args,
+                           eval_dataset=llava_dataset(tokenizer), data_collator=pad_multimodal_batch,
+                           processing_class=tokenizer, metrics=METRICS, spill_dir=spill_dir)
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    out = Path(config["out"]) / f"rank-{rank}.json"
+    start = time.monotonic()
+    record: dict[str, Any] = {"rank": rank, "world_size": world_size}
+    try:
+        if config["scenario"] == "trainer":
+            trainer = build_trainer(config["output_dir"], config["spill_dir"], Path(config["models"]))
+            record["results"] = trainer.evaluate()  # the Trainer initialises the process group itself
+        else:
+            torch.distributed.init_process_group(
+                "gloo", init_method=config.get("init_method", "env://"), rank=rank, world_size=world_size
+            )
+            record["results"] = evaluate_qa(
+                config["spill_dir"], Path(config["models"]), fail_rank=config.get("fail_rank"),
+                failure=config["scenario"], dist_timeout=config.get("dist_timeout", 60.0),
+            )
+    except Exception as error:  # noqa: BLE001 - the test inspects it
+        record["error_type"] = type(error).__name__
+        record["error"] = str(error)
+        record["notes"] = list(getattr(error, "__notes__", []))
+        record["traceback"] = traceback.format_exc()
+    record["elapsed_s"] = time.monotonic() - start
+    out.write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
