@@ -10,9 +10,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -169,9 +169,12 @@ def _json_safe(value):
 
 def _parse_indices(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        indices = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a comma-separated list of sample indices, e.g. 3,17") from None
+        indices = []
+    if not indices:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of sample indices, e.g. 3,17")
+    return indices
 
 
 @app.command()
@@ -194,10 +197,7 @@ def show(
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
     scores = default_scores(has_logprob=reader.manifest.has_logprob)
     if index is not None:
-        batch, values = samples_by_index(reader, _parse_indices(index), scores)
-        if only_wrong:
-            keep = np.flatnonzero(values["exact_match"] < 1)
-            batch, values = batch.take(keep), {k: v[keep] for k, v in values.items()}
+        batch, values = samples_by_index(reader, _parse_indices(index), scores, only_wrong=only_wrong)
     else:
         progress = show_progress(quiet) and not as_json
         batch, values = first_samples(reader, scores, n, only_wrong=only_wrong, progress_bar=progress)
@@ -226,8 +226,8 @@ def worst(
     Scores: token_accuracy, exact_match, token_f1, nll (needs log-probs), length (worst = longest),
     text_exact_match (decodes every sample).
     """
-    from .batch import SampleBatch
-    from .report import WorstSamples, default_scores, resolve_scores, sample_views, scan
+    from .report import WorstSamples, default_scores, resolve_scores, scan
+    from .report.samples import ranked_views
     from .report.scan import show_progress
     from .report.terminal import format_score, print_sample
     from .spill import SpillReader
@@ -239,12 +239,7 @@ def worst(
     scores += [score] if score not in scores else []
     heap = WorstSamples(score, n)
     scan(reader, scores, [heap], progress_bar=show_progress(quiet) and not as_json, desc=f"worst by {by}")
-    ranked = heap.result()
-    views = []
-    if ranked:
-        rows = SampleBatch.concat([r.row for r in ranked])
-        values = {name: np.array([r.scores[name] for r in ranked]) for name in ranked[0].scores}
-        views = sample_views(rows, values, reader.tokenizer, max_tokens=max_tokens)
+    views = ranked_views(heap.result(), reader.tokenizer, max_tokens=max_tokens)
     if as_json:
         samples = [{"rank": rank, **view.to_json()} for rank, view in enumerate(views, 1)]
         _print_json({"spill": str(spill_dir), "by": by, "higher_is_better": score.higher_is_better,
@@ -271,9 +266,9 @@ def diff(
     quiet: bool = QuietOpt,
 ) -> None:
     """Two spills of the same eval set: metric deltas (B − A) and samples that flipped right↔wrong."""
-    from .report import default_scores, diff_spills, samples_by_index, sample_views
+    from .report import diff_spills
     from .report.scan import show_progress
-    from .report.terminal import metric_delta_table, print_sample
+    from .report.terminal import print_diff
     from .spill import SpillReader
 
     reader_a = SpillReader(dir_a, allow_partial=allow_partial)
@@ -283,26 +278,7 @@ def diff(
     if as_json:
         _print_json(result.to_json())
         return
-    console.print(metric_delta_table(f"A = {dir_a}\nB = {dir_b}", result.metrics))
-    console.print(
-        f"{result.compared:,} samples in both: exactly right {result.right_in_a:,} in A, {result.right_in_b:,} in B; "
-        f"[red]right → wrong {result.right_to_wrong_count:,}[/], [green]wrong → right {result.wrong_to_right_count:,}"
-        f"[/]" + (f"; only in A {result.only_in_a:,}, only in B {result.only_in_b:,}"
-                  if result.only_in_a or result.only_in_b else "")
-    )
-    for label, indices, wrong_side in (("right in A → wrong in B", result.right_to_wrong, "b"),
-                                       ("wrong in A → right in B", result.wrong_to_right, "a")):
-        if not indices:
-            continue
-        views = {}
-        for side, reader in (("a", reader_a), ("b", reader_b)):
-            scores = default_scores(has_logprob=reader.manifest.has_logprob)
-            batch, values = samples_by_index(reader, indices, scores)
-            views[side] = sample_views(batch, values, reader.tokenizer, max_tokens=max_tokens)
-        for view_a, view_b in zip(views["a"], views["b"]):
-            print_sample(console, view_b if wrong_side == "b" else view_a,
-                         title=f"sample {view_a.sample_index}: {label}",
-                         predictions=[("A", view_a), ("B", view_b)])
+    print_diff(console, result, reader_a, reader_b, max_tokens=max_tokens)
 
 
 @app.command()
@@ -364,7 +340,8 @@ def main() -> None:
     try:
         app()
     except USER_ERRORS as e:
-        err_console.print(f"[bold red]error:[/] {e}")
+        # one line whatever the terminal width; the message is plain text, never rich markup
+        err_console.print("[bold red]error:[/]", escape(str(e)), soft_wrap=True)
         raise SystemExit(2) from None
 
 

@@ -28,9 +28,9 @@ class SpillsDifferError(ValueError):
 
 def label_fingerprint(batch: SampleBatch) -> np.ndarray:
     """6 bits per sample that depend on every label id and its position (uint64 arithmetic wraps on purpose)."""
-    lengths = batch.lengths
-    starts = batch.offsets[:-1] - batch.offsets[0]
-    position = np.arange(batch.num_tokens, dtype=np.uint64) - np.repeat(starts, lengths).astype(np.uint64)
+    lengths = batch.label_lengths
+    starts = batch.label_row_offsets[:-1] - batch.label_row_offsets[0]
+    position = np.arange(len(batch.label_ids), dtype=np.uint64) - np.repeat(starts, lengths).astype(np.uint64)
     mixed = (batch.label_ids.astype(np.uint64) + np.uint64(1)) * ((position + np.uint64(1)) * _GOLDEN)
     sums = np.add.reduceat(np.append(mixed, np.uint64(0)), starts) if len(starts) else np.zeros(0, np.uint64)
     sums = np.where(lengths > 0, sums, np.uint64(0)) ^ (lengths.astype(np.uint64) * _MIX)

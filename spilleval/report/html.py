@@ -21,7 +21,7 @@ import numpy as np
 from .. import __version__
 from ..spill import SpillReader
 from .results import metric_results
-from .samples import DEFAULT_MAX_TOKENS, SampleView, sample_views
+from .samples import DEFAULT_MAX_TOKENS, SampleView, ranked_views
 from .scan import ScoreHistogram, ScoreHistograms, WorstSamples, scan
 from .scores import SampleScore, default_scores, resolve_scores
 from .terminal import format_score, visible
@@ -70,14 +70,6 @@ def build_report(
     worst = WorstSamples(worst_score, n)
     scan(reader, scores, [histograms, worst], progress_bar=progress_bar, desc="report")
     metrics, source = metric_results(reader, recompute=recompute, progress_bar=progress_bar)
-    ranked = worst.result()
-    views = []
-    if ranked:
-        from ..batch import SampleBatch
-
-        rows = SampleBatch.concat([r.row for r in ranked])
-        values = {name: np.array([r.scores[name] for r in ranked]) for name in ranked[0].scores}
-        views = sample_views(rows, values, reader.tokenizer, max_tokens=max_tokens)
     return ReportData(
         spill=str(reader.path.resolve()),
         manifest=reader.manifest.to_json(),
@@ -88,7 +80,7 @@ def build_report(
                          for h in histograms.by_name.values()],
         plots=[_plot(h) for h in histograms.by_name.values() if h.samples],
         worst_by=worst_score,
-        worst=views,
+        worst=ranked_views(worst.result(), reader.tokenizer, max_tokens=max_tokens),
         generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     )
 
@@ -127,7 +119,8 @@ def _overview(reader: SpillReader, lengths: ScoreHistogram) -> list[tuple[str, s
         ("task", m.task),
         ("samples", samples),
         ("supervised tokens", f"{int(lengths.total):,}"),
-        ("tokens per sample", f"{lengths.mean:.1f} mean, {lengths.quantile(0.5):.0f} median" if lengths.samples else "-"),
+        ("tokens per sample", f"{lengths.mean:.1f} mean, {lengths.quantile(0.5):.0f} median" if lengths.samples
+         else "-"),
         ("vocabulary", f"{m.vocab_size:,} ({m.id_dtype})"),
         ("label log-probs", "yes" if m.has_logprob else "no"),
         ("bytes on disk", f"{reader.bytes_on_disk:,}"),

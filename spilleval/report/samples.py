@@ -1,7 +1,8 @@
 """What a person reads about one sample: its decoded tokens, which positions are wrong, and its per-sample scores.
 
-Predictions are aligned with labels position by position (teacher-forced argmax, or generated ids padded to the
-labels), so the token-level diff is positional: position i is wrong when pred_ids[i] != label_ids[i].
+The token-level diff is positional: position i is wrong when pred_ids[i] != label_ids[i]. Teacher-forced
+predictions are aligned with the labels; a generated row may be shorter or longer than its reference, and a
+position only one side has is wrong.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from ..batch import SampleBatch
 from ..spill import SpillReader
-from .scan import iter_scored
+from .scan import RankedSample, iter_scored
 from .scores import SampleScore, exact_match, score_batch
 
 DEFAULT_MAX_TOKENS = 256  # tokens shown per sample; scores always cover the whole sample
@@ -93,7 +94,7 @@ def sample_views(
     for row in range(len(batch)):
         pred, label = batch.row(row)
         shown = slice(0, max_tokens)
-        wrong_mask = pred != label
+        wrong_mask = _wrong_positions(pred, label)
         views.append(
             SampleView(
                 sample_index=int(batch.sample_index[row]),
@@ -109,6 +110,24 @@ def sample_views(
             )
         )
     return views
+
+
+def _wrong_positions(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Boolean per position of the longer side: the ids differ, or only one side has the position."""
+    common = min(len(pred), len(label))
+    wrong = np.ones(max(len(pred), len(label)), dtype=bool)
+    wrong[:common] = pred[:common] != label[:common]
+    return wrong
+
+
+def ranked_views(ranked: Sequence[RankedSample], tokenizer: Any, *, max_tokens: int = DEFAULT_MAX_TOKENS
+                 ) -> list[SampleView]:
+    """Views of `WorstSamples.result()`, in its order, with the scores computed during the pass."""
+    if not ranked:
+        return []
+    rows = SampleBatch.concat([r.row for r in ranked])
+    scores = {name: np.array([r.scores[name] for r in ranked]) for name in ranked[0].scores}
+    return sample_views(rows, scores, tokenizer, max_tokens=max_tokens)
 
 
 def _decode(tokenizer: Any, ids: np.ndarray) -> str:
@@ -144,10 +163,12 @@ def first_samples(
 
 
 def samples_by_index(
-    reader: SpillReader, indices: Sequence[int], scores: list[SampleScore]
+    reader: SpillReader, indices: Sequence[int], scores: list[SampleScore], *, only_wrong: bool = False
 ) -> tuple[SampleBatch, dict[str, np.ndarray]]:
     """The samples with these dataset indices, in the order given (a KeyError names a missing one)."""
     chosen = SampleBatch.concat([reader.get(int(i)) for i in indices])
+    if only_wrong:
+        chosen = chosen.take(np.flatnonzero(exact_match(chosen) < 1))
     if any(s.needs_text for s in scores):
         reader.decode(chosen)
     return chosen, score_batch(chosen, scores)

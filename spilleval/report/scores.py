@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..batch import SampleBatch
+from ..batch import SampleBatch, concat_ranges
 
 
 class ScoreError(ValueError):
@@ -85,19 +85,40 @@ def _row_of_token(batch: SampleBatch) -> np.ndarray:
     return np.repeat(np.arange(len(batch)), batch.lengths)
 
 
+def _row_of_label(batch: SampleBatch) -> np.ndarray:
+    return np.repeat(np.arange(len(batch)), batch.label_lengths)
+
+
+def _compared_per_row(batch: SampleBatch) -> np.ndarray:
+    """Positions compared per sample: the row length, or for generated rows the longer of the two sides (a
+    missing or extra generated id is a wrong position)."""
+    return batch.lengths if batch.aligned else np.maximum(batch.lengths, batch.label_lengths)
+
+
 def _per_row_sum(batch: SampleBatch, values: np.ndarray) -> np.ndarray:
     """Sum of per-token values per sample (empty samples sum to 0)."""
     return np.bincount(_row_of_token(batch), weights=values, minlength=len(batch))
 
 
 def _wrong_per_row(batch: SampleBatch) -> np.ndarray:
-    return _per_row_sum(batch, (batch.pred_ids != batch.label_ids).astype(np.float64))
+    if batch.aligned:
+        return _per_row_sum(batch, (batch.pred_ids != batch.label_ids).astype(np.float64))
+    return _compared_per_row(batch) - _ragged_matches_per_row(batch)
+
+
+def _ragged_matches_per_row(batch: SampleBatch) -> np.ndarray:
+    """Positions i < min(len(pred), len(label)) where pred[i] == label[i], per sample."""
+    common = np.minimum(batch.lengths, batch.label_lengths)
+    pred = batch.pred_ids[concat_ranges(batch.offsets[:-1], common)]
+    label = batch.label_ids[concat_ranges(batch.label_row_offsets[:-1], common)]
+    row = np.repeat(np.arange(len(batch)), common)
+    return np.bincount(row, weights=(pred == label).astype(np.float64), minlength=len(batch))
 
 
 @per_sample("token_accuracy", higher_is_better=True,
             description="fraction of the sample's supervised tokens predicted right (1 for an empty sample)")
 def token_accuracy(batch: SampleBatch) -> np.ndarray:
-    lengths = batch.lengths
+    lengths = _compared_per_row(batch)
     correct = lengths - _wrong_per_row(batch)
     return np.divide(correct, lengths, out=np.ones(len(batch)), where=lengths > 0)
 
@@ -114,11 +135,12 @@ def token_f1(batch: SampleBatch) -> np.ndarray:
     rows = _row_of_token(batch).astype(np.uint64)
     width = np.uint64(max(int(batch.pred_ids.max(initial=0)), int(batch.label_ids.max(initial=0))) + 1)
     pred_keys, pred_counts = np.unique(rows * width + batch.pred_ids.astype(np.uint64), return_counts=True)
-    label_keys, label_counts = np.unique(rows * width + batch.label_ids.astype(np.uint64), return_counts=True)
+    label_rows = rows if batch.aligned else _row_of_label(batch).astype(np.uint64)
+    label_keys, label_counts = np.unique(label_rows * width + batch.label_ids.astype(np.uint64), return_counts=True)
     common, in_pred, in_label = np.intersect1d(pred_keys, label_keys, assume_unique=True, return_indices=True)
     overlap = np.minimum(pred_counts[in_pred], label_counts[in_label]).astype(np.float64)
     overlap_per_row = np.bincount((common // width).astype(np.int64), weights=overlap, minlength=len(batch))
-    total = 2.0 * batch.lengths  # predictions are aligned with labels: as many ids on each side
+    total = (batch.lengths + batch.label_lengths).astype(np.float64)
     return np.divide(2.0 * overlap_per_row, total, out=np.ones(len(batch)), where=total > 0)
 
 

@@ -14,7 +14,10 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from .samples import SampleView
+from ..spill import SpillReader
+from .diff import SpillDiff
+from .samples import SampleView, sample_views, samples_by_index
+from .scores import default_scores
 
 REFERENCE_STYLE = "bold green"
 PREDICTION_STYLE = "bold red underline"
@@ -111,3 +114,30 @@ def _value(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
+def print_diff(console: Console, result: SpillDiff, reader_a: SpillReader, reader_b: SpillReader, *,
+               max_tokens: int) -> None:
+    """Metric deltas, flip counts, then each listed flipped sample with A's and B's prediction."""
+    console.print(metric_delta_table(f"A = {result.a}\nB = {result.b}", result.metrics))
+    only = ""
+    if result.only_in_a or result.only_in_b:
+        only = f"; only in A {result.only_in_a:,}, only in B {result.only_in_b:,}"
+    console.print(
+        f"{result.compared:,} samples in both: exactly right {result.right_in_a:,} in A, {result.right_in_b:,} in B; "
+        f"[red]right → wrong {result.right_to_wrong_count:,}[/], "
+        f"[green]wrong → right {result.wrong_to_right_count:,}[/]{only}"
+    )
+    for label, indices, wrong_side in (("right in A → wrong in B", result.right_to_wrong, "B"),
+                                       ("wrong in A → right in B", result.wrong_to_right, "A")):
+        if not indices:
+            continue
+        views = {side: _views(reader, indices, max_tokens) for side, reader in (("A", reader_a), ("B", reader_b))}
+        for view_a, view_b in zip(views["A"], views["B"]):
+            print_sample(console, view_b if wrong_side == "B" else view_a,
+                         title=f"sample {view_a.sample_index}: {label}", predictions=[("A", view_a), ("B", view_b)])
+
+
+def _views(reader: SpillReader, indices: list[int], max_tokens: int) -> list[SampleView]:
+    batch, scores = samples_by_index(reader, indices, default_scores(has_logprob=reader.manifest.has_logprob))
+    return sample_views(batch, scores, reader.tokenizer, max_tokens=max_tokens)
