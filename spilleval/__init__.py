@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from .batch import SampleBatch
 from .evaluator import Evaluator
+from .generation import GenerationEval
 from .metrics import CorpusMetric, StreamingMetric, compute_from_spill, register
 from .reduce import ReducedBatch, reduce_logits
 from .spill import SpillReader, SpillWriter
@@ -14,6 +15,7 @@ from .spill import SpillReader, SpillWriter
 __all__ = [
     "CorpusMetric",
     "Evaluator",
+    "GenerationEval",
     "ReducedBatch",
     "SampleBatch",
     "SpillReader",

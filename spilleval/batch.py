@@ -3,6 +3,11 @@
 A `SampleBatch` holds B samples as ragged token rows (flat values + offsets), plus optional per-sample columns
 (e.g. reference strings) and fixed-shape per-sample arrays (e.g. class scores). It is the same object whether it
 was just reduced from logits or read back from disk, which is what makes live and offline metrics identical.
+
+Rows are *aligned* (teacher-forced: pred row i and label row i have the same length, `label_offsets is None`) or
+*ragged* (generation: `label_offsets` gives the label rows their own offsets, a generated row may be longer or
+shorter than its reference). Position-by-position token metrics need aligned rows (`require_aligned`); text
+metrics decode each side on its own and work on both.
 """
 
 from __future__ import annotations
@@ -25,17 +30,19 @@ def id_dtype_for_vocab(vocab_size: int) -> np.dtype:
 
 @dataclass
 class SampleBatch:
-    """B samples on the host. Token rows are ragged: row i is `pred_ids[offsets[i]:offsets[i+1]]`."""
+    """B samples on the host. Token rows are ragged: row i is `pred_ids[offsets[i]:offsets[i+1]]`, and its labels
+    `label_ids` over the same offsets, or over `label_offsets` when the label rows have lengths of their own."""
 
     sample_index: np.ndarray  # int64 [B]
     offsets: np.ndarray  # int64 [B+1]
     pred_ids: np.ndarray  # uint16/uint32 [N]
-    label_ids: np.ndarray  # uint16/uint32 [N]
+    label_ids: np.ndarray  # uint16/uint32 [N] (aligned) or [M] (ragged, see label_offsets)
     label_logprob: np.ndarray | None = None  # float32 [N]
     columns: dict[str, list[Any]] = field(default_factory=dict)  # per-sample python values (e.g. references)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # fixed-shape per-sample arrays [B, ...]
     pred_text: list[str] | None = None  # filled by `decode_batch` when a metric needs text
     label_text: list[str] | None = None
+    label_offsets: np.ndarray | None = None  # int64 [B+1] for ragged label rows (generation); None: `offsets`
 
     def __post_init__(self) -> None:
         self.sample_index = np.asarray(self.sample_index, dtype=np.int64)
@@ -43,8 +50,17 @@ class SampleBatch:
         n = len(self.sample_index)
         if len(self.offsets) != n + 1:
             raise ValueError(f"offsets must have {n + 1} entries for {n} samples, got {len(self.offsets)}")
-        if len(self.pred_ids) != len(self.label_ids):
-            raise ValueError("pred_ids and label_ids must have the same length")
+        if self.label_offsets is None:
+            if len(self.pred_ids) != len(self.label_ids):
+                raise ValueError("pred_ids and label_ids must have the same length")
+        else:
+            self.label_offsets = np.asarray(self.label_offsets, dtype=np.int64)
+            if len(self.label_offsets) != n + 1:
+                raise ValueError(f"label_offsets must have {n + 1} entries, got {len(self.label_offsets)}")
+            if len(self.label_ids) != self.label_offsets[-1] - self.label_offsets[0]:
+                raise ValueError("label_ids must hold as many ids as label_offsets spans")
+            if self.label_logprob is not None:
+                raise ValueError("label_logprob needs aligned rows; a batch with label_offsets carries none")
         for name, values in self.columns.items():
             if len(values) != n:
                 raise ValueError(f"column {name!r} has {len(values)} values for {n} samples")
@@ -61,12 +77,38 @@ class SampleBatch:
 
     @property
     def lengths(self) -> np.ndarray:
+        """Ids per prediction row (= per label row when aligned)."""
         return np.diff(self.offsets)
+
+    @property
+    def aligned(self) -> bool:
+        """True when pred row i and label row i have the same length position by position (teacher-forced)."""
+        return self.label_offsets is None
+
+    @property
+    def label_row_offsets(self) -> np.ndarray:
+        """Offsets of the label rows: `label_offsets` when ragged, else `offsets`."""
+        return self.offsets if self.label_offsets is None else self.label_offsets
+
+    @property
+    def label_lengths(self) -> np.ndarray:
+        return np.diff(self.label_row_offsets)
+
+    def require_aligned(self, what: str) -> None:
+        """Raise a clear error when `what` compares ids position by position but the rows are ragged."""
+        if self.label_offsets is not None:
+            raise ValueError(
+                f"{what} compares predicted and label ids position by position, but this batch holds generated ids "
+                "whose rows are not aligned with the reference ids. Use text metrics on generation spills "
+                "(bleu, rouge, cider, squad, answer_macro_f1, ...)."
+            )
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(pred_ids, label_ids) of sample i of this batch."""
         lo, hi = self.offsets[i], self.offsets[i + 1]
-        return self.pred_ids[lo:hi], self.label_ids[lo:hi]
+        if self.label_offsets is None:
+            return self.pred_ids[lo:hi], self.label_ids[lo:hi]
+        return self.pred_ids[lo:hi], self.label_ids[self.label_offsets[i] : self.label_offsets[i + 1]]
 
     def rows(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for i in range(len(self)):
@@ -89,16 +131,17 @@ class SampleBatch:
     def take(self, rows: np.ndarray) -> "SampleBatch":
         """A new batch with only the given row positions (in that order)."""
         rows = np.asarray(rows, dtype=np.int64)
-        starts, stops = self.offsets[rows], self.offsets[rows + 1]
-        lengths = stops - starts
-        token_pos = _ranges(starts, lengths)
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+        token_pos, offsets = _take_rows(self.offsets, rows)
+        if self.label_offsets is None:
+            label_pos, label_offsets = token_pos, None
+        else:
+            label_pos, label_offsets = _take_rows(self.label_offsets, rows)
         return SampleBatch(
             sample_index=self.sample_index[rows],
             offsets=offsets,
+            label_offsets=label_offsets,
             pred_ids=self.pred_ids[token_pos],
-            label_ids=self.label_ids[token_pos],
+            label_ids=self.label_ids[label_pos],
             label_logprob=None if self.label_logprob is None else self.label_logprob[token_pos],
             columns={k: [v[i] for i in rows] for k, v in self.columns.items()},
             arrays={k: v[rows] for k, v in self.arrays.items()},
@@ -114,13 +157,14 @@ class SampleBatch:
         if len(batches) == 1:
             return batches[0]
         first = batches[0]
-        lengths = np.concatenate([b.lengths for b in batches])
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+        offsets = _offsets_of(np.concatenate([b.lengths for b in batches]))
+        ragged = any(b.label_offsets is not None for b in batches)
+        label_offsets = _offsets_of(np.concatenate([b.label_lengths for b in batches])) if ragged else None
         with_text = all(b.pred_text is not None for b in batches)
         return SampleBatch(
             sample_index=np.concatenate([b.sample_index for b in batches]),
             offsets=offsets,
+            label_offsets=label_offsets,
             pred_ids=np.concatenate([b.pred_ids for b in batches]),
             label_ids=np.concatenate([b.label_ids for b in batches]),
             label_logprob=(
@@ -144,18 +188,21 @@ class SampleBatch:
         logprobs: Sequence[Sequence[float]] | None = None,
         columns: dict[str, list[Any]] | None = None,
         arrays: dict[str, np.ndarray] | None = None,
+        aligned: bool = True,
     ) -> "SampleBatch":
-        """Build a batch from python lists, e.g. for tests or generated ids."""
+        """Build a batch from python lists, e.g. for tests or generated ids (`aligned=False`: ragged label rows)."""
         dtype = id_dtype_for_vocab(vocab_size)
-        lengths = np.array([len(p) for p in preds], dtype=np.int64)
-        if any(len(p) != len(lab) for p, lab in zip(preds, labels)):
-            raise ValueError("each prediction row must have as many ids as its label row")
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+        offsets = _offsets_of(np.array([len(p) for p in preds], dtype=np.int64))
+        label_offsets = None
+        if not aligned:
+            label_offsets = _offsets_of(np.array([len(lab) for lab in labels], dtype=np.int64))
+        elif any(len(p) != len(lab) for p, lab in zip(preds, labels)):
+            raise ValueError("each prediction row must have as many ids as its label row (or pass aligned=False)")
         flat = lambda rows, dt: np.array([x for r in rows for x in r], dtype=dt)  # noqa: E731
         return SampleBatch(
             sample_index=np.asarray(sample_index, dtype=np.int64),
             offsets=offsets,
+            label_offsets=label_offsets,
             pred_ids=flat(preds, dtype),
             label_ids=flat(labels, dtype),
             label_logprob=None if logprobs is None else flat(logprobs, np.float32),
@@ -164,7 +211,20 @@ class SampleBatch:
         )
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def _offsets_of(lengths: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
+def _take_rows(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the chosen rows' values, their new offsets)."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    return concat_ranges(starts, lengths), _offsets_of(lengths)
+
+
+def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, s+l) for each (s, l), vectorised."""
     total = int(lengths.sum())
     if total == 0:

@@ -68,7 +68,7 @@ class Evaluator:
         self.task = task
         self.shift = (task == "causal_lm") if shift is None else shift
         self.keep_logprob = self.suite.needs_logprob if keep_logprob is None else keep_logprob
-        self.suite.check(has_logprob=self.keep_logprob)
+        self.suite.check(has_logprob=self.keep_logprob, task=task)
         self.dataset_length = dataset_length
         self.chunk_bytes, self.chunk_rows, self.compression = chunk_bytes, chunk_rows, compression
         self.reduce_chunk_bytes = reduce_chunk_bytes

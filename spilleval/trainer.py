@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,14 @@ from transformers.trainer_utils import EvalLoopOutput, EvalPrediction, has_lengt
 from .batch import IGNORE_INDEX
 from .capture import LabelFn, LossCapture, find_logits, resolve_labels
 from .evaluator import Evaluator
+from .generation import (
+    GENERATION_PART,
+    TEACHER_FORCED_PART,
+    GenerationEval,
+    GenerationRun,
+    prediction_part,
+    spill_parts,
+)
 from .metrics.runner import MetricSpec, MetricSuite
 from .reduce import reduce_logits
 from .spill import SpillReader
@@ -46,6 +54,7 @@ class SpillPredictionOutput(NamedTuple):
 
     `predictions` is a `SpillReader` over the spill (predicted and label ids of every sample, read in bounded memory:
     `iter_batches()`, `get(i)`, `table()`); `label_ids` is None because the labels are in the same reader.
+    With `generation=...` it reads the generation spill (generated and reference ids).
     """
 
     predictions: SpillReader
@@ -67,6 +76,9 @@ class SpillingTrainer(Trainer):
             `{step}`; a path without them can serve one evaluation only and is never overwritten.
         label_fn: `label_fn(inputs, outputs) -> labels` aligned with `outputs.logits`, for models whose processed
             labels are neither returned nor passed to `self.loss_function` (see `spilleval.capture`).
+        generation: a `GenerationEval`: also (or only) evaluate what `model.generate` produces, into
+            `<spill_dir>/generation` (the teacher-forced spill moves to `<spill_dir>/teacher_forced`), metrics
+            prefixed `eval_gen_` (see `spilleval.generation`). `compute_metrics` then gets the generated ids.
 
     `compute_metrics` still works: with `batch_eval_metrics=True` it is called per batch with that batch's outputs
     and the aligned labels; otherwise it is called once with the predicted and label token ids read back from the
@@ -80,15 +92,19 @@ class SpillingTrainer(Trainer):
         metrics: Iterable[MetricSpec] = ("token_accuracy",),
         spill_dir: str | os.PathLike | None = None,
         label_fn: LabelFn | None = None,
+        generation: GenerationEval | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.spill_metrics = list(metrics)
         self.spill_dir = spill_dir
         self.label_fn = label_fn
+        self.generation = generation
         self.last_spill_dir: Path | None = None
         self._session: _EvalSession | None = None
         MetricSuite(self.spill_metrics, tokenizer=self._spill_tokenizer()).check(has_logprob=True)
+        if generation is not None:
+            generation.check(self._spill_tokenizer())
         self._check_spill_dir_template()
         if self.preprocess_logits_for_metrics is not None:
             logger.warning("SpillingTrainer reduces logits itself; preprocess_logits_for_metrics is not used.")
@@ -108,12 +124,15 @@ class SpillingTrainer(Trainer):
 
     @contextmanager
     def _index_carrying_collator(self) -> Iterator[None]:
-        """Let INDEX_KEY through `remove_unused_columns` and the user's collator, for the dataloader built inside."""
+        """Let INDEX_KEY (and the generation's references column) through `remove_unused_columns` and the user's
+        collator, for the dataloader built inside."""
         self._set_signature_columns_if_needed()
-        if INDEX_KEY not in self._signature_columns:
-            self._signature_columns.append(INDEX_KEY)
+        carried = self._carried_columns()
+        for name in (INDEX_KEY, *carried):
+            if name not in self._signature_columns:
+                self._signature_columns.append(name)
         user_collator = self.data_collator
-        self.data_collator = IndexCarryingCollator(user_collator)
+        self.data_collator = IndexCarryingCollator(user_collator, carry=carried)
         try:
             yield
         finally:
@@ -130,7 +149,8 @@ class SpillingTrainer(Trainer):
     ) -> EvalLoopOutput:
         """`Trainer.evaluation_loop` with a spilling `prediction_step`; spilled metrics join its `eval_loss`."""
         spill_dir = self._new_spill_dir(metric_key_prefix)
-        session = self._open_session(spill_dir, dataloader, metric_key_prefix)
+        parts = spill_parts(spill_dir, self.generation)
+        session = self._open_session(parts, dataloader, metric_key_prefix)
         self._session = session
         try:
             with session.capture:
@@ -139,15 +159,15 @@ class SpillingTrainer(Trainer):
                     metric_key_prefix=metric_key_prefix,
                 )
         except BaseException:
-            session.evaluator.abort()
+            session.abort()
             raise
         finally:
             self._session = None
-        results = session.evaluator.finalize()
+        results = session.finalize()
         self.last_spill_dir = spill_dir
         results.update(session.batch_metrics or {})
         if self.compute_metrics is not None and not self.args.batch_eval_metrics:
-            results.update(self.compute_metrics(EvalPrediction(*padded_ids(SpillReader(spill_dir)))))
+            results.update(self.compute_metrics(EvalPrediction(*padded_ids(SpillReader(prediction_part(parts))))))
         metrics = dict(output.metrics or {})
         for key, value in results.items():
             metrics[key if key.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{key}"] = value
@@ -165,7 +185,13 @@ class SpillingTrainer(Trainer):
         if session is None:  # called outside SpillingTrainer's evaluation loop
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         index = session.sample_index(inputs)
-        inputs = self._prepare_inputs({k: v for k, v in inputs.items() if k != INDEX_KEY})
+        carried = {k: inputs[k] for k in session.carried if k in inputs}
+        inputs = self._prepare_inputs({k: v for k, v in inputs.items() if k != INDEX_KEY and k not in carried})
+        if session.generation is not None:
+            references = carried.get(session.generation.config.references_column)
+            session.generation.add(self.accelerator.unwrap_model(model), inputs, index, references)
+        if session.evaluator is None:  # generation only
+            return (None, None, None)
         session.capture.start_batch(index)
         loss, outputs = self._forward(model, inputs)
         logits = find_logits(outputs)
@@ -196,7 +222,8 @@ class SpillingTrainer(Trainer):
         """Evaluate `test_dataset` into a spill; returns its metrics and a lazy `SpillReader` (no arrays)."""
         output = super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         assert self.last_spill_dir is not None
-        return SpillPredictionOutput(SpillReader(self.last_spill_dir), None, output.metrics or {})
+        reader = SpillReader(prediction_part(spill_parts(self.last_spill_dir, self.generation)))
+        return SpillPredictionOutput(reader, None, output.metrics or {})
 
     # ------------------------------------------------------------------------------------------- helpers
     def _forward(self, model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor | None, Any]:
@@ -231,24 +258,48 @@ class SpillingTrainer(Trainer):
         if is_last:
             session.batch_metrics = dict(result or {})
 
-    def _open_session(self, spill_dir: Path, dataloader: Any, prefix: str) -> "_EvalSession":
+    def _open_session(self, parts: dict[str, Path], dataloader: Any, prefix: str) -> "_EvalSession":
+        session = _EvalSession(evaluator=None, capture=nullcontext(), shift=False, carried=self._carried_columns())
+        if TEACHER_FORCED_PART in parts:
+            session = self._open_teacher_forced(parts[TEACHER_FORCED_PART], dataloader, prefix)
+        if GENERATION_PART in parts:
+            try:
+                session.generation = GenerationRun(
+                    self.generation, parts[GENERATION_PART], self.accelerator.unwrap_model(self.model),
+                    tokenizer=self._spill_tokenizer(), dataset_length=_length(dataloader),
+                    extra=self._spill_extra(prefix),
+                )
+            except BaseException:
+                session.abort()
+                raise
+        return session
+
+    def _open_teacher_forced(self, spill_dir: Path, dataloader: Any, prefix: str) -> "_EvalSession":
         config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
         task = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal_lm"
-        dataset = getattr(dataloader, "dataset", None)
         evaluator = Evaluator(
             spill_dir,
             self.spill_metrics,
             tokenizer=self._spill_tokenizer(),
             task=task,
-            dataset_length=len(dataset) if has_length(dataset) else None,
-            extra={"metric_key_prefix": prefix, "global_step": int(self.state.global_step), "trainer": "SpillingTrainer"},
+            dataset_length=_length(dataloader),
+            extra=self._spill_extra(prefix),
         )
         evaluator.suite.reset()  # metric objects given by the user are reused across evaluations
         capture = LossCapture(
             self.model, shift=evaluator.shift, keep_logprob=evaluator.keep_logprob,
             chunk_bytes=evaluator.reduce_chunk_bytes,
         )
-        return _EvalSession(evaluator=evaluator, capture=capture, shift=evaluator.shift)
+        return _EvalSession(evaluator=evaluator, capture=capture, shift=evaluator.shift,
+                            carried=self._carried_columns())
+
+    def _spill_extra(self, prefix: str) -> dict[str, Any]:
+        return {"metric_key_prefix": prefix, "global_step": int(self.state.global_step), "trainer": "SpillingTrainer"}
+
+    def _carried_columns(self) -> tuple[str, ...]:
+        """Dataset columns the eval batches carry as python lists (not collated, not passed to the model)."""
+        column = self.generation.references_column if self.generation is not None else None
+        return (column,) if column else ()
 
     def _spill_tokenizer(self) -> Any:
         """The tokenizer to save with the spill and decode with: `processing_class` or a processor's tokenizer."""
@@ -291,20 +342,44 @@ class SpillingTrainer(Trainer):
 # ----------------------------------------------------------------------------------------------- sessions
 @dataclass
 class _EvalSession:
-    """The state of one evaluation: its engine, the loss capture, and a closure's final result."""
+    """The state of one evaluation: its engines (teacher-forced, generation), the loss capture, and a closure's
+    final result."""
 
-    evaluator: Evaluator
-    capture: LossCapture
+    evaluator: Evaluator | None  # None: generation only
+    capture: LossCapture | Any
     shift: bool
     batch_metrics: dict[str, Any] | None = None
+    generation: GenerationRun | None = None
+    carried: tuple[str, ...] = ()
     _next_index: int = field(default=0, repr=False)
+
+    def finalize(self) -> dict[str, Any]:
+        """Every part's results (generation keys prefixed); a failing part aborts the parts not yet finalized."""
+        results: dict[str, Any] = {}
+        try:
+            if self.evaluator is not None:
+                results.update(self.evaluator.finalize())
+        except BaseException:
+            if self.generation is not None:
+                self.generation.abort()
+            raise
+        if self.generation is not None:
+            results.update(self.generation.finalize())
+        return results
+
+    def abort(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.abort()
+        if self.generation is not None:
+            self.generation.abort()
 
     def sample_index(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """The batch's dataset indices; a running count when the dataloader did not come from this trainer."""
         index = inputs.get(INDEX_KEY)
         if index is not None:
             return torch.as_tensor(index, dtype=torch.int64).reshape(-1)
-        if self.evaluator.world_size > 1:
+        engine = self.evaluator if self.evaluator is not None else self.generation.evaluator  # type: ignore[union-attr]
+        if engine.world_size > 1:
             raise ValueError(
                 "eval batches carry no dataset index (a custom get_eval_dataloader?): in a distributed evaluation "
                 f"every row needs one. Keep SpillingTrainer's dataloader, or put the indices under {INDEX_KEY!r}."
@@ -360,15 +435,18 @@ def _with_index(item: Any, index: int) -> Any:
 
 
 class IndexCarryingCollator:
-    """Take the index off each item, collate the rest with the user's collator, put the indices on the batch."""
+    """Take the index (and the carried columns) off each item, collate the rest with the user's collator, put the
+    indices (a tensor) and the carried columns (python lists, e.g. reference strings) on the batch."""
 
-    def __init__(self, collator: Callable[[list[Any]], Any]) -> None:
+    def __init__(self, collator: Callable[[list[Any]], Any], carry: Sequence[str] = ()) -> None:
         self.collator = collator
+        self.carry = tuple(carry)
 
     def __call__(self, features: list[Any]) -> Any:
         index = [f.index if isinstance(f, IndexedItem) else f[INDEX_KEY] for f in features]
         plain = [f.item if isinstance(f, IndexedItem) else {k: v for k, v in f.items() if k != INDEX_KEY}
                  for f in features]
+        carried = {name: [_take_column(f, name) for f in plain] for name in self.carry}
         batch = self.collator(plain)
         if not isinstance(batch, Mapping):
             raise TypeError(
@@ -376,7 +454,23 @@ class IndexCarryingCollator:
                 "mappings (dict or BatchEncoding) to carry each row's dataset index."
             )
         batch[INDEX_KEY] = torch.tensor(index, dtype=torch.int64)
+        batch.update(carried)
         return batch
+
+
+def _take_column(item: Any, name: str) -> Any:
+    if not isinstance(item, dict) or name not in item:
+        raise KeyError(
+            f"an eval dataset item has no {name!r} column, which GenerationEval(references_column={name!r}) names: "
+            "give every item its reference string(s) under that key, or set references_column=None to score "
+            "against the decoded labels."
+        )
+    return item.pop(name)
+
+
+def _length(dataloader: Any) -> int | None:
+    dataset = getattr(dataloader, "dataset", None)
+    return len(dataset) if has_length(dataset) else None
 
 
 # ----------------------------------------------------------------------------------------------- compatibility
@@ -404,7 +498,7 @@ def padded_ids(reader: SpillReader) -> tuple[np.ndarray, np.ndarray]:
         for i, (pred, label) in enumerate(batch.rows()):
             rows.append((int(batch.sample_index[i]), pred, label))
     rows.sort(key=lambda r: r[0])
-    width = max((len(p) for _, p, _ in rows), default=0)
+    width = max((max(len(p), len(lab)) for _, p, lab in rows), default=0)  # generated rows: either side longer
     preds = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     for j, (_, pred, label) in enumerate(rows):

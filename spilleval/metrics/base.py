@@ -32,6 +32,7 @@ class Metric(ABC):
     needs_logprob: ClassVar[bool] = False  # spilled label log-probabilities (keep_logprob=True)
     needs_columns: ClassVar[tuple[str, ...]] = ()  # dataset columns stored next to the predictions
     needs_arrays: ClassVar[tuple[str, ...]] = ()  # fixed-shape per-sample arrays (zarr)
+    needs_aligned_ids: ClassVar[bool] = False  # compares pred and label ids position by position (not generation)
 
     def params(self) -> dict[str, Any]:
         """JSON-able constructor arguments, stored in the manifest so `spilleval compute` rebuilds the metric."""

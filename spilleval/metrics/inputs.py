@@ -117,10 +117,10 @@ class ClassTarget:
 
     def _sample_keys(self, batch: SampleBatch, *, use_labels: bool) -> list[Any]:
         if self.by_token:
-            ids = batch.label_ids if use_labels else batch.pred_ids
+            ids, offsets = (batch.label_ids, batch.label_row_offsets) if use_labels else (batch.pred_ids, batch.offsets)
             first = np.full(len(batch), NOT_A_LABEL, dtype=np.int64)
-            supervised = batch.lengths > 0
-            first[supervised] = ids[batch.offsets[:-1][supervised]]
+            supervised = np.diff(offsets) > 0
+            first[supervised] = ids[offsets[:-1][supervised]]
             return first.tolist()
         texts = batch.label_text if use_labels else batch.pred_text
         if texts is None:

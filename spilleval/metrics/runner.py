@@ -14,6 +14,7 @@ from .base import CorpusMetric, Metric, State, StreamingMetric
 from .registry import build_metrics
 
 MetricSpec = str | dict[str, Any] | Metric
+GENERATION_TASK = "generation"  # a spill of generated ids: label rows are not aligned with prediction rows
 
 
 class MetricConfigError(ValueError):
@@ -41,8 +42,15 @@ class MetricSuite:
     def specs(self) -> list[dict[str, Any]]:
         return [m.spec() for m in self.metrics]
 
-    def check(self, *, has_logprob: bool, vocab_size: int | None = None) -> None:
+    def check(self, *, has_logprob: bool, vocab_size: int | None = None, task: str | None = None) -> None:
         """Fail before evaluating when a metric cannot be served."""
+        if task == GENERATION_TASK and any(m.needs_aligned_ids for m in self.metrics):
+            names = ", ".join(m.name for m in self.metrics if m.needs_aligned_ids)
+            raise MetricConfigError(
+                f"metric(s) {names} compare ids position by position, which generated ids are not: score generation "
+                "with text metrics (bleu, rouge, cider, squad, answer_macro_f1, ...) and keep token metrics for the "
+                "teacher-forced evaluation."
+            )
         if self.needs_text and self.tokenizer is None:
             names = ", ".join(m.name for m in self.metrics if m.needs_text)
             raise MetricConfigError(f"metric(s) {names} decode text and need a tokenizer: pass tokenizer=...")
@@ -95,7 +103,8 @@ def compute_from_spill(
     suite = MetricSuite(specs, tokenizer=reader.tokenizer if _any_text(specs) else None)
     if suite.needs_text:
         reader.require_tokenizer()
-    suite.check(has_logprob=reader.manifest.has_logprob, vocab_size=reader.manifest.vocab_size)
+    suite.check(has_logprob=reader.manifest.has_logprob, vocab_size=reader.manifest.vocab_size,
+                task=reader.manifest.task)
     if suite.streaming:
         batches = reader.iter_batches(batch_size, with_arrays=True)
         if progress:

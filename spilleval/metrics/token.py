@@ -15,12 +15,15 @@ from .registry import register
 class TokenAccuracy(StreamingMetric):
     """Fraction of supervised tokens whose argmax equals the label."""
 
+    needs_aligned_ids = True
+
     def __init__(self) -> None:
         super().__init__()
         self.add_state("correct")
         self.add_state("total")
 
     def update(self, batch: SampleBatch) -> None:
+        batch.require_aligned(f"metric {self.name!r}")
         self.add("correct", int(np.count_nonzero(batch.pred_ids == batch.label_ids)))
         self.add("total", batch.num_tokens)
 
@@ -32,12 +35,15 @@ class TokenAccuracy(StreamingMetric):
 class SequenceExactMatch(StreamingMetric):
     """Fraction of samples whose every supervised token is right (a sample with none counts as right)."""
 
+    needs_aligned_ids = True
+
     def __init__(self) -> None:
         super().__init__()
         self.add_state("matched")
         self.add_state("samples")
 
     def update(self, batch: SampleBatch) -> None:
+        batch.require_aligned(f"metric {self.name!r}")
         # wrong tokens per row from a prefix sum: empty rows (anywhere, also trailing) count 0
         wrong_before = np.zeros(len(batch.pred_ids) + 1, dtype=np.int64)
         np.cumsum(batch.pred_ids != batch.label_ids, out=wrong_before[1:])

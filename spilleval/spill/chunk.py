@@ -15,6 +15,7 @@ from ..batch import SampleBatch
 from .manifest import ARRAYS_DIR, TOKENS_FILE, ChunkRecord, SpillFormatError, safe_join
 
 TOKEN_COLUMNS = ("sample_index", "pred_ids", "label_ids", "label_logprob")
+RAGGED_LABELS_KEY = b"spilleval.ragged_labels"  # schema metadata: label rows have their own lengths (generation)
 ZARR_CHUNK_BYTES = 4 * 2**20
 
 
@@ -60,10 +61,11 @@ def _record_file(path: Path) -> dict[str, int]:
 
 def batch_to_table(batch: SampleBatch) -> pa.Table:
     offsets = pa.array(batch.offsets.astype(np.int32))
+    label_offsets = offsets if batch.aligned else pa.array(batch.label_row_offsets.astype(np.int32))
     columns: dict[str, pa.Array] = {
         "sample_index": pa.array(batch.sample_index),
         "pred_ids": pa.ListArray.from_arrays(offsets, pa.array(batch.pred_ids)),
-        "label_ids": pa.ListArray.from_arrays(offsets, pa.array(batch.label_ids)),
+        "label_ids": pa.ListArray.from_arrays(label_offsets, pa.array(batch.label_ids)),
     }
     if batch.label_logprob is not None:
         columns["label_logprob"] = pa.ListArray.from_arrays(offsets, pa.array(batch.label_logprob))
@@ -71,7 +73,7 @@ def batch_to_table(batch: SampleBatch) -> pa.Table:
         if name in TOKEN_COLUMNS:
             raise ValueError(f"column name {name!r} is reserved; rename the dataset column")
         columns[name] = pa.array(values)
-    return pa.table(columns)
+    return pa.table(columns, metadata=None if batch.aligned else {RAGGED_LABELS_KEY: b"1"})
 
 
 def read_chunk(directory: Path, record: ChunkRecord, *, verify: bool = True, columns: Iterable[str] | None = None,
@@ -109,6 +111,10 @@ def table_to_batch(table: pa.Table, *, columns: Iterable[str] | None = None) -> 
     offsets = pred.offsets.to_numpy().astype(np.int64)
     start = offsets[0]
     label = table.column("label_ids").chunk(0)
+    label_offsets = label.offsets.to_numpy().astype(np.int64)
+    label_offsets -= label_offsets[0]
+    metadata = table.schema.metadata or {}
+    ragged = RAGGED_LABELS_KEY in metadata or not np.array_equal(label_offsets, offsets - start)
     logprob = None
     if "label_logprob" in table.column_names:
         logprob = _list_values(table.column("label_logprob").chunk(0))
@@ -118,6 +124,7 @@ def table_to_batch(table: pa.Table, *, columns: Iterable[str] | None = None) -> 
     return SampleBatch(
         sample_index=table.column("sample_index").to_numpy(),
         offsets=offsets - start,
+        label_offsets=label_offsets if ragged else None,
         pred_ids=_list_values(pred),
         label_ids=_list_values(label),
         label_logprob=logprob,

@@ -214,7 +214,9 @@ def fsync_dir(path: Path) -> None:
 def load_manifest(spill_dir: Path) -> Manifest:
     path = Path(spill_dir) / MANIFEST_NAME
     if not path.exists():
-        raise SpillFormatError(f"{spill_dir} has no {MANIFEST_NAME}: it is not a spill directory")
+        parts = sorted(p.parent.name for p in Path(spill_dir).glob(f"*/{MANIFEST_NAME}"))
+        hint = f"; it holds the spills {', '.join(parts)}: pass {Path(spill_dir) / parts[0]}" if parts else ""
+        raise SpillFormatError(f"{spill_dir} has no {MANIFEST_NAME}: it is not a spill directory{hint}")
     return Manifest.from_json(read_json(path), source=str(path))
 
 

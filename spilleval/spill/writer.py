@@ -369,8 +369,8 @@ def _write_record(path: Path, record: ChunkRecord) -> None:
 
 
 def _row_bytes(batch: SampleBatch) -> np.ndarray:
-    per_token = batch.pred_ids.itemsize * 2 + (4 if batch.label_logprob is not None else 0)
-    sizes = batch.lengths * per_token + 16
+    per_token = batch.pred_ids.itemsize + (4 if batch.label_logprob is not None else 0)
+    sizes = batch.lengths * per_token + batch.label_lengths * batch.label_ids.itemsize + 16
     for values in batch.arrays.values():
         sizes = sizes + values[0:1].nbytes
     return sizes
