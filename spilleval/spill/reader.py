@@ -162,7 +162,14 @@ class SpillReader:
             return None
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+        try:
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+        except (ValueError, OSError) as e:  # e.g. it asks for custom code: a spill never runs code it carries
+            raise SpillFormatError(
+                f"the tokenizer in {path} cannot be loaded ({str(e).splitlines()[0].strip()}). spilleval loads it "
+                "with trust_remote_code=False: it never runs code that a spill carries. Save the model's own "
+                "tokenizer there instead (tokenizer.save_pretrained)."
+            ) from e
 
     def completeness(self) -> Completeness:
         seen = self._seen_bitmap(self._index_upper_bound())
