@@ -201,6 +201,24 @@ def test_show_highlights_wrong_tokens_in_colour(spill_a, rows, tokenizer, monkey
         assert not re.search(red + re.escape(token) + r"\x1b\[0m", out)
 
 
+def test_show_generated_rows_longer_and_shorter_than_the_reference(tmp_path, tokenizer):
+    """Generation spills: a position only one side has is wrong, and each side is shown whole."""
+    ids = lambda text: tokenizer.convert_tokens_to_ids(text.split())  # noqa: E731
+    labels = [ids("a red cat </s>"), ids("blue car with a dog </s>")]
+    preds = [ids("a red cat with a dog </s>"), ids("blue </s>")]
+    batch = SampleBatch.from_rows(range(2), preds, labels, vocab_size=len(tokenizer), aligned=False)
+    spill = write_qa_spill(tmp_path / "gen", tokenizer, batch, metrics=["text_match"])
+    data = run_json("show", spill)
+    longer, shorter = data["samples"]
+    assert "".join(longer["prediction_tokens"]) == "a red cat with a dog </s>"
+    assert longer["wrong_positions"] == [3, 4, 5, 6] and longer["scores"]["token_accuracy"] == pytest.approx(3 / 7)
+    assert "".join(shorter["reference_tokens"]) == "blue car with a dog </s>"
+    assert shorter["wrong_positions"] == [1, 2, 3, 4, 5] and shorter["scores"]["length"] == 6
+    out = run("show", spill, "--index", "1")
+    assert "5 of 6 tokens: @1 '</s>'→'car' @2 '∅'→'with'" in out
+    assert run_json("worst", spill, "--by", "token_f1", "-n", "1")["samples"][0]["sample_index"] == 1
+
+
 # ----------------------------------------------------------------------------------------------- worst
 @pytest.mark.parametrize("by", ["token_accuracy", "nll", "token_f1"])
 def test_worst_json_equals_a_full_sort_of_the_plain_scores(spill_a, rows, by):

@@ -26,22 +26,30 @@ class SampleView:
     scores: dict[str, float]
     prediction: str  # decoded with skip_special_tokens=True, as the text metrics see it
     reference: str
-    pred_pieces: list[str]  # one decoded piece per shown position, with its leading space
-    label_pieces: list[str]
-    wrong: list[int]  # shown positions where the prediction differs from the label
-    length: int  # supervised tokens in the sample
+    pred_pieces: list[str]  # one decoded piece per shown prediction id, with its leading space
+    label_pieces: list[str]  # the same for the reference ids
+    wrong: list[int]  # shown positions where the prediction differs from the label (or one side has none)
+    pred_length: int  # ids in the whole prediction row
+    length: int  # supervised (reference) tokens in the sample
     wrong_total: int  # wrong positions in the whole sample
     columns: dict[str, Any]
 
     @property
-    def shown(self) -> int:
-        return len(self.label_pieces)
+    def truncated(self) -> bool:
+        return len(self.label_pieces) < self.length or len(self.pred_pieces) < self.pred_length
 
-    def tokens(self) -> Iterator[tuple[str, str, bool]]:
-        """(predicted piece, reference piece, right) for every shown position."""
+    def side(self, which: str) -> Iterator[tuple[str, bool, str | None]]:
+        """(piece, right, the other side's piece at that position or None) for the "reference" or "prediction"."""
+        pieces, other = (self.label_pieces, self.pred_pieces) if which == "reference" else \
+            (self.pred_pieces, self.label_pieces)
         wrong = set(self.wrong)
-        for i, (pred, label) in enumerate(zip(self.pred_pieces, self.label_pieces)):
-            yield pred, label, i not in wrong
+        for i, piece in enumerate(pieces):
+            yield piece, i not in wrong, other[i] if i < len(other) else None
+
+    def hidden(self, which: str) -> int:
+        """Ids of that side not shown (beyond --max-tokens)."""
+        return (self.length - len(self.label_pieces)) if which == "reference" else \
+            (self.pred_length - len(self.pred_pieces))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,7 +62,7 @@ class SampleView:
             "wrong_positions": self.wrong,
             "wrong_tokens": self.wrong_total,
             "length": self.length,
-            "truncated": self.shown < self.length,
+            "truncated": self.truncated,
             "columns": self.columns,
         }
 
@@ -104,6 +112,7 @@ def sample_views(
                 pred_pieces=token_pieces(tokenizer, pred[shown]),
                 label_pieces=token_pieces(tokenizer, label[shown]),
                 wrong=np.flatnonzero(wrong_mask[shown]).tolist(),
+                pred_length=len(pred),
                 length=len(label),
                 wrong_total=int(wrong_mask.sum()),
                 columns={name: values[row] for name, values in batch.columns.items()},

@@ -157,7 +157,7 @@ def nll(batch: SampleBatch) -> np.ndarray:
 @per_sample("length", higher_is_better=False, resolution=1.0, upper=float(2**20),
             description="supervised tokens in the sample (worst = longest)")
 def length(batch: SampleBatch) -> np.ndarray:
-    return batch.lengths.astype(np.float64)
+    return batch.label_lengths.astype(np.float64)
 
 
 @per_sample("text_exact_match", higher_is_better=True, needs_text=True, resolution=1.0,

@@ -46,21 +46,22 @@ def token_line(view: SampleView, *, side: str) -> Text:
     """The reference or the prediction of a sample, with its wrong positions styled."""
     style = REFERENCE_STYLE if side == "reference" else PREDICTION_STYLE
     line = Text()
-    for pred, label, right in view.tokens():
-        lead, body = visible(label if side == "reference" else pred)
+    for piece, right, _ in view.side(side):
+        lead, body = visible(piece)
         line.append(lead)
         line.append(body, style=None if right else style)
-    if view.shown < view.length:
-        line.append(f"  … {view.length - view.shown} more tokens", style="dim")
+    if view.hidden(side):
+        line.append(f"  … {view.hidden(side)} more tokens", style="dim")
     return line
 
 
 def wrong_summary(view: SampleView) -> Text:
     if not view.wrong_total:
         return Text("none", style="green")
-    parts = [f"{view.wrong_total} of {view.length} tokens:"]
+    parts = [f"{view.wrong_total} of {max(view.length, view.pred_length)} tokens:"]
     for position in view.wrong[:MAX_WRONG_LISTED]:
-        pred, label = visible(view.pred_pieces[position])[1], visible(view.label_pieces[position])[1]
+        pred, label = (visible(p[position])[1] if position < len(p) else "∅"
+                       for p in (view.pred_pieces, view.label_pieces))
         parts.append(f"@{position} {pred!r}→{label!r}")
     if view.wrong_total > min(len(view.wrong), MAX_WRONG_LISTED):
         parts.append("…")
