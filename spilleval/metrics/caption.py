@@ -91,10 +91,9 @@ class Cider(CorpusMetric):
                 for hyp, sample_refs in zip(hyps, refs):
                     scorer += (hyp, sample_refs)
                 needed = {g for test in scorer.ctest for g in test} | {g for c in scorer.crefs for r in c for g in r}
-                counts = document_frequency.get(_key(g) for g in needed)
-                scorer.document_frequency = defaultdict(
-                    float, {g: float(counts[_key(g)][0]) for g in needed if _key(g) in counts}
-                )
+                ngram_of = {_key(g): g for g in needed}
+                counts = document_frequency.get(ngram_of)
+                scorer.document_frequency = defaultdict(float, {ngram_of[k]: float(c[0]) for k, c in counts.items()})
                 total.add(scorer.compute_cider())
         return {"cider": total.value / images}
 

@@ -36,10 +36,11 @@ class ScratchStore:
     otherwise in the system temporary directory (`TMPDIR`).
     """
 
-    def __init__(self, near: str | os.PathLike | None = None, *, cache_mib: int = DEFAULT_CACHE_MIB) -> None:
+    def __init__(self, near: str | os.PathLike | None = None, *, cache_mib: int | None = None) -> None:
+        cache_kib = (cache_mib or DEFAULT_CACHE_MIB) * 1024
         self._dir = tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=_writable_or_none(near))
         self.db = sqlite3.connect(Path(self._dir.name) / "scratch.sqlite", isolation_level=None)
-        for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", f"cache_size=-{cache_mib * 1024}"):
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", f"cache_size=-{cache_kib}"):
             self.db.execute(f"PRAGMA {pragma}")
 
     def counter(self, name: str, *, key: str = "TEXT", counts: Sequence[str] = ("n",)) -> "CountTable":

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from rouge_score.rouge_scorer import RougeScorer
-
 from ..batch import SampleBatch
 from .base import StreamingMetric, safe_div
 from .inputs import references_of
@@ -36,6 +34,8 @@ class Rouge(StreamingMetric):
         self.references_column = references_column
         self.rouge_types = list(rouge_types)
         self.use_stemmer = use_stemmer
+        from rouge_score.rouge_scorer import RougeScorer  # imports nltk and scipy: only when ROUGE is used
+
         self.scorer = RougeScorer(self.rouge_types, use_stemmer=use_stemmer)
         for rouge_type in self.rouge_types:
             self.add_float_state(rouge_type)

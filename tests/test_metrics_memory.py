@@ -1,0 +1,109 @@
+"""Every corpus metric runs in bounded memory: peak RSS of a subprocess computing them over a spill 5x larger
+(and many chunks larger than its chunk size) grows by far less than holding the extra samples would take.
+
+The data is heavy per sample on purpose, so that keeping any per-sample structure would show: 3 references of
+8 words (CIDEr's cooked n-gram dicts, ~40 MB for the extra samples), 12 random words per prediction (distinct-n's
+n-gram sets ~7 MB, open-set answers all different), 32 class scores (AUROC / AP / ECE, ~4 MB as Python floats),
+per-token log-probs (loss percentiles). SQLite's page cache, the one bounded buffer that fills up with more data,
+is capped at 1 MiB in the probe so that the comparison measures growth, not a cache filling to its cap.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SMALL, LARGE = 1_000, 5_000
+CHUNK_ROWS = 250
+PRED_WORDS, REF_WORDS = 12, 8
+CLASSES = 32
+METRIC_BATCH = 256
+GROWTH_LIMIT_MB = 4.0
+
+CORPUS_SPECS = [
+    {"name": "cider", "params": {"references_column": "references", "batch_size": METRIC_BATCH}},
+    {"name": "auroc", "params": {"target_column": "target", "batch_size": METRIC_BATCH}},
+    {"name": "average_precision", "params": {"target_column": "target", "batch_size": METRIC_BATCH}},
+    {"name": "ece", "params": {"target_column": "target", "batch_size": METRIC_BATCH}},
+    {"name": "loss_percentiles", "params": {"batch_size": METRIC_BATCH}},
+    {"name": "distinct_n", "params": {"batch_size": METRIC_BATCH}},
+    {"name": "answer_macro_f1", "params": {"batch_size": METRIC_BATCH}},
+]
+
+
+def write_heavy_spill(path: Path, n: int, tokenizer, seed: int) -> None:
+    """Generate and spill n samples batch by batch (the probe itself never holds the corpus)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_manifest
+
+    from spilleval.batch import SampleBatch
+    from spilleval.spill import SpillWriter
+
+    rng = np.random.default_rng(seed)
+    vocab = len(tokenizer)
+    words = np.array(tokenizer.convert_ids_to_tokens(list(range(5, vocab))))
+    manifest = make_manifest(vocab, has_logprob=True, dataset_length=n)
+    with SpillWriter(path, manifest, tokenizer=tokenizer, chunk_rows=CHUNK_ROWS) as writer:
+        for start in range(0, n, 250):
+            size = min(250, n - start)
+            ids = rng.integers(5, vocab, size=(size, PRED_WORDS))
+            labels = np.where(rng.random(ids.shape) < 0.3, ids, rng.integers(5, vocab, size=ids.shape))
+            refs = [[" ".join(rng.choice(words, REF_WORDS)) for _ in range(3)] for _ in range(size)]
+            logits = rng.standard_normal((size, CLASSES))
+            probs = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32)
+            writer.write(SampleBatch.from_rows(
+                range(start, start + size), ids.tolist(), labels.tolist(), vocab_size=vocab,
+                logprobs=(-rng.exponential(2.0, size=ids.shape)).tolist(),
+                columns={"references": refs, "target": rng.integers(0, CLASSES, size).tolist()},
+                arrays={"class_scores": probs},
+            ))
+
+
+def peak_rss_mb_during(fn) -> float:
+    """Peak RSS while fn runs: the kernel's high-water mark, reset first (Linux /proc/self/clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    fn()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def probe(workdir: str) -> dict[str, float]:
+    from spilleval.metrics import compute_from_spill, ondisk
+    from spilleval.testing import build_tokenizer
+
+    ondisk.DEFAULT_CACHE_MIB = 1
+    tokenizer = build_tokenizer(vocab_size=8000)
+    paths = {n: Path(workdir) / f"spill-{n}" for n in (SMALL, LARGE)}
+    for n, path in paths.items():
+        write_heavy_spill(path, n, tokenizer, seed=n)
+    compute_from_spill(paths[SMALL], CORPUS_SPECS)  # warm-up: imports, caches, allocator arenas
+    out = {}
+    for n, path in paths.items():
+        results: dict[str, float] = {}
+        out[f"peak_mb_{n}"] = peak_rss_mb_during(lambda: results.update(compute_from_spill(path, CORPUS_SPECS)))
+        out[f"metrics_{n}"] = len(results)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset peak RSS")
+def test_corpus_metrics_peak_rss_flat_in_spill_size(tmp_path):
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = measured[f"peak_mb_{LARGE}"] - measured[f"peak_mb_{SMALL}"]
+    print(f"peak RSS {SMALL} samples: {measured[f'peak_mb_{SMALL}']:.1f} MB, {LARGE} samples: "
+          f"{measured[f'peak_mb_{LARGE}']:.1f} MB, growth {growth:.1f} MB")
+    assert measured[f"metrics_{LARGE}"] >= len(CORPUS_SPECS)
+    assert growth < GROWTH_LIMIT_MB, measured
+
+
+if __name__ == "__main__":
+    print(json.dumps(probe(sys.argv[1])))
