@@ -6,6 +6,7 @@ capture -> reduce -> spill -> metrics -> report: each stage is a module of its o
 __version__ = "0.1.0"
 
 from .batch import SampleBatch
+from .distributed import DistributedEvaluationError
 from .evaluator import Evaluator
 from .generation import GenerationEval
 from .metrics import CorpusMetric, StreamingMetric, compute_from_spill, register
@@ -14,6 +15,7 @@ from .spill import SpillReader, SpillWriter
 
 __all__ = [
     "CorpusMetric",
+    "DistributedEvaluationError",
     "Evaluator",
     "GenerationEval",
     "ReducedBatch",
