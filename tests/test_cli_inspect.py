@@ -162,7 +162,11 @@ def test_show_prints_decoded_reference_prediction_and_scores(spill_a, rows, toke
     assert "sample 3 " not in out
     assert out.count("token_accuracy") == 3 and "nll" in out and "token_f1" in out
     first_wrong = next(i for i in range(N) if not np.array_equal(*rows.row(i)))
-    assert first_wrong >= 3 or "tokens: @" in out  # a wrong sample names its wrong positions
+    pred, label = rows.row(first_wrong)
+    position = int(np.flatnonzero(pred != label)[0])
+    named = tokenizer.convert_ids_to_tokens([int(pred[position]), int(label[position])])
+    out = run("show", spill_a, "--only-wrong", "-n", "1")  # a wrong sample names its wrong positions in plain text
+    assert f"sample {first_wrong} " in out and f"(predicted→expected): @{position} '{named[0]}'→'{named[1]}'" in out
 
 
 def test_show_only_wrong_json_lists_the_first_wrong_samples_with_their_wrong_tokens(spill_a, rows, tokenizer):
@@ -215,7 +219,7 @@ def test_show_generated_rows_longer_and_shorter_than_the_reference(tmp_path, tok
     assert "".join(shorter["reference_tokens"]) == "blue car with a dog </s>"
     assert shorter["wrong_positions"] == [1, 2, 3, 4, 5] and shorter["scores"]["length"] == 6
     out = run("show", spill, "--index", "1")
-    assert "5 of 6 tokens: @1 '</s>'→'car' @2 '∅'→'with'" in out
+    assert "5 of 6 tokens (predicted→expected): @1 '</s>'→'car' @2 '∅'→'with'" in out
     assert run_json("worst", spill, "--by", "token_f1", "-n", "1")["samples"][0]["sample_index"] == 1
 
 

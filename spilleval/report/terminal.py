@@ -58,7 +58,7 @@ def token_line(view: SampleView, *, side: str) -> Text:
 def wrong_summary(view: SampleView) -> Text:
     if not view.wrong_total:
         return Text("none", style="green")
-    parts = [f"{view.wrong_total} of {max(view.length, view.pred_length)} tokens:"]
+    parts = [f"{view.wrong_total} of {max(view.length, view.pred_length)} tokens (predicted→expected):"]
     for position in view.wrong[:MAX_WRONG_LISTED]:
         pred, label = (visible(p[position])[1] if position < len(p) else "∅"
                        for p in (view.pred_pieces, view.label_pieces))
