@@ -117,3 +117,15 @@ def test_true_class_outside_the_label_set_names_the_sample():
     samples = [Sample(pred=["red"], label=["red"]), Sample(pred=["red"], label=["dog"])]
     with pytest.raises(MetricConfigError, match="'dog' of sample 1 is not in the declared label set"):
         computed(specs_for(["red", "blue"]), samples, 2)
+
+
+def test_recompute_by_name_reuses_the_recorded_label_set(tmp_path):
+    from spilleval import Evaluator
+    from spilleval.metrics import compute_from_spill
+
+    samples = [Sample(pred=["red"], label=["red"]), Sample(pred=["blue"], label=["red"]), Sample(pred=[], label=["blue"])]
+    evaluator = Evaluator(tmp_path / "run", metrics=specs_for(["red", "blue"]), tokenizer=tokenizer())
+    for batch in batches_of(samples, 2):
+        evaluator.add(batch, vocab_size=len(tokenizer()))
+    live = evaluator.finalize()
+    assert compute_from_spill(tmp_path / "run", ["f1"]) == {k: v for k, v in live.items() if k.startswith("f1_")}

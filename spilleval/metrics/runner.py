@@ -99,7 +99,8 @@ def compute_from_spill(
     from ..spill import SpillReader
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
-    specs = list(metrics) if metrics is not None else reader.manifest.metrics
+    recorded = reader.manifest.metrics
+    specs = _with_recorded_params(metrics, recorded) if metrics is not None else recorded
     suite = MetricSuite(specs, tokenizer=reader.tokenizer if _any_text(specs) else None)
     if suite.needs_text:
         reader.require_tokenizer()
@@ -116,6 +117,12 @@ def compute_from_spill(
     results = suite.compute_streaming()
     results.update(suite.compute_corpus(reader))
     return results
+
+
+def _with_recorded_params(names: Iterable[MetricSpec], recorded: list[dict[str, Any]]) -> list[MetricSpec]:
+    """A metric named by name alone (`--metrics f1`) takes the parameters it was evaluated with (labels, columns)."""
+    by_name = {spec["name"]: spec for spec in recorded}
+    return [by_name.get(m, m) if isinstance(m, str) else m for m in names]
 
 
 def _any_text(specs: list[MetricSpec]) -> bool:
