@@ -64,6 +64,7 @@ class Evaluator:
     ) -> None:
         self.spill_dir = Path(spill_dir)
         self.suite = MetricSuite(metrics, tokenizer=tokenizer)
+        self.suite.reset()  # metric objects may be reused across evaluations; a resume replays into fresh states
         self.tokenizer = tokenizer
         self.task = task
         self.shift = (task == "causal_lm") if shift is None else shift

@@ -79,6 +79,10 @@ class SpillingTrainer(Trainer):
         generation: a `GenerationEval`: also (or only) evaluate what `model.generate` produces, into
             `<spill_dir>/generation` (the teacher-forced spill moves to `<spill_dir>/teacher_forced`), metrics
             prefixed `eval_gen_` (see `spilleval.generation`). `compute_metrics` then gets the generated ids.
+        resume: continue an evaluation that crashed: reuse its spill directory (`spill_dir` formatted, no numeric
+            suffix), skip the forward pass of batches it committed, recompute their streaming metrics from the spill.
+            The spilleval metrics equal an uninterrupted run's; transformers' `eval_loss` covers only the batches
+            run again (the `nll` metric is the exact loss). Not yet with `generation`.
 
     `compute_metrics` still works: with `batch_eval_metrics=True` it is called per batch with that batch's outputs
     and the aligned labels; otherwise it is called once with the predicted and label token ids read back from the
@@ -93,9 +97,13 @@ class SpillingTrainer(Trainer):
         spill_dir: str | os.PathLike | None = None,
         label_fn: LabelFn | None = None,
         generation: GenerationEval | None = None,
+        resume: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if resume and generation is not None:
+            raise ValueError("resume=True does not support generation=... yet: resume without it, or re-run it")
+        self.spill_resume = resume
         self.spill_metrics = list(metrics)
         self.spill_dir = spill_dir
         self.label_fn = label_fn
@@ -185,6 +193,9 @@ class SpillingTrainer(Trainer):
         if session is None:  # called outside SpillingTrainer's evaluation loop
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         index = session.sample_index(inputs)
+        evaluator = session.evaluator
+        if evaluator is not None and evaluator.num_committed and evaluator.committed(index).all():
+            return (None, None, None)  # committed before the crash (resume=True): no forward pass
         carried = {k: inputs[k] for k in session.carried if k in inputs}
         inputs = self._prepare_inputs({k: v for k, v in inputs.items() if k != INDEX_KEY and k not in carried})
         if session.generation is not None:
@@ -284,8 +295,8 @@ class SpillingTrainer(Trainer):
             task=task,
             dataset_length=_length(dataloader),
             extra=self._spill_extra(prefix),
-        )
-        evaluator.suite.reset()  # metric objects given by the user are reused across evaluations
+            resume=self.spill_resume,
+        )  # the Evaluator resets reused metric objects itself, before a resume replays into them
         capture = LossCapture(
             self.model, shift=evaluator.shift, keep_logprob=evaluator.keep_logprob,
             chunk_bytes=evaluator.reduce_chunk_bytes,
@@ -327,6 +338,8 @@ class SpillingTrainer(Trainer):
         """A directory no spill has used yet; every rank gets the same one."""
         template = self._spill_dir_template()
         path = Path(template.format(prefix=prefix, step=self.state.global_step))
+        if self.spill_resume:  # the interrupted evaluation's own directory
+            return _same_on_every_rank(path)
         if "{" in template and self.args.process_index == 0:
             base, n = path, 1
             while path.exists():

@@ -4,7 +4,7 @@ Starting a Python that imports torch + transformers and loads everything an eval
 forking this warmed-up process costs milliseconds, so each trial is a fresh real process that the test can SIGKILL
 at any instant. (zarr re-creates its IO loop after fork; torch runs single-threaded; tokenizers without rayon.)
 
-Protocol, one JSON object per line:
+Protocol, one JSON object per line (after {"ready": true} once warmed up):
     {"cmd": "run", "dir": ..., "resume": bool, "batch_size": int, "chunk_rows": int,
      "skip_committed": bool, "kill_at_batch": int | null, "results": path | null}   ->  {"pid": int}
     {"cmd": "wait", "pid": int}        ->  {"exit_code": int | null, "signal": int | null, "cpu_seconds": float}
@@ -109,6 +109,7 @@ def warm_up() -> None:
 def serve() -> None:
     torch.set_num_threads(1)  # no intra-op thread pool to inherit across fork
     warm_up()
+    print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         if request["cmd"] == "run":

@@ -13,7 +13,9 @@ real disk would make each trial seconds long.
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,11 +50,10 @@ class CrashWorker:
             [sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             cwd=str(WORKER.parent),
         )
+        assert self.read_reply() == {"ready": True}
 
-    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
+    def read_reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the crash worker died (exit code {self.proc.poll()})")
@@ -60,6 +61,12 @@ class CrashWorker:
         if "error" in reply:
             raise RuntimeError(reply["error"])
         return reply
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self.read_reply()
 
     def run(self, job: dict[str, Any], *, kill_after: float | None = None) -> dict[str, Any]:
         pid = self.ask({"cmd": "run", **job})["pid"]
@@ -81,8 +88,6 @@ class CrashWorker:
 
 
 def signal_process(pid: int) -> None:
-    import os
-
     try:
         os.kill(pid, signal.SIGKILL)  # a zombie (already finished, not yet reaped) ignores it
     except ProcessLookupError:
@@ -97,6 +102,7 @@ class Reference:
     seconds: float
     rows: dict[int, tuple] = field(default_factory=dict)
     tokenizer: Any = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
 
 
 def row_bytes(batch: SampleBatch, i: int) -> tuple:
@@ -114,8 +120,6 @@ def scratch(tmp_path_factory) -> Any:
     shm = Path("/dev/shm")
     base = tempfile.mkdtemp(prefix="spilleval-kill-", dir=shm) if shm.is_dir() else str(tmp_path_factory.mktemp("kill"))
     yield Path(base)
-    import shutil
-
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -138,7 +142,7 @@ def reference(worker: CrashWorker, scratch: Path) -> Reference:
     for batch in reader.iter_chunks():
         for i, index in enumerate(batch.sample_index):
             ref.rows[int(index)] = row_bytes(batch, i)
-    ref.tokenizer = reader.tokenizer
+    ref.tokenizer, ref.metrics = reader.tokenizer, reader.manifest.metrics
     assert len(ref.rows) == reader.manifest.dataset_length
     return ref
 
@@ -161,9 +165,9 @@ def committed_rows(spill: Path, reference: Reference) -> list[int]:
     return seen
 
 
-def expected_metrics(indices: list[int], reference: Reference, spill: Path) -> dict[str, float]:
+def expected_metrics(indices: list[int], reference: Reference) -> dict[str, float]:
     """The metrics of exactly these samples: streaming metrics on their reference rows, macro-F1 from sklearn."""
-    suite = MetricSuite(SpillReader(spill, allow_partial=True).manifest.metrics, tokenizer=reference.tokenizer)
+    suite = MetricSuite(reference.metrics, tokenizer=reference.tokenizer)
     rows = sorted(indices)
     batch = SampleBatch.concat([rebuild(reference.rows[i], i) for i in rows])
     suite.update(batch)
@@ -196,7 +200,7 @@ def check_partial(spill: Path, reference: Reference) -> None:
         STATS["nothing_committed"] += 1
         return
     got = compute_from_spill(spill, allow_partial=True)
-    want = expected_metrics(indices, reference, spill)
+    want = expected_metrics(indices, reference)
     assert got.keys() == want.keys()
     for key in want:
         if key == "answer_macro_f1":  # sklearn averages with numpy: equal up to the last bits
@@ -217,8 +221,9 @@ def test_kill_9_then_partial_read_and_exact_resume(trial: int, worker: CrashWork
     for crash in range(crashes):
         if (trial + crash) % 2 == 0:  # the process kills itself just before a random batch
             status = worker.run({**job, "kill_at_batch": rng.randrange(batches)})
-        else:  # killed from outside after a random delay
-            status = worker.run({**job, "kill_at_batch": None}, kill_after=rng.uniform(0.0, reference.seconds))
+        else:  # killed from outside after a random delay (a resumed run has less left to do)
+            delay = rng.uniform(0.1, 0.8) * reference.seconds * (1.0 if crash == 0 else 0.6)
+            status = worker.run({**job, "kill_at_batch": None}, kill_after=delay)
         STATS["trials"] += crash == 0
         STATS["killed"] += status["signal"] == signal.SIGKILL
         check_partial(spill, reference)
