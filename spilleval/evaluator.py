@@ -248,7 +248,13 @@ class Evaluator:
         results = self.suite.compute_streaming()
         if self.suite.corpus:
             results.update(self.suite.compute_corpus(SpillReader(self.spill_dir)))
-        write_json_atomic(self.spill_dir / RESULTS_NAME, results)
+        try:
+            write_json_atomic(self.spill_dir / RESULTS_NAME, results)
+        except OSError as e:
+            raise SpillWriteError(
+                f"could not write {RESULTS_NAME} ({e}); the spill itself is complete: free space or fix the "
+                f"permissions, then recompute the metrics with `spilleval compute {self.spill_dir}`."
+            ) from e
         return results
 
     @property

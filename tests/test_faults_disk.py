@@ -199,3 +199,21 @@ def test_unwritable_spill_dir_fails_before_any_work(tmp_path):
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+def test_disk_full_while_recording_completion(tmp_path, uninterrupted, monkeypatch):
+    """Every chunk is committed but shard.json cannot be written (injected: filling a disk at exactly that moment
+    is not reproducible): a clear error, a readable partial spill, and resume only marks it complete."""
+    import spilleval.spill.writer as writer_module
+
+    def no_space(path: Path, data: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    spill = tmp_path / "spill"
+    monkeypatch.setattr(writer_module, "write_json_atomic", no_space)
+    with pytest.raises(SpillWriteError, match="the disk is full .* re-run with resume=True"):
+        run(spill)
+    monkeypatch.undo()
+    assert assert_committed_rows_exact(spill, uninterrupted[0]) == N
+    assert not SpillReader(spill, allow_partial=True).is_complete
+    assert run(spill, resume=True) == uninterrupted[1]

@@ -161,6 +161,8 @@ class SpillWriter:
             write_json_atomic(self.shard_dir / SHARD_DONE, self.summary().__dict__)
             if mark_complete if mark_complete is not None else self.manifest.world_size == 1:
                 mark_spill_complete(self.spill_dir, self.manifest)
+        except OSError as e:  # every chunk is committed; only the completion records failed
+            raise SpillWriteError(self._describe_os_error(e, Path(e.filename or SHARD_DONE))) from e
         finally:
             _release_lock(self._lock_fd)
         return self.summary()
