@@ -38,8 +38,9 @@ class ConfusionMetric(StreamingMetric):
             )
         self.target = ClassTarget(labels, target_column, self.name)
         self.needs_text = self.target.needs_text or labels is None
-        self.num_labels = 0 if labels is None else len(self.target.labels or [])
-        self.add_state("confusion", (self.num_labels, self.num_labels + 1))
+        self.num_labels = len(self.target.labels or [])
+        if self.num_labels:
+            self.add_state("confusion", (self.num_labels, self.num_labels + 1))
 
     def params(self) -> dict[str, Any]:
         return {"labels": self.target.labels, "target_column": self.target.target_column}
@@ -83,8 +84,9 @@ class Accuracy(ConfusionMetric):
 
     def __init__(self, labels: Sequence[str | int] | None = None, target_column: str | None = None) -> None:
         super().__init__(labels, target_column)
-        self.add_state("correct")
-        self.add_state("samples")
+        if not self.num_labels:
+            self.add_state("correct")
+            self.add_state("samples")
 
     def update(self, batch: SampleBatch) -> None:
         if self.num_labels:

@@ -128,18 +128,16 @@ class ClassTarget:
         return [t.strip() for t in texts]
 
     def _class_indices(self, batch: SampleBatch, values: list[Any], num_classes: int | None) -> np.ndarray:
-        ok = [isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values]
-        classes = np.array([int(v) if good else -1 for v, good in zip(values, ok)], dtype=np.int64)
-        upper = num_classes if num_classes is not None else np.iinfo(np.int64).max
-        bad = np.flatnonzero((classes < 0) | (classes >= upper) | ~np.array(ok, dtype=bool))
-        if len(bad):
-            i = int(bad[0])
-            raise MetricInputError(
-                f"metric {self.metric!r}: column {self.target_column!r} of sample {int(batch.sample_index[i])} holds "
-                f"{values[i]!r}, not a class index in [0, {num_classes or '∞'}). Store integer class indices, or "
-                "pass labels=[...] to map label values to indices."
-            )
-        return classes
+        """Column values taken as class indices (no labels declared): integers in [0, num_classes)."""
+        for i, v in enumerate(values):
+            is_int = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+            if not is_int or v < 0 or (num_classes is not None and v >= num_classes):
+                raise MetricInputError(
+                    f"metric {self.metric!r}: column {self.target_column!r} of sample {int(batch.sample_index[i])} "
+                    f"holds {v!r}, not a class index in [0, {num_classes}). Store integer class indices, or pass "
+                    "labels=[...] to map label values to indices."
+                )
+        return np.asarray(values, dtype=np.int64)
 
 
 def _check_labels(labels: list[Any], metric: str) -> list[Any]:
