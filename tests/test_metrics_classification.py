@@ -25,8 +25,8 @@ def classified(draw, min_size=1, max_size=30):
     samples = []
     for _ in range(n):
         truth = draw(st.sampled_from(labels))
-        pred = draw(st.one_of(st.sampled_from(labels).map(lambda w: [w]), st.sampled_from(OTHER_WORDS).map(lambda w: [w]),
-                              st.just([]), st.lists(st.sampled_from(labels), min_size=2, max_size=2)))
+        one_word = st.sampled_from(labels + OTHER_WORDS).map(lambda w: [w])
+        pred = draw(st.one_of(one_word, st.just([]), st.lists(st.sampled_from(labels), min_size=2, max_size=2)))
         samples.append(Sample(pred=pred, label=[truth, "</s>"], columns={"target": truth}))
     return labels, samples
 
@@ -123,7 +123,8 @@ def test_recompute_by_name_reuses_the_recorded_label_set(tmp_path):
     from spilleval import Evaluator
     from spilleval.metrics import compute_from_spill
 
-    samples = [Sample(pred=["red"], label=["red"]), Sample(pred=["blue"], label=["red"]), Sample(pred=[], label=["blue"])]
+    samples = [Sample(pred=["red"], label=["red"]), Sample(pred=["blue"], label=["red"]),
+               Sample(pred=[], label=["blue"])]
     evaluator = Evaluator(tmp_path / "run", metrics=specs_for(["red", "blue"]), tokenizer=tokenizer())
     for batch in batches_of(samples, 2):
         evaluator.add(batch, vocab_size=len(tokenizer()))

@@ -168,7 +168,8 @@ def test_binary_scores_as_one_column_and_labels_from_decoded_text(tmp_path):
     samples = [Sample(pred=["red"], label=[["red", "blue"][t]], arrays={"class_scores": np.float32([p])})
                for t, p in zip(truth, p1)]
     spill = write_samples(tmp_path / "s", samples, chunk_rows=7)
-    specs = [{"name": n, "params": {"labels": ["red", "blue"], "batch_size": 16}} for n in ("auroc", "average_precision")]
+    params = {"labels": ["red", "blue"], "batch_size": 16}
+    specs = [{"name": n, "params": params} for n in ("auroc", "average_precision")]
     got = compute_from_spill(spill, specs)
     assert got["auroc"] == pytest.approx(roc_auc_score(truth, p1.astype(np.float64)), rel=1e-12)
     assert got["average_precision"] == pytest.approx(average_precision_score(truth, p1.astype(np.float64)), rel=1e-12)

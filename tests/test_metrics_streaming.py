@@ -125,7 +125,8 @@ EDGE_CASES = {
     "single sample": [_s("red cat", "red cat", ["a red cat"])],
     "empty predictions": [_s("", "blue dog", ["blue dog", "the dog"]), _s("", "two", ["two"])],
     "empty reference strings": [_s("red", "red", [""]), _s("cat", "dog", ["", "dog"])],
-    "unicode": [_s("café 日本語 😀", "café naïve", ["café 日本語", "ÉCOLE 😀 naïve"]), _s("Ünïcödé", "ÉCOLE", ["ünïcödé"])],
+    "unicode": [_s("café 日本語 😀", "café naïve", ["café 日本語", "ÉCOLE 😀 naïve"]),
+                _s("Ünïcödé", "ÉCOLE", ["ünïcödé"])],
     "punctuation and articles": [_s("The cat end.", "a cat", ["the cat.", "An cat, end"]), _s("it's", "it's", ["its"])],
     "variable number of references": [_s("one", "one", ["one"]), _s("two three", "two", ["two", "three", "two three"])],
 }
