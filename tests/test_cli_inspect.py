@@ -29,7 +29,7 @@ from spilleval import cli
 from spilleval.batch import SampleBatch
 from spilleval.report import ScoreError, SpillsDifferError, WorstSamples, available_scores, resolve_scores
 from spilleval.report.export import ExportError
-from spilleval.report.scan import show_progress
+from spilleval.report.scan import show_progress, windows
 from spilleval.report.scores import score_batch
 
 N = 96
@@ -141,6 +141,18 @@ def test_worst_heap_equals_a_full_sort_for_any_chunking(values, n, cut, score_na
     expected = sorted((sign * v, i) for v, i in zip(values, index) if not math.isnan(v))[:n]
     assert [(r.sample_index) for r in heap.result()] == [i for _, i in expected]
     assert heap.skipped_undefined == sum(math.isnan(v) for v in values)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 1000), n=st.integers(1, 60), rows=st.none() | st.integers(1, 20),
+       tokens=st.none() | st.integers(1, 80))
+def test_scoring_windows_cover_every_row_once_within_their_limits(seed, n, rows, tokens):
+    batch = random_batch(np.random.default_rng(seed), n, max_len=15)
+    parts = list(windows(batch, rows=rows, tokens=tokens))
+    assert np.concatenate([p.sample_index for p in parts]).tolist() == batch.sample_index.tolist()
+    for part in parts:
+        assert rows is None or len(part) <= rows
+        assert tokens is None or len(part) == 1 or part.num_tokens <= tokens
 
 
 def test_unknown_or_unavailable_score_is_a_clear_error():

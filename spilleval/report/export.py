@@ -20,7 +20,7 @@ import pyarrow as pa
 from ..batch import SampleBatch
 from ..spill import SpillReader
 from ..spill.chunk import batch_to_table
-from .scan import progress, windows
+from .scan import SCORE_WINDOW_TOKENS, progress, windows
 from .scores import SampleScore, score_batch
 
 FORMATS = ("jsonl", "parquet")
@@ -75,7 +75,7 @@ def _tables(
     with_arrays = bool(reader.manifest.arrays)
     chunks = reader.iter_chunks(with_arrays=with_arrays)
     for chunk in progress(chunks, total=len(reader.chunks), desc="exporting", enabled=progress_bar):
-        for window in windows(chunk, WINDOW_ROWS):
+        for window in windows(chunk, rows=WINDOW_ROWS, tokens=SCORE_WINDOW_TOKENS):
             yield _window_table(reader, window, scores, decode=decode)
 
 

@@ -19,6 +19,7 @@ from ..spill import SpillReader
 from .scores import SampleScore, score_batch
 
 DECODE_WINDOW = 2048  # rows decoded at a time, so decoded strings stay small even for a 64 MiB chunk
+SCORE_WINDOW_TOKENS = 2**20  # ids scored at a time: the scorers' temporaries stay ~50 MiB whatever the chunk size
 
 T = TypeVar("T")
 
@@ -48,11 +49,11 @@ def iter_scored(
     progress_bar: bool = False,
     desc: str = "reading spill",
 ) -> Iterator[tuple[SampleBatch, dict[str, np.ndarray]]]:
-    """(batch, {score name: values}) for every unique sample, chunk by chunk; decoded in windows when asked."""
+    """(batch, {score name: values}) for every unique sample, in windows of a chunk (decoded when asked)."""
     decode = decode or any(s.needs_text for s in scores)
     chunks = reader.iter_chunks(with_arrays=False)
     for chunk in progress(chunks, total=len(reader.chunks), desc=desc, enabled=progress_bar):
-        for batch in windows(chunk, DECODE_WINDOW) if decode else (chunk,):
+        for batch in windows(chunk, rows=DECODE_WINDOW if decode else None, tokens=SCORE_WINDOW_TOKENS):
             if decode:
                 reader.decode(batch)
             yield batch, score_batch(batch, scores)
@@ -66,12 +67,22 @@ def scan(reader: SpillReader, scores: list[SampleScore], accumulators: Iterable[
             accumulator.update(batch, values)
 
 
-def windows(batch: SampleBatch, rows: int) -> Iterator[SampleBatch]:
-    if len(batch) <= rows:
+def windows(batch: SampleBatch, *, rows: int | None = None, tokens: int | None = None) -> Iterator[SampleBatch]:
+    """Consecutive row ranges of at most `rows` samples and `tokens` ids (a longer sample forms its own window)."""
+    weight = batch.lengths + (0 if batch.aligned else batch.label_lengths)
+    if (rows is None or len(batch) <= rows) and (tokens is None or weight.sum() <= tokens):
         yield batch
         return
-    for start in range(0, len(batch), rows):
-        yield batch.take(np.arange(start, min(start + rows, len(batch))))
+    cumulative = np.cumsum(weight)
+    start = 0
+    while start < len(batch):
+        stop = len(batch) if rows is None else min(len(batch), start + rows)
+        if tokens is not None:
+            before = cumulative[start - 1] if start else 0
+            stop = min(stop, int(np.searchsorted(cumulative, before + tokens, side="right")))
+        stop = max(stop, start + 1)
+        yield batch.take(np.arange(start, stop))
+        start = stop
 
 
 # ----------------------------------------------------------------------------------------------- worst N
