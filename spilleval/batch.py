@@ -129,7 +129,7 @@ class SampleBatch:
         return total
 
     def take(self, rows: np.ndarray) -> "SampleBatch":
-        """A new batch with only the given row positions (in that order)."""
+        """A new batch with only the given row positions (in that order); copies (see `slice` for views)."""
         rows = np.asarray(rows, dtype=np.int64)
         token_pos, offsets = _take_rows(self.offsets, rows)
         if self.label_offsets is None:
@@ -147,6 +147,27 @@ class SampleBatch:
             arrays={k: v[rows] for k, v in self.arrays.items()},
             pred_text=None if self.pred_text is None else [self.pred_text[i] for i in rows],
             label_text=None if self.label_text is None else [self.label_text[i] for i in rows],
+        )
+
+    def slice(self, start: int, stop: int) -> "SampleBatch":
+        """Rows start..stop-1 without copying any ids: the arrays are views into this batch's, so cutting a chunk
+        into batches costs nothing (but a slice keeps the whole batch's memory alive while it is held)."""
+        lo, hi = int(self.offsets[start]), int(self.offsets[stop])
+        label_offsets, label_lo, label_hi = None, lo, hi
+        if self.label_offsets is not None:
+            label_lo, label_hi = int(self.label_offsets[start]), int(self.label_offsets[stop])
+            label_offsets = self.label_offsets[start : stop + 1] - label_lo
+        return SampleBatch(
+            sample_index=self.sample_index[start:stop],
+            offsets=self.offsets[start : stop + 1] - lo,
+            label_offsets=label_offsets,
+            pred_ids=self.pred_ids[lo:hi],
+            label_ids=self.label_ids[label_lo:label_hi],
+            label_logprob=None if self.label_logprob is None else self.label_logprob[lo:hi],
+            columns={k: v[start:stop] for k, v in self.columns.items()},
+            arrays={k: v[start:stop] for k, v in self.arrays.items()},
+            pred_text=None if self.pred_text is None else self.pred_text[start:stop],
+            label_text=None if self.label_text is None else self.label_text[start:stop],
         )
 
     @staticmethod

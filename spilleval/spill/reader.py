@@ -218,8 +218,8 @@ class SpillReader:
             count += len(chunk)
             while count >= batch_size:
                 merged = SampleBatch.concat(pending)
-                yield self._maybe_decode(merged.take(np.arange(batch_size)), decode)
-                rest = merged.take(np.arange(batch_size, len(merged)))
+                yield self._maybe_decode(merged.slice(0, batch_size), decode)
+                rest = merged.slice(batch_size, len(merged))  # views: a chunk is never copied once per batch
                 pending, count = ([rest] if len(rest) else []), len(rest)
         if count:
             yield self._maybe_decode(SampleBatch.concat(pending), decode)
