@@ -17,6 +17,7 @@ or aborts: that is the whole protocol.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -33,8 +34,8 @@ FAIL_FAST_INTERVAL_S = 1.0  # how often `raise_if_peer_failed` looks at the stor
 OWNER_BLOCK = 1 << 22  # samples per all_reduce of the owner map (16 MiB of int32)
 _POLL_S = 0.02
 
-_GROUPS: dict[tuple[int, float], Any] = {}  # (id of the default group, timeout) -> gloo group
-_GENERATIONS: dict[str, int] = {}  # spill dir -> evaluations coordinated in this process (store namespaces)
+_GROUPS: dict[float, tuple[Any, Any]] = {}  # timeout -> (the default group it was made in, gloo group)
+_EVALUATIONS = itertools.count(1)  # every rank counts its evaluations alike, so the count names their store keys
 
 
 class DistributedEvaluationError(RuntimeError):
@@ -56,6 +57,7 @@ class Status:
     ok: bool
     error: str | None = None
     vocab_size: int | None = None  # lets a rank that saw no sample open an empty shard
+    followed: bool = False  # it stopped only because another rank had failed
 
     def describe(self) -> str:
         return f"rank {self.rank} failed: {self.error}"
@@ -70,10 +72,7 @@ class Coordinator:
         self.rank, self.world_size = process_group()
         self.timeout = float(timeout)
         self.spill_dir = os.fspath(spill_dir)
-        key = os.path.abspath(self.spill_dir)
-        generation = _GENERATIONS.get(key, 0)
-        _GENERATIONS[key] = generation + 1
-        self.store = dist.PrefixStore(f"spilleval/{key}/{generation}/", _default_store())
+        self.store = dist.PrefixStore(f"spilleval/evaluation-{next(_EVALUATIONS)}/", _default_store())
         self.group = _gloo_group(self.timeout)
         self.posted = False
         self._last_check = 0.0
@@ -84,11 +83,12 @@ class Coordinator:
         if self.posted:
             return
         self.posted = True
+        followed = isinstance(error, DistributedEvaluationError)
         message = None if error is None else error if isinstance(error, str) else _describe(error)
-        status = Status(self.rank, ok=error is None, error=message, vocab_size=vocab_size)
-        self.store.set(f"status/{self.rank}", json.dumps(status.__dict__))
+        status = Status(self.rank, ok=error is None, error=message, vocab_size=vocab_size, followed=followed)
+        self._store_call(self.store.set, f"status/{self.rank}", json.dumps(status.__dict__))
         if error is not None:
-            self.store.set("failed", str(self.rank))
+            self._store_call(self.store.set, "failed", str(self.rank))
 
     def raise_if_peer_failed(self) -> None:
         """Stop this rank early when another one failed (checked at most once per FAIL_FAST_INTERVAL_S)."""
@@ -98,9 +98,8 @@ class Coordinator:
         self._last_check = now
         if not self._store_call(self.store.check, ["failed"]):
             return
-        failed = [s for s in self._posted_statuses().values() if not s.ok]
-        error = self._failure_error(failed, [])
-        self.post(error=f"stopped because {', '.join(s.describe() for s in failed)}")
+        error = self._failure_error([s for s in self._posted_statuses().values() if not s.ok], [])
+        self.post(error=error)
         raise error
 
     def wait_for_all(self) -> list[Status]:
@@ -119,7 +118,11 @@ class Coordinator:
             time.sleep(_POLL_S)
 
     def wait_quietly(self) -> None:
-        """After posting a failure: give the others time to read it (the store may live in this process)."""
+        """After posting a failure on rank 0: give the others time to read it before this process may exit, for
+        the store may live in it (rank 0 hosts the TCPStore unless torchrun's agent does). They look at least once
+        a second while evaluating, so this is short unless a rank hangs (then bounded by the timeout)."""
+        if self.rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            return
         deadline = time.monotonic() + self.timeout
         try:
             while time.monotonic() < deadline and len(self._posted_statuses()) < self.world_size:
@@ -167,7 +170,8 @@ class Coordinator:
         return found
 
     def _failure_error(self, failed: list[Status], missing: list[int]) -> DistributedEvaluationError:
-        parts = [s.describe() for s in failed]
+        causes = [s for s in failed if not s.followed] or failed  # name the rank that failed, not its followers
+        parts = [s.describe() for s in causes]
         if missing:
             names = ", ".join(str(r) for r in missing)
             parts.append(
@@ -222,7 +226,8 @@ def _default_store() -> Any:
 def _gloo_group(timeout: float) -> Any:
     """A gloo group with our timeout (the default group's timeout and backend are the user's), created once per
     (default group, timeout) and reused by later evaluations: creating it is a collective."""
-    key = (id(dist.group.WORLD), timeout)
-    if key not in _GROUPS:
-        _GROUPS[key] = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-    return _GROUPS[key]
+    world, group = _GROUPS.get(timeout, (None, None))
+    if world is not dist.group.WORLD:  # first use, or the default group was destroyed and created again
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        _GROUPS[timeout] = (dist.group.WORLD, group)
+    return group

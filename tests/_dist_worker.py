@@ -4,7 +4,8 @@
 
 Scenarios (config["scenario"]):
   evaluate   `Evaluator` in a plain DDP loop: a tiny real Llama, DistributedSampler (shuffled, padded), batch 4.
-  raise      the same, but rank config["fail_rank"] raises after two batches (inside `with evaluator:`).
+  raise      the same, but rank config["fail_rank"] raises after two batches (inside `with evaluator:`); the
+             others wait until it has posted its failure, so their next update must stop them.
   crash      the same, but rank config["fail_rank"] dies (os._exit) after two batches, telling no one.
   trainer    `SpillingTrainer.evaluate()` on the LLaVA-style test model (launched by torchrun).
 Each rank writes `<out>/rank-<r>.json`: the results it returned, or the error it raised, and how long it took.
@@ -116,14 +117,26 @@ def evaluate_qa(spill_dir: str | Path, models: Path, *, fail_rank: int | None = 
     with Evaluator(spill_dir, METRICS, tokenizer=tokenizer, dataset_length=len(items), chunk_rows=chunk_rows,
                    dist_timeout=dist_timeout) as evaluator:
         for step, batch in enumerate(loader):
-            if rank == fail_rank and step == 2:
-                if failure == "crash":
+            if fail_rank is not None and step == 2:
+                if rank == fail_rank and failure == "crash":
                     os._exit(17)
-                raise RuntimeError(f"injected failure in the forward pass on rank {rank}")
+                if rank == fail_rank:
+                    raise RuntimeError(f"injected failure in the forward pass on rank {rank}")
+                if failure == "raise":  # let the failure be posted first: this rank must stop at its next update
+                    wait_for_failure_post(evaluator)
             logits, labels = row_stable_logits(model, batch, width)
             evaluator.update(logits, labels, sample_index=[it["index"] for it in batch],
                              columns={"question": [it["question"] for it in batch]})
         return evaluator.finalize()
+
+
+def wait_for_failure_post(evaluator: Evaluator) -> None:
+    from spilleval.distributed import FAIL_FAST_INTERVAL_S
+
+    deadline = time.monotonic() + 60
+    while not evaluator._coordinator.store.check(["failed"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(FAIL_FAST_INTERVAL_S)  # the next update looks at the store again
 
 
 def llava_dataset(tokenizer: Any) -> list[dict[str, Any]]:

@@ -120,6 +120,8 @@ def test_a_failing_rank_stops_every_rank_with_an_error_naming_it(failure, world_
         assert f"stopped on rank {rank} of {world_size}" in record["error"]
         if failure == "raise":
             assert "rank 1 failed: RuntimeError: injected failure in the forward pass on rank 1" in record["error"]
+            assert record["error"].count(" failed: ") == 1  # the rank that failed, not the ranks that followed
+            assert "raise_if_peer_failed" in record["traceback"]  # stopped mid-loop, not only at finalize()
         else:
             assert "rank 1 did not finish within 5 s" in record["error"]
         assert "allow_partial=True" in record["error"]
