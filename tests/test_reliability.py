@@ -476,3 +476,18 @@ def test_tokenizer_with_another_vocabulary(tmp_path, monkeypatch, capsys):
     workload.TOKENIZER.save_pretrained(str(spill / TOKENIZER_DIR))  # someone copies in the wrong tokenizer
     code, _, err = cli(monkeypatch, capsys, "compute", spill, "--metrics", "text_match")
     assert code == 2 and "is not the tokenizer of this model" in err and err.count("\n") == 1
+
+
+def test_the_advertised_recovery_from_a_corrupt_chunk_works(tmp_path, uninterrupted):
+    """The error says: delete the chunk and the later ones, resume. Doing exactly that gives the exact metrics."""
+    import shutil
+
+    spill = tmp_path / "spill"
+    evaluate(spill, np.arange(30), finalize=False)
+    tokens = chunk(spill, 2) / "tokens.arrow"
+    tokens.write_bytes(tokens.read_bytes()[:-3])
+    with pytest.raises(ChunkTruncatedError, match="delete this chunk directory and the later ones"):
+        evaluate(spill, np.arange(N), resume=True)
+    for later in sorted((spill / SHARDS_DIR / "rank-00000").glob("chunk-*"))[2:]:
+        shutil.rmtree(later)
+    assert evaluate(spill, np.arange(N), resume=True) == uninterrupted[1]

@@ -12,7 +12,7 @@ import pyarrow as pa
 import zarr
 
 from ..batch import SampleBatch
-from .manifest import ARRAYS_DIR, TOKENS_FILE, ChunkRecord, SpillFormatError, safe_join
+from .manifest import ARRAYS_DIR, RECOVER_CHUNK, TOKENS_FILE, ChunkRecord, SpillFormatError, safe_join
 
 TOKEN_COLUMNS = ("sample_index", "pred_ids", "label_ids", "label_logprob")
 RAGGED_LABELS_KEY = b"spilleval.ragged_labels"  # schema metadata: label rows have their own lengths (generation)
@@ -167,17 +167,17 @@ def _read_verified(directory: Path, name: str, expected: dict[str, int], *, veri
         data = path.read_bytes()
     except FileNotFoundError:
         raise ChunkTruncatedError(
-            f"chunk {directory}: file {name} is missing. Delete this chunk directory and resume the evaluation."
+            f"chunk {directory}: file {name} is missing. {RECOVER_CHUNK}"
         ) from None
     if len(data) != expected["bytes"]:
         raise ChunkTruncatedError(
             f"chunk {directory}: {name} has {len(data)} bytes, expected {expected['bytes']} (truncated or "
-            "overwritten). Delete this chunk directory and resume the evaluation."
+            f"overwritten). {RECOVER_CHUNK}"
         )
     if verify and zlib.crc32(data) != expected["crc32"]:
         raise ChunkChecksumError(
             f"chunk {directory}: {name} fails its CRC-32 check (the bytes changed after it was written). "
-            "Delete this chunk directory and resume the evaluation."
+            f"{RECOVER_CHUNK}"
         )
     return data
 

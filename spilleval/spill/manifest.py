@@ -47,6 +47,12 @@ class ChunkRecordError(SpillFormatError):
     """A chunk's `chunk.json` is unreadable or does not describe a chunk."""
 
 
+RECOVER_CHUNK = (
+    "To recover, delete this chunk directory and the later ones of its shard, then resume the evaluation "
+    "(resume=True): their samples are evaluated again."
+)
+
+
 class UnsafePathError(SpillFormatError):
     """A file name read from spill metadata would point outside the spill directory."""
 
@@ -106,7 +112,7 @@ def load_chunk_record(path: Path) -> ChunkRecord:
     try:
         data = read_json(path)
     except SpillFormatError as e:
-        raise ChunkRecordError(f"{e}. Delete this chunk directory and resume the evaluation.") from e
+        raise ChunkRecordError(f"{e}. {RECOVER_CHUNK}") from e
     ints = ("rank", "seq", "rows", "tokens", "min_index", "max_index")
     files = data.get("files") if isinstance(data, dict) else None
     valid = (
@@ -120,7 +126,7 @@ def load_chunk_record(path: Path) -> ChunkRecord:
     if not valid:
         raise ChunkRecordError(
             f"{path} is not a valid chunk record (expected integer {', '.join(ints)} and a files map of "
-            "{name: {bytes, crc32}}); the chunk is corrupt. Delete this chunk directory and resume the evaluation."
+            f"{{name: {{bytes, crc32}}}}); the chunk is corrupt. {RECOVER_CHUNK}"
         )
     return ChunkRecord(**data)
 

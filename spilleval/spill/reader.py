@@ -78,8 +78,8 @@ def scan_shard(shard_dir: Path) -> list[ChunkRecord]:
         if record.seq != expected_seq:
             raise MissingChunkError(
                 f"{shard_dir}: {chunk_dir_name(expected_seq)} is missing (found {record.name} after it). "
-                "The spill lost a committed chunk; re-run the evaluation into a new directory, or resume after "
-                "deleting the later chunks."
+                "The spill lost a committed chunk. To recover, delete the chunk directories after the gap, then "
+                "resume the evaluation (resume=True): their samples are evaluated again."
             )
     done = shard_dir / SHARD_DONE
     if done.exists():
