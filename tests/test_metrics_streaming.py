@@ -18,6 +18,7 @@ from rouge_score.rouge_scorer import RougeScorer
 
 from spilleval.metrics import build_metric
 from spilleval.metrics.inputs import MetricInputError
+from spilleval.metrics.runner import MetricConfigError
 from spilleval.metrics.translation import reference_streams
 
 REFS = {"references_column": "references"}
@@ -173,7 +174,7 @@ def test_references_column_names_the_dataset_column():
 
 def test_missing_references_column_is_a_clear_error():
     metric = build_metric({"name": "bleu", "params": {"references_column": "refs"}})
-    with pytest.raises(MetricInputError, match="column 'refs'.*columns=\\{'refs'"):
+    with pytest.raises(MetricConfigError, match="column 'refs'.*columns=\\{'refs'"):
         run_streaming([metric], batches_of([_s("a", "a", ["a"])], 1))
 
 

@@ -31,6 +31,7 @@ class EditCountMetric(StreamingMetric):
     def __init__(self, references_column: str | None = None) -> None:
         super().__init__()
         self.references_column = references_column
+        self.needs_columns = (references_column,) if references_column else ()
         for count in COUNTS:
             self.add_state(count)
 

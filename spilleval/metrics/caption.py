@@ -58,6 +58,7 @@ class Cider(CorpusMetric):
         batch_size: int = 1024,
     ) -> None:
         self.references_column = references_column
+        self.needs_columns = (references_column,) if references_column else ()
         self.lowercase = lowercase
         self.n = n
         self.sigma = sigma

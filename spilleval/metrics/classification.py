@@ -37,6 +37,7 @@ class ConfusionMetric(StreamingMetric):
                 "For an open label set (classes known only at the end) use 'answer_macro_f1'."
             )
         self.target = ClassTarget(labels, target_column, self.name)
+        self.needs_columns = (target_column,) if target_column else ()
         self.needs_text = self.target.needs_text or labels is None
         self.num_labels = len(self.target.labels or [])
         if self.num_labels:

@@ -32,6 +32,7 @@ class Rouge(StreamingMetric):
     ) -> None:
         super().__init__()
         self.references_column = references_column
+        self.needs_columns = (references_column,) if references_column else ()
         self.rouge_types = list(rouge_types)
         self.use_stemmer = use_stemmer
         from rouge_score.rouge_scorer import RougeScorer  # imports nltk and scipy: only when ROUGE is used

@@ -30,6 +30,7 @@ class MetricSuite:
         self.streaming = [m for m in self.metrics if isinstance(m, StreamingMetric)]
         self.corpus = [m for m in self.metrics if isinstance(m, CorpusMetric)]
         self._streaming_needs_text = any(m.needs_text for m in self.streaming)
+        self._inputs_checked = False
 
     @property
     def needs_logprob(self) -> bool:
@@ -66,6 +67,9 @@ class MetricSuite:
 
     def update(self, batch: SampleBatch) -> None:
         """Update every streaming metric with one batch (decoding once if any of them reads text)."""
+        if not self._inputs_checked and len(batch):
+            check_batch_inputs(self.metrics, batch)
+            self._inputs_checked = True
         if not self.streaming:
             return
         if self._streaming_needs_text:
@@ -85,6 +89,21 @@ class MetricSuite:
 
     def compute_corpus(self, reader: Any) -> dict[str, float]:
         return _merge_results(m.compute(reader) for m in self.corpus)
+
+
+def check_batch_inputs(metrics: Iterable[Metric], batch: SampleBatch) -> None:
+    """Fail at the first batch, not at the end of the evaluation, when a metric's column or array is missing."""
+    for metric in metrics:
+        for kind, needed, present in (("column", metric.needs_columns, batch.columns),
+                                      ("array", metric.needs_arrays, batch.arrays)):
+            missing = [name for name in needed if name not in present]
+            if missing:
+                have = ", ".join(sorted(present)) or "none"
+                raise MetricConfigError(
+                    f"metric {metric.name!r} reads the per-sample {kind} {missing[0]!r}, but the batch has: {have}. "
+                    f"Pass it while evaluating (Evaluator.update(..., {kind}s={{{missing[0]!r}: ...}})) or name "
+                    "another one in the metric's parameters."
+                )
 
 
 def compute_from_spill(

@@ -61,6 +61,7 @@ class ClassScoreMetric(CorpusMetric):
         self.target = ClassTarget(labels, target_column, self.name)
         self.needs_text = self.target.needs_text and target_column is None
         self.needs_arrays = (scores,)
+        self.needs_columns = (target_column,) if target_column else ()
         self.batch_size = batch_size
 
     def params(self) -> dict[str, Any]:

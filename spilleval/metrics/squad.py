@@ -63,6 +63,7 @@ class Squad(StreamingMetric):
     def __init__(self, references_column: str | None = None) -> None:
         super().__init__()
         self.references_column = references_column
+        self.needs_columns = (references_column,) if references_column else ()
         self.add_state("exact_match")
         self.add_float_state("f1")
         self.add_state("samples")

@@ -40,6 +40,7 @@ class SacrebleuStatsMetric(StreamingMetric):
     def __init__(self, references_column: str | None, **options: Any) -> None:
         super().__init__()
         self.references_column = references_column
+        self.needs_columns = (references_column,) if references_column else ()
         self.options = options
         self.scorer = self.scorer_class(**options)
         width = len(self.scorer._extract_corpus_statistics(["a"], [["a"]])[0])
