@@ -12,6 +12,11 @@ are skipped (`evaluator.committed(index)` tells the loop which, so it can skip t
 them anyway), their streaming metric states are recomputed from the spill (`spilleval.spill.resume` explains
 why), and the results equal those of an uninterrupted run.
 
+In a `torch.distributed` job every rank builds its Evaluator (a collective) and passes the dataset indices of its
+rows; each writes its own shard, a sample repeated by the sampler counts once (`spilleval.dedupe`), and
+`finalize()` returns the same exact results on every rank (`spilleval.distributed`). Use `with Evaluator(...)`
+(or `abort()` in an `except`) so that a failing rank stops the others instead of leaving them waiting.
+
 `SpillingTrainer` drives the same engine from `transformers.Trainer`'s evaluation loop.
 """
 
