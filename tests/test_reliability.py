@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from spilleval import Evaluator, SampleBatch
+from spilleval import Evaluator
 from spilleval.cli import main
 from spilleval.decode import TokenizerMismatchError
 from spilleval.evaluator import EmptyEvaluationError
@@ -29,7 +29,7 @@ from spilleval.metrics import compute_from_spill
 from spilleval.metrics.runner import MetricConfigError
 from spilleval.reduce import NonFiniteLogitsError, reduce_logits
 from spilleval.spill import (
-    IncompleteSpillError,
+    Manifest,
     MissingChunkError,
     SpillExistsError,
     SpillFormatError,
@@ -77,8 +77,6 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, float]]:
 @pytest.fixture
 def spill(tmp_path, uninterrupted) -> Path:
     """A fresh copy of the complete spill (3+ chunks), free to corrupt."""
-    import shutil
-
     target = tmp_path / "spill"
     shutil.copytree(uninterrupted[0], target)
     return target
@@ -132,16 +130,12 @@ def test_flipped_byte_in_a_zarr_array_is_named(spill):
 
 
 def test_gap_in_the_chunk_sequence_is_named(spill):
-    import shutil
-
     shutil.rmtree(chunk(spill, 1))
     with pytest.raises(MissingChunkError, match=r"chunk-000001 is missing \(found chunk-000002 after it\)"):
         SpillReader(spill)
 
 
 def test_fewer_chunks_than_the_shard_promises_is_named(spill):
-    import shutil
-
     promised = json.loads((spill / SHARDS_DIR / "rank-00000" / SHARD_DONE).read_text())["chunks"]
     shutil.rmtree(chunk(spill, promised - 1))
     with pytest.raises(MissingChunkError, match=f"{promised} chunks were committed, {promised - 1} are on disk"):
@@ -171,8 +165,6 @@ def test_corrupt_chunk_record_is_named(spill, damage):
 
 def test_each_corruption_has_its_own_error_and_message(tmp_path, uninterrupted, monkeypatch, capsys):
     """Through the real CLI: exit code 2, one line naming the problem; every kind distinct."""
-    import shutil
-
     def damaged(kind: str) -> Path:
         target = tmp_path / kind
         shutil.copytree(uninterrupted[0], target)
@@ -352,14 +344,14 @@ def test_a_second_writer_gets_an_error_naming_the_holder(tmp_path):
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         names_holder = f"pid {holder.pid} on host {socket.gethostname()}"
         with pytest.raises(SpillLockedError, match=names_holder):
-            SpillWriter(spill, workload_manifest(), resume=True)
+            SpillWriter(spill, holder_manifest(), resume=True)
         with pytest.raises(SpillLockedError, match=names_holder):  # not "already exists": it is in use
             Evaluator(spill, ["token_accuracy"], dataset_length=8)
         with pytest.raises(SpillLockedError, match=names_holder):
             Evaluator(spill, ["token_accuracy"], dataset_length=8, resume=True)
         os.kill(holder.pid, signal.SIGKILL)  # the lock dies with its process: no stale lock after a crash
         holder.wait(timeout=30)
-        SpillWriter(spill, workload_manifest(), resume=True).close()
+        SpillWriter(spill, holder_manifest(), resume=True).close()
         assert SpillReader(spill, allow_partial=True).is_complete
     finally:
         if holder.poll() is None:
@@ -367,9 +359,8 @@ def test_a_second_writer_gets_an_error_naming_the_holder(tmp_path):
             holder.wait(timeout=30)
 
 
-def workload_manifest() -> Any:
-    from spilleval.spill import Manifest
-
+def holder_manifest() -> Manifest:
+    """The manifest the HOLDER process writes with."""
     return Manifest(task="causal_lm", vocab_size=100, id_dtype="uint16", dataset_length=8)
 
 
@@ -451,8 +442,6 @@ def test_non_finite_logits_at_ignored_positions_are_fine(tmp_path):
 def test_text_metric_without_a_tokenizer_in_the_spill(tmp_path, monkeypatch, capsys):
     spill = tmp_path / "spill"
     evaluate(spill, np.arange(N), metrics=["token_accuracy"])  # the workload passes a tokenizer: remove it
-    import shutil
-
     shutil.rmtree(spill / TOKENIZER_DIR)
     with pytest.raises(SpillFormatError, match=r"no tokenizer/ directory, but a text metric needs one"):
         compute_from_spill(spill, ["text_match"])
@@ -480,8 +469,6 @@ def test_tokenizer_with_another_vocabulary(tmp_path, monkeypatch, capsys):
 
 def test_the_advertised_recovery_from_a_corrupt_chunk_works(tmp_path, uninterrupted):
     """The error says: delete the chunk and the later ones, resume. Doing exactly that gives the exact metrics."""
-    import shutil
-
     spill = tmp_path / "spill"
     evaluate(spill, np.arange(30), finalize=False)
     tokens = chunk(spill, 2) / "tokens.arrow"
