@@ -8,8 +8,8 @@ Two channels, each for what it does best:
   failed with an exception posts it, and the others stop at their next batch (`raise_if_peer_failed`) or at
   `finalize`, with an error naming that rank and its cause.
 * **Small data through a gloo group with the same timeout** (CPU tensors and pickled dicts whatever the
-  training backend is): which rank holds each sample first (1 byte per sample, in blocks), the streaming
-  metric states (a few numbers per metric), and rank 0's results.
+  training backend is): the lowest rank holding each sample (an owner id per sample, all-reduced in fixed-size
+  blocks; see `spilleval.dedupe`), the streaming metric states (a few numbers per metric), and rank 0's results.
 
 Every rank constructs its `Coordinator` (it creates the gloo group, a collective) and every rank either finalizes
 or aborts: that is the whole protocol.
