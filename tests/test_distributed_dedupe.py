@@ -45,6 +45,7 @@ def owners(presents: list[np.ndarray]) -> np.ndarray:
     return owner
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_merged_streaming_states_equal_a_recompute_of_what_the_reader_keeps(data, tokenizer):
