@@ -118,21 +118,25 @@ class LossCapture:
     def __enter__(self) -> "LossCapture":
         for module in self.model.modules():
             if _has_loss_function(module):
-                self._restore.append(_install(module, self._wrap(module.loss_function)))
+                self._restore.append(_install(module, self._wrap))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         while self._restore:
             self._restore.pop()()
 
-    def _wrap(self, original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        signature = _signature(original)
-        causal = original is _causal_lm_loss()
-        shifts = causal or (self.shift and not _is_library_loss(original))
-        fusable = self.fuse and causal
+    def _wrap(self, get_original: Callable[[], Callable[..., torch.Tensor]]) -> Callable[..., torch.Tensor]:
+        """The wrapper; the wrapped function is looked up at the first call (most modules never compute a loss)."""
+        resolved: dict[str, Any] = {}
 
         def loss_function(*args: Any, **kwargs: Any) -> torch.Tensor:
-            bound = _bind(signature, args, kwargs)
+            if not resolved:
+                original = get_original()
+                causal = original is _causal_lm_loss()
+                resolved.update(original=original, signature=_signature(original), fusable=self.fuse and causal,
+                                shifts=causal or (self.shift and not _is_library_loss(original)))
+            original, shifts, fusable = resolved["original"], resolved["shifts"], resolved["fusable"]
+            bound = _bind(resolved["signature"], args, kwargs)
             logits, labels, shift_labels = bound.get("logits"), bound.get("labels"), bound.get("shift_labels")
             target = shift_labels if shift_labels is not None else labels
             if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
@@ -144,7 +148,6 @@ class LossCapture:
                 return _loss_from(call.reduced, bound.get("num_items_in_batch"))
             return original(*args, **kwargs)
 
-        loss_function.__wrapped__ = original  # type: ignore[attr-defined]
         return loss_function
 
     def _reduce(self, logits: torch.Tensor, call: LossCall) -> ReducedBatch:
@@ -260,13 +263,28 @@ def _has_loss_function(module: torch.nn.Module) -> bool:
     return isinstance(inspect.getattr_static(type(module), "loss_function", None), property)
 
 
-def _install(module: torch.nn.Module, wrapper: Callable[..., torch.Tensor]) -> Callable[[], None]:
-    """Make `module.loss_function` return `wrapper`; returns the function that undoes it."""
+Wrapper = Callable[..., torch.Tensor]
+
+
+def _install(module: torch.nn.Module, make_wrapper: Callable[[Callable[[], Wrapper]], Wrapper]) -> Callable[[], None]:
+    """Make `module.loss_function` a wrapper of what it was; returns the function that undoes it.
+
+    `make_wrapper(get_original)` builds the wrapper. The original is read only when the model calls its loss, so
+    transformers' warning about an unset `loss_type` is not raised for sub-models that never compute one.
+    """
     prop = inspect.getattr_static(type(module), "loss_function")
     if prop.fset is not None:  # transformers >= 4.48: an instance attribute behind a setter
         had_own = "_loss_function" in module.__dict__
         previous = module.__dict__.get("_loss_function")
-        module.loss_function = wrapper
+
+        def class_default() -> Wrapper:
+            wrapper = module.__dict__.pop("_loss_function")
+            try:
+                return module.loss_function
+            finally:
+                module.__dict__["_loss_function"] = wrapper
+
+        module.loss_function = make_wrapper((lambda: previous) if had_own else class_default)
 
         def restore() -> None:
             if had_own:
@@ -277,6 +295,7 @@ def _install(module: torch.nn.Module, wrapper: Callable[..., torch.Tensor]) -> C
         return restore
     # a read-only property: shadow it in a per-instance subclass, and put the class back afterwards
     original_class = type(module)
+    wrapper = make_wrapper(lambda: prop.fget(module))
     module.__class__ = type(original_class.__name__, (original_class,), {"loss_function": property(lambda _: wrapper)})
 
     def restore_class() -> None:
