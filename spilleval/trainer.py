@@ -173,9 +173,7 @@ class SpillingTrainer(Trainer):
             self._session = None
         results = session.finalize()
         self.last_spill_dir = spill_dir
-        results.update(session.batch_metrics or {})
-        if self.compute_metrics is not None and not self.args.batch_eval_metrics:
-            results.update(self.compute_metrics(EvalPrediction(*padded_ids(SpillReader(prediction_part(parts))))))
+        results.update(self._user_metrics(session, prediction_part(parts), results))
         metrics = dict(output.metrics or {})
         for key, value in results.items():
             metrics[key if key.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{key}"] = value
@@ -250,6 +248,20 @@ class SpillingTrainer(Trainer):
                 num_items = count_items([inputs], self.args.device)
                 loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items)
         return loss.detach().mean(), outputs
+
+    def _user_metrics(self, session: "_EvalSession", spill_dir: Path, spilled: dict[str, Any]) -> dict[str, Any]:
+        """What `compute_metrics` reports: the closure's last result, or a classic call on ids from the spill."""
+        if self.compute_metrics is None:
+            return {}
+        if self.args.batch_eval_metrics:
+            found = dict(session.batch_metrics or {})
+        else:
+            found = dict(self.compute_metrics(EvalPrediction(*padded_ids(SpillReader(spill_dir)))) or {})
+        clash = sorted(set(found) & set(spilled))
+        if clash:
+            logger.warning("compute_metrics and spilleval metrics both report %s; compute_metrics' values are "
+                           "kept (spilleval's are in %s/results.json).", ", ".join(clash), spill_dir)
+        return found
 
     def _batch_compute_metrics(
         self, session: "_EvalSession", outputs: Any, labels: torch.Tensor, inputs: dict[str, Any],
