@@ -47,8 +47,6 @@ def one_torch_thread():
 def test_trainer_resume_skips_committed_batches_and_equals_the_uninterrupted_run(trained_model, tokenizer, tmp_path):
     model = trained_model  # partly right, partly wrong: no metric sits at 0 or 1
     data = [encode_qa(example, tokenizer) for example in qa_examples(20, seed=4)]
-    forwards = []
-    hook = model.register_forward_hook(lambda module, inputs, output: forwards.append(1))
 
     def trainer(out: Path, **kwargs: Any) -> SpillingTrainer:
         return SpillingTrainer(model=model, args=args(out), eval_dataset=data, data_collator=pad_batch,
@@ -60,7 +58,8 @@ def test_trainer_resume_skips_committed_batches_and_equals_the_uninterrupted_run
         crashing.evaluate()
     assert len(SpillReader(tmp_path / "crashed" / "spill", allow_partial=True)) == 9
 
-    forwards.clear()
+    forwards: list[int] = []
+    hook = model.register_forward_hook(lambda module, inputs, output: forwards.append(1))
     try:
         resumed = trainer(tmp_path / "crashed", resume=True).evaluate()
     finally:
