@@ -160,7 +160,8 @@ class LlavaStyleMixin:
         embed = self.get_input_embeddings()  # type: ignore[attr-defined]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        features = self.mm_projector(images) if images is not None else None  # type: ignore[attr-defined]
+        projector = self.mm_projector  # type: ignore[attr-defined]
+        features = projector(images.to(projector[0].weight.dtype)) if images is not None else None
         rows, row_labels = [], []
         for i in range(input_ids.shape[0]):
             keep = attention_mask[i].bool()
