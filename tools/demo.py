@@ -6,6 +6,11 @@
    streaming metrics update batch by batch, the ids are spilled to out/demo/evaluator/.
 4. Run the real `spilleval compute` and `spilleval inspect` commands on that directory and check that the numbers
    recomputed from the directory alone equal the live ones, exactly. Any difference fails the demo.
+5. The user story: fine-tune a tiny LLaVA-style model (a mixin over a config-built `LlamaForCausalLM`, a vision
+   projector over synthetic image features, a different number of image positions per sample, inserted
+   mid-sequence, so the raw labels do not line up with the logits) with `SpillingTrainer` evaluating during
+   training; each evaluation spills to its own directory. Then `spilleval compute` / `inspect` on the last spill
+   must give exactly the numbers the trainer logged.
 
 Each step is a function so that other scenarios (e.g. a `SpillingTrainer` with a LLaVA-style model) can reuse
 `recompute_and_compare` and `inspect` on their own spill directory.
@@ -23,8 +28,20 @@ from typing import Any
 
 import torch
 
-from spilleval import Evaluator
-from spilleval.testing import build_tokenizer, encode_qa, pad_batch, qa_examples, tiny_llama, train_qa
+from spilleval import Evaluator, SpillReader
+from spilleval.testing import (
+    IMAGE_TOKEN,
+    build_tokenizer,
+    encode_qa,
+    multimodal_qa_dataset,
+    pad_batch,
+    pad_multimodal_batch,
+    qa_examples,
+    tiny_llama,
+    tiny_llava,
+    train_qa,
+)
+from spilleval.trainer import SpillingTrainer
 
 OUT = Path(__file__).resolve().parents[1] / "out" / "demo"
 METRICS = ["token_accuracy", "sequence_exact_match", "text_match", "nll", "answer_macro_f1"]
@@ -71,6 +88,42 @@ def evaluate_with_evaluator(model: Any, tokenizer: Any, spill_dir: Path) -> dict
     results = evaluator.finalize()
     print(f"evaluated {EVAL_SAMPLES} samples into {spill_dir} in {time.perf_counter() - start:.1f} s")
     return results
+
+
+def fine_tune_with_spilling_trainer(tokenizer: Any, output_dir: Path) -> SpillingTrainer:
+    """A tiny LLaVA-style model fine-tuned by `SpillingTrainer`, which evaluates every 80 steps into a fresh spill."""
+    from transformers import TrainingArguments
+
+    model = tiny_llava(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                       padding_side="right", hidden=64, layers=2, heads=2)
+    args = TrainingArguments(
+        str(output_dir), max_steps=240, learning_rate=3e-3, warmup_steps=20, per_device_train_batch_size=16,
+        per_device_eval_batch_size=32, eval_strategy="steps", eval_steps=80, logging_strategy="no",
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    trainer = SpillingTrainer(  # the one change from transformers.Trainer: the import, and the metrics to keep
+        model=model, args=args, processing_class=tokenizer, data_collator=pad_multimodal_batch,
+        train_dataset=multimodal_qa_dataset(3840, tokenizer, seed=1),
+        eval_dataset=multimodal_qa_dataset(128, tokenizer, seed=2),
+        metrics=METRICS,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    print(f"{'step':>5}  {'eval_loss':>9}  {'token_accuracy':>14}  {'exact_match':>11}  {'answer_macro_f1':>15}  spill")
+    for log in trainer.state.log_history:
+        if "eval_token_accuracy" in log:
+            print(f"{log['step']:>5}  {log['eval_loss']:>9.4f}  {log['eval_token_accuracy']:>14.4f}  "
+                  f"{log['eval_exact_match_accuracy']:>11.4f}  {log['eval_answer_macro_f1']:>15.4f}  "
+                  f"spill-eval-step-{log['step']}/")
+    print(f"fine-tuned {args.max_steps} steps, evaluating every {args.eval_steps}, in "
+          f"{time.perf_counter() - start:.1f} s")
+    return trainer
+
+
+def logged_metrics(trainer: SpillingTrainer) -> dict[str, float]:
+    """The spilleval metrics of the trainer's last evaluation, as logged during training (without `eval_`)."""
+    last = [log for log in trainer.state.log_history if "eval_token_accuracy" in log][-1]
+    return {name: last[f"eval_{name}"] for name in SpillReader(trainer.last_spill_dir).results()}
 
 
 def spilleval_command(*args: str) -> subprocess.CompletedProcess:
@@ -125,6 +178,11 @@ def main() -> None:
     recompute_and_compare(spill_dir, live)
     banner("4. `spilleval inspect`")
     inspect(spill_dir)
+    banner("5. SpillingTrainer: a LLaVA-style model fine-tuned with evaluation during training")
+    trainer = fine_tune_with_spilling_trainer(tokenizer, fresh_dir(OUT / "trainer"))
+    banner(f"6. `spilleval compute` / `inspect` on the last spill: {trainer.last_spill_dir.name}")
+    recompute_and_compare(trainer.last_spill_dir, logged_metrics(trainer))
+    inspect(trainer.last_spill_dir)
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
 
 
