@@ -224,8 +224,8 @@ class SpillWriter:
         while self._buffer and (final or self._chunk_is_full()):
             pending = SampleBatch.concat(self._buffer)
             take = self._rows_for_next_chunk(pending)
-            self._commit(pending.take(np.arange(take)))
-            rest = pending.take(np.arange(take, len(pending))) if take < len(pending) else None
+            self._commit(pending.slice(0, take))  # views: cutting chunks copies nothing
+            rest = pending.slice(take, len(pending)) if take < len(pending) else None
             self._buffer = [rest] if rest is not None else []
             self._buffered_bytes = rest.nbytes() if rest is not None else 0
             self._buffered_rows = len(rest) if rest is not None else 0
