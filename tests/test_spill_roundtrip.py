@@ -103,6 +103,10 @@ def test_subset_of_columns_and_no_arrays(tmp_path):
     for got in reader.iter_batches(10, columns=["references"], with_arrays=False):
         assert list(got.columns) == ["references"] and got.arrays == {}
         np.testing.assert_array_equal(got.pred_ids, batch.pred_ids)
+        np.testing.assert_array_equal(got.label_logprob, batch.label_logprob)
+    for got in reader.iter_batches(10, columns=[], with_arrays=False, with_logprob=False):  # ids only
+        assert got.columns == {} and got.arrays == {} and got.label_logprob is None
+        np.testing.assert_array_equal(got.label_ids, batch.label_ids)
 
 
 def test_table_slices_by_sample_index(tmp_path):

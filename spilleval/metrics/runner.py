@@ -40,6 +40,14 @@ class MetricSuite:
     def needs_text(self) -> bool:
         return any(m.needs_text for m in self.metrics)
 
+    def reads(self) -> dict[str, Any]:
+        """What these metrics read from a spill besides the ids; `compute_from_spill` decodes nothing else."""
+        return {
+            "columns": sorted({c for m in self.metrics for c in m.needs_columns}),
+            "with_arrays": any(m.needs_arrays for m in self.metrics),
+            "with_logprob": self.needs_logprob,
+        }
+
     def specs(self) -> list[dict[str, Any]]:
         return [m.spec() for m in self.metrics]
 
@@ -126,7 +134,7 @@ def compute_from_spill(
     suite.check(has_logprob=reader.manifest.has_logprob, vocab_size=reader.manifest.vocab_size,
                 task=reader.manifest.task)
     if suite.streaming:
-        batches = reader.iter_batches(batch_size, with_arrays=True)
+        batches = reader.iter_batches(batch_size, **suite.reads())
         if progress:
             from tqdm.auto import tqdm
 

@@ -77,20 +77,35 @@ def batch_to_table(batch: SampleBatch) -> pa.Table:
 
 
 def read_chunk(directory: Path, record: ChunkRecord, *, verify: bool = True, columns: Iterable[str] | None = None,
-               with_arrays: bool = True) -> SampleBatch:
-    """Read a committed chunk back as a `SampleBatch`, checking every file's length and CRC-32 first."""
+               with_arrays: bool = True, with_logprob: bool = True) -> SampleBatch:
+    """Read a committed chunk back as a `SampleBatch`, checking every file's length and CRC-32 first.
+
+    Only the ids, and the dataset `columns` (None: all), arrays and log-probs asked for, are decoded."""
     payloads = {}
     names = [n for n in record.files if with_arrays or not n.startswith(ARRAYS_DIR)]
     for name in names:
         payloads[name] = _read_verified(directory, name, record.files[name], verify=verify)
     try:
-        table = pa.ipc.open_file(pa.BufferReader(payloads[TOKENS_FILE])).read_all()
+        table = _read_tokens(payloads[TOKENS_FILE], columns=columns, with_logprob=with_logprob)
         batch = table_to_batch(table, columns=columns)
         if with_arrays and any(n.startswith(ARRAYS_DIR) for n in record.files):
             batch.arrays = _read_arrays(payloads)
     except (pa.ArrowException, ValueError, KeyError) as e:  # verify=False, or a crafted file with valid CRCs
         raise ChunkCorruptError(f"chunk {directory} cannot be decoded ({e}); the chunk is corrupt.") from e
     return batch
+
+
+def _read_tokens(data: bytes, *, columns: Iterable[str] | None, with_logprob: bool) -> pa.Table:
+    """tokens.arrow with the unwanted columns skipped, never decompressed (e.g. log-probs for token accuracy,
+    reference strings for a metric on ids)."""
+    schema = pa.ipc.open_file(pa.BufferReader(data)).schema
+    wanted = None if columns is None else set(columns)
+    fields = [
+        i for i, name in enumerate(schema.names)
+        if (with_logprob or name != "label_logprob") and (name in TOKEN_COLUMNS or wanted is None or name in wanted)
+    ]
+    options = pa.ipc.IpcReadOptions(included_fields=fields) if len(fields) < len(schema) else None
+    return pa.ipc.open_file(pa.BufferReader(data), options=options).read_all()
 
 
 def read_sample_index(directory: Path, record: ChunkRecord, *, verify: bool = True) -> np.ndarray:

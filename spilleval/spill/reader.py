@@ -181,12 +181,16 @@ class SpillReader:
         return Completeness(expected=expected, committed=committed, missing=missing, complete=self.is_complete)
 
     # ------------------------------------------------------------------------------------------- iteration
-    def iter_chunks(self, *, columns: Sequence[str] | None = None, with_arrays: bool = True) -> Iterator[SampleBatch]:
-        """Every unique sample once, one chunk at a time (duplicates from distributed padding dropped)."""
+    def iter_chunks(self, *, columns: Sequence[str] | None = None, with_arrays: bool = True,
+                    with_logprob: bool = True) -> Iterator[SampleBatch]:
+        """Every unique sample once, one chunk at a time (duplicates from distributed padding dropped).
+
+        `columns` (None: all), `with_arrays` and `with_logprob` choose what is decoded besides the ids."""
         seen = self._seen_bitmap(self._index_upper_bound())
         for record in self.chunks:
             batch = read_chunk(
-                self.chunk_path(record), record, verify=self.verify, columns=columns, with_arrays=with_arrays
+                self.chunk_path(record), record, verify=self.verify, columns=columns, with_arrays=with_arrays,
+                with_logprob=with_logprob,
             )
             fresh = ~seen[batch.sample_index]
             # a sample may also repeat inside one chunk (padding of a rank's last batch)
@@ -207,13 +211,14 @@ class SpillReader:
         decode: bool = False,
         columns: Sequence[str] | None = None,
         with_arrays: bool = True,
+        with_logprob: bool = True,
     ) -> Iterator[SampleBatch]:
         """Samples in batches of `batch_size` (re-cut across chunks); with decode=True, text is attached."""
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         pending: list[SampleBatch] = []
         count = 0
-        for chunk in self.iter_chunks(columns=columns, with_arrays=with_arrays):
+        for chunk in self.iter_chunks(columns=columns, with_arrays=with_arrays, with_logprob=with_logprob):
             pending.append(chunk)
             count += len(chunk)
             while count >= batch_size:
