@@ -104,7 +104,8 @@ def _read_tokens(data: bytes, *, columns: Iterable[str] | None, with_logprob: bo
         i for i, name in enumerate(schema.names)
         if (with_logprob or name != "label_logprob") and (name in TOKEN_COLUMNS or wanted is None or name in wanted)
     ]
-    options = pa.ipc.IpcReadOptions(included_fields=fields) if len(fields) < len(schema) else None
+    options = pa.ipc.IpcReadOptions(included_fields=fields if len(fields) < len(schema) else None,
+                                    use_threads=False)  # measured faster on 2 cores (tools/bench_compute.py)
     return pa.ipc.open_file(pa.BufferReader(data), options=options).read_all()
 
 
