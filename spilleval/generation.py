@@ -117,6 +117,7 @@ class GenerationRun:
         tokenizer: Any = None,
         dataset_length: int | None = None,
         extra: dict[str, Any] | None = None,
+        resume: bool = False,
     ) -> None:
         self.config = config
         model_config = model.config
@@ -133,8 +134,12 @@ class GenerationRun:
             keep_logprob=False,
             dataset_length=dataset_length,
             extra={**(extra or {}), "generation": config.to_json()},
+            resume=resume,
         )
-        self.evaluator.suite.reset()  # metric objects given by the user are reused across evaluations
+
+    def committed(self, sample_index: torch.Tensor) -> bool:
+        """True when an earlier, interrupted run (resume) already spilled every row of this batch."""
+        return bool(self.evaluator.num_committed and self.evaluator.committed(sample_index).all())
 
     def add(self, model: Any, inputs: Mapping[str, Any], sample_index: torch.Tensor,
             references: Sequence[Any] | None = None) -> SampleBatch:

@@ -101,8 +101,6 @@ class SpillingTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if resume and generation is not None:
-            raise ValueError("resume=True does not support generation=... yet: resume without it, or re-run it")
         self.spill_resume = resume
         self.spill_metrics = list(metrics)
         self.spill_dir = spill_dir
@@ -192,14 +190,17 @@ class SpillingTrainer(Trainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         index = session.sample_index(inputs)
         evaluator = session.evaluator
-        if evaluator is not None and evaluator.num_committed and evaluator.committed(index).all():
-            return (None, None, None)  # committed before the crash (resume=True): no forward pass
+        # each part skips a batch it committed before a crash (resume=True); no part: no forward, no generate
+        forward_done = evaluator is None or bool(evaluator.num_committed and evaluator.committed(index).all())
+        generated = session.generation is None or session.generation.committed(index)
+        if forward_done and generated:
+            return (None, None, None)
         carried = {k: inputs[k] for k in session.carried if k in inputs}
         inputs = self._prepare_inputs({k: v for k, v in inputs.items() if k != INDEX_KEY and k not in carried})
-        if session.generation is not None:
+        if not generated:
             references = carried.get(session.generation.config.references_column)
             session.generation.add(self.accelerator.unwrap_model(model), inputs, index, references)
-        if session.evaluator is None:  # generation only
+        if forward_done:
             return (None, None, None)
         session.capture.start_batch(index)
         loss, outputs = self._forward(model, inputs)
@@ -290,7 +291,7 @@ class SpillingTrainer(Trainer):
                 session.generation = GenerationRun(
                     self.generation, parts[GENERATION_PART], self.accelerator.unwrap_model(self.model),
                     tokenizer=self._spill_tokenizer(), dataset_length=_length(dataloader),
-                    extra=self._spill_extra(prefix),
+                    extra=self._spill_extra(prefix), resume=self.spill_resume,
                 )
             except BaseException:
                 session.abort()

@@ -25,6 +25,7 @@ from transformers import (
     Seq2SeqTrainingArguments,
     T5Config,
     T5ForConditionalGeneration,
+    TrainerCallback,
     TrainingArguments,
 )
 from typer.testing import CliRunner
@@ -220,6 +221,47 @@ def test_generation_needs_labels_and_reference_column(tokenizer, tmp_path):
                               processing_class=tokenizer, generation=GenerationEval(references_column="captions"))
     with pytest.raises(KeyError, match="no 'captions' column"):
         trainer.evaluate([seq2seq_item(qa_examples(1)[0], tokenizer)])
+
+
+class CrashAfter(TrainerCallback):
+    """Raise after `steps` prediction steps: the evaluation dies with part of both spills committed."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self.steps -= 1
+        if self.steps == 0:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_continues_both_parts_and_equals_the_uninterrupted_run(tokenizer, tmp_path):
+    model = tiny_seq2seq("bart", tokenizer)
+    data = [{**seq2seq_item(ex, tokenizer), "references": [ex["answer"]]} for ex in qa_examples(22, seed=11)]
+
+    def trainer(out: Path, **kwargs: Any) -> SpillingTrainer:
+        return SpillingTrainer(model=model, args=eval_args(out), eval_dataset=data, data_collator=pad_seq2seq,
+                               processing_class=tokenizer, metrics=["token_accuracy"], spill_dir=out / "spill",
+                               generation=GenerationEval(["bleu", "cider"], references_column="references",
+                                                         max_new_tokens=MAX_NEW), **kwargs)
+
+    whole = trainer(tmp_path / "whole").evaluate()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer(tmp_path / "crashed", callbacks=[CrashAfter(3)]).evaluate()
+    for part in ("teacher_forced", "generation"):
+        assert len(SpillReader(tmp_path / "crashed" / "spill" / part, allow_partial=True)) == 3 * BATCH
+    encoder_calls: list[int] = []
+    hook = model.get_encoder().register_forward_hook(lambda *_: encoder_calls.append(1))
+    try:
+        resumed = trainer(tmp_path / "crashed", resume=True).evaluate()
+    finally:
+        hook.remove()
+    assert len(encoder_calls) == 2 * (6 - 3)  # a forward and a generate per batch left; 3 of 6 were committed
+    exact = [k for k in whole if k.startswith(("eval_gen_", "eval_token"))]
+    assert len(exact) == 3 and {k: resumed[k] for k in exact} == {k: whole[k] for k in exact}
+    for part in ("teacher_forced", "generation"):
+        want = SpillReader(tmp_path / "whole" / "spill" / part).table()
+        assert SpillReader(tmp_path / "crashed" / "spill" / part).table().equals(want)
 
 
 # ----------------------------------------------------------------------------------------------- LLaVA-style
