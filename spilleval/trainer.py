@@ -111,6 +111,12 @@ class SpillingTrainer(Trainer):
         MetricSuite(self.spill_metrics, tokenizer=self._spill_tokenizer()).check(has_logprob=True)
         if generation is not None:
             generation.check(self._spill_tokenizer())
+            if not generation.teacher_forced and self.compute_metrics is not None and self.args.batch_eval_metrics:
+                raise ValueError(
+                    "batch_eval_metrics=True calls compute_metrics with each batch's teacher-forced outputs, which "
+                    "GenerationEval(teacher_forced=False) does not compute: keep teacher_forced=True, or use a "
+                    "classic compute_metrics(eval_pred), which gets the generated ids."
+                )
         self._check_spill_dir_template()
         if self.preprocess_logits_for_metrics is not None:
             logger.warning("SpillingTrainer reduces logits itself; preprocess_logits_for_metrics is not used.")

@@ -37,7 +37,9 @@ from spilleval.metrics.squad import exact_match_score, f1_score as squad_f1
 from spilleval.metrics.translation import reference_streams
 from spilleval.testing import (
     IMAGE_TOKEN,
+    encode_qa,
     multimodal_qa_dataset,
+    pad_batch,
     pad_multimodal_batch,
     qa_examples,
     tiny_llava,
@@ -221,6 +223,10 @@ def test_generation_needs_labels_and_reference_column(tokenizer, tmp_path):
                               processing_class=tokenizer, generation=GenerationEval(references_column="captions"))
     with pytest.raises(KeyError, match="no 'captions' column"):
         trainer.evaluate([seq2seq_item(qa_examples(1)[0], tokenizer)])
+    with pytest.raises(ValueError, match="batch_eval_metrics=True.*teacher_forced=False"):
+        SpillingTrainer(model=model, args=eval_args(tmp_path, batch_eval_metrics=True),
+                        compute_metrics=lambda eval_pred, compute_result: {},
+                        generation=GenerationEval(teacher_forced=False), processing_class=tokenizer)
 
 
 class CrashAfter(TrainerCallback):
@@ -294,3 +300,22 @@ def test_llava_left_padded_generation_with_image_features_equals_each_sample_alo
         rows.append(got_pred.tolist())
     assert len({tuple(r) for r in rows}) > 1  # the samples really generate different things
     assert len({len(it["images"]) for it in data}) > 1 and len({len(it["input_ids"]) for it in data}) > 1
+
+
+def test_plain_decoder_only_generation_strips_the_prompt_and_equals_each_sample_alone(tiny_model, tokenizer,
+                                                                                      tmp_path):
+    data = [encode_qa(ex, tokenizer) for ex in qa_examples(9, seed=6)]
+    trainer = SpillingTrainer(model=tiny_model, args=eval_args(tmp_path), eval_dataset=data, data_collator=pad_batch,
+                              processing_class=tokenizer, spill_dir=tmp_path / "spill",
+                              generation=GenerationEval(["squad"], max_new_tokens=MAX_NEW, teacher_forced=False))
+    assert "eval_gen_squad_f1" in trainer.evaluate()
+    reader = SpillReader(tmp_path / "spill" / "generation")
+    rows = []
+    for i, item in enumerate(data):
+        start = next(k for k, t in enumerate(item["labels"]) if t != -100)
+        prompt = torch.tensor([item["input_ids"][:start]])
+        alone = tiny_model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=MAX_NEW,
+                                    do_sample=False)[0, start:]  # returned after the prompt
+        rows.append(reader.get(i).row(0)[0].tolist())
+        assert rows[-1] == until_eos(alone.tolist()), f"sample {i}"
+    assert len({tuple(r) for r in rows}) > 1 and len({len(d["input_ids"]) for d in data}) > 1
