@@ -124,8 +124,8 @@ class GenerationRun:
         self.encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
         self.vocab_size = _vocab_size(model)
         generation_config = getattr(model, "generation_config", None)
-        self.pad_token_id = _first_id(getattr(generation_config, "pad_token_id", None), model_config, "pad_token_id")
         self.eos_token_ids = _ids(getattr(generation_config, "eos_token_id", None) or model_config.eos_token_id)
+        self.pad_token_id = _pad_token_id(generation_config, model_config, self.eos_token_ids)
         self.evaluator = Evaluator(
             spill_dir,
             config.metrics,
@@ -271,14 +271,14 @@ def _ids(value: int | Sequence[int] | None) -> list[int]:
     return [int(value)] if isinstance(value, (int, np.integer)) else [int(v) for v in value]
 
 
-def _first_id(value: Any, config: Any, name: str) -> int:
-    for candidate in (value, getattr(config, name, None), getattr(config, "eos_token_id", None)):
-        ids = _ids(candidate)
-        if ids:
-            return ids[0]
-    raise ValueError(
-        "generation needs a pad token id to left-pad the prompts: set model.generation_config.pad_token_id."
-    )
+def _pad_token_id(generation_config: Any, model_config: Any, eos_token_ids: list[int]) -> int:
+    """The id prompts are left-padded with: generation config, model config, else end-of-sequence (as generate)."""
+    for candidate in (getattr(generation_config, "pad_token_id", None), getattr(model_config, "pad_token_id", None)):
+        if _ids(candidate):
+            return _ids(candidate)[0]
+    if eos_token_ids:
+        return eos_token_ids[0]
+    raise ValueError("generation needs a pad token id to left-pad prompts: set model.generation_config.pad_token_id")
 
 
 def _with_references(spec: MetricSpec, column: str | None) -> MetricSpec:
