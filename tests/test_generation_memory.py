@@ -43,9 +43,15 @@ def test_generation_host_memory_is_flat_as_samples_grow(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- the child
-def _child(out: str) -> None:
-    import resource
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Not `ru_maxrss`: Linux carries that across exec, so a child would report
+    the pytest process's own peak whenever it is the larger."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
+
+def _child(out: str) -> None:
     import torch
     from transformers import TrainingArguments
 
@@ -91,7 +97,7 @@ def _child(out: str) -> None:
     peaks, samples = [], []
     for n in (WARMUP, SMALL, LARGE):
         trainer.evaluate(ImageQuestions(n))
-        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        peaks.append(peak_rss_mib())
         samples.append(len(SpillReader(trainer.last_spill_dir / "generation")))
     print(json.dumps({"peak_small_mib": peaks[1], "peak_large_mib": peaks[2], "samples": samples[1:]}))
 
