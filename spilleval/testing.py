@@ -322,3 +322,27 @@ def pad_multimodal_batch(items: list[dict[str, Any]], pad_id: int = 0, *, side: 
     batch["images"] = images
     batch["num_image_features"] = torch.tensor(counts)
     return batch
+
+
+# ----------------------------------------------------------------------------------------------- memory
+# Peak RSS is read from the kernel's high-water mark (VmHWM), which a process can restart from its current RSS.
+# Not `resource.getrusage().ru_maxrss`: Linux carries that across fork + exec, so a child started by a large
+# pytest worker would report the parent's peak and the growth would read 0.
+
+
+def reset_peak_rss() -> int:
+    """Restart the high-water mark from the current RSS (Linux /proc/self/clear_refs); return the RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes since it started or since the last `reset_peak_rss()`."""
+    return _proc_status_bytes("VmHWM")
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(f"{field}:"))
+    return int(line.split()[1]) * 1024

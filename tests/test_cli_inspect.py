@@ -375,10 +375,7 @@ MEMORY_PROBE = textwrap.dedent("""
     from pathlib import Path
     from typer.testing import CliRunner
     from spilleval import cli
-
-    def hwm_and_rss():
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-        return int(fields["VmHWM"].split()[0]) * 1024, int(fields["VmRSS"].split()[0]) * 1024
+    from spilleval.testing import peak_rss, reset_peak_rss
 
     spill, out = sys.argv[1], Path(sys.argv[2])
     commands = {
@@ -388,11 +385,10 @@ MEMORY_PROBE = textwrap.dedent("""
     }
     runner, peaks = CliRunner(), {}
     for name, args in list(commands.items()) * 2:  # the first round loads lazy imports and caches
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
-        before = hwm_and_rss()[1]
+        before = reset_peak_rss()
         result = runner.invoke(cli.app, args + (["--force"] if name.startswith("export") else []))
         assert result.exit_code == 0, result.output
-        peaks[name] = hwm_and_rss()[0] - before
+        peaks[name] = peak_rss() - before
     print(json.dumps(peaks))
 """)
 

@@ -44,11 +44,9 @@ def test_generation_host_memory_is_flat_as_samples_grow(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- the child
 def peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM). Not `ru_maxrss`: Linux carries that across exec, so a child would report
-    the pytest process's own peak whenever it is the larger."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
+    from spilleval.testing import peak_rss
+
+    return peak_rss() / 2**20
 
 
 def _child(out: str) -> None:

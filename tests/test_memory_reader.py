@@ -22,26 +22,17 @@ MiB = 2**20
 
 CHILD = r"""
 import json, sys, time
-import psutil
 from spilleval.metrics import compute_from_spill
-
-def reset_peak():  # Linux >= 4.0: the kernel's high-water mark (VmHWM) restarts from the current RSS
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-def peak():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+from spilleval.testing import peak_rss, reset_peak_rss
 
 metric, warm_up, *spills = sys.argv[1:]
 compute_from_spill(warm_up, [metric])  # touch every code path once (libraries' pages, tokenizer) before measuring
 for spill in spills:
-    reset_peak()
-    rss_before = psutil.Process().memory_info().rss
+    rss_before = reset_peak_rss()
     start = time.perf_counter()
     result = compute_from_spill(spill, [metric])
     seconds = time.perf_counter() - start
-    print(json.dumps({"spill": spill, "growth": peak() - rss_before, "result": result, "seconds": seconds}))
+    print(json.dumps({"spill": spill, "growth": peak_rss() - rss_before, "result": result, "seconds": seconds}))
 """
 
 

@@ -65,13 +65,12 @@ def write_heavy_spill(path: Path, n: int, tokenizer, seed: int) -> None:
 
 
 def peak_rss_mb_during(fn) -> float:
-    """Peak RSS while fn runs: the kernel's high-water mark, reset first (Linux /proc/self/clear_refs)."""
-    Path("/proc/self/clear_refs").write_text("5")
+    """Peak RSS (MB) while fn runs: the kernel's high-water mark, reset first."""
+    from spilleval.testing import peak_rss, reset_peak_rss
+
+    reset_peak_rss()
     fn()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return peak_rss() / 1024 / 1024
 
 
 def probe(workdir: str) -> dict[str, float]:

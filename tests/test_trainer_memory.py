@@ -8,7 +8,6 @@ samples (its logits, 32.8 MB per sample here, would not fit this machine at 640)
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +46,7 @@ def _child(mode: str, samples: int, out: str) -> None:
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from spilleval.testing import tiny_llama
+    from spilleval.testing import peak_rss, tiny_llama
     from spilleval.trainer import SpillingTrainer
 
     torch.set_num_threads(1)
@@ -73,7 +72,7 @@ def _child(mode: str, samples: int, out: str) -> None:
 
         trainer = Trainer(model=model, args=args, eval_dataset=RandomTokens(), compute_metrics=compute_metrics)
     metrics = trainer.evaluate()
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = peak_rss() / 2**20  # VmHWM of this fresh process (ru_maxrss would inherit pytest's peak)
     print(json.dumps({"peak_rss_mib": peak_mib, "token_accuracy": metrics["eval_token_accuracy"]}))
 
 
