@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pytest
@@ -101,3 +101,18 @@ def write_spill(path: Path, batches: Sequence[SampleBatch], manifest: Manifest, 
 def split_batch(batch: SampleBatch, size: int) -> list[SampleBatch]:
     """Cut a batch into consecutive pieces of `size` samples (the last may be shorter)."""
     return [batch.take(np.arange(i, min(i + size, len(batch)))) for i in range(0, len(batch), size)]
+
+
+@pytest.fixture
+def spill_builder(tmp_path) -> Callable[..., Path]:
+    """`spill_builder(batches, vocab_size=..., chunk_rows=..., tokenizer=..., metrics=...)` -> a complete spill."""
+    counter = iter(range(10**6))
+
+    def build(batches: Sequence[SampleBatch], *, vocab_size: int = 1000, chunk_rows: int | None = None,
+              tokenizer: Any = None, metrics: Sequence[str] = (), **manifest_kwargs: Any) -> Path:
+        has_logprob = any(b.label_logprob is not None for b in batches)
+        manifest = make_manifest(vocab_size, has_logprob=has_logprob, metrics=metrics, **manifest_kwargs)
+        return write_spill(tmp_path / f"spill-{next(counter)}", batches, manifest, tokenizer=tokenizer,
+                           chunk_rows=chunk_rows)
+
+    return build
