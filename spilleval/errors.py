@@ -1,17 +1,17 @@
-"""The errors spilleval raises for bad input; the CLI prints these as one line, not a traceback."""
+"""The bad-input errors the `spilleval` command can meet; it prints them as one line, not a traceback.
+
+Evaluation-time errors (empty dataset, NaN logits, label capture) cannot reach the CLI, which only reads spills,
+and importing their modules would pull torch into every command's start-up.
+"""
 
 from .decode import TokenizerMismatchError
-from .evaluator import EmptyEvaluationError
 from .metrics.runner import MetricConfigError
-from .reduce import NonFiniteLogitsError
 from .report import ExportError, ScoreError, SpillsDifferError
 from .spill import SpillExistsError, SpillFormatError, SpillLockedError, SpillWriteError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    EmptyEvaluationError,
     ExportError,
     MetricConfigError,
-    NonFiniteLogitsError,
     ScoreError,
     SpillExistsError,
     SpillFormatError,

@@ -20,12 +20,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from ..batch import SampleBatch
-from ..reduce import PendingHostCopy, ReducedBatch
 from .chunk import write_chunk_files
 from .manifest import (
     CHUNK_RECORD,
@@ -42,6 +41,9 @@ from .manifest import (
     shard_dir_name,
     write_json_atomic,
 )
+
+if TYPE_CHECKING:  # reduce imports torch; reading and writing host batches must not need it
+    from ..reduce import PendingHostCopy, ReducedBatch
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 LOCK_NAME = ".lock"
@@ -132,7 +134,7 @@ class SpillWriter:
     # ----------------------------------------------------------------------------------------------- public
     def write(
         self,
-        batch: SampleBatch | ReducedBatch | PendingHostCopy,
+        batch: "SampleBatch | ReducedBatch | PendingHostCopy",
         *,
         columns: dict[str, list[Any]] | None = None,
         arrays: dict[str, np.ndarray] | None = None,
@@ -141,7 +143,7 @@ class SpillWriter:
         self._raise_if_failed()
         if self._closed:
             raise SpillWriteError("write() after close()")
-        if isinstance(batch, ReducedBatch):
+        if hasattr(batch, "start_host_copy"):  # a ReducedBatch still on its device
             batch = batch.start_host_copy()
         self._queue.put((batch, columns or {}, arrays or {}))
 
@@ -206,7 +208,7 @@ class SpillWriter:
                 self._error = e
 
     def _consume(self, item, columns, arrays) -> None:
-        batch = item.wait() if isinstance(item, PendingHostCopy) else item
+        batch = item if isinstance(item, SampleBatch) else item.wait()  # a PendingHostCopy
         if columns or arrays:
             batch.columns = {**batch.columns, **columns}
             batch.arrays = {**batch.arrays, **{k: np.asarray(v) for k, v in arrays.items()}}
