@@ -232,10 +232,9 @@ def _can_fuse(logits: torch.Tensor, bound: dict[str, Any]) -> bool:
 
 def _loss_from(reduced: ReducedBatch, num_items_in_batch: Any) -> torch.Tensor:
     """What `ForCausalLMLoss` returns: mean over supervised tokens, or sum / num_items_in_batch when given."""
-    assert reduced.loss_sum is not None
     total = reduced.loss_sum
     if num_items_in_batch is None:
-        denominator = torch.tensor(float(reduced.num_tokens), dtype=torch.float64, device=total.device)
+        denominator = reduced.token_count.to(torch.float64)
     else:
         denominator = torch.as_tensor(num_items_in_batch, device=total.device).to(torch.float64)
     return (total / denominator).to(torch.float32)

@@ -35,7 +35,7 @@ from .dedupe import FirstSeen, subtract_rows
 from .distributed import DEFAULT_TIMEOUT_S, Coordinator, DistributedEvaluationError, process_group
 from .metrics.runner import MetricSpec, MetricSuite
 from .reduce import DEFAULT_CHUNK_BYTES as DEFAULT_REDUCE_CHUNK_BYTES
-from .reduce import ReducedBatch, reduce_logits
+from .reduce import PendingHostCopy, ReducedBatch, reduce_logits
 from .spill import Manifest, SpillReader, SpillWriter
 from .spill.manifest import MANIFEST_NAME, RESULTS_NAME, library_versions, load_manifest, write_json_atomic
 from .spill.resume import CommittedSamples, keep_rows, replay_shard
@@ -84,6 +84,7 @@ class Evaluator:
         self._writer: SpillWriter | None = None
         self._next_index = 0
         self._loss_sum = 0.0
+        self._in_flight: tuple[PendingHostCopy, int, Any, Any] | None = None
         self._finalized = self._aborted = False
         self._committed = CommittedSamples()
         self._first_seen = FirstSeen(dataset_length)  # streaming metrics count a sample once, as the reader does
@@ -160,6 +161,11 @@ class Evaluator:
         self._finalized = True
         if self._coordinator is not None:
             return self._finalize_distributed(self._coordinator)
+        try:
+            self._spill_in_flight()
+        except BaseException:
+            self.abort()
+            raise
         if self._writer is None:
             raise EmptyEvaluationError(
                 "no sample was evaluated: the eval dataset is empty (check its length and the dataloader)."
@@ -179,6 +185,10 @@ class Evaluator:
         if self._aborted:
             return
         self._aborted = self._finalized = True
+        try:
+            self._spill_in_flight()  # a batch already handed over is kept when it is sound
+        except Exception:  # noqa: BLE001 - its own error, or the writer's; the error being handled matters
+            pass
         if self._writer is not None:
             self._writer.abort()
         if self._coordinator is not None:
@@ -197,6 +207,7 @@ class Evaluator:
         also holds out of the streaming states (`spilleval.dedupe`), merge the states on rank 0, which marks the
         spill complete, runs the corpus metrics over the merged spill and sends the results to every rank."""
         try:
+            self._spill_in_flight()
             if self._writer is not None:
                 self._writer.close(mark_complete=False)
         except BaseException as error:
@@ -298,12 +309,18 @@ class Evaluator:
 
     @property
     def loss_sum(self) -> float:
-        """-sum of label log-probabilities so far (when log-probs are kept): the eval loss numerator."""
+        """-sum of label log-probabilities of the batches spilled so far: the eval loss numerator. The last batch
+        added from the device counts once it is spilled (at the next batch, or at `finalize`)."""
         return self._loss_sum
 
     # ------------------------------------------------------------------------------------------- helpers
     def _add(self, batch, vocab_size: int, columns, arrays) -> None:
-        """Drop rows committed by an earlier run, count the loss, spill (the writer thread updates the metrics)."""
+        """Drop rows committed by an earlier run, count the loss, spill (the writer thread updates the metrics).
+
+        A batch on a GPU is copied to the host asynchronously and spilled one call later, when its copy is long
+        done: the loop never waits for the GPU (`spilleval.reduce.ReducedBatch`). Its checks (label range,
+        NaN/Inf) therefore raise at the next `update`/`add` or at `finalize`, before anything is lost.
+        """
         if self._coordinator is not None:
             self._coordinator.raise_if_peer_failed()  # another rank failed: stop now, not at finalize
         if len(self._committed):
@@ -313,10 +330,25 @@ class Evaluator:
             if not keep.all():
                 batch, columns, arrays = keep_rows(batch, keep, columns, arrays)
         if isinstance(batch, ReducedBatch):
-            if batch.loss_sum is not None:
-                self._loss_sum += float(batch.loss_sum)
             if not self.keep_logprob:
                 batch.label_logprob = None
+            copy = batch.start_host_copy()
+            self._spill_in_flight()
+            self._in_flight = (copy, vocab_size, columns, arrays)
+            if copy.event is None:  # a CPU batch: its copy is already done, nothing to overlap
+                self._spill_in_flight()
+            return
+        self._spill_in_flight()
+        self._write(batch, vocab_size, columns, arrays)
+
+    def _spill_in_flight(self) -> None:
+        """Spill the batch whose host copy is under way (checking it on the way: this may raise)."""
+        if self._in_flight is None:
+            return
+        copy, vocab_size, columns, arrays = self._in_flight
+        self._in_flight = None
+        batch = copy.wait()
+        self._loss_sum += copy.loss_sum
         self._write(batch, vocab_size, columns, arrays)
 
     def _write(self, batch, vocab_size: int, columns, arrays) -> None:

@@ -1,8 +1,8 @@
 """Stage 2 of the data path: turn a batch of logits into token ids on the logits' own device.
 
 Nothing of size V (the vocabulary) leaves the device. argmax runs in the logits' dtype (bf16/fp16 included);
-the optional per-token label log-probability is computed in sequence chunks so that the float32 temporary is
-bounded by `chunk_bytes`, never a float32 copy of the whole B x T x V tensor.
+the optional per-token label log-probability is computed in sequence chunks so that its float32 temporaries stay
+within `chunk_bytes`, never a float32 copy of the whole B x T x V tensor.
 """
 
 from __future__ import annotations
@@ -23,68 +23,113 @@ class NonFiniteLogitsError(ValueError):
 
 @dataclass
 class ReducedBatch:
-    """The reduced form of one batch, still on the logits' device. `to_host()` gives a `SampleBatch`."""
+    """One batch reduced on its device, still padded to [B, T]: building it never makes the host wait for the GPU.
 
-    sample_index: torch.Tensor  # int64 [B]
-    offsets: torch.Tensor  # int64 [B+1]
-    pred_ids: torch.Tensor  # int32 [N], only supervised positions
-    label_ids: torch.Tensor  # int32 [N]
+    Picking out the supervised positions (a ragged result whose size only the device knows) and checking labels
+    and logits happen on a host copy, in `start_host_copy().wait()` or `to_host()`. An evaluation loop can so queue
+    the next batch's forward while this one finishes: a host synchronisation per batch measured 1.3 ms of an
+    89 ms batch on an H100 (see BENCHMARKS.md).
+    """
+
+    sample_index: torch.Tensor  # int64 [B], on the host
+    pred_ids: torch.Tensor  # int32 [B, T], argmax at every position
+    label_ids: torch.Tensor  # int32 [B, T], -100 where not supervised
     vocab_size: int
-    label_logprob: torch.Tensor | None = None  # float32 [N]
-    loss_sum: torch.Tensor | None = None  # float64 scalar: -sum(label_logprob), for the eval loss
+    row_nll: torch.Tensor  # float64 [B]: -sum of the row's label log-probs (zeros unless computed)
+    row_tokens: torch.Tensor  # int64 [B]: supervised positions per row
+    label_logprob: torch.Tensor | None = None  # float32 [B, T], 0 where not supervised
+    nonfinite_rows: torch.Tensor | None = None  # bool [B]: NaN/Inf logits at a supervised position
 
     def __len__(self) -> int:
         return int(self.sample_index.numel())
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.pred_ids.numel())
+    def loss_sum(self) -> torch.Tensor:
+        """-sum of the supervised label log-probabilities (float64, on the device): the loss numerator."""
+        return self.row_nll.sum()
+
+    @property
+    def token_count(self) -> torch.Tensor:
+        """Supervised positions in the batch (int64, on the device): the loss denominator."""
+        return self.row_tokens.sum()
+
+    def take_rows(self, rows: np.ndarray) -> "ReducedBatch":
+        """Only `rows` (host indices), still on the device and still without a synchronisation."""
+        host_rows = torch.as_tensor(rows, dtype=torch.int64)
+        device_rows = host_rows.to(self.pred_ids.device, non_blocking=True)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, device_rows)
+
+        return ReducedBatch(
+            sample_index=self.sample_index[host_rows],
+            pred_ids=pick(self.pred_ids),
+            label_ids=pick(self.label_ids),
+            vocab_size=self.vocab_size,
+            row_nll=pick(self.row_nll),
+            row_tokens=pick(self.row_tokens),
+            label_logprob=pick(self.label_logprob),
+            nonfinite_rows=pick(self.nonfinite_rows),
+        )
 
     def to_host(self) -> SampleBatch:
-        """Copy to host numpy arrays, ids narrowed to uint16 when the vocabulary allows."""
+        """The ragged `SampleBatch` of the supervised positions; raises on bad labels or non-finite logits."""
         return self.start_host_copy().wait()
 
     def start_host_copy(self) -> "PendingHostCopy":
         """Start a non-blocking device-to-host copy; `.wait()` on the result yields the `SampleBatch`.
 
-        On CUDA the copies go into pinned buffers behind an event, so the caller (the GPU loop) does not stall;
-        the consumer thread waits on the event instead.
+        On CUDA the copies go into pinned buffers behind an event, so the caller (the GPU loop) does not stall.
         """
-        tensors = {
-            "sample_index": self.sample_index,
-            "offsets": self.offsets,
-            "pred_ids": self.pred_ids,
-            "label_ids": self.label_ids,
-        }
+        tensors = {"pred_ids": self.pred_ids, "label_ids": self.label_ids, "row_nll": self.row_nll}
         if self.label_logprob is not None:
             tensors["label_logprob"] = self.label_logprob
+        if self.nonfinite_rows is not None:
+            tensors["nonfinite_rows"] = self.nonfinite_rows
+        sample_index = self.sample_index.detach().cpu()
         if self.pred_ids.device.type == "cuda":
             host = {k: _pinned_copy(v) for k, v in tensors.items()}
             event = torch.cuda.Event()
             event.record()
-            return PendingHostCopy(host, self.vocab_size, event)
-        return PendingHostCopy({k: v.detach().cpu() for k, v in tensors.items()}, self.vocab_size, None)
+            return PendingHostCopy(sample_index, host, self.vocab_size, event)
+        return PendingHostCopy(sample_index, {k: v.detach().cpu() for k, v in tensors.items()}, self.vocab_size)
 
 
 @dataclass
 class PendingHostCopy:
+    """A `ReducedBatch` on its way to the host. `wait()` picks the supervised positions and checks them."""
+
+    sample_index: torch.Tensor
     tensors: dict[str, torch.Tensor]
     vocab_size: int
-    event: "torch.cuda.Event | None"
+    event: "torch.cuda.Event | None" = None
 
     def wait(self) -> SampleBatch:
         if self.event is not None:
             self.event.synchronize()
-        t = self.tensors
+        t = {k: v.numpy() for k, v in self.tensors.items()}
+        index = self.sample_index.numpy().astype(np.int64, copy=False)
+        labels = t["label_ids"]
+        mask = labels != IGNORE_INDEX
+        _check_label_range(labels[mask], self.vocab_size)
+        if "nonfinite_rows" in t:
+            _raise_if_nonfinite(t["nonfinite_rows"], index)
+        offsets = np.zeros(len(index) + 1, dtype=np.int64)
+        np.cumsum(mask.sum(axis=1), out=offsets[1:])
         dtype = id_dtype_for_vocab(self.vocab_size)
         logprob = t.get("label_logprob")
         return SampleBatch(
-            sample_index=t["sample_index"].numpy().astype(np.int64, copy=False),
-            offsets=t["offsets"].numpy().astype(np.int64, copy=False),
-            pred_ids=t["pred_ids"].numpy().astype(dtype),
-            label_ids=t["label_ids"].numpy().astype(dtype),
-            label_logprob=None if logprob is None else logprob.numpy().astype(np.float32, copy=True),
+            sample_index=index,
+            offsets=offsets,
+            pred_ids=t["pred_ids"][mask].astype(dtype),
+            label_ids=labels[mask].astype(dtype),
+            label_logprob=None if logprob is None else logprob[mask].astype(np.float32, copy=False),
         )
+
+    @property
+    def loss_sum(self) -> float:
+        """-sum of the supervised label log-probabilities (valid after `wait()`)."""
+        return float(np.sum(self.tensors["row_nll"].numpy(), dtype=np.float64))
 
 
 def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -104,24 +149,28 @@ def reduce_logits(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     vocab_size: int | None = None,
 ) -> ReducedBatch:
-    """Reduce `logits [B, T, V]` and aligned `labels [B, T]` to the supervised positions' ids.
+    """Reduce `logits [B, T, V]` and aligned `labels [B, T]` to argmax ids (and label log-probs), on their device.
 
     shift=True is the causal-LM convention (`logits[:, :-1]` predicts `labels[:, 1:]`); shift=False is for
-    seq2seq models whose decoder logits already line up with the labels. Positions labelled -100 are dropped.
-    `sample_index` maps rows to dataset rows (defaults to 0..B-1). With `keep_logprob`, the log-probability of
-    each label token is kept (float32), computed chunk by chunk; `loss_sum` is then set too.
+    seq2seq models whose decoder logits already line up with the labels. Positions labelled -100 are dropped by
+    `to_host()`, which also raises on label ids outside the vocabulary and on NaN/Inf logits at supervised
+    positions (naming the samples). `sample_index` maps rows to dataset rows (defaults to 0..B-1). With
+    `keep_logprob`, the log-probability of each label token is computed chunk by chunk (float32), and `loss_sum`
+    with it.
     """
     _check_shapes(logits, labels)
-    batch_size = logits.shape[0]
-    vocab = int(vocab_size or logits.shape[-1])
-    labels = labels.to(logits.device)
+    batch_size, vocab = logits.shape[0], int(vocab_size or logits.shape[-1])
+    index = _as_index_tensor(sample_index, batch_size)
+    labels = labels.to(logits.device, non_blocking=True)
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != IGNORE_INDEX
-    _check_label_range(labels, mask, vocab)
+    # in range for the gather whatever the labels hold: out-of-range ids are reported by to_host(), and a gather
+    # out of bounds would be a device-side assert that kills the CUDA context
+    safe_labels = labels.clamp(0, logits.shape[-1] - 1)
 
-    per_token_bytes = logits.shape[-1] * (4 if keep_logprob else logits.element_size())
-    step = max(1, chunk_bytes // max(1, batch_size * per_token_bytes))
+    per_position_bytes = _logprob_temporary_bytes(logits) if keep_logprob else logits.shape[-1] * logits.element_size()
+    step = max(1, chunk_bytes // max(1, batch_size * per_position_bytes))
     preds, logprobs, nonfinite = [], [], []
     for start in range(0, logits.shape[1], step):
         chunk = logits[:, start : start + step]
@@ -130,35 +179,47 @@ def reduce_logits(
         if check_finite:
             nonfinite.append(~torch.isfinite(top))
         if keep_logprob:
-            logprobs.append(_label_logprob(chunk, labels[:, start : start + step]))
-    pred_full = torch.cat(preds, dim=1) if preds else labels.new_zeros(labels.shape)
+            logprobs.append(_label_logprob(chunk, safe_labels[:, start : start + step]))
 
-    index = _as_index_tensor(sample_index, batch_size, logits.device)
-    if check_finite and nonfinite:
-        _raise_if_nonfinite(torch.cat(nonfinite, dim=1) & mask, index)
+    def joined(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat(parts, dim=1).to(dtype) if parts else torch.zeros(labels.shape, dtype=dtype,
+                                                                             device=labels.device)
 
-    lengths = mask.sum(dim=1)
-    offsets = torch.zeros(batch_size + 1, dtype=torch.int64, device=logits.device)
-    torch.cumsum(lengths, dim=0, out=offsets[1:])
     reduced = ReducedBatch(
         sample_index=index,
-        offsets=offsets,
-        pred_ids=pred_full[mask].to(torch.int32),
-        label_ids=labels[mask].to(torch.int32),
+        pred_ids=joined(preds, torch.int32),
+        label_ids=labels.to(torch.int32),
         vocab_size=vocab,
+        row_nll=torch.zeros(batch_size, dtype=torch.float64, device=logits.device),
+        row_tokens=mask.sum(dim=1),
     )
+    if check_finite:
+        reduced.nonfinite_rows = (joined(nonfinite, torch.bool) & mask).any(dim=1)
     if keep_logprob:
-        lp_full = torch.cat(logprobs, dim=1) if logprobs else labels.new_zeros(labels.shape, dtype=torch.float32)
-        reduced.label_logprob = lp_full[mask]
-        reduced.loss_sum = -reduced.label_logprob.double().sum()
+        reduced.label_logprob = joined(logprobs, torch.float32).masked_fill_(~mask, 0.0)
+        reduced.row_nll = -reduced.label_logprob.double().sum(dim=1)
     return reduced
 
 
 def _label_logprob(chunk: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(label) for one sequence chunk, in float32. The chunk's float32 copy is the bounded temporary."""
+    """log p(label) for one sequence chunk, in float32: the value `cross_entropy` gives on float32 logits.
+
+    On CUDA, one fused log-softmax kernel (after the float32 copy it makes of the strided chunk) beats logsumexp,
+    whose max, subtract, exp, sum and log are separate passes: 9.6 -> 4.5 ms per batch of the 1B model in
+    BENCHMARKS.md. On the CPU, logsumexp reads the strided chunk in place and needs one float32 temporary where
+    log-softmax needs two.
+    """
+    if chunk.is_cuda:
+        logprobs = torch.log_softmax(chunk, dim=-1, dtype=torch.float32)
+        return logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     chunk32 = chunk.float()
-    safe = labels.clamp(min=0).unsqueeze(-1)
-    return chunk32.gather(-1, safe).squeeze(-1) - torch.logsumexp(chunk32, dim=-1)
+    return chunk32.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(chunk32, dim=-1)
+
+
+def _logprob_temporary_bytes(logits: torch.Tensor) -> int:
+    """Float32 temporaries per position that `_label_logprob` makes: two on CUDA, or for a CPU upcast; else one."""
+    copies = 2 if logits.is_cuda or logits.dtype != torch.float32 else 1
+    return copies * 4 * logits.shape[-1]
 
 
 def _check_shapes(logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -174,10 +235,9 @@ def _check_shapes(logits: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
 
 
-def _check_label_range(labels: torch.Tensor, mask: torch.Tensor, vocab: int) -> None:
-    if not bool(mask.any()):
+def _check_label_range(supervised: np.ndarray, vocab: int) -> None:
+    if supervised.size == 0:
         return
-    supervised = labels[mask]
     lo, hi = int(supervised.min()), int(supervised.max())
     if lo < 0 or hi >= vocab:
         raise ValueError(
@@ -186,22 +246,23 @@ def _check_label_range(labels: torch.Tensor, mask: torch.Tensor, vocab: int) -> 
         )
 
 
-def _as_index_tensor(sample_index, batch_size: int, device: torch.device) -> torch.Tensor:
+def _as_index_tensor(sample_index, batch_size: int) -> torch.Tensor:
+    """The batch's dataset indices, kept on the host (where the spill and the checks need them)."""
     if sample_index is None:
-        return torch.arange(batch_size, dtype=torch.int64, device=device)
+        return torch.arange(batch_size, dtype=torch.int64)
     index = torch.as_tensor(np.asarray(sample_index) if isinstance(sample_index, list) else sample_index)
-    index = index.to(device=device, dtype=torch.int64).reshape(-1)
+    index = index.detach().to(device="cpu", dtype=torch.int64).reshape(-1)
     if index.numel() != batch_size:
         raise ValueError(f"sample_index has {index.numel()} entries for a batch of {batch_size}")
     return index
 
 
-def _raise_if_nonfinite(bad: torch.Tensor, index: torch.Tensor) -> None:
-    rows = bad.any(dim=1)
-    if bool(rows.any()):
-        samples = index[rows].tolist()
-        shown = ", ".join(map(str, samples[:10])) + (" ..." if len(samples) > 10 else "")
-        raise NonFiniteLogitsError(
-            f"logits contain NaN/Inf at supervised positions of sample(s) {shown}. "
-            "Check the model's numerics (e.g. fp16 overflow: evaluate in bf16 or fp32)."
-        )
+def _raise_if_nonfinite(bad_rows: np.ndarray, index: np.ndarray) -> None:
+    if not bad_rows.any():
+        return
+    samples = index[bad_rows].tolist()
+    shown = ", ".join(map(str, samples[:10])) + (" ..." if len(samples) > 10 else "")
+    raise NonFiniteLogitsError(
+        f"logits contain NaN/Inf at supervised positions of sample(s) {shown}. "
+        "Check the model's numerics (e.g. fp16 overflow: evaluate in bf16 or fp32)."
+    )

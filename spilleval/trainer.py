@@ -468,7 +468,8 @@ def _with_index(item: Any, index: int) -> Any:
 
 class IndexCarryingCollator:
     """Take the index (and the carried columns) off each item, collate the rest with the user's collator, put the
-    indices (a tensor) and the carried columns (python lists, e.g. reference strings) on the batch."""
+    indices (a numpy array: the dataloader leaves it on the host, so reading it never waits for the GPU) and the
+    carried columns (python lists, e.g. reference strings) on the batch."""
 
     def __init__(self, collator: Callable[[list[Any]], Any], carry: Sequence[str] = ()) -> None:
         self.collator = collator
@@ -485,7 +486,7 @@ class IndexCarryingCollator:
                 f"the data collator returned a {type(batch).__name__}; SpillingTrainer needs batches that are "
                 "mappings (dict or BatchEncoding) to carry each row's dataset index."
             )
-        batch[INDEX_KEY] = torch.tensor(index, dtype=torch.int64)
+        batch[INDEX_KEY] = np.asarray(index, dtype=np.int64)
         batch.update(carried)
         return batch
 

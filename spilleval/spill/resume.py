@@ -18,12 +18,10 @@ Memory: one byte per dataset sample for the committed set (as the reader's de-du
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 
 from ..batch import SampleBatch
 from ..reduce import ReducedBatch
@@ -89,24 +87,4 @@ def keep_rows(
     arrays = None if arrays is None else {k: v[rows] for k, v in arrays.items()}
     if isinstance(batch, SampleBatch):
         return batch.take(rows), columns, arrays
-    return _reduced_rows(batch, rows), columns, arrays
-
-
-def _reduced_rows(batch: ReducedBatch, rows: np.ndarray) -> ReducedBatch:
-    device = batch.sample_index.device
-    row_mask = torch.zeros(len(batch), dtype=torch.bool, device=device)
-    row_mask[torch.as_tensor(rows, device=device)] = True
-    lengths = batch.offsets[1:] - batch.offsets[:-1]
-    token_mask = torch.repeat_interleave(row_mask, lengths)
-    offsets = torch.zeros(len(rows) + 1, dtype=torch.int64, device=device)
-    torch.cumsum(lengths[row_mask], dim=0, out=offsets[1:])
-    logprob = None if batch.label_logprob is None else batch.label_logprob[token_mask]
-    return dataclasses.replace(
-        batch,
-        sample_index=batch.sample_index[row_mask],
-        offsets=offsets,
-        pred_ids=batch.pred_ids[token_mask],
-        label_ids=batch.label_ids[token_mask],
-        label_logprob=logprob,
-        loss_sum=None if logprob is None else -logprob.double().sum(),
-    )
+    return batch.take_rows(rows), columns, arrays

@@ -2,7 +2,7 @@
 
 The evaluation loop hands batches to `SpillWriter.write`, which only enqueues them into a bounded queue (a slow
 disk blocks the loop instead of growing memory). The writer thread is the single consumer of host batches: it
-waits for the device-to-host copy, runs the listeners (streaming metric updates), buffers up to `chunk_bytes`,
+runs the listeners (streaming metric updates), buffers up to `chunk_bytes`,
 and commits chunks atomically (temp directory, fsync, rename). An error in the thread surfaces in the caller at
 the next `write` or `close`, naming the chunk and what is still intact.
 """
@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -41,9 +41,6 @@ from .manifest import (
     shard_dir_name,
     write_json_atomic,
 )
-
-if TYPE_CHECKING:  # reduce imports torch; reading and writing host batches must not need it
-    from ..reduce import PendingHostCopy, ReducedBatch
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 LOCK_NAME = ".lock"
@@ -134,17 +131,15 @@ class SpillWriter:
     # ----------------------------------------------------------------------------------------------- public
     def write(
         self,
-        batch: "SampleBatch | ReducedBatch | PendingHostCopy",
+        batch: SampleBatch,
         *,
         columns: dict[str, list[Any]] | None = None,
         arrays: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """Enqueue one batch (blocks while the queue is full). Device batches are copied asynchronously."""
+        """Enqueue one batch (blocks while the queue is full)."""
         self._raise_if_failed()
         if self._closed:
             raise SpillWriteError("write() after close()")
-        if hasattr(batch, "start_host_copy"):  # a ReducedBatch still on its device
-            batch = batch.start_host_copy()
         self._queue.put((batch, columns or {}, arrays or {}))
 
     def close(self, *, mark_complete: bool | None = None) -> ShardSummary:
@@ -207,8 +202,7 @@ class SpillWriter:
             except BaseException as e:  # noqa: BLE001
                 self._error = e
 
-    def _consume(self, item, columns, arrays) -> None:
-        batch = item if isinstance(item, SampleBatch) else item.wait()  # a PendingHostCopy
+    def _consume(self, batch: SampleBatch, columns, arrays) -> None:
         if columns or arrays:
             batch.columns = {**batch.columns, **columns}
             batch.arrays = {**batch.arrays, **{k: np.asarray(v) for k, v in arrays.items()}}

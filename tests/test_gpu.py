@@ -1,0 +1,109 @@
+"""The GPU path, on a CUDA device (skipped elsewhere: CI has none; run on the GPU machine with the benchmarks).
+
+On a GPU the reduction never makes the host wait: supervised positions are picked out and checked on the host
+copy, and the evaluator spills each batch one call later. These tests hold that path to the same exact answers
+as the CPU path, and check that its errors still come, clearly and before anything committed is lost.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_trainer import (
+    EVAL_BATCH,
+    assert_metrics_equal,
+    assert_spill_rows,
+    brute_force,
+    fit,
+    llava_own_labels_and_logits,
+    make_args,
+)
+
+from spilleval import Evaluator, SpillReader
+from spilleval.metrics.answers import AnswerMacroF1
+from spilleval.metrics.token import NegativeLogLikelihood, SequenceExactMatch, TokenAccuracy
+from spilleval.reduce import NonFiniteLogitsError, reduce_logits
+from spilleval.testing import IMAGE_TOKEN, multimodal_qa_dataset, pad_multimodal_batch, tiny_llava
+from spilleval.trainer import SpillingTrainer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+VOCAB = 500
+# metric objects, not names: a name loads every built-in metric, and with them reference libraries (jiwer,
+# rouge-score, pycocoevalcap) that a bare GPU image may lack
+
+
+def gpu_safe_metrics() -> list:
+    return [TokenAccuracy(), SequenceExactMatch(), NegativeLogLikelihood(), AnswerMacroF1()]
+
+
+def batch_of(rows: np.ndarray, *, seq: int = 33, nan_row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(int(rows[0]))
+    logits = torch.randn(len(rows), seq, VOCAB, generator=gen)
+    labels = torch.randint(0, VOCAB, (len(rows), seq), generator=gen)
+    labels[torch.rand(labels.shape, generator=gen) < 0.3] = -100
+    if nan_row is not None:
+        logits[nan_row, 5] = float("nan")
+        labels[nan_row, 6] = 7  # a supervised position after the NaN logits (causal shift)
+    return logits, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reduce_on_gpu_equals_cpu(dtype):
+    logits, labels = batch_of(np.arange(4))
+    logits = logits.to(dtype)
+    cpu = reduce_logits(logits, labels, keep_logprob=True, chunk_bytes=4096).to_host()
+    gpu_reduced = reduce_logits(logits.cuda(), labels.cuda(), keep_logprob=True, chunk_bytes=4096)
+    gpu = gpu_reduced.to_host()
+    np.testing.assert_array_equal(gpu.offsets, cpu.offsets)
+    np.testing.assert_array_equal(gpu.pred_ids, cpu.pred_ids)
+    np.testing.assert_array_equal(gpu.label_ids, cpu.label_ids)
+    np.testing.assert_allclose(gpu.label_logprob, cpu.label_logprob, rtol=1e-5, atol=1e-5)
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                                                  reduction="sum")
+    assert float(gpu_reduced.loss_sum) == pytest.approx(float(reference), rel=1e-6)
+
+
+def test_out_of_range_label_on_gpu_is_a_clear_error_and_the_device_survives():
+    logits, labels = batch_of(np.arange(3))
+    labels[1, 4] = VOCAB + 7
+    reduced = reduce_logits(logits.cuda(), labels.cuda(), keep_logprob=True)  # the gather is clamped
+    with pytest.raises(ValueError, match=f"label id out of range \\[0, {VOCAB}\\): found {VOCAB + 7}"):
+        reduced.to_host()
+    torch.cuda.synchronize()  # no device-side assert was triggered
+    assert torch.ones(2, device="cuda").sum().item() == 2
+
+
+def test_evaluator_on_gpu_raises_nan_a_batch_late_and_keeps_what_came_before(tmp_path):
+    evaluator = Evaluator(tmp_path / "spill", [TokenAccuracy()], dataset_length=12, chunk_rows=4)
+    for start, nan_row in ((0, None), (4, None), (8, 1)):
+        rows = np.arange(start, start + 4)
+        logits, labels = batch_of(rows, nan_row=nan_row)
+        evaluator.update(logits.cuda(), labels.cuda(), sample_index=rows)  # the last one is checked at finalize
+    with pytest.raises(NonFiniteLogitsError, match=r"sample\(s\) 9\b"):
+        evaluator.finalize()
+    reader = SpillReader(tmp_path / "spill", allow_partial=True)
+    assert sorted(reader.table()["sample_index"].to_pylist()) == list(range(8))
+
+
+def test_spilling_trainer_on_gpu_equals_brute_force_on_the_gpu_logits(tokenizer, tmp_path):
+    model = tiny_llava(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).cuda()
+    data = multimodal_qa_dataset(22, tokenizer, seed=5)
+
+    def collate(items):
+        return pad_multimodal_batch(items)
+
+    fit(model, [{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in collate(data[i : i + 8]).items()}
+                for i in range(0, 22, 8)])
+    trainer = SpillingTrainer(model=model, args=make_args(tmp_path, use_cpu=False), eval_dataset=data,
+                              data_collator=collate, processing_class=tokenizer,
+                              metrics=gpu_safe_metrics())
+    metrics = trainer.evaluate()
+    cuda_collate = lambda items: {k: v.cuda() if isinstance(v, torch.Tensor) else v  # noqa: E731
+                                  for k, v in collate(items).items()}
+    pairs = [(logits.cpu(), labels.cpu()) for logits, labels in llava_own_labels_and_logits(model, data, cuda_collate)]
+    expected = brute_force(pairs, tokenizer, shift=True)
+    assert 0.2 < expected["token_accuracy"] < 1.0
+    assert_metrics_equal(metrics, expected)
+    assert_spill_rows(trainer.last_spill_dir, expected)
+    assert len(pairs) == -(-len(data) // EVAL_BATCH)
