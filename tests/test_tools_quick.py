@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -12,13 +13,44 @@ from conftest import REPO_ROOT
 
 @pytest.mark.slow
 def test_bench_compute_quick(tmp_path):
-    done = subprocess.run([sys.executable, "tools/bench_compute.py", "--quick", "--tmp", str(tmp_path)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    spills, out = tmp_path / "spills", tmp_path / "compute.json"
+    spills.mkdir()
+    command = [sys.executable, "tools/bench_compute.py", "--quick", "--tmp", str(spills), "--json", str(out)]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     for expected in ("numpy over the ids in memory", "spill, zstd (default)", "spill, uncompressed",
-                     "every column decoded", "Entropy floor", "zstd level 1"):
+                     "every column decoded", "Entropy floor", "zstd level 1", "Bytes on disk per supervised token"):
         assert expected in done.stdout, expected
-    assert not list(tmp_path.iterdir())  # the spills it wrote are gone
+    assert not list(spills.iterdir())  # the spills it wrote are gone
+
+    # the per-metric table: one row per built-in metric, every rate a positive finite number
+    from spilleval.metrics.registry import available_metrics
+
+    table = per_metric_table(done.stdout)
+    assert sorted(table) == sorted(available_metrics())
+    for name, row in table.items():
+        for column in ("supervised tokens/s", "samples/s", "vs token_accuracy"):
+            value = float(row[column].replace(",", ""))
+            assert math.isfinite(value) and value > 0, (name, column, row[column])
+    assert float(table["token_accuracy"]["vs token_accuracy"]) == 1
+    per_metric = json.loads(out.read_text())["per_metric"]
+    assert per_metric["bytes"]["all"] > 0
+    for row in per_metric["rows"]:
+        assert row["result"] and all(math.isfinite(v) for v in row["result"].values()), row
+
+
+def per_metric_table(stdout: str) -> dict[str, dict[str, str]]:
+    """The markdown table whose first header is "metric", as {metric: {header: cell}}."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| metric |"))
+    headers = [h.strip() for h in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(headers, cells))
+    return rows
 
 
 @pytest.mark.slow
