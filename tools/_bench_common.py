@@ -11,9 +11,7 @@ import gc
 import multiprocessing as mp
 import os
 import platform
-import resource
 import tempfile
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -22,6 +20,8 @@ from typing import Any, Callable
 
 import psutil
 import torch
+
+from spilleval.testing import peak_rss, reset_peak_rss
 
 IGNORE_INDEX = -100
 FIRST_WORD_ID = 5  # ids below are the special tokens of spilleval.testing.build_tokenizer
@@ -171,52 +171,15 @@ def current_rss() -> int:
 
 
 class PeakRSS:
-    """Peak resident memory of this process inside a `with` block.
-
-    Linux lets a process reset its high-water mark (/proc/self/clear_refs, "5"), so VmHWM is then the exact peak
-    of the block; elsewhere a thread samples the RSS every 2 ms.
-    """
+    """Peak resident memory of this process inside a `with` block: the high-water mark (VmHWM), reset on entry."""
 
     def __enter__(self) -> "PeakRSS":
+        reset_peak_rss()
         self.peak = 0
-        self._exact = _reset_high_water_mark()
-        self._stop = threading.Event()
-        self._thread = None
-        if not self._exact:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._exact:
-            self.peak = _high_water_mark()
-        else:
-            self._stop.set()
-            self._thread.join()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, current_rss())
-
-
-def _reset_high_water_mark() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _high_water_mark() > 0
-    except OSError:
-        return False
-
-
-def _high_water_mark() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.peak = peak_rss()
 
 
 def settled_rss() -> int:
