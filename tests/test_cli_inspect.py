@@ -384,11 +384,13 @@ MEMORY_PROBE = textwrap.dedent("""
         "export_parquet": ["export", spill, "-f", "parquet", "-o", str(out / "x.parquet")],
     }
     runner, peaks = CliRunner(), {}
-    for name, args in list(commands.items()) * 2:  # the first round loads lazy imports and caches
-        before = reset_peak_rss()
-        result = runner.invoke(cli.app, args + (["--force"] if name.startswith("export") else []))
-        assert result.exit_code == 0, result.output
-        peaks[name] = peak_rss() - before
+    for attempt in range(3):  # the first round loads lazy imports and caches; the least of the next two is kept
+        for name, args in commands.items():
+            before = reset_peak_rss()
+            result = runner.invoke(cli.app, args + (["--force"] if name.startswith("export") else []))
+            assert result.exit_code == 0, result.output
+            if attempt:  # allocator and thread-timing noise under load only ever adds: the minimum is the cost
+                peaks[name] = min(peaks.get(name, float("inf")), peak_rss() - before)
     print(json.dumps(peaks))
 """)
 
