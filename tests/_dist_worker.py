@@ -29,6 +29,7 @@ from spilleval.testing import (
     IMAGE_TOKEN,
     build_tokenizer,
     encode_qa,
+    fit,
     multimodal_qa_dataset,
     pad_batch,
     pad_multimodal_batch,
@@ -46,17 +47,6 @@ def qa_items(tokenizer: Any) -> list[dict[str, Any]]:
     return [encode_qa(ex, tokenizer, index=i) | {"question": ex["question"]}
             for i, ex in enumerate(qa_examples(NUM_SAMPLES, seed=5))]
 
-
-def fit(model: torch.nn.Module, batches: list[dict[str, Any]], steps: int = 40) -> torch.nn.Module:
-    """A few optimizer steps so that predictions are often right (metrics far from 0 and 1)."""
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(steps):
-        model(**batches[step % len(batches)]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
 
 
 def train_models(directory: Path) -> None:

@@ -15,7 +15,6 @@ from test_trainer import (
     assert_metrics_equal,
     assert_spill_rows,
     brute_force,
-    fit,
     llava_own_labels_and_logits,
     make_args,
 )
@@ -24,7 +23,7 @@ from spilleval import Evaluator, SpillReader
 from spilleval.metrics.answers import AnswerMacroF1
 from spilleval.metrics.token import NegativeLogLikelihood, SequenceExactMatch, TokenAccuracy
 from spilleval.reduce import NonFiniteLogitsError, reduce_logits
-from spilleval.testing import IMAGE_TOKEN, multimodal_qa_dataset, pad_multimodal_batch, tiny_llava
+from spilleval.testing import IMAGE_TOKEN, fit, multimodal_qa_dataset, pad_multimodal_batch, tiny_llava
 from spilleval.trainer import SpillingTrainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

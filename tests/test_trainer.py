@@ -24,6 +24,7 @@ from spilleval.trainer import SpillingTrainer, SpillPredictionOutput
 from spilleval.testing import (
     IMAGE_TOKEN,
     encode_qa,
+    fit,
     multimodal_qa_dataset,
     pad_batch,
     pad_multimodal_batch,
@@ -51,17 +52,6 @@ def make_args(tmp_path: Path, **kwargs: Any) -> TrainingArguments:
     output_dir = kwargs.pop("output_dir", str(tmp_path / "out"))
     return TrainingArguments(output_dir, **{**defaults, **kwargs})
 
-
-def fit(model: torch.nn.Module, batches: list[dict[str, Any]], steps: int = 40) -> torch.nn.Module:
-    """A few optimizer steps so that predictions are often right (metrics far from 0 and 1)."""
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(steps):
-        model(**batches[step % len(batches)]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------- brute force
