@@ -13,7 +13,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "IncompleteEvaluationError": ".accounting",
     "SampleBatch": ".batch",
+    "LabelCaptureError": ".capture",
+    "ComputeMetricsError": ".compat",
     "DistributedEvaluationError": ".distributed",
     "Evaluator": ".evaluator",
     "GenerationEval": ".generation",

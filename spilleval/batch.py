@@ -45,7 +45,10 @@ class SampleBatch:
     label_offsets: np.ndarray | None = None  # int64 [B+1] for ragged label rows (generation); None: `offsets`
 
     def __post_init__(self) -> None:
-        self.sample_index = np.asarray(self.sample_index, dtype=np.int64)
+        index = np.asarray(self.sample_index)
+        if index.size and index.dtype.kind not in "iu":
+            raise ValueError(f"sample_index must hold integer dataset indices, got dtype {index.dtype}")
+        self.sample_index = index.astype(np.int64, copy=False)
         self.offsets = np.asarray(self.offsets, dtype=np.int64)
         n = len(self.sample_index)
         if len(self.offsets) != n + 1:
@@ -259,7 +262,9 @@ def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def _column_bytes(values: list[Any]) -> int:
     total = 0
     for v in values:
-        if isinstance(v, str):
+        if isinstance(v, np.ndarray):
+            total += v.nbytes
+        elif isinstance(v, str):
             total += len(v)
         elif isinstance(v, (list, tuple)):
             total += sum(len(x) if isinstance(x, str) else 8 for x in v)

@@ -8,11 +8,20 @@ The labels to evaluate are the ones the loss saw. `resolve_labels` takes the fir
 2. the `labels` (or pre-shifted `shift_labels`) that `forward` passed to the instance's `loss_function`, recorded
    by `LossCapture` (transformers >= 4.46 routes the causal-LM loss through it);
 3. the user's `label_fn(inputs, outputs)`;
-4. the batch's raw labels, only when their shape matches the logits.
+4. the batch's labels, when `Trainer.compute_loss` took them for its own loss (`label_smoothing_factor > 0` or
+   `compute_loss_func=`): the model never saw them, the trainer's loss did, position by position;
+5. the batch's raw labels, when their shape matches the logits **and** they reproduce the model's own
+   `outputs.loss` (its mean, sum, or sum / `num_items_in_batch` of the per-token cross-entropy, to the precision of
+   the loss's dtype) — or when the user says they line up (`trust_batch_labels=True`).
 
 Anything else raises `LabelCaptureError`, naming the shapes and the fix: misaligned labels are never evaluated.
-(`label_fn` is tried before raw labels: a user who wrote one knows the raw labels are wrong even when their shape
-happens to match.)
+A shape match alone proves nothing: a model that shifts or re-pads its labels inside `forward` and computes its
+loss by hand returns logits of the raw labels' shape. (`label_fn` is tried before raw labels: a user who wrote one
+knows the raw labels are wrong even when their shape happens to match.)
+
+The check of source 5 needs the per-token log-probabilities, computed in the same chunked pass as the argmax
+(`reduce_aligned`), and is evaluated on the batch's host copy (`spilleval.reduce.DeferredCheck`): on a GPU the loop
+does not wait for it, and its error comes from the next batch or from `finalize`, before the batch is spilled.
 
 While it is installed, `LossCapture` also computes the causal-LM loss itself: in sequence chunks, from the logits in
 their own dtype, with the argmax and the per-token reduction of the same pass (`reduce_logits`). The model's own
@@ -29,7 +38,7 @@ import numpy as np
 import torch
 
 from .batch import IGNORE_INDEX
-from .reduce import DEFAULT_CHUNK_BYTES, ReducedBatch, reduce_logits
+from .reduce import DEFAULT_CHUNK_BYTES, DeferredCheck, ReducedBatch, reduce_logits
 
 LabelFn = Callable[[Mapping[str, Any], Any], torch.Tensor]
 
@@ -44,8 +53,9 @@ class AlignedLabels:
 
     labels: torch.Tensor  # [B, T]
     shift: bool
-    source: str  # "outputs.labels" | "loss_function" | "label_fn" | "batch labels"
+    source: str  # "outputs.labels" | "loss_function" | "label_fn" | "trainer loss" | "batch labels"
     preshifted: bool = False  # causal-LM `shift_labels`: `logits[:, t]` predicts `labels[:, t]`
+    verify_with: torch.Tensor | None = None  # raw labels: the model's own loss they must reproduce
 
     def unshifted(self) -> torch.Tensor:
         """Labels in the model-input convention, which `compute_metrics` closures shift themselves.
@@ -174,8 +184,14 @@ def resolve_labels(
     shift: bool = True,
     label_name: str = "labels",
     loss_calls: int = 0,
+    trainer_loss_took_labels: bool = False,
+    trust_batch_labels: bool = False,
 ) -> AlignedLabels:
-    """The first label source that applies (see the module docstring), checked against the logits' shape."""
+    """The first label source that applies (see the module docstring), checked against the logits' shape.
+
+    Raw batch labels come back with `verify_with` set (the model's loss) unless trusted: reduce them with
+    `reduce_aligned`, which attaches the check.
+    """
     returned = _get(outputs, "labels")
     if isinstance(returned, torch.Tensor):
         return _checked(AlignedLabels(returned, shift, "outputs.labels"), logits)
@@ -184,9 +200,67 @@ def resolve_labels(
     if label_fn is not None:
         return _checked(AlignedLabels(torch.as_tensor(label_fn(inputs, outputs)), shift, "label_fn"), logits)
     raw = inputs.get(label_name)
-    if isinstance(raw, torch.Tensor) and tuple(raw.shape) == tuple(logits.shape[:2]):
+    if trainer_loss_took_labels and isinstance(raw, torch.Tensor):
+        return _checked(AlignedLabels(raw, shift, "trainer loss"), logits)
+    if not isinstance(raw, torch.Tensor) or tuple(raw.shape) != tuple(logits.shape[:2]):
+        raise LabelCaptureError(_unrecoverable_message(logits, raw, label_name, loss_calls))
+    if trust_batch_labels:
         return AlignedLabels(raw, shift, "batch labels")
-    raise LabelCaptureError(_unrecoverable_message(logits, raw, label_name, loss_calls))
+    model_loss = _get(outputs, "loss")
+    if not isinstance(model_loss, torch.Tensor) or not model_loss.is_floating_point():
+        raise LabelCaptureError(_unverifiable_message(logits, label_name))
+    return AlignedLabels(raw, shift, "batch labels", verify_with=model_loss.detach())
+
+
+def reduce_aligned(
+    logits: torch.Tensor,
+    aligned: AlignedLabels,
+    *,
+    sample_index: torch.Tensor,
+    keep_logprob: bool,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    num_items_in_batch: Any = None,
+) -> ReducedBatch:
+    """`reduce_logits` on resolved labels; raw labels also get the check that they reproduce the model's loss."""
+    verify = aligned.verify_with is not None
+    reduced = reduce_logits(
+        logits.detach(), aligned.labels, shift=aligned.shift, sample_index=sample_index,
+        keep_logprob=keep_logprob or verify, chunk_bytes=chunk_bytes,
+    )
+    if verify:
+        reduced.checks.append(_loss_check(reduced, aligned.verify_with, num_items_in_batch))
+        if not keep_logprob:
+            reduced.label_logprob = None
+    return reduced
+
+
+def _loss_check(reduced: ReducedBatch, model_loss: torch.Tensor, num_items_in_batch: Any) -> DeferredCheck:
+    """On the device: the model's loss, then what the raw labels give as mean, sum and sum / num_items_in_batch."""
+    total, count = reduced.loss_sum, reduced.token_count.to(torch.float64)
+    items = count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=total.device)
+    values = torch.stack([
+        model_loss.to(total.device, torch.float64).mean(), count, total / count, total, total / items.double(),
+    ])
+    rtol = max(1e-4, 2 * torch.finfo(model_loss.dtype).eps)  # float32: 1e-4; bf16: 1.6%; fp16: 0.2%
+    return DeferredCheck(values, lambda host: _raise_if_loss_differs(host, rtol))
+
+
+def _raise_if_loss_differs(values: np.ndarray, rtol: float) -> None:
+    model_loss, count, mean, total, per_item = (float(v) for v in values)
+    if count == 0:
+        return  # no supervised token: nothing of this batch is evaluated
+    if any(np.isclose(model_loss, candidate, rtol=rtol, atol=1e-6) for candidate in (mean, total, per_item)):
+        return
+    raise LabelCaptureError(
+        "the batch's raw labels have the logits' shape but do not reproduce the model's own loss: outputs.loss is "
+        f"{model_loss:.6g}, the raw labels give a cross-entropy of {mean:.6g} (mean over {int(count)} supervised "
+        "tokens; neither its sum nor sum / num_items_in_batch matches either). The model must rewrite its labels "
+        "inside forward (shifted, re-padded, image positions inserted), so evaluating the raw labels would be "
+        "silently misaligned. Fix: return the processed labels as outputs.labels, compute the loss with "
+        "self.loss_function(logits=..., labels=...), or pass label_fn=lambda inputs, outputs: <the labels the loss "
+        "used>. If the raw labels do line up and the model's loss is simply another function (label smoothing, "
+        "weighting), pass trust_batch_labels=True."
+    )
 
 
 def _checked(aligned: AlignedLabels, logits: torch.Tensor) -> AlignedLabels:
@@ -215,6 +289,17 @@ def _unrecoverable_message(logits: torch.Tensor, raw: Any, label_name: str, loss
         "silently misaligned. Fix: compute the loss with self.loss_function(logits=..., labels=...) in forward, "
         "return the processed labels as outputs.labels, or pass label_fn=lambda inputs, outputs: labels "
         f"(shape {tuple(logits.shape[:2])}) to SpillingTrainer."
+    )
+
+
+def _unverifiable_message(logits: torch.Tensor, label_name: str) -> str:
+    return (
+        f"the batch's {label_name!r} have the logits' shape {tuple(logits.shape[:2])}, but nothing shows that they "
+        "line up with the logits: the model returned no outputs.labels, did not call self.loss_function with "
+        "labels, and returned no loss to check them against. A model that shifts or re-pads its labels inside "
+        "forward gives logits of the same shape. Fix: return the processed labels as outputs.labels, pass "
+        "label_fn=lambda inputs, outputs: <labels aligned with outputs.logits>, or, if the batch's labels do line "
+        "up, pass trust_batch_labels=True."
     )
 
 
@@ -344,7 +429,3 @@ def find_logits(outputs: Any) -> torch.Tensor:
         f"the model output ({type(outputs).__name__}) has no `logits` [batch, seq, vocab]. Return a ModelOutput with "
         "`logits` (return_dict=True)."
     )
-
-
-def as_index_tensor(index: Any) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(index) if isinstance(index, list) else index).reshape(-1).to(torch.int64)

@@ -6,7 +6,7 @@ the rest; the streaming metrics follow the same rule in two steps:
 
 1. On each rank, `FirstSeen` passes only a sample's first occurrence on that rank to the metrics (rows arrive in
    the order they are committed, so this is the reader's rule within a shard).
-2. At the end, the ranks find which of their samples a lower rank holds as well (`Coordinator.owned_by_lower_rank`)
+2. At the end, the ranks find which of their samples a lower rank holds as well (`Coordinator.sample_owners`)
    and `subtract_rows` takes those rows' contribution back out of the states. Streaming states are sums, so the
    contribution of a few rows is their own state, read back from this rank's shard; the rows re-read are the
    duplicates only (fewer than the world size with `DistributedSampler`).
@@ -30,10 +30,16 @@ from .spill.reader import scan_shard
 
 
 class FirstSeen:
-    """The sample indices this rank has passed to the metrics: one byte per sample, like the reader's bitmap."""
+    """The sample indices this rank has passed to the metrics: one byte per sample, like the reader's bitmap.
 
-    def __init__(self, size_hint: int | None = None) -> None:
+    `allow_repeats=False` (a single process, where no sampler pads, unless the user says so) makes a repeated index
+    an error: it means the loop's indices are not dataset indices (e.g. they restart at 0 in every batch), and
+    dropping the repeats would silently evaluate a subset.
+    """
+
+    def __init__(self, size_hint: int | None = None, *, allow_repeats: bool = True) -> None:
         self.present = np.zeros(size_hint or 0, dtype=bool)
+        self.allow_repeats = allow_repeats
 
     def fresh(self, batch: SampleBatch) -> SampleBatch:
         """The rows of `batch` whose sample this rank has not seen before (first of repeats within the batch)."""
@@ -47,6 +53,13 @@ class FirstSeen:
         keep = np.zeros(len(index), dtype=bool)
         keep[first] = True
         keep &= ~self.present[index]
+        if not self.allow_repeats and not keep.all():
+            raise ValueError(
+                f"sample index {int(index[~keep][0])} was already evaluated: in a single process every row needs its "
+                "own dataset index. The loop's indices repeat (do they restart at 0 in every batch?): pass each "
+                "row's index in the dataset, or Evaluator(..., allow_repeats=True) if the sampler repeats samples on "
+                "purpose (they count once)."
+            )
         self.present[index] = True
         return batch if keep.all() else batch.take(np.flatnonzero(keep))
 

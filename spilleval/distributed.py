@@ -63,6 +63,14 @@ class Status:
         return f"rank {self.rank} failed: {self.error}"
 
 
+@dataclass
+class SampleOwnership:
+    """Bool masks over sample indices: held by some rank; held by this rank and by a lower one too."""
+
+    held: np.ndarray
+    foreign: np.ndarray
+
+
 class Coordinator:
     """The ranks of one evaluation: status exchange with a deadline and the small collectives of `finalize`."""
 
@@ -131,23 +139,26 @@ class Coordinator:
             pass
 
     # ------------------------------------------------------------------------------------------- data
-    def owned_by_lower_rank(self, present: np.ndarray) -> np.ndarray:
-        """Of the samples this rank holds (`present[i]`), those that a lower rank holds too.
+    def sample_owners(self, present: np.ndarray) -> "SampleOwnership":
+        """Which samples any rank holds, and which of this rank's (`present[i]`) a lower rank holds too.
 
         The owner of a sample is the lowest rank holding it, as the reader's "first occurrence in (rank, chunk)
-        order" rule: all_reduce(MIN) of `rank if present else world_size`, in blocks of OWNER_BLOCK samples.
+        order" rule: all_reduce(MIN) of `rank if present else world_size`, in blocks of OWNER_BLOCK samples. Every
+        rank gets the same `held`, so every rank takes the same decision about missing samples.
         """
         size = int(self._all_reduce(torch.tensor([len(present)], dtype=torch.int64), dist.ReduceOp.MAX)[0])
         foreign = np.zeros(size, dtype=bool)
+        held = np.zeros(size, dtype=bool)
         for start in range(0, size, OWNER_BLOCK):
             stop = min(start + OWNER_BLOCK, size)
             mine = np.zeros(stop - start, dtype=bool)
-            held = present[start:stop]
-            mine[: len(held)] = held
+            block = present[start:stop]
+            mine[: len(block)] = block
             owner = torch.from_numpy(np.where(mine, self.rank, self.world_size).astype(np.int32))
             owner = self._all_reduce(owner, dist.ReduceOp.MIN).numpy()
             foreign[start:stop] = mine & (owner < self.rank)
-        return foreign
+            held[start:stop] = owner < self.world_size
+        return SampleOwnership(foreign=foreign, held=held)
 
     def gather_to_root(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` on rank 0 (in rank order), None elsewhere."""

@@ -30,6 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from .accounting import IncompleteEvaluationError, check_every_sample, checked_sample_index
 from .batch import SampleBatch, id_dtype_for_vocab
 from .dedupe import FirstSeen, subtract_rows
 from .distributed import DEFAULT_TIMEOUT_S, Coordinator, DistributedEvaluationError, process_group
@@ -39,7 +40,16 @@ from .reduce import PendingHostCopy, ReducedBatch, reduce_logits
 from .spill import Manifest, SpillReader, SpillWriter
 from .spill.manifest import MANIFEST_NAME, RESULTS_NAME, library_versions, load_manifest, write_json_atomic
 from .spill.resume import CommittedSamples, keep_rows, replay_shard
-from .spill.writer import DEFAULT_CHUNK_BYTES, SpillExistsError, SpillWriteError, mark_spill_complete, raise_if_locked
+from .spill.writer import (
+    DEFAULT_CHUNK_BYTES,
+    SpillExistsError,
+    SpillWriteError,
+    mark_spill_complete,
+    mark_spill_partial,
+    raise_if_locked,
+)
+
+__all__ = ["EmptyEvaluationError", "Evaluator", "IncompleteEvaluationError"]
 
 
 class EmptyEvaluationError(ValueError):
@@ -66,6 +76,7 @@ class Evaluator:
         resume: bool = False,
         extra: dict[str, Any] | None = None,
         dist_timeout: float = DEFAULT_TIMEOUT_S,
+        allow_repeats: bool = False,
     ) -> None:
         self.spill_dir = Path(spill_dir)
         self.suite = MetricSuite(metrics, tokenizer=tokenizer)
@@ -87,7 +98,8 @@ class Evaluator:
         self._in_flight: tuple[PendingHostCopy, int, Any, Any] | None = None
         self._finalized = self._aborted = False
         self._committed = CommittedSamples()
-        self._first_seen = FirstSeen(dataset_length)  # streaming metrics count a sample once, as the reader does
+        # streaming metrics count a sample once, as the reader does; one process has no sampler padding to repeat one
+        self._first_seen = FirstSeen(dataset_length, allow_repeats=allow_repeats or self.world_size > 1)
         # a collective: every rank constructs its Evaluator (see spilleval.distributed)
         self._coordinator = Coordinator(self.spill_dir, timeout=dist_timeout) if self.world_size > 1 else None
         try:
@@ -170,9 +182,10 @@ class Evaluator:
             raise EmptyEvaluationError(
                 "no sample was evaluated: the eval dataset is empty (check its length and the dataloader)."
             )
-        summary = self._writer.close()
+        summary = self._writer.close(mark_complete=False)
         if summary.rows == 0:
             raise EmptyEvaluationError("no sample was evaluated: the eval dataset is empty.")
+        self._mark_spill(self._first_seen.present)
         return self._compute_results()
 
     def abort(self, error: BaseException | None = None) -> None:
@@ -221,7 +234,12 @@ class Evaluator:
                 raise EmptyEvaluationError("no sample was evaluated on any rank: the eval dataset is empty.")
             self._open_writer(vocab_sizes[0]).close(mark_complete=False)
         assert self._writer is not None
-        subtract_rows(self.suite, self._writer.shard_dir, coordinator.owned_by_lower_rank(self._first_seen.present))
+        ownership = coordinator.sample_owners(self._first_seen.present)
+        if self.rank == 0:
+            self._mark_spill(ownership.held)  # every rank raises alike when samples are missing
+        else:
+            check_every_sample(ownership.held, self.dataset_length, self.spill_dir)
+        subtract_rows(self.suite, self._writer.shard_dir, ownership.foreign)
         states = coordinator.gather_to_root(self.suite.states())
         outcome = coordinator.broadcast_from_root(self._results_on_root(states) if self.rank == 0 else None)
         if "error" in outcome:
@@ -234,16 +252,25 @@ class Evaluator:
         return outcome["results"]
 
     def _results_on_root(self, states: list[Any]) -> dict[str, Any]:
-        """Rank 0: merge every rank's streaming states, mark the spill complete, compute all metrics."""
+        """Rank 0: merge every rank's streaming states and compute all metrics (the spill is complete)."""
         try:
             for state in states[1:]:
                 self.suite.merge(state)
-            assert self._writer is not None
-            mark_spill_complete(self.spill_dir, self._writer.manifest)
             return {"results": self._compute_results()}
         except Exception as error:  # noqa: BLE001 - reported to every rank, re-raised here
             self._root_error = error
             return {"error": f"{type(error).__name__}: {error}"}
+
+    def _mark_spill(self, held: np.ndarray) -> None:
+        """Mark the spill complete when the samples `held` cover the dataset; else partial, and raise
+        `IncompleteEvaluationError` naming what is missing (`spilleval.accounting`)."""
+        assert self._writer is not None
+        try:
+            check_every_sample(held, self.dataset_length, self.spill_dir)
+        except IncompleteEvaluationError:
+            mark_spill_partial(self.spill_dir, self._writer.manifest)
+            raise
+        mark_spill_complete(self.spill_dir, self._writer.manifest)
 
     def _tell_other_ranks(self, error: BaseException | None) -> None:
         """Post this rank's failure and give the others time to read it; never masks `error` itself."""
@@ -323,6 +350,7 @@ class Evaluator:
         """
         if self._coordinator is not None:
             self._coordinator.raise_if_peer_failed()  # another rank failed: stop now, not at finalize
+        checked_sample_index(batch.sample_index, len(batch), self.dataset_length)
         if len(self._committed):
             keep = ~self.committed(batch.sample_index)
             if not keep.any():
@@ -394,9 +422,9 @@ class Evaluator:
         """Update the streaming metrics with the rows whose sample this rank sees for the first time."""
         self.suite.update(self._first_seen.fresh(batch))
 
-    def _sample_index(self, sample_index, batch_size: int):
+    def _sample_index(self, sample_index, batch_size: int) -> np.ndarray:
         if sample_index is not None:
-            return sample_index
+            return checked_sample_index(sample_index, batch_size, self.dataset_length)
         if self.world_size > 1:
             raise ValueError(
                 "sample_index is required in a distributed evaluation (each rank sees a different shard): pass the "

@@ -27,8 +27,9 @@ from transformers import PreTrainedTokenizerBase, Trainer
 from transformers.trainer_pt_utils import find_batch_size, nested_detach
 from transformers.trainer_utils import EvalLoopOutput, EvalPrediction, has_length
 
+from . import compat
 from .batch import IGNORE_INDEX
-from .capture import LabelFn, LossCapture, find_logits, resolve_labels
+from .capture import LabelFn, LossCapture, find_logits, reduce_aligned, resolve_labels
 from .evaluator import Evaluator
 from .generation import (
     GENERATION_PART,
@@ -39,7 +40,6 @@ from .generation import (
     spill_parts,
 )
 from .metrics.runner import MetricSpec, MetricSuite
-from .reduce import reduce_logits
 from .spill import SpillReader
 from .spill.writer import SpillExistsError
 
@@ -66,6 +66,16 @@ class SpillPredictionOutput(NamedTuple):
         return self.predictions
 
 
+@dataclass
+class _Forward:
+    """One eval forward: the loss `Trainer` reports, the outputs, and what the loss computation did."""
+
+    loss: torch.Tensor | None
+    outputs: Any
+    trainer_loss_took_labels: bool = False  # compute_loss took the labels (label smoothing, compute_loss_func)
+    num_items_in_batch: Any = None  # passed to the model's loss (transformers >= 4.57)
+
+
 class SpillingTrainer(Trainer):
     """A drop-in `transformers.Trainer` whose evaluation spills reduced ids instead of keeping logits.
 
@@ -76,6 +86,9 @@ class SpillingTrainer(Trainer):
             `{step}`; a path without them can serve one evaluation only and is never overwritten.
         label_fn: `label_fn(inputs, outputs) -> labels` aligned with `outputs.logits`, for models whose processed
             labels are neither returned nor passed to `self.loss_function` (see `spilleval.capture`).
+        trust_batch_labels: use the batch's raw labels (of the logits' shape) without checking them against the
+            model's own loss. Only for models whose loss the raw labels cannot reproduce (label smoothing or
+            weighting inside forward) and which do not rewrite their labels.
         generation: a `GenerationEval`: also (or only) evaluate what `model.generate` produces, into
             `<spill_dir>/generation` (the teacher-forced spill moves to `<spill_dir>/teacher_forced`), metrics
             prefixed `eval_gen_` (see `spilleval.generation`). `compute_metrics` then gets the generated ids.
@@ -84,9 +97,11 @@ class SpillingTrainer(Trainer):
             The spilleval metrics equal an uninterrupted run's; transformers' `eval_loss` covers only the batches
             run again (the `nll` metric is the exact loss). Not yet with `generation`.
 
-    `compute_metrics` still works: with `batch_eval_metrics=True` it is called per batch with that batch's outputs
-    and the aligned labels; otherwise it is called once with the predicted and label token ids read back from the
-    spill (`[samples, supervised tokens]`, padded with -100, `predictions[i, j]` predicts `label_ids[i, j]`).
+    `compute_metrics` still works: with `batch_eval_metrics=True` it is called per batch, as `Trainer` calls it;
+    otherwise it is called once with the arrays `Trainer` would have built, read back from the spill: what
+    `preprocess_logits_for_metrics` returned per batch (without it, the argmax ids stand in for the logits) and the
+    labels, padded with -100, unshifted (`spilleval.compat`). Either way the labels are the aligned ones when the model
+    rewrites its labels.
     `predict()` returns a `SpillPredictionOutput`: the metrics and a lazy reader instead of arrays.
     """
 
@@ -96,6 +111,7 @@ class SpillingTrainer(Trainer):
         metrics: Iterable[MetricSpec] = ("token_accuracy",),
         spill_dir: str | os.PathLike | None = None,
         label_fn: LabelFn | None = None,
+        trust_batch_labels: bool = False,
         generation: GenerationEval | None = None,
         resume: bool = False,
         **kwargs: Any,
@@ -105,6 +121,7 @@ class SpillingTrainer(Trainer):
         self.spill_metrics = list(metrics)
         self.spill_dir = spill_dir
         self.label_fn = label_fn
+        self.trust_batch_labels = trust_batch_labels
         self.generation = generation
         self.last_spill_dir: Path | None = None
         self._session: _EvalSession | None = None
@@ -118,8 +135,6 @@ class SpillingTrainer(Trainer):
                     "classic compute_metrics(eval_pred), which gets the generated ids."
                 )
         self._check_spill_dir_template()
-        if self.preprocess_logits_for_metrics is not None:
-            logger.warning("SpillingTrainer reduces logits itself; preprocess_logits_for_metrics is not used.")
 
     # ------------------------------------------------------------------------------------------- dataloaders
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
@@ -195,6 +210,7 @@ class SpillingTrainer(Trainer):
         if session is None:  # called outside SpillingTrainer's evaluation loop
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         index = session.sample_index(inputs)
+        session.step += 1
         evaluator = session.evaluator
         # each part skips a batch it committed before a crash (resume=True); no part: no forward, no generate
         forward_done = evaluator is None or bool(evaluator.num_committed and evaluator.committed(index).all())
@@ -208,29 +224,43 @@ class SpillingTrainer(Trainer):
             session.generation.add(self.accelerator.unwrap_model(model), inputs, index, references)
         if forward_done:
             return (None, None, None)
+        return (self._teacher_forced_step(session, model, inputs, index, ignore_keys), None, None)
+
+    def _teacher_forced_step(
+        self, session: "_EvalSession", model: torch.nn.Module, inputs: dict[str, Any], index: torch.Tensor,
+        ignore_keys: list[str] | None,
+    ) -> torch.Tensor | None:
+        """Forward, resolve the labels the loss saw, reduce and spill; returns the loss `Trainer` reports."""
+        evaluator = session.evaluator
         session.capture.start_batch(index)
-        loss, outputs = self._forward(model, inputs)
-        logits = find_logits(outputs)
+        forward = self._forward(model, inputs)
+        logits = find_logits(forward.outputs)
+        call = session.capture.single_call()
         aligned = resolve_labels(
-            outputs, logits, inputs,
-            loss_call=session.capture.single_call(),
+            forward.outputs, logits, inputs,
+            loss_call=call,
             label_fn=self.label_fn,
             shift=session.shift,
             label_name=self.label_names[0] if self.label_names else "labels",
             loss_calls=session.capture.num_calls,
+            trainer_loss_took_labels=forward.trainer_loss_took_labels,
+            trust_batch_labels=self.trust_batch_labels,
         )
-        call = session.capture.single_call()
         if aligned.source == "loss_function" and call is not None and call.reduced is not None:
             reduced = call.reduced  # reduced inside the loss call, from the same logits and labels
         else:
-            reduced = reduce_logits(
-                logits.detach(), aligned.labels, shift=aligned.shift, sample_index=index,
-                keep_logprob=session.evaluator.keep_logprob, chunk_bytes=session.evaluator.reduce_chunk_bytes,
+            reduced = reduce_aligned(
+                logits, aligned, sample_index=index, keep_logprob=evaluator.keep_logprob,
+                chunk_bytes=evaluator.reduce_chunk_bytes, num_items_in_batch=forward.num_items_in_batch,
             )
-        session.evaluator.add_reduced(reduced)
+        labels = aligned.unshifted()
+        columns = None
+        if session.records_for_compute_metrics:
+            columns = self._compute_metrics_columns(session, forward, logits, labels, inputs, ignore_keys)
+        evaluator.add_reduced(reduced, columns=columns)
         if self.compute_metrics is not None and self.args.batch_eval_metrics:
-            self._batch_compute_metrics(session, outputs, aligned.unshifted(), inputs, loss, ignore_keys)
-        return (loss, None, None)
+            self._batch_compute_metrics(session, forward, labels, inputs, ignore_keys)
+        return forward.loss
 
     def predict(
         self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
@@ -242,27 +272,63 @@ class SpillingTrainer(Trainer):
         return SpillPredictionOutput(reader, None, output.metrics or {})
 
     # ------------------------------------------------------------------------------------------- helpers
-    def _forward(self, model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor | None, Any]:
-        """The forward `Trainer.prediction_step` runs: through `compute_loss` when the batch has labels."""
+    def _forward(self, model: torch.nn.Module, inputs: dict[str, Any]) -> "_Forward":
+        """The forward `Trainer.prediction_step` runs: through `compute_loss` when the batch has labels.
+
+        `compute_loss` gets a copy of `inputs`: with label smoothing or `compute_loss_func` it pops the labels for
+        its own loss, and those are then the labels the loss saw (`trainer_loss_took_labels`).
+        """
         has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
         with torch.no_grad(), self.compute_loss_context_manager():
             if not has_labels:
-                return None, model(**inputs)
-            count_items = getattr(self, "_get_num_items_in_batch", None)  # transformers >= 4.50
-            if count_items is None:
-                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+                return _Forward(None, model(**inputs))
+            loss_inputs = dict(inputs)
+            count_items = getattr(self, "_get_num_items_in_batch", None)  # transformers >= 4.57
+            num_items = None if count_items is None else count_items([inputs], self.args.device)
+            if num_items is None:
+                loss, outputs = self.compute_loss(model, loss_inputs, return_outputs=True)
             else:
-                num_items = count_items([inputs], self.args.device)
-                loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items)
-        return loss.detach().mean(), outputs
+                loss, outputs = self.compute_loss(model, loss_inputs, return_outputs=True, num_items_in_batch=num_items)
+        took = any(k in inputs and k not in loss_inputs for k in self.label_names)
+        return _Forward(loss.detach().mean(), outputs, trainer_loss_took_labels=took, num_items_in_batch=num_items)
+
+    def _compute_metrics_columns(
+        self, session: "_EvalSession", forward: "_Forward", logits: torch.Tensor, labels: torch.Tensor,
+        inputs: dict[str, Any], ignore_keys: list[str] | None,
+    ) -> dict[str, list[Any]]:
+        """This batch's share of a classic compute_metrics' arrays, spilled as per-sample columns (`spilleval.compat`).
+        Without preprocess_logits_for_metrics the argmax ids stand in for the logits, which are never kept."""
+        if self.preprocess_logits_for_metrics is None:
+            predictions = logits.argmax(dim=-1)
+        else:
+            outputs = _predictions_like_trainer(forward.outputs, ignore_keys, self.model)
+            predictions = self.preprocess_logits_for_metrics(outputs, labels)
+        include = getattr(self.args, "include_for_metrics", None) or []
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        columns = compat.batch_columns(
+            predictions, labels, step=session.step, rank=self.args.process_index,
+            loss=forward.loss, inputs=inputs.get(main_input) if "inputs" in include else None,
+        )
+        session.metrics_columns.update(columns)
+        return columns
 
     def _user_metrics(self, session: "_EvalSession", spill_dir: Path, spilled: dict[str, Any]) -> dict[str, Any]:
-        """What `compute_metrics` reports: the closure's last result, or a classic call on ids from the spill."""
-        if self.compute_metrics is None:
+        """What `compute_metrics` reports: the closure's last result, or one call on the arrays `Trainer` would have
+        built, read back from the spill (`spilleval.compat`)."""
+        if self.compute_metrics is None or self.args.prediction_loss_only:
             return {}
         if self.args.batch_eval_metrics:
             found = dict(session.batch_metrics or {})
-        else:
+        elif session.records_for_compute_metrics:
+            prediction = compat.eval_prediction(
+                SpillReader(spill_dir), sorted(session.metrics_columns),
+                concat_batches=self.args.eval_do_concat_batches,
+                include=getattr(self.args, "include_for_metrics", None) or [],
+            )
+            found = compat.call_compute_metrics(self.compute_metrics, prediction,
+                                                substituted_argmax=self.preprocess_logits_for_metrics is None)
+            found = dict(found or {})
+        else:  # generated ids, as Seq2SeqTrainer(predict_with_generate=True) gives them
             found = dict(self.compute_metrics(EvalPrediction(*padded_ids(SpillReader(spill_dir)))) or {})
         clash = sorted(set(found) & set(spilled))
         if clash:
@@ -271,17 +337,25 @@ class SpillingTrainer(Trainer):
         return found
 
     def _batch_compute_metrics(
-        self, session: "_EvalSession", outputs: Any, labels: torch.Tensor, inputs: dict[str, Any],
-        loss: torch.Tensor | None, ignore_keys: list[str] | None,
+        self, session: "_EvalSession", forward: "_Forward", labels: torch.Tensor, inputs: dict[str, Any],
+        ignore_keys: list[str] | None,
     ) -> None:
-        """Call a `batch_eval_metrics` closure as `Trainer` does, with the aligned labels instead of the raw ones."""
+        """Call a `batch_eval_metrics` closure as `Trainer` does (padded across processes, through
+        `preprocess_logits_for_metrics`, gathered), with the aligned labels instead of the raw ones."""
         include = getattr(self.args, "include_for_metrics", None) or []
-        main_input = getattr(self.model, "main_input_name", "input_ids")
+        labels = self.accelerator.pad_across_processes(labels, dim=1, pad_index=IGNORE_INDEX)
+        predictions = _predictions_like_trainer(forward.outputs, ignore_keys, self.model)
+        predictions = self.accelerator.pad_across_processes(predictions, dim=1, pad_index=IGNORE_INDEX)
+        if self.preprocess_logits_for_metrics is not None:
+            predictions = self.preprocess_logits_for_metrics(predictions, labels)
+        losses = None
+        if forward.loss is not None and "loss" in include:
+            losses = self.gather_function(forward.loss.repeat(self.args.eval_batch_size))
         prediction = EvalPrediction(
-            predictions=_predictions_like_trainer(outputs, ignore_keys, self.model),
-            label_ids=labels,
-            losses=loss if "loss" in include else None,
-            inputs=inputs.get(main_input) if "inputs" in include else None,
+            predictions=self.gather_function(predictions),
+            label_ids=self.gather_function(labels),
+            losses=losses,
+            inputs=inputs if "inputs" in include else None,
         )
         is_last = self.accelerator.gradient_state.end_of_dataloader
         result = self.compute_metrics(prediction, compute_result=is_last)
@@ -296,7 +370,7 @@ class SpillingTrainer(Trainer):
             try:
                 session.generation = GenerationRun(
                     self.generation, parts[GENERATION_PART], self.accelerator.unwrap_model(self.model),
-                    tokenizer=self._spill_tokenizer(), dataset_length=_length(dataloader),
+                    tokenizer=self._spill_tokenizer(), dataset_length=self._expected_samples(dataloader),
                     extra=self._spill_extra(prefix), resume=self.spill_resume,
                 )
             except BaseException:
@@ -312,7 +386,7 @@ class SpillingTrainer(Trainer):
             self.spill_metrics,
             tokenizer=self._spill_tokenizer(),
             task=task,
-            dataset_length=_length(dataloader),
+            dataset_length=self._expected_samples(dataloader),
             extra=self._spill_extra(prefix),
             resume=self.spill_resume,
         )  # the Evaluator resets reused metric objects itself, before a resume replays into them
@@ -320,8 +394,18 @@ class SpillingTrainer(Trainer):
             self.model, shift=evaluator.shift, keep_logprob=evaluator.keep_logprob,
             chunk_bytes=evaluator.reduce_chunk_bytes,
         )
+        classic = self.compute_metrics is not None and not self.args.batch_eval_metrics and self.generation is None
         return _EvalSession(evaluator=evaluator, capture=capture, shift=evaluator.shift,
-                            carried=self._carried_columns())
+                            carried=self._carried_columns(),
+                            records_for_compute_metrics=classic and not self.args.prediction_loss_only)
+
+    def _expected_samples(self, dataloader: Any) -> int | None:
+        """The dataset length every sample index must cover, so that finalize can check nothing was missed: unknown
+        for an iterable dataset, and with `dataloader_drop_last=True`, which evaluates a subset on purpose."""
+        dataset = getattr(dataloader, "dataset", None)
+        if self.args.dataloader_drop_last or not has_length(dataset):
+            return None
+        return len(dataset)
 
     def _spill_extra(self, prefix: str) -> dict[str, Any]:
         return {"metric_key_prefix": prefix, "global_step": int(self.state.global_step), "trainer": "SpillingTrainer"}
@@ -383,6 +467,9 @@ class _EvalSession:
     batch_metrics: dict[str, Any] | None = None
     generation: GenerationRun | None = None
     carried: tuple[str, ...] = ()
+    records_for_compute_metrics: bool = False  # a classic compute_metrics reads its arrays back from this spill
+    metrics_columns: set[str] = field(default_factory=set)  # the spill columns recorded for it
+    step: int = -1  # the eval loop's step (batch number) of the batch being evaluated
     _next_index: int = field(default=0, repr=False)
 
     def finalize(self) -> dict[str, Any]:
@@ -436,14 +523,23 @@ class IndexedDataset(torch.utils.data.Dataset):
 
 
 class IndexedIterableDataset(torch.utils.data.IterableDataset):
-    """Index = position in the stream."""
+    """Index = `position * num_workers + worker_id`: the item's position in the stream that its dataloader worker
+    yields, interleaved over the workers.
+
+    Each worker of a `DataLoader` iterates its own copy of the dataset (which typically shards the stream with
+    `get_worker_info()`), so a plain position would start at 0 in every worker and the workers' rows would look like
+    repeats of each other. Without workers it is the position in the stream; with workers that split the stream
+    round-robin (item i to worker i % num_workers) it is still the position in the whole stream.
+    """
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
 
     def __iter__(self) -> Iterator[Any]:
-        for i, item in enumerate(self.dataset):
-            yield _with_index(item, i)
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        for position, item in enumerate(self.dataset):
+            yield _with_index(item, position * workers + worker)
 
 
 @dataclass
@@ -501,9 +597,6 @@ def _take_column(item: Any, name: str) -> Any:
     return item.pop(name)
 
 
-def _length(dataloader: Any) -> int | None:
-    dataset = getattr(dataloader, "dataset", None)
-    return len(dataset) if has_length(dataset) else None
 
 
 # ----------------------------------------------------------------------------------------------- compatibility

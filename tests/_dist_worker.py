@@ -7,6 +7,7 @@ Scenarios (config["scenario"]):
   raise      the same, but rank config["fail_rank"] raises after two batches (inside `with evaluator:`); the
              others wait until it has posted its failure, so their next update must stop them.
   crash      the same, but rank config["fail_rank"] dies (os._exit) after two batches, telling no one.
+  drop_last  the same with DistributedSampler(drop_last=True), which leaves a sample out: every rank must refuse.
   trainer    `SpillingTrainer.evaluate()` on the LLaVA-style test model (launched by torchrun).
 Each rank writes `<out>/rank-<r>.json`: the results it returned, or the error it raised, and how long it took.
 `evaluate_qa` also runs in the test process without any process group: the single-process reference.
@@ -91,7 +92,7 @@ def row_stable_logits(model: Any, items: list[dict[str, Any]], width: int) -> tu
 
 
 def evaluate_qa(spill_dir: str | Path, models: Path, *, fail_rank: int | None = None, failure: str = "raise",
-                dist_timeout: float = 60.0, chunk_rows: int = 3) -> dict[str, Any]:
+                dist_timeout: float = 60.0, chunk_rows: int = 3, drop_last: bool = False) -> dict[str, Any]:
     """The plain DDP evaluation loop of the README, on whatever process group is initialised (or none)."""
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -101,7 +102,7 @@ def evaluate_qa(spill_dir: str | Path, models: Path, *, fail_rank: int | None = 
     items = qa_items(tokenizer)
     width = max(len(it["input_ids"]) for it in items)
     distributed = torch.distributed.is_initialized()
-    sampler = DistributedSampler(items, shuffle=True, seed=0) if distributed else None
+    sampler = DistributedSampler(items, shuffle=True, seed=0, drop_last=drop_last) if distributed else None
     loader = DataLoader(items, batch_size=BATCH_SIZE, sampler=sampler, collate_fn=list)
     rank = torch.distributed.get_rank() if distributed else 0
     with Evaluator(spill_dir, METRICS, tokenizer=tokenizer, dataset_length=len(items), chunk_rows=chunk_rows,
@@ -172,6 +173,7 @@ def main() -> None:
             record["results"] = evaluate_qa(
                 config["spill_dir"], Path(config["models"]), fail_rank=config.get("fail_rank"),
                 failure=config["scenario"], dist_timeout=config.get("dist_timeout", 60.0),
+                drop_last=config["scenario"] == "drop_last",
             )
     except Exception as error:  # noqa: BLE001 - the test inspects it
         record["error_type"] = type(error).__name__

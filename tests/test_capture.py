@@ -154,8 +154,17 @@ def test_resolution_order():
     assert pick(outputs=_outputs(logits, mine), loss_call=call, label_fn=fn).source == "outputs.labels"
     assert pick(outputs=_outputs(logits), loss_call=call, label_fn=fn).source == "loss_function"
     assert pick(outputs=_outputs(logits), loss_call=None, label_fn=fn).source == "label_fn"
-    chosen = pick(outputs=_outputs(logits), loss_call=None)
+    took = pick(outputs=_outputs(logits), loss_call=None, trainer_loss_took_labels=True)
+    assert took.source == "trainer loss" and took.verify_with is None  # the trainer's own loss saw them
+    with_loss = _outputs(logits)
+    with_loss["loss"] = torch.tensor(1.5)
+    chosen = pick(outputs=with_loss, loss_call=None)
     assert chosen.source == "batch labels" and torch.equal(chosen.labels, raw)
+    assert chosen.verify_with is not None and float(chosen.verify_with) == 1.5  # checked against the model's loss
+    with pytest.raises(LabelCaptureError, match="no loss to check them against.*trust_batch_labels=True"):
+        pick(outputs=_outputs(logits), loss_call=None)  # nothing can verify them
+    trusted = pick(outputs=_outputs(logits), loss_call=None, trust_batch_labels=True)
+    assert trusted.source == "batch labels" and trusted.verify_with is None
 
 
 def _call(labels):

@@ -141,6 +141,19 @@ def test_a_failing_rank_stops_every_rank_with_an_error_naming_it(failure, world_
     assert load_manifest(tmp_path / "spill").status == "writing"
 
 
+def test_a_sampler_that_leaves_samples_out_is_refused_on_every_rank(models, tmp_path):
+    """DistributedSampler(drop_last=True) evaluates 36 of 37 samples: every rank raises the same error naming the
+    missing sample, no rank reports numbers, and the spill is kept as partial."""
+    records, exit_codes = launch(tmp_path, 2, "drop_last", models)
+    for record in records:
+        assert record["error_type"] == "IncompleteEvaluationError", record.get("traceback")
+        assert f"covered {NUM_SAMPLES - 1} of dataset_length={NUM_SAMPLES} samples" in record["error"]
+    assert load_manifest(tmp_path / "spill").status == "partial"
+    with pytest.raises(IncompleteSpillError, match="finished without covering every sample"):
+        SpillReader(tmp_path / "spill")
+    assert SpillReader(tmp_path / "spill", allow_partial=True).completeness().missing_count == 1
+
+
 def test_spilling_trainer_under_torchrun_gives_the_single_process_numbers(models, tmp_path):
     """LLaVA-style model, `torchrun --nproc_per_node 2`, accelerate's padded last batch: the same numbers.
 

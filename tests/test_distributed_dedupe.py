@@ -3,7 +3,7 @@
 The multi-process tests are in test_distributed.py; here the ranks' side of the protocol runs in one process over
 real shards: each "rank" writes its shard through a real `SpillWriter` whose listener updates its metrics via
 `FirstSeen`, then `subtract_rows` takes out what a lower rank also holds (the owner map that
-`Coordinator.owned_by_lower_rank` all-reduces is computed here with numpy).
+`Coordinator.sample_owners` all-reduces is computed here with numpy).
 """
 
 from __future__ import annotations
@@ -87,13 +87,20 @@ def test_merged_streaming_states_equal_a_recompute_of_what_the_reader_keeps(data
 
 
 def test_single_process_evaluator_counts_a_repeated_sample_once(tmp_path, tokenizer):
-    """A loader that repeats samples (accelerate's even_batches, a padded sampler) changes no number."""
+    """A loader that repeats samples on purpose (a sampler padding to whole batches; allow_repeats=True) changes
+    no number; by default a repeat in one process is an error (indices that restart at 0 in every batch)."""
     rng = np.random.default_rng(7)
     batch = random_batch(rng, 20, vocab_size=len(tokenizer), max_len=6, logprob=True)
     repeated = SampleBatch.concat([batch, batch.take(np.array([0, 1, 2, 19, 19]))])
+    with pytest.raises(ValueError, match="sample index 0 was already evaluated.*allow_repeats=True"):
+        evaluator = Evaluator(tmp_path / "refused", METRICS, tokenizer=tokenizer, dataset_length=20)
+        for lo in range(0, len(repeated), 6):
+            evaluator.add(repeated.take(np.arange(lo, min(lo + 6, len(repeated)))), vocab_size=len(tokenizer))
+        evaluator.finalize()
     results = {}
     for name, data in (("plain", batch), ("repeated", repeated)):
-        evaluator = Evaluator(tmp_path / name, METRICS, tokenizer=tokenizer, dataset_length=20, chunk_rows=7)
+        evaluator = Evaluator(tmp_path / name, METRICS, tokenizer=tokenizer, dataset_length=20, chunk_rows=7,
+                              allow_repeats=True)
         for lo in range(0, len(data), 6):
             evaluator.add(data.take(np.arange(lo, min(lo + 6, len(data)))), vocab_size=len(tokenizer))
         results[name] = evaluator.finalize()

@@ -10,14 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_trainer import (
-    EVAL_BATCH,
-    assert_metrics_equal,
-    assert_spill_rows,
-    brute_force,
-    llava_own_labels_and_logits,
-    make_args,
-)
+from brute_force import EVAL_BATCH, assert_metrics_equal, assert_spill_rows, brute_force, make_args
+from test_trainer import llava_own_labels_and_logits
 
 from spilleval import Evaluator, SpillReader
 from spilleval.metrics.answers import AnswerMacroF1

@@ -260,13 +260,13 @@ def test_a_missing_column_or_array_fails_at_the_first_batch(tmp_path):
     """Corpus metrics only run at the end: what they read is checked when the first batch is spilled."""
     from metric_data import batches_of
 
-    from spilleval.spill.writer import SpillWriteError
+    from spilleval.metrics.runner import MetricConfigError
 
     samples = [Sample(pred=["a"], label=["a"], columns={"target": 0}) for _ in range(4)]
     for spec, missing in (({"name": "cider", "params": {"references_column": "captions"}}, "column 'captions'"),
                           (SCORE_SPECS[0], "array 'class_scores'")):
         evaluator = Evaluator(tmp_path / spec["name"], metrics=[spec], tokenizer=tokenizer())
-        with pytest.raises(SpillWriteError, match=f"{missing}.*Evaluator.update"):
+        with pytest.raises(MetricConfigError, match=f"{missing}.*Evaluator.update"):  # as itself, from the writer
             for batch in batches_of(samples, 1):
                 evaluator.add(batch, vocab_size=len(tokenizer()))
             evaluator.finalize()

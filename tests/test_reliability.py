@@ -56,8 +56,9 @@ N = 48
 def evaluate(spill: Path, indices: np.ndarray, *, resume: bool = False, batch_size: int = 6, chunk_rows: int = 4,
              finalize: bool = True, **kwargs: Any) -> Any:
     """Run the deterministic workload of `_crash_worker` over `indices`; finalize, or abort like a crash would."""
-    evaluator = Evaluator(spill, kwargs.pop("metrics", METRICS), tokenizer=workload.TOKENIZER, dataset_length=N,
-                          chunk_rows=chunk_rows, resume=resume, **kwargs)
+    evaluator = Evaluator(spill, kwargs.pop("metrics", METRICS), tokenizer=workload.TOKENIZER,
+                          dataset_length=kwargs.pop("dataset_length", N), chunk_rows=chunk_rows, resume=resume,
+                          **kwargs)
     for start in range(0, len(indices), batch_size):
         rows = indices[start : start + batch_size]
         logits, labels, columns, arrays = workload.batch(rows)
@@ -228,7 +229,8 @@ def test_compute_allow_partial_computes_on_what_is_there_and_says_so(partial, tm
     code, out, _ = cli(monkeypatch, capsys, "compute", partial, "--allow-partial", "--json")
     payload = json.loads(out)
     assert code == 0 and payload["partial"] is True and f"30 of {N} samples" in payload["note"]
-    assert payload["metrics"] == evaluate(tmp_path / "first-30", np.arange(30))  # the same 30 samples, complete
+    # the same 30 samples, evaluated as a complete set of 30
+    assert payload["metrics"] == evaluate(tmp_path / "first-30", np.arange(30), dataset_length=30)
     code, out, _ = cli(monkeypatch, capsys, "compute", partial, "--allow-partial")
     assert code == 0 and f"PARTIAL: computed on 30 of {N} samples" in out
 

@@ -5,20 +5,17 @@ Real transformers Trainers, real config-built models (a LLaVA-style Llama, a pla
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import transformers
-from sklearn.metrics import f1_score
-from transformers import T5Config, T5ForConditionalGeneration, Trainer, TrainingArguments
+from transformers import T5Config, T5ForConditionalGeneration, Trainer
 
+from brute_force import EVAL_BATCH, assert_metrics_equal, assert_spill_rows, brute_force, make_args
 from spilleval import SpillReader
 from spilleval.capture import LabelCaptureError
-from spilleval.metrics.text import char_agreement
 from spilleval.spill.writer import SpillExistsError
 from spilleval.trainer import SpillingTrainer, SpillPredictionOutput
 from spilleval.testing import (
@@ -34,7 +31,6 @@ from spilleval.testing import (
 )
 
 ALL_METRICS = ["token_accuracy", "sequence_exact_match", "text_match", "nll", "answer_macro_f1"]
-EVAL_BATCH = 4
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,68 +40,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def make_args(tmp_path: Path, **kwargs: Any) -> TrainingArguments:
-    defaults = dict(per_device_eval_batch_size=EVAL_BATCH, report_to=[], use_cpu=True, disable_tqdm=True,
-                    save_strategy="no", logging_strategy="no")
-    output_dir = kwargs.pop("output_dir", str(tmp_path / "out"))
-    return TrainingArguments(output_dir, **{**defaults, **kwargs})
-
-
-
-# ------------------------------------------------------------------------------------------- brute force
-def brute_force(pairs: list[tuple[torch.Tensor, torch.Tensor]], tokenizer: Any, *, shift: bool) -> dict[str, Any]:
-    """All metrics from (logits, aligned labels) per batch, computed the obvious way on the whole data."""
-    preds, labels, logprobs, batch_losses = [], [], [], []
-    for logits, lab in pairs:
-        if shift:
-            logits, lab = logits[:, :-1], lab[:, 1:]
-        vocab = logits.shape[-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab).float(), lab.reshape(-1)).item()
-        batch_losses += [loss] * len(lab)  # transformers weights each batch's mean loss by its size
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        for i in range(len(lab)):
-            mask = lab[i] != -100
-            preds.append(logits[i].argmax(-1)[mask].tolist())
-            labels.append(lab[i][mask].tolist())
-            logprobs += logp[i][mask].gather(-1, lab[i][mask].unsqueeze(-1)).squeeze(-1).tolist()
-    pairs_flat = [(p, q) for row_p, row_l in zip(preds, labels) for p, q in zip(row_p, row_l)]
-    pred_text = tokenizer.batch_decode(preds, skip_special_tokens=True)
-    label_text = tokenizer.batch_decode(labels, skip_special_tokens=True)
-    nll = -math.fsum(logprobs) / len(logprobs)
-    return {
-        "rows": (preds, labels),
-        "loss": float(np.mean(batch_losses)),
-        "token_accuracy": sum(p == q for p, q in pairs_flat) / len(pairs_flat),
-        "sequence_exact_match": float(np.mean([p == q for p, q in zip(preds, labels)])),
-        "bit_match_accuracy": sum(map(char_agreement, pred_text, label_text)) / sum(map(len, label_text)),
-        "exact_match_accuracy": float(np.mean([p == q for p, q in zip(pred_text, label_text)])),
-        "num_samples": len(preds),
-        "nll": nll,
-        "perplexity": math.exp(nll),
-        "answer_macro_f1": f1_score(label_text, pred_text, average="macro"),
-    }
-
-
-def assert_metrics_equal(metrics: dict[str, Any], expected: dict[str, Any], prefix: str = "eval") -> None:
-    for key in ("token_accuracy", "sequence_exact_match", "bit_match_accuracy", "exact_match_accuracy",
-                "num_samples", "answer_macro_f1"):
-        if f"{prefix}_{key}" in metrics:
-            assert metrics[f"{prefix}_{key}"] == expected[key], key  # counts and ratios: exactly equal
-    for key in ("nll", "perplexity"):
-        if f"{prefix}_{key}" in metrics:
-            assert metrics[f"{prefix}_{key}"] == pytest.approx(expected[key], rel=1e-6), key
-    assert metrics[f"{prefix}_loss"] == pytest.approx(expected["loss"], rel=1e-5)
-
-
-def assert_spill_rows(spill_dir: Path, expected: dict[str, Any]) -> None:
-    preds, labels = expected["rows"]
-    reader = SpillReader(spill_dir)
-    assert len(reader) == len(preds)
-    for i in range(len(preds)):
-        got_pred, got_label = reader.get(i).row(0)
-        assert got_label.tolist() == labels[i] and got_pred.tolist() == preds[i], f"sample {i}"
 
 
 # ------------------------------------------------------------------------------------------- LLaVA-style
@@ -327,26 +261,28 @@ def qa_setup(tokenizer):
     return tiny_llama(len(tokenizer), seed=5).eval(), data
 
 
-def test_classic_compute_metrics_gets_token_ids_from_the_spill(qa_setup, tokenizer, tmp_path):
+def test_classic_compute_metrics_gets_what_plain_trainer_gives_it(qa_setup, tokenizer, tmp_path):
+    """The closure gets plain Trainer's arrays, to the padding: argmax ids (unshifted) for the logits, raw labels."""
     model, data = qa_setup
     seen: dict[str, Any] = {}
 
     def compute_metrics(eval_pred):
-        seen["preds"], seen["labels"] = eval_pred.predictions, eval_pred.label_ids
-        mask = eval_pred.label_ids != -100
-        return {"my_accuracy": float((eval_pred.predictions == eval_pred.label_ids)[mask].mean())}
+        seen.setdefault("runs", []).append((eval_pred.predictions, eval_pred.label_ids))
+        preds, labels = eval_pred.predictions[:, :-1], eval_pred.label_ids[:, 1:]
+        mask = labels != -100
+        return {"my_accuracy": float((preds == labels)[mask].mean())}
 
+    argmax = lambda logits, labels: logits.argmax(-1)  # noqa: E731 - what a plain-Trainer user writes
+    plain = Trainer(model=model, args=make_args(tmp_path), eval_dataset=data, data_collator=pad_batch,
+                    compute_metrics=compute_metrics, preprocess_logits_for_metrics=argmax).evaluate()
     trainer = SpillingTrainer(model=model, args=make_args(tmp_path), eval_dataset=data, data_collator=pad_batch,
                               processing_class=tokenizer, compute_metrics=compute_metrics)
     metrics = trainer.evaluate()
-    assert metrics["eval_my_accuracy"] == metrics["eval_token_accuracy"]
-    preds, labels = seen["preds"], seen["labels"]
-    assert preds.shape == labels.shape and preds.shape[0] == len(data) and preds.dtype == np.int64
-    reader = SpillReader(trainer.last_spill_dir)
-    for i in range(len(data)):
-        pred, label = reader.get(i).row(0)
-        assert labels[i][: len(label)].tolist() == label.tolist() and (labels[i][len(label) :] == -100).all()
-        assert preds[i][: len(pred)].tolist() == pred.tolist()
+    assert metrics["eval_my_accuracy"] == plain["eval_my_accuracy"] == metrics["eval_token_accuracy"]
+    (plain_preds, plain_labels), (preds, labels) = seen["runs"]
+    assert preds.dtype == plain_preds.dtype and labels.dtype == plain_labels.dtype
+    np.testing.assert_array_equal(preds, plain_preds)
+    np.testing.assert_array_equal(labels, plain_labels)
 
 
 def test_predict_returns_metrics_and_a_lazy_reader(qa_setup, tokenizer, tmp_path):

@@ -22,7 +22,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 
 from _bench_common import (
     GiB,

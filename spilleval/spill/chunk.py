@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -72,8 +72,51 @@ def batch_to_table(batch: SampleBatch) -> pa.Table:
     for name, values in batch.columns.items():
         if name in TOKEN_COLUMNS:
             raise ValueError(f"column name {name!r} is reserved; rename the dataset column")
-        columns[name] = pa.array(values)
+        columns[name] = _column_array(values)
     return pa.table(columns, metadata=None if batch.aligned else {RAGGED_LABELS_KEY: b"1"})
+
+
+def _column_array(values: list[Any]) -> pa.Array:
+    """A per-sample column; numpy arrays (any shape, one dtype) become struct<shape, values> (`ndarray_column`)."""
+    if values and all(isinstance(v, np.ndarray) for v in values):
+        return ndarray_column(values)
+    return pa.array(values)
+
+
+def ndarray_column(arrays: list[np.ndarray]) -> pa.StructArray:
+    """One numpy array per sample as struct<shape: list<int64>, values: list<dtype>>: the flat values and the shape
+    to restore, so an array of any rank and dtype round-trips exactly (`ndarrays_of`)."""
+    shapes = [a.shape for a in arrays]
+    shape_offsets = _offsets_array([len(s) for s in shapes])
+    value_offsets = _offsets_array([a.size for a in arrays])
+    dims = pa.array(np.fromiter((d for s in shapes for d in s), dtype=np.int64))
+    flat = pa.array(np.concatenate([a.reshape(-1) for a in arrays]))
+    return pa.StructArray.from_arrays(
+        [pa.ListArray.from_arrays(shape_offsets, dims), pa.ListArray.from_arrays(value_offsets, flat)],
+        names=["shape", "values"],
+    )
+
+
+def is_ndarray_column(array: pa.Array) -> bool:
+    return pa.types.is_struct(array.type) and [f.name for f in array.type] == ["shape", "values"]
+
+
+def ndarrays_of(array: pa.StructArray) -> list[np.ndarray]:
+    """The numpy arrays of an `ndarray_column`, with their dtype and shape."""
+    shapes, values = array.field("shape"), array.field("values")
+    dims, flat = _list_values(shapes), _list_values(values)
+    shape_offsets = shapes.offsets.to_numpy() - shapes.offsets[0].as_py()
+    value_offsets = values.offsets.to_numpy() - values.offsets[0].as_py()
+    return [
+        flat[value_offsets[i] : value_offsets[i + 1]].reshape(tuple(dims[shape_offsets[i] : shape_offsets[i + 1]]))
+        for i in range(len(array))
+    ]
+
+
+def _offsets_array(lengths: list[int]) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.array(offsets)
 
 
 def read_chunk(directory: Path, record: ChunkRecord, *, verify: bool = True, columns: Iterable[str] | None = None,
@@ -144,8 +187,12 @@ def table_to_batch(table: pa.Table, *, columns: Iterable[str] | None = None) -> 
         pred_ids=_list_values(pred),
         label_ids=_list_values(label),
         label_logprob=logprob,
-        columns={c: table.column(c).to_pylist() for c in wanted},
+        columns={c: _column_values(table.column(c).chunk(0)) for c in wanted},
     )
+
+
+def _column_values(array: pa.Array) -> list[Any]:
+    return ndarrays_of(array) if is_ndarray_column(array) else array.to_pylist()
 
 
 def _list_values(array: pa.ListArray) -> np.ndarray:

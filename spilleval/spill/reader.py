@@ -118,9 +118,11 @@ class SpillReader:
                 self._shard_done[int(shard.name.split("-")[1])] = (shard / SHARD_DONE).exists()
         if not self.is_complete and not allow_partial:
             c = self.completeness()
+            why = ("the evaluation finished without covering every sample" if self.manifest.status == "partial"
+                   else "the run crashed or is still running")
             raise IncompleteSpillError(
-                f"{self.path} is a partial spill ({c.committed} of {c.expected or '?'} samples committed; the run "
-                "crashed or is still running). Pass allow_partial=True (CLI: --allow-partial) to use what is "
+                f"{self.path} is a partial spill ({c.committed} of {c.expected or '?'} samples committed; {why}). "
+                "Pass allow_partial=True (CLI: --allow-partial) to use what is "
                 "there, or resume the evaluation with resume=True."
             )
 

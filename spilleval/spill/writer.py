@@ -280,11 +280,17 @@ class SpillWriter:
         return f"could not write {chunk.name}: {cause} ({error}). {kept}; {fix}."
 
     def _raise_if_failed(self) -> None:
+        """Re-raise in the caller what failed in the thread: a write error as `SpillWriteError`; anything else (a
+        listener's check or metric update rejecting a batch) as itself, so its message reaches the user as is."""
         if self._error is not None:
             error = self._error
             if isinstance(error, SpillWriteError):
                 raise SpillWriteError(str(error)) from error
-            raise SpillWriteError(f"the spill writer thread failed: {error!r}") from error
+            if isinstance(error, OSError):
+                raise SpillWriteError(f"the spill writer thread failed: {error!r}") from error
+            error.add_note(f"(raised in the spill writer thread of {self.shard_dir}; committed chunks are intact)")
+            self._error = SpillWriteError(f"the spill writer stopped after an earlier error: {error!r}")
+            raise error
 
     # ------------------------------------------------------------------------------------------- set-up
     def _prepare_directory(self, *, resume: bool) -> None:
@@ -336,6 +342,12 @@ class SpillWriter:
 def mark_spill_complete(spill_dir: str | os.PathLike, manifest: Manifest) -> None:
     """Record in the manifest that every shard has finished (rank 0, after all ranks closed)."""
     manifest.status = "complete"
+    save_manifest(Path(spill_dir), manifest)
+
+
+def mark_spill_partial(spill_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Record that the evaluation finished without covering every sample: readable only as a partial spill."""
+    manifest.status = "partial"
     save_manifest(Path(spill_dir), manifest)
 
 
