@@ -13,8 +13,8 @@ as `Trainer` pads, in dataloader order.
   ever kept) and turns its output, the labels (the aligned ones when the model rewrites its labels), and the inputs
   and losses when `include_for_metrics` asks for them, into per-sample columns of the spill;
 * at the end, `eval_prediction` reads those columns back, puts each step's rows together as `Trainer` gathered
-  them, and concatenates the steps with transformers' own `EvalLoopContainer`: the arrays are the ones plain
-  `Trainer` builds, to the padding.
+  them, and concatenates the steps as `Trainer`'s `nested_concat` does (the sequence dimension padded with -100 to
+  the widest batch): the arrays are the ones plain `Trainer` builds, to the padding.
 
 When the closure fails on what it got (typically `np.argmax(predictions, -1)` on ids), `call_compute_metrics`
 raises `ComputeMetricsError` saying what it received and how to change the closure.
@@ -99,26 +99,41 @@ def eval_prediction(
 ) -> Any:
     """The `EvalPrediction` plain `Trainer` would have built, from the spill's per-sample `columns` (those
     `batch_columns` made)."""
-    from transformers.trainer_pt_utils import EvalLoopContainer
     from transformers.trainer_utils import EvalPrediction
 
-    containers = {name: EvalLoopContainer(concat_batches, padding_index=-100)
-                  for name in ("predictions", "label_ids", "inputs", "losses")}
+    fields: dict[str, list[Any]] = {"predictions": [], "label_ids": [], "inputs": [], "losses": []}
     for step in _steps(reader, columns):
-        containers["predictions"].add(_tensors(_step_predictions(step)))
+        fields["predictions"].append(_step_predictions(step))
         if LABELS in step:
-            containers["label_ids"].add(_tensors(_stack(step[LABELS])))
-        if "inputs" in include and INPUTS in step:
-            containers["inputs"].add(_tensors(_stack(step[INPUTS])))
-        if "loss" in include:
-            containers["losses"].add(_tensors(np.asarray([p["loss"] for p in step[POSITION]], dtype=np.float32)))
-    arrays = {name: container.get_arrays() for name, container in containers.items()}
+            fields["label_ids"].append(_stack(step[LABELS]))
+        if INPUTS in step:
+            fields["inputs"].append(_stack(step[INPUTS]))
+        fields["losses"].append(np.asarray([p["loss"] for p in step[POSITION]], dtype=np.float32))
+    join = _concatenated if concat_batches else (lambda steps: steps or None)
     return EvalPrediction(
-        predictions=arrays["predictions"],
-        label_ids=arrays["label_ids"],
-        inputs=arrays["inputs"] if "inputs" in include else None,
-        losses=arrays["losses"] if "loss" in include else None,
+        predictions=join(fields["predictions"]),
+        label_ids=join(fields["label_ids"]),
+        inputs=join(fields["inputs"]) if "inputs" in include else None,
+        losses=join(fields["losses"]) if "loss" in include else None,
     )
+
+
+def _concatenated(steps: list[Any]) -> Any:
+    """The steps' arrays joined as `Trainer`'s `nested_concat` joins them batch after batch (dimension 1 padded
+    with -100 to the widest), in one pass instead of one copy of everything so far per batch."""
+    if not steps:
+        return None
+    if isinstance(steps[0], tuple):
+        return tuple(_concatenated([step[i] for step in steps]) for i in range(len(steps[0])))
+    if steps[0].ndim == 1 or all(a.shape[1] == steps[0].shape[1] for a in steps):
+        return np.concatenate(steps)
+    width = max(a.shape[1] for a in steps)
+    out = np.full((sum(len(a) for a in steps), width, *steps[0].shape[2:]), -100, dtype=steps[0].dtype)
+    start = 0
+    for a in steps:
+        out[start : start + len(a), : a.shape[1]] = a
+        start += len(a)
+    return out
 
 
 def _steps(reader: Any, columns: Sequence[str]) -> Iterator[dict[str, list[Any]]]:
@@ -136,13 +151,6 @@ def _steps(reader: Any, columns: Sequence[str]) -> Iterator[dict[str, list[Any]]
         for name, value in row.items():
             steps[step][name].append(value)
     yield from (steps[s] for s in sorted(steps))
-
-
-def _tensors(arrays: np.ndarray | tuple[np.ndarray, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Views as tensors: `EvalLoopContainer` concatenates tensors, as it does in `Trainer`'s loop."""
-    if isinstance(arrays, tuple):
-        return tuple(torch.from_numpy(a) for a in arrays)
-    return torch.from_numpy(arrays)
 
 
 def _step_predictions(step: dict[str, list[Any]]) -> np.ndarray | tuple[np.ndarray, ...]:

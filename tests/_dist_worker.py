@@ -141,6 +141,19 @@ def llava_dataset(tokenizer: Any) -> list[dict[str, Any]]:
     return data[:longest] + data[longest + 1 :] + [data[longest]]
 
 
+def argmax_ids(logits: Any, labels: Any) -> Any:
+    """transformers' run_clm.py preprocess_logits_for_metrics."""
+    return (logits[0] if isinstance(logits, tuple) else logits).argmax(dim=-1)
+
+
+def shifted_accuracy(eval_pred: Any) -> dict[str, float]:
+    """A classic closure (run_clm.py's, masked) plus what it saw: rows and a checksum of the supervised ids."""
+    preds, labels = eval_pred.predictions[:, :-1], eval_pred.label_ids[:, 1:]
+    mask = labels != -100
+    return {"accuracy": float((preds == labels)[mask].mean()), "rows": int(preds.shape[0]),
+            "label_sum": float(labels[mask].sum()), "pred_sum": float(preds[mask].sum())}
+
+
 def build_trainer(output_dir: str | Path, spill_dir: str | Path, models: Path) -> Any:
     from transformers import TrainingArguments
 
@@ -152,7 +165,8 @@ def build_trainer(output_dir: str | Path, spill_dir: str | Path, models: Path) -
                              disable_tqdm=True, save_strategy="no", logging_strategy="no")
     return SpillingTrainer(model=load(_llava(tokenizer), models / "llava.pt"), args=args,
                            eval_dataset=llava_dataset(tokenizer), data_collator=pad_multimodal_batch,
-                           processing_class=tokenizer, metrics=METRICS, spill_dir=spill_dir)
+                           processing_class=tokenizer, metrics=METRICS, spill_dir=spill_dir,
+                           compute_metrics=shifted_accuracy, preprocess_logits_for_metrics=argmax_ids)
 
 
 def main() -> None:
