@@ -357,7 +357,7 @@ def _install(module: torch.nn.Module, make_wrapper: Callable[[Callable[[], Wrapp
     transformers' warning about an unset `loss_type` is not raised for sub-models that never compute one.
     """
     prop = inspect.getattr_static(type(module), "loss_function")
-    if prop.fset is not None:  # transformers >= 4.48: an instance attribute behind a setter
+    if prop.fset is not None:  # transformers >= 4.49: an instance attribute behind a setter
         had_own = "_loss_function" in module.__dict__
         previous = module.__dict__.get("_loss_function")
 

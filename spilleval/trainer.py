@@ -142,24 +142,32 @@ class SpillingTrainer(Trainer):
         dataset = dataset if dataset is not None else self.eval_dataset
         if dataset is None:
             return super().get_eval_dataloader(eval_dataset)  # raises transformers' own error
-        with self._index_carrying_collator():
-            return super().get_eval_dataloader(indexed(dataset))
+        dataset = indexed(dataset)
+        with self._index_carrying_collator(dataset):
+            return super().get_eval_dataloader(dataset)
 
     def get_test_dataloader(self, test_dataset: Any) -> Any:
-        with self._index_carrying_collator():
-            return super().get_test_dataloader(indexed(test_dataset))
+        dataset = indexed(test_dataset)
+        with self._index_carrying_collator(dataset):
+            return super().get_test_dataloader(dataset)
 
     @contextmanager
-    def _index_carrying_collator(self) -> Iterator[None]:
+    def _index_carrying_collator(self, dataset: torch.utils.data.Dataset) -> Iterator[None]:
         """Let INDEX_KEY (and the generation's references column) through `remove_unused_columns` and the user's
-        collator, for the dataloader built inside."""
+        collator, for the dataloader built inside.
+
+        The index travels as a numpy array: the dataloader leaves it on the host, so reading it never waits for the
+        GPU. An iterable dataset's batches are dispatched by accelerate (rank 0 reads, concatenates and slices them
+        for every rank), which carries tensors only: there the index is a tensor."""
         self._set_signature_columns_if_needed()
         carried = self._carried_columns()
         for name in (INDEX_KEY, *carried):
             if name not in self._signature_columns:
                 self._signature_columns.append(name)
         user_collator = self.data_collator
-        self.data_collator = IndexCarryingCollator(user_collator, carry=carried)
+        self.data_collator = IndexCarryingCollator(
+            user_collator, carry=carried, index_as_tensor=isinstance(dataset, IndexedIterableDataset)
+        )
         try:
             yield
         finally:
@@ -495,8 +503,8 @@ class _EvalSession:
     def sample_index(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """The batch's dataset indices; a running count when the dataloader did not come from this trainer."""
         index = inputs.get(INDEX_KEY)
-        if index is not None:
-            return torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        if index is not None:  # on the host; a tensor index (iterable datasets) may have been moved to the device
+            return torch.as_tensor(index).to("cpu", torch.int64).reshape(-1)
         engine = self.evaluator if self.evaluator is not None else self.generation.evaluator  # type: ignore[union-attr]
         if engine.world_size > 1:
             raise ValueError(
@@ -564,12 +572,14 @@ def _with_index(item: Any, index: int) -> Any:
 
 class IndexCarryingCollator:
     """Take the index (and the carried columns) off each item, collate the rest with the user's collator, put the
-    indices (a numpy array: the dataloader leaves it on the host, so reading it never waits for the GPU) and the
-    carried columns (python lists, e.g. reference strings) on the batch."""
+    indices (a numpy array, or an int64 tensor with `index_as_tensor`) and the carried columns (python lists, e.g.
+    reference strings) on the batch."""
 
-    def __init__(self, collator: Callable[[list[Any]], Any], carry: Sequence[str] = ()) -> None:
+    def __init__(self, collator: Callable[[list[Any]], Any], carry: Sequence[str] = (), *,
+                 index_as_tensor: bool = False) -> None:
         self.collator = collator
         self.carry = tuple(carry)
+        self.index_as_tensor = index_as_tensor
 
     def __call__(self, features: list[Any]) -> Any:
         index = [f.index if isinstance(f, IndexedItem) else f[INDEX_KEY] for f in features]
@@ -582,7 +592,8 @@ class IndexCarryingCollator:
                 f"the data collator returned a {type(batch).__name__}; SpillingTrainer needs batches that are "
                 "mappings (dict or BatchEncoding) to carry each row's dataset index."
             )
-        batch[INDEX_KEY] = np.asarray(index, dtype=np.int64)
+        batch[INDEX_KEY] = torch.tensor(index, dtype=torch.int64) if self.index_as_tensor else np.asarray(
+            index, dtype=np.int64)
         batch.update(carried)
         return batch
 
