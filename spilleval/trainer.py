@@ -243,7 +243,8 @@ class SpillingTrainer(Trainer):
         session.capture.start_batch(index)
         forward = self._forward(model, inputs)
         logits = find_logits(forward.outputs)
-        call = session.capture.single_call()
+        replicas = model.device_ids if isinstance(model, torch.nn.DataParallel) else None
+        call = session.capture.batch_call(replicas)
         aligned = resolve_labels(
             forward.outputs, logits, inputs,
             loss_call=call,
