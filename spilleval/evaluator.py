@@ -39,7 +39,14 @@ from .reduce import PendingHostCopy, ReducedBatch, reduce_logits
 from .spill import Manifest, SpillReader, SpillWriter
 from .spill.manifest import MANIFEST_NAME, RESULTS_NAME, library_versions, load_manifest, write_json_atomic
 from .spill.resume import CommittedSamples, keep_rows, replay_shard
-from .spill.writer import DEFAULT_CHUNK_BYTES, SpillExistsError, SpillWriteError, mark_spill_complete, raise_if_locked
+from .spill.writer import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_COMMIT_INTERVAL_S,
+    SpillExistsError,
+    SpillWriteError,
+    mark_spill_complete,
+    raise_if_locked,
+)
 
 
 class EmptyEvaluationError(ValueError):
@@ -61,6 +68,7 @@ class Evaluator:
         dataset_length: int | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         chunk_rows: int | None = None,
+        commit_interval_s: float | None = DEFAULT_COMMIT_INTERVAL_S,
         compression: str | None = "zstd",
         reduce_chunk_bytes: int = DEFAULT_REDUCE_CHUNK_BYTES,
         resume: bool = False,
@@ -77,6 +85,7 @@ class Evaluator:
         self.suite.check(has_logprob=self.keep_logprob, task=task)
         self.dataset_length = dataset_length
         self.chunk_bytes, self.chunk_rows, self.compression = chunk_bytes, chunk_rows, compression
+        self.commit_interval_s = commit_interval_s  # a crash loses at most this much work (`spilleval.spill.writer`)
         self.reduce_chunk_bytes = reduce_chunk_bytes
         self.resume = resume
         self.extra = dict(extra or {})
@@ -170,10 +179,13 @@ class Evaluator:
             raise EmptyEvaluationError(
                 "no sample was evaluated: the eval dataset is empty (check its length and the dataloader)."
             )
-        summary = self._writer.close()
-        if summary.rows == 0:
-            raise EmptyEvaluationError("no sample was evaluated: the eval dataset is empty.")
-        return self._compute_results()
+        try:  # the shard stays locked until results.json is written: no second writer enters during finalize
+            summary = self._writer.close(keep_lock=True)
+            if summary.rows == 0:
+                raise EmptyEvaluationError("no sample was evaluated: the eval dataset is empty.")
+            return self._compute_results()
+        finally:
+            self._writer.release_lock()
 
     def abort(self, error: BaseException | None = None) -> None:
         """Stop after an error; committed chunks stay readable as a partial spill.
@@ -209,21 +221,15 @@ class Evaluator:
         try:
             self._spill_in_flight()
             if self._writer is not None:
-                self._writer.close(mark_complete=False)
+                self._writer.close(mark_complete=False, keep_lock=True)  # rank 0: until results.json is written
         except BaseException as error:
             self._tell_other_ranks(error)
             raise
-        coordinator.post(vocab_size=self._writer.manifest.vocab_size if self._writer is not None else None)
-        statuses = coordinator.wait_for_all()
-        if self._writer is None:  # this rank got no sample: an empty shard (on rank 0, the manifest)
-            vocab_sizes = [s.vocab_size for s in statuses if s.vocab_size is not None]
-            if not vocab_sizes:
-                raise EmptyEvaluationError("no sample was evaluated on any rank: the eval dataset is empty.")
-            self._open_writer(vocab_sizes[0]).close(mark_complete=False)
-        assert self._writer is not None
-        subtract_rows(self.suite, self._writer.shard_dir, coordinator.owned_by_lower_rank(self._first_seen.present))
-        states = coordinator.gather_to_root(self.suite.states())
-        outcome = coordinator.broadcast_from_root(self._results_on_root(states) if self.rank == 0 else None)
+        try:
+            outcome = self._merge_with_other_ranks(coordinator)
+        finally:
+            if self._writer is not None:
+                self._writer.release_lock()
         if "error" in outcome:
             if self.rank == 0:
                 raise self._root_error
@@ -232,6 +238,27 @@ class Evaluator:
                 f"complete: recompute with `spilleval compute {self.spill_dir}` once the cause is fixed."
             )
         return outcome["results"]
+
+    def _merge_with_other_ranks(self, coordinator: Coordinator) -> dict[str, Any]:
+        """Every rank's part of the end of a distributed evaluation; rank 0's results (or its error) on every rank."""
+        try:
+            coordinator.post(vocab_size=self._writer.manifest.vocab_size if self._writer is not None else None)
+            statuses = coordinator.wait_for_all()
+            if self._writer is None:  # this rank got no sample: an empty shard (on rank 0, the manifest)
+                vocab_sizes = [s.vocab_size for s in statuses if s.vocab_size is not None]
+                if not vocab_sizes:
+                    raise EmptyEvaluationError("no sample was evaluated on any rank: the eval dataset is empty.")
+                self._open_writer(vocab_sizes[0]).close(mark_complete=False, keep_lock=True)
+            assert self._writer is not None
+            present = self._first_seen.present
+            subtract_rows(self.suite, self._writer.shard_dir, coordinator.owned_by_lower_rank(present))
+            states = coordinator.gather_to_root(self.suite.states())
+            outcome = coordinator.broadcast_from_root(self._results_on_root(states) if self.rank == 0 else None)
+        except BaseException:
+            coordinator.discard()
+            raise
+        coordinator.close()  # joins the gloo threads: none may outlive the evaluation (`spilleval.distributed`)
+        return outcome
 
     def _results_on_root(self, states: list[Any]) -> dict[str, Any]:
         """Rank 0: merge every rank's streaming states, mark the spill complete, compute all metrics."""
@@ -253,6 +280,7 @@ class Evaluator:
             self._coordinator.wait_quietly()
         except DistributedEvaluationError:
             pass
+        self._coordinator.discard()
         if isinstance(error, Exception) and not isinstance(error, DistributedEvaluationError):
             error.add_note(
                 f"spilleval: rank {self.rank} of {self.world_size} failed; the other ranks were told and stop too. "
@@ -383,6 +411,7 @@ class Evaluator:
             rank=self.rank,
             chunk_bytes=self.chunk_bytes,
             chunk_rows=self.chunk_rows,
+            commit_interval_s=self.commit_interval_s,
             tokenizer=self.tokenizer,
             listeners=[self._count],
             compression=self.compression,

@@ -5,6 +5,13 @@ disk blocks the loop instead of growing memory). The writer thread is the single
 runs the listeners (streaming metric updates), buffers up to `chunk_bytes`,
 and commits chunks atomically (temp directory, fsync, rename). An error in the thread surfaces in the caller at
 the next `write` or `close`, naming the chunk and what is still intact.
+
+Durability. A chunk is the unit of what survives a crash, and a 64 MiB chunk can take many minutes of evaluation to
+fill, so the writer also commits by time: a batch handed to `write` at time t is on disk by t + `commit_interval_s`
+(plus the time to write it and what was queued before it), even when no further batch arrives; the thread waits
+on its queue with that deadline. A crash therefore loses at most the batches handed over in the last
+`commit_interval_s` (and those still queued behind a disk slower than the evaluation: at most `queue_size`,
+after which `write` blocks).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import fcntl
 import json
 import os
 import queue
+import re
 import shutil
 import socket
 import threading
@@ -43,6 +51,7 @@ from .manifest import (
 )
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+DEFAULT_COMMIT_INTERVAL_S = 60.0  # at most this much evaluated work is lost to a crash (see the module docstring)
 LOCK_NAME = ".lock"
 TMP_PREFIX = ".tmp-"
 _STOP = object()
@@ -85,6 +94,7 @@ class SpillWriter:
         rank: int = 0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         chunk_rows: int | None = None,
+        commit_interval_s: float | None = DEFAULT_COMMIT_INTERVAL_S,
         queue_size: int = 8,
         tokenizer: Any = None,
         listeners: Sequence[BatchListener] = (),
@@ -93,33 +103,36 @@ class SpillWriter:
     ) -> None:
         if chunk_bytes <= 0 or (chunk_rows is not None and chunk_rows <= 0):
             raise ValueError("chunk_bytes and chunk_rows must be positive")
+        if commit_interval_s is not None and not commit_interval_s > 0:
+            raise ValueError(f"commit_interval_s must be positive seconds (or None: commit by size only), got "
+                             f"{commit_interval_s}")
         self.spill_dir = Path(spill_dir)
         self.manifest = manifest
         self.rank = rank
         self.chunk_bytes = chunk_bytes
         self.chunk_rows = chunk_rows
+        self.commit_interval_s = commit_interval_s
         self.compression = compression
         self.listeners = list(listeners)
         self.shard_dir = self.spill_dir / SHARDS_DIR / shard_dir_name(rank)
-        self._prepare_directory(resume=resume)
-        try:
+        created = self._prepare_directory(resume=resume)
+        self._lock_fd: int | None = None
+        try:  # from the lock on, this process owns the shard (and, on rank 0, the top-level files)
             self._lock_fd = _acquire_lock(self.shard_dir / LOCK_NAME, rank)
-        except OSError as e:
-            raise SpillWriteError(self._describe_setup_error(e)) from e
-        try:  # from here on this process owns the shard (and, on rank 0, the top-level files)
             self._write_metadata(tokenizer)
             self._next_seq, committed = _existing_chunks(self.shard_dir)
-        except OSError as e:
-            _release_lock(self._lock_fd)
-            raise SpillWriteError(self._describe_setup_error(e)) from e
-        except BaseException:
-            _release_lock(self._lock_fd)
+        except BaseException as e:
+            self.release_lock()
+            _remove_created(created)  # a failed start leaves nothing that the next run would take for a spill
+            if isinstance(e, OSError) and not isinstance(e, SpillExistsError):
+                raise SpillWriteError(self._describe_setup_error(e)) from e
             raise
         self.resumed_chunks: list[ChunkRecord] = committed  # what an earlier run committed (resume)
         self.rows = sum(r.rows for r in committed)
         self.tokens = sum(r.tokens for r in committed)
         self.chunks = len(committed)
         self._buffer: list[SampleBatch] = []
+        self._buffer_times: list[float] = []  # when each buffered batch was handed to write() (monotonic)
         self._buffered_bytes = 0
         self._buffered_rows = 0
         self._error: BaseException | None = None
@@ -140,13 +153,15 @@ class SpillWriter:
         self._raise_if_failed()
         if self._closed:
             raise SpillWriteError("write() after close()")
-        self._queue.put((batch, columns or {}, arrays or {}))
+        self._queue.put((batch, columns or {}, arrays or {}, time.monotonic()))
 
-    def close(self, *, mark_complete: bool | None = None) -> ShardSummary:
+    def close(self, *, mark_complete: bool | None = None, keep_lock: bool = False) -> ShardSummary:
         """Flush the last chunk, record the shard as complete, release the lock.
 
         `mark_complete` (default: when the world size is 1) also marks the whole spill complete in the manifest;
         in a distributed run rank 0 does that with `mark_spill_complete` once every shard has closed.
+        `keep_lock=True` keeps the shard locked (for writing the results after it) until `release_lock()`; an
+        error releases it anyway.
         """
         if self._closed:
             return self.summary()
@@ -158,11 +173,20 @@ class SpillWriter:
             write_json_atomic(self.shard_dir / SHARD_DONE, self.summary().__dict__)
             if mark_complete if mark_complete is not None else self.manifest.world_size == 1:
                 mark_spill_complete(self.spill_dir, self.manifest)
-        except OSError as e:  # every chunk is committed; only the completion records failed
-            raise SpillWriteError(self._describe_os_error(e, Path(e.filename or SHARD_DONE))) from e
-        finally:
-            _release_lock(self._lock_fd)
+        except BaseException as e:
+            self.release_lock()
+            if isinstance(e, OSError):  # every chunk is committed; only the completion records failed
+                raise SpillWriteError(self._describe_os_error(e, Path(e.filename or SHARD_DONE))) from e
+            raise
+        if not keep_lock:
+            self.release_lock()
         return self.summary()
+
+    def release_lock(self) -> None:
+        """Let another writer in (idempotent). `close` does it unless told to keep the lock."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            _release_lock(fd)
 
     def abort(self) -> None:
         """Stop without marking anything complete; committed chunks stay readable (as after a crash)."""
@@ -170,7 +194,7 @@ class SpillWriter:
             self._closed = True
             self._queue.put(_STOP)
             self._thread.join()
-            _release_lock(self._lock_fd)
+        self.release_lock()
 
     def summary(self) -> ShardSummary:
         return ShardSummary(rank=self.rank, chunks=self.chunks, rows=self.rows, tokens=self.tokens)
@@ -187,44 +211,86 @@ class SpillWriter:
     # ------------------------------------------------------------------------------------------- the thread
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self._seconds_to_deadline())
+            except queue.Empty:  # no batch came, and the oldest buffered one is due: commit it now
+                self._guarded(self._flush, final=True)
+                continue
             if item is _STOP:
                 break
             if self._error is not None:
                 continue  # keep draining so producers never block on a dead consumer
-            try:
-                self._consume(*item)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                self._error = e
+            self._guarded(self._consume, *item)
         if self._error is None:
-            try:
-                self._flush(final=True)
-            except BaseException as e:  # noqa: BLE001
-                self._error = e
+            self._guarded(self._flush, final=True)
 
-    def _consume(self, batch: SampleBatch, columns, arrays) -> None:
+    def _guarded(self, step: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        try:
+            step(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            self._error = e
+
+    def _seconds_to_deadline(self) -> float | None:
+        """How long the thread may wait for the next batch: until the oldest buffered batch is due (None: no
+        deadline, nothing buffered or no time limit)."""
+        if not self._buffer_times or self.commit_interval_s is None or self._error is not None:
+            return None
+        return max(0.0, self._buffer_times[0] + self.commit_interval_s - time.monotonic())
+
+    def _consume(self, batch: SampleBatch, columns, arrays, handed_at: float) -> None:
         if columns or arrays:
             batch.columns = {**batch.columns, **columns}
             batch.arrays = {**batch.arrays, **{k: np.asarray(v) for k, v in arrays.items()}}
             batch.__post_init__()
+        self._record_layout(batch)
         for listener in self.listeners:
             listener(batch)
         if len(batch) == 0:
             return
         self._buffer.append(batch)
+        self._buffer_times.append(handed_at)
         self._buffered_bytes += batch.nbytes()
         self._buffered_rows += len(batch)
-        self._flush(final=False)
+        self._flush(final=self._seconds_to_deadline() == 0.0)  # due already: the queue was never empty
 
     def _flush(self, *, final: bool) -> None:
+        """Commit full chunks; with `final`, everything buffered (the end, or the oldest batch is due)."""
         while self._buffer and (final or self._chunk_is_full()):
             pending = SampleBatch.concat(self._buffer)
             take = self._rows_for_next_chunk(pending)
             self._commit(pending.slice(0, take))  # views: cutting chunks copies nothing
             rest = pending.slice(take, len(pending)) if take < len(pending) else None
+            # the rest starts inside the batch holding row `take`: it is as old as that batch
+            first_left = int(np.searchsorted(np.cumsum([len(b) for b in self._buffer]), take, side="right"))
+            self._buffer_times = self._buffer_times[first_left:first_left + 1] if rest is not None else []
             self._buffer = [rest] if rest is not None else []
             self._buffered_bytes = rest.nbytes() if rest is not None else 0
             self._buffered_rows = len(rest) if rest is not None else 0
+
+    def _record_layout(self, batch: SampleBatch) -> None:
+        """Name every dataset column and per-sample array in the manifest (rank 0 owns it) when it first appears,
+        before any chunk holding it is committed, so readers and `export` know what the chunks carry."""
+        new_columns = [c for c in batch.columns if c not in self.manifest.columns]
+        arrays = {name: {"shape": [int(d) for d in values.shape[1:]], "dtype": values.dtype.str}
+                  for name, values in batch.arrays.items()}
+        for name, layout in arrays.items():
+            known = self.manifest.arrays.get(name)
+            if known is not None and known != layout:
+                raise ValueError(
+                    f"array {name!r} has per-sample shape {layout['shape']} and dtype {layout['dtype']} in this "
+                    f"batch but {known['shape']} and {known['dtype']} before: every batch must give it the same "
+                    "per-sample shape and dtype."
+                )
+        new_arrays = {k: v for k, v in arrays.items() if k not in self.manifest.arrays}
+        if not new_columns and not new_arrays:
+            return
+        self.manifest.columns = [*self.manifest.columns, *new_columns]
+        self.manifest.arrays = {**self.manifest.arrays, **new_arrays}
+        if self.rank == 0:
+            try:
+                save_manifest(self.spill_dir, self.manifest)
+            except OSError as e:
+                raise SpillWriteError(self._describe_os_error(e, self.spill_dir / MANIFEST_NAME)) from e
 
     def _chunk_is_full(self) -> bool:
         rows_full = self.chunk_rows is not None and self._buffered_rows >= self.chunk_rows
@@ -287,7 +353,10 @@ class SpillWriter:
             raise SpillWriteError(f"the spill writer thread failed: {error!r}") from error
 
     # ------------------------------------------------------------------------------------------- set-up
-    def _prepare_directory(self, *, resume: bool) -> None:
+    def _prepare_directory(self, *, resume: bool) -> list[Path]:
+        """Check that the directory may be written (new, or resumable) and create the shard; returns the
+        directories this call created, deepest last, for a failed start to remove."""
+        created = [p for p in reversed([self.shard_dir, *self.shard_dir.parents]) if not p.exists()]
         try:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             manifest_path = self.spill_dir / MANIFEST_NAME
@@ -300,12 +369,19 @@ class SpillWriter:
                         "spill_dir, delete this one, or pass resume=True to continue it."
                     )
                 if manifest_path.exists():
-                    _check_resumable(load_manifest(self.spill_dir), self.manifest)
+                    existing = load_manifest(self.spill_dir)
+                    _check_resumable(existing, self.manifest)
+                    # what the earlier run's chunks carry stays described, even if no new batch carries it
+                    self.manifest.columns = [*existing.columns,
+                                             *(c for c in self.manifest.columns if c not in existing.columns)]
+                    self.manifest.arrays = {**existing.arrays, **self.manifest.arrays}
             self.shard_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             if isinstance(e, SpillExistsError):
                 raise
+            _remove_created(created)
             raise SpillWriteError(self._describe_setup_error(e)) from e
+        return created
 
     def _write_metadata(self, tokenizer: Any) -> None:
         """Rank 0 writes the tokenizer (once, atomically: a crash never leaves half of it) and the manifest."""
@@ -315,10 +391,30 @@ class SpillWriter:
         staging = self.spill_dir / f"{TMP_PREFIX}{TOKENIZER_DIR}"
         shutil.rmtree(staging, ignore_errors=True)  # left by a run that crashed while saving it
         if tokenizer is not None and not target.exists():
-            tokenizer.save_pretrained(str(staging))
-            os.rename(staging, target)
-            fsync_dir(self.spill_dir)
+            try:
+                tokenizer.save_pretrained(str(staging))
+                os.rename(staging, target)
+                fsync_dir(self.spill_dir)
+            except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception on a write error
+                shutil.rmtree(staging, ignore_errors=True)
+                raise SpillWriteError(self._describe_tokenizer_error(e)) from e
         save_manifest(self.spill_dir, self.manifest)
+
+    def _describe_tokenizer_error(self, error: Exception) -> str:
+        code = error.errno if isinstance(error, OSError) else _os_error_code(str(error))
+        if code == errno.ENOSPC:
+            cause = "the disk is full"
+            fix = "free space or choose a spill_dir on a larger disk, then run the evaluation again"
+        elif code in (errno.EACCES, errno.EROFS, errno.EPERM):
+            cause = "the directory is not writable"
+            fix = "choose a writable spill_dir, then run the evaluation again"
+        else:
+            cause = "saving it failed"
+            fix = "fix the cause, then run the evaluation again"
+        return (
+            f"could not save the tokenizer into {self.spill_dir / TOKENIZER_DIR}: {cause} ({error}). Nothing was "
+            f"evaluated yet and nothing was left in {self.spill_dir}; {fix}."
+        )
 
     def _describe_setup_error(self, error: OSError) -> str:
         if error.errno == errno.ENOSPC:
@@ -331,6 +427,22 @@ class SpillWriter:
             f"cannot create the spill directory {self.spill_dir}: {cause} ({error}). "
             "Choose a writable spill_dir with free space."
         )
+
+
+def _remove_created(paths: Sequence[Path]) -> None:
+    """Remove what a failed start created (deepest first): the lock file, then the directories, when empty."""
+    for path in reversed(paths):
+        (path / LOCK_NAME).unlink(missing_ok=True)
+        try:
+            path.rmdir()
+        except OSError:
+            return  # not empty: something else lives there, keep it and what holds it
+
+
+def _os_error_code(message: str) -> int | None:
+    """The errno in a Rust I/O error's text ("No space left on device (os error 28)"), as `tokenizers` raises it."""
+    match = re.search(r"\(os error (\d+)\)", message)
+    return int(match.group(1)) if match else None
 
 
 def mark_spill_complete(spill_dir: str | os.PathLike, manifest: Manifest) -> None:
