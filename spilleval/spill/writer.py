@@ -117,12 +117,15 @@ class SpillWriter:
         self.shard_dir = self.spill_dir / SHARDS_DIR / shard_dir_name(rank)
         created = self._prepare_directory(resume=resume)
         self._lock_fd: int | None = None
+        self._saved_tokenizer = False
         try:  # from the lock on, this process owns the shard (and, on rank 0, the top-level files)
             self._lock_fd = _acquire_lock(self.shard_dir / LOCK_NAME, rank)
             self._write_metadata(tokenizer)
             self._next_seq, committed = _existing_chunks(self.shard_dir)
         except BaseException as e:
             self.release_lock()
+            if self._saved_tokenizer:
+                shutil.rmtree(self.spill_dir / TOKENIZER_DIR, ignore_errors=True)
             _remove_created(created)  # a failed start leaves nothing that the next run would take for a spill
             if isinstance(e, OSError) and not isinstance(e, SpillExistsError):
                 raise SpillWriteError(self._describe_setup_error(e)) from e
@@ -394,6 +397,7 @@ class SpillWriter:
             try:
                 tokenizer.save_pretrained(str(staging))
                 os.rename(staging, target)
+                self._saved_tokenizer = True
                 fsync_dir(self.spill_dir)
             except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception on a write error
                 shutil.rmtree(staging, ignore_errors=True)
@@ -412,8 +416,8 @@ class SpillWriter:
             cause = "saving it failed"
             fix = "fix the cause, then run the evaluation again"
         return (
-            f"could not save the tokenizer into {self.spill_dir / TOKENIZER_DIR}: {cause} ({error}). Nothing was "
-            f"evaluated yet and nothing was left in {self.spill_dir}; {fix}."
+            f"could not save the tokenizer into {self.spill_dir / TOKENIZER_DIR}: {cause} ({error}). No batch was "
+            f"written yet, and what this start created in {self.spill_dir} was removed; {fix}."
         )
 
     def _describe_setup_error(self, error: OSError) -> str:
