@@ -173,6 +173,7 @@ class SpillWriter:
         self._thread.join()
         try:
             self._raise_if_failed()
+            self._compact()
             write_json_atomic(self.shard_dir / SHARD_DONE, self.summary().__dict__)
             if mark_complete if mark_complete is not None else self.manifest.world_size == 1:
                 mark_spill_complete(self.spill_dir, self.manifest)
@@ -184,6 +185,16 @@ class SpillWriter:
         if not keep_lock:
             self.release_lock()
         return self.summary()
+
+    def _compact(self) -> None:
+        """Merge the small chunks that commits by time left (`spilleval.spill.compact`), before the shard is
+        recorded complete."""
+        from .compact import compact_shard
+        from .reader import scan_shard
+
+        records = compact_shard(self.shard_dir, scan_shard(self.shard_dir), chunk_bytes=self.chunk_bytes,
+                                chunk_rows=self.chunk_rows, compression=self.compression)
+        self.chunks = len(records)
 
     def release_lock(self) -> None:
         """Let another writer in (idempotent). `close` does it unless told to keep the lock."""
@@ -260,7 +271,7 @@ class SpillWriter:
         """Commit full chunks; with `final`, everything buffered (the end, or the oldest batch is due)."""
         while self._buffer and (final or self._chunk_is_full()):
             pending = SampleBatch.concat(self._buffer)
-            take = self._rows_for_next_chunk(pending)
+            take = rows_for_chunk(pending, self.chunk_bytes, self.chunk_rows)
             self._commit(pending.slice(0, take))  # views: cutting chunks copies nothing
             rest = pending.slice(take, len(pending)) if take < len(pending) else None
             # the rest starts inside the batch holding row `take`: it is as old as that batch
@@ -299,32 +310,13 @@ class SpillWriter:
         rows_full = self.chunk_rows is not None and self._buffered_rows >= self.chunk_rows
         return rows_full or self._buffered_bytes >= self.chunk_bytes
 
-    def _rows_for_next_chunk(self, pending: SampleBatch) -> int:
-        """The longest prefix within chunk_bytes and chunk_rows, at least one sample (samples never split)."""
-        per_row = _row_bytes(pending)
-        fits = int(np.searchsorted(np.cumsum(per_row), self.chunk_bytes, side="right"))
-        limit = len(pending) if self.chunk_rows is None else min(self.chunk_rows, len(pending))
-        return max(1, min(fits, limit))
-
     def _commit(self, batch: SampleBatch) -> None:
         seq = self._next_seq
         final_dir = self.shard_dir / chunk_dir_name(seq)
         tmp_dir = self.shard_dir / f"{TMP_PREFIX}{chunk_dir_name(seq)}"
         try:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-            tmp_dir.mkdir()
-            files = write_chunk_files(tmp_dir, batch, compression=self.compression)
-            record = ChunkRecord(
-                rank=self.rank,
-                seq=seq,
-                rows=len(batch),
-                tokens=batch.num_tokens,
-                min_index=int(batch.sample_index.min()),
-                max_index=int(batch.sample_index.max()),
-                files=files,
-            )
-            _write_record(tmp_dir / CHUNK_RECORD, record)
-            fsync_dir(tmp_dir)
+            write_chunk_dir(tmp_dir, batch, rank=self.rank, seq=seq, compression=self.compression)
             os.rename(tmp_dir, final_dir)
             fsync_dir(self.shard_dir)
         except OSError as e:
@@ -466,16 +458,36 @@ def _check_resumable(existing: Manifest, wanted: Manifest) -> None:
 
 def _existing_chunks(shard_dir: Path) -> tuple[int, list[ChunkRecord]]:
     """Committed chunks already in the shard (for resume): next sequence number and their records."""
+    from .compact import staging_dir
     from .reader import scan_shard
 
     for tmp in shard_dir.glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(tmp, ignore_errors=True)  # a chunk that was being written when a run crashed
+    shutil.rmtree(staging_dir(shard_dir), ignore_errors=True)  # a compaction that a crash interrupted
     (shard_dir / SHARD_DONE).unlink(missing_ok=True)
     records = scan_shard(shard_dir)
     return (records[-1].seq + 1 if records else 0), records
 
 
-def _write_record(path: Path, record: ChunkRecord) -> None:
+def rows_for_chunk(pending: SampleBatch, chunk_bytes: int, chunk_rows: int | None) -> int:
+    """The longest prefix within chunk_bytes and chunk_rows, at least one sample (samples never split)."""
+    fits = int(np.searchsorted(np.cumsum(_row_bytes(pending)), chunk_bytes, side="right"))
+    limit = len(pending) if chunk_rows is None else min(chunk_rows, len(pending))
+    return max(1, min(fits, limit))
+
+
+def write_chunk_dir(directory: Path, batch: SampleBatch, *, rank: int, seq: int, compression: str | None) -> ChunkRecord:
+    """Create `directory` holding `batch` as chunk `seq` of shard `rank`: its files and chunk.json, all fsynced."""
+    directory.mkdir()
+    files = write_chunk_files(directory, batch, compression=compression)
+    record = ChunkRecord(rank=rank, seq=seq, rows=len(batch), tokens=batch.num_tokens,
+                         min_index=int(batch.sample_index.min()), max_index=int(batch.sample_index.max()), files=files)
+    write_record(directory / CHUNK_RECORD, record)
+    fsync_dir(directory)
+    return record
+
+
+def write_record(path: Path, record: ChunkRecord) -> None:
     with open(path, "w") as f:
         json.dump(record.__dict__, f, sort_keys=True)
         f.flush()
