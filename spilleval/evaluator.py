@@ -44,6 +44,7 @@ from .spill.writer import (
     DEFAULT_COMMIT_INTERVAL_S,
     SpillExistsError,
     SpillWriteError,
+    check_chunk_options,
     mark_spill_complete,
     raise_if_locked,
 )
@@ -84,6 +85,7 @@ class Evaluator:
         self.keep_logprob = self.suite.needs_logprob if keep_logprob is None else keep_logprob
         self.suite.check(has_logprob=self.keep_logprob, task=task)
         self.dataset_length = dataset_length
+        check_chunk_options(chunk_bytes, chunk_rows, commit_interval_s)  # before any forward pass
         self.chunk_bytes, self.chunk_rows, self.compression = chunk_bytes, chunk_rows, compression
         self.commit_interval_s = commit_interval_s  # a crash loses at most this much work (`spilleval.spill.writer`)
         self.reduce_chunk_bytes = reduce_chunk_bytes

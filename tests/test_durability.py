@@ -92,10 +92,13 @@ def test_without_time_limit_a_small_eval_commits_nothing_before_the_end(tmp_path
     assert len(chunks_on_disk(spill)) == 1
 
 
-@pytest.mark.parametrize("interval", [0, -1.0, float("nan")])
+@pytest.mark.parametrize("interval", [0, -1.0, float("nan"), float("inf")])
 def test_commit_interval_must_be_positive(tmp_path, interval):
-    with pytest.raises(ValueError, match="commit_interval_s must be positive"):
+    with pytest.raises(ValueError, match="commit_interval_s must be a positive number"):
         SpillWriter(tmp_path / "spill", make_manifest(), commit_interval_s=interval)
+    with pytest.raises(ValueError, match="commit_interval_s must be a positive number"):
+        Evaluator(tmp_path / "spill", commit_interval_s=interval)  # before any forward pass
+    assert not (tmp_path / "spill").exists()
 
 
 def test_spilling_trainer_passes_chunk_and_commit_options(tokenizer, tmp_path):
@@ -116,7 +119,7 @@ def test_spilling_trainer_passes_chunk_and_commit_options(tokenizer, tmp_path):
     cut = trainer("cut", chunk_rows=3, commit_interval_s=30.0)
     cut.evaluate()
     assert [r.rows for r in SpillReader(cut.last_spill_dir).chunks] == [3, 3, 3, 1]
-    with pytest.raises(ValueError, match="commit_interval_s must be positive"):
+    with pytest.raises(ValueError, match="commit_interval_s must be a positive number"):
         trainer("bad", commit_interval_s=-1.0).evaluate()
 
 

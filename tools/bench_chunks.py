@@ -16,6 +16,9 @@ writes the same synthetic LM-eval data as `bench_compute.py` (`ZipfData`: Zipf i
   - `reader.completeness()` (`spilleval inspect`: every chunk's sample_index column, CRC-checked).
 
 The per-chunk cost is the slope between two chunk sizes: (time_small - time_big) / (chunks_small - chunks_big).
+Then the same spill is compacted as `SpillWriter.close()` compacts a shard whose chunks are small for the default
+`chunk_bytes` (`spilleval.spill.compact`: runs of chunks under 4 MiB on disk merged into chunks of up to 64 MiB), and
+the three timings are repeated; the compaction itself is timed too (page cache warm, fsync included).
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ from bench_compute import VOCAB, ZipfData, best_of  # noqa: E402
 
 from spilleval.metrics import compute_from_spill  # noqa: E402
 from spilleval.spill import Manifest, SpillReader, SpillWriter  # noqa: E402
-from spilleval.spill.manifest import library_versions  # noqa: E402
+from spilleval.spill.compact import compact_shard  # noqa: E402
+from spilleval.spill.manifest import SHARD_DONE, SHARDS_DIR, library_versions, write_json_atomic  # noqa: E402
+from spilleval.spill.reader import scan_shard  # noqa: E402
+from spilleval.spill.writer import DEFAULT_CHUNK_BYTES  # noqa: E402
 
 BYTES_PER_TOKEN_IN_MEMORY = 4  # uint16 prediction + uint16 label, as the writer counts a buffered batch
 TARGETS = {  # supervised tokens per chunk -> what writes chunks of that size
@@ -57,19 +63,39 @@ def write(path: Path, data: ZipfData, chunk_tokens: int) -> float:
     return time.perf_counter() - start
 
 
+def timings(spill: Path, expected: dict[str, float], tokens: int, repeats: int) -> dict[str, Any]:
+    compute_s, result = best_of(repeats, lambda: compute_from_spill(spill, ["token_accuracy"]))
+    if result != expected:
+        raise SystemExit(f"{spill.name}: recomputed {result} != {expected}")
+    open_s, reader = best_of(repeats, lambda: SpillReader(spill))
+    completeness_s, _ = best_of(repeats, lambda: SpillReader(spill).completeness())
+    return {"chunks": len(reader.chunks), "bytes_per_token": reader.bytes_on_disk / tokens, "compute_s": compute_s,
+            "rate": tokens / compute_s, "open_s": open_s, "completeness_s": completeness_s}
+
+
+def compact(spill: Path) -> float:
+    """Compact the closed shard as `SpillWriter.close()` would with the default chunk_bytes (it runs before
+    shard.json is written, so that record is set aside and rewritten with the new count)."""
+    shard = spill / SHARDS_DIR / "rank-00000"
+    (shard / SHARD_DONE).unlink()
+    start = time.perf_counter()
+    records = compact_shard(shard, scan_shard(shard), chunk_bytes=DEFAULT_CHUNK_BYTES, chunk_rows=None,
+                            compression="zstd")
+    seconds = time.perf_counter() - start
+    write_json_atomic(shard / SHARD_DONE, {"rank": 0, "chunks": len(records), "rows": sum(r.rows for r in records),
+                                           "tokens": sum(r.tokens for r in records)})
+    return seconds
+
+
 def measure(root: Path, tokens: int, chunk_tokens: int, repeats: int) -> dict[str, Any]:
     data = ZipfData(tokens, exponent=1.0, permuted=False)
     spill = root / f"chunks-{chunk_tokens}"
     write_s = write(spill, data, chunk_tokens)
     expected = {"token_accuracy": data.correct / data.tokens}
-    compute_s, result = best_of(repeats, lambda: compute_from_spill(spill, ["token_accuracy"]))
-    if result != expected:
-        raise SystemExit(f"chunks of {chunk_tokens} tokens: recomputed {result} != {expected}")
-    open_s, reader = best_of(repeats, lambda: SpillReader(spill))
-    completeness_s, _ = best_of(repeats, lambda: SpillReader(spill).completeness())
-    row = {"chunk_tokens": chunk_tokens, "chunks": len(reader.chunks), "tokens": data.tokens,
-           "bytes_per_token": reader.bytes_on_disk / data.tokens, "write_s": write_s, "compute_s": compute_s,
-           "rate": data.tokens / compute_s, "open_s": open_s, "completeness_s": completeness_s}
+    row = {"chunk_tokens": chunk_tokens, "tokens": data.tokens, "write_s": write_s,
+           **timings(spill, expected, data.tokens, repeats)}
+    row["compact_s"] = compact(spill)
+    row["compacted"] = timings(spill, expected, data.tokens, repeats)
     shutil.rmtree(spill)
     return row
 
@@ -82,7 +108,13 @@ def report(out: dict[str, Any]) -> str:
               _per_chunk_ms(r, base)] for r in out["rows"]]
     headers = ["supervised tokens / chunk", "what writes it", "chunks", "bytes / token", "compute s", "M tokens/s",
                "vs default", "open ms", "completeness ms", "compute ms per extra chunk"]
-    return markdown_table(headers, table)
+    compacted = [[f"{r['chunk_tokens']:,}", f"{r['chunks']:,} -> {r['compacted']['chunks']:,}", r["compact_s"],
+                  r["compacted"]["compute_s"], r["compacted"]["rate"] / 1e6, r["compacted"]["rate"] / base["rate"],
+                  r["compacted"]["open_s"] * 1e3, r["compacted"]["completeness_s"] * 1e3] for r in out["rows"]]
+    compacted_headers = ["written with tokens / chunk", "chunks", "compaction s", "compute s", "M tokens/s",
+                         "vs default", "open ms", "completeness ms"]
+    return "\n".join([markdown_table(headers, table), "", "After compaction (as `close()` does it):", "",
+                      markdown_table(compacted_headers, compacted)])
 
 
 def _per_chunk_ms(row: dict[str, Any], base: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ fill, so the writer also commits by time: a batch handed to `write` at time t is
 (plus the time to write it and what was queued before it), even when no further batch arrives; the thread waits
 on its queue with that deadline. A crash therefore loses at most the batches handed over in the last
 `commit_interval_s` (and those still queued behind a disk slower than the evaluation: at most `queue_size`,
-after which `write` blocks).
+after which `write` blocks). The small chunks this leaves are merged when the shard closes (`spilleval.spill.compact`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import queue
 import re
@@ -101,11 +102,7 @@ class SpillWriter:
         compression: str | None = "zstd",
         resume: bool = False,
     ) -> None:
-        if chunk_bytes <= 0 or (chunk_rows is not None and chunk_rows <= 0):
-            raise ValueError("chunk_bytes and chunk_rows must be positive")
-        if commit_interval_s is not None and not commit_interval_s > 0:
-            raise ValueError(f"commit_interval_s must be positive seconds (or None: commit by size only), got "
-                             f"{commit_interval_s}")
+        check_chunk_options(chunk_bytes, chunk_rows, commit_interval_s)
         self.spill_dir = Path(spill_dir)
         self.manifest = manifest
         self.rank = rank
@@ -423,6 +420,15 @@ class SpillWriter:
             f"cannot create the spill directory {self.spill_dir}: {cause} ({error}). "
             "Choose a writable spill_dir with free space."
         )
+
+
+def check_chunk_options(chunk_bytes: int, chunk_rows: int | None, commit_interval_s: float | None) -> None:
+    """Refuse chunk and commit settings that cannot work, before anything is evaluated."""
+    if chunk_bytes <= 0 or (chunk_rows is not None and chunk_rows <= 0):
+        raise ValueError("chunk_bytes and chunk_rows must be positive")
+    if commit_interval_s is not None and not (commit_interval_s > 0 and math.isfinite(commit_interval_s)):
+        raise ValueError(f"commit_interval_s must be a positive number of seconds (or None: commit by size only), "
+                         f"got {commit_interval_s}")
 
 
 def _remove_created(paths: Sequence[Path]) -> None:
