@@ -96,17 +96,22 @@ def build_staging(shard_dir: Path, staging: Path, groups: list[list[ChunkRecord]
         if len(group) == 1:
             compacted.append(_link_chunk(shard_dir, staging, group[0], seq=len(compacted)))
             continue
-        pending: list[SampleBatch] = []
+        pending: list[SampleBatch] = []  # as the writer's buffer: concatenated only when a chunk is cut
+        pending_bytes = pending_rows = 0
         for position, record in enumerate(group):
             pending.append(read_chunk(shard_dir / record.name, record, verify=True))
-            merged = SampleBatch.concat(pending)
+            pending_bytes, pending_rows = pending_bytes + pending[-1].nbytes(), pending_rows + len(pending[-1])
             last = position == len(group) - 1
+            if not (last or pending_bytes >= chunk_bytes or (chunk_rows is not None and pending_rows >= chunk_rows)):
+                continue
+            merged = SampleBatch.concat(pending)
             while len(merged) and (last or rows_for_chunk(merged, chunk_bytes, chunk_rows) < len(merged)):
                 take = rows_for_chunk(merged, chunk_bytes, chunk_rows)
                 compacted.append(write_chunk_dir(staging / chunk_dir_name(len(compacted)), merged.slice(0, take),
                                                  rank=record.rank, seq=len(compacted), compression=compression))
                 merged = merged.slice(take, len(merged))
             pending = [merged] if len(merged) else []
+            pending_bytes, pending_rows = merged.nbytes(), len(merged)
     fsync_dir(staging)
     return compacted
 
