@@ -210,7 +210,7 @@ def test_manifest_describes_arrays_and_columns_and_export_keeps_class_scores(tmp
     spill = tmp_path / "spill"
     _, scores = evaluate_with_scores(spill, tokenizer)
     manifest = load_manifest(spill)
-    assert manifest.arrays == {"class_scores": {"shape": [CLASSES], "dtype": "<f4"}}
+    assert manifest.arrays == {"class_scores": {"shape": [CLASSES], "dtype": "float32"}}
     assert manifest.columns == ["references"]
     reader = SpillReader(spill)
     export_spill(reader, str(tmp_path / "out.jsonl"), "jsonl")
@@ -232,7 +232,7 @@ def test_resume_keeps_the_arrays_of_the_earlier_run(tmp_path, tokenizer):
     (spill / RESULTS_NAME).unlink()
     again, _ = evaluate_with_scores(spill, tokenizer, resume=True)
     assert again == first
-    assert load_manifest(spill).arrays == {"class_scores": {"shape": [CLASSES], "dtype": "<f4"}}
+    assert load_manifest(spill).arrays == {"class_scores": {"shape": [CLASSES], "dtype": "float32"}}
 
 
 def test_an_array_that_changes_shape_is_a_clear_error(tmp_path):

@@ -282,11 +282,11 @@ class SpillWriter:
         """Name every dataset column and per-sample array in the manifest (rank 0 owns it) when it first appears,
         before any chunk holding it is committed, so readers and `export` know what the chunks carry."""
         new_columns = [c for c in batch.columns if c not in self.manifest.columns]
-        arrays = {name: {"shape": [int(d) for d in values.shape[1:]], "dtype": values.dtype.str}
+        arrays = {name: {"shape": [int(d) for d in values.shape[1:]], "dtype": values.dtype.name}
                   for name, values in batch.arrays.items()}
         for name, layout in arrays.items():
             known = self.manifest.arrays.get(name)
-            if known is not None and known != layout:
+            if known is not None and not _same_layout(known, layout):
                 raise ValueError(
                     f"array {name!r} has per-sample shape {layout['shape']} and dtype {layout['dtype']} in this "
                     f"batch but {known['shape']} and {known['dtype']} before: every batch must give it the same "
@@ -420,6 +420,14 @@ class SpillWriter:
             f"cannot create the spill directory {self.spill_dir}: {cause} ({error}). "
             "Choose a writable spill_dir with free space."
         )
+
+
+def _same_layout(known: dict[str, Any], layout: dict[str, Any]) -> bool:
+    """Whether a manifest's description of an array (shape, dtype by any numpy spelling) matches a batch's."""
+    try:
+        return list(known["shape"]) == layout["shape"] and np.dtype(known["dtype"]).name == layout["dtype"]
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def check_chunk_options(chunk_bytes: int, chunk_rows: int | None, commit_interval_s: float | None) -> None:
