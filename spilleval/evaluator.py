@@ -171,7 +171,14 @@ class Evaluator:
             raise RuntimeError("finalize() was already called")
         self._finalized = True
         if self._coordinator is not None:
-            return self._finalize_distributed(self._coordinator)
+            try:
+                return self._finalize_distributed(self._coordinator)
+            except BaseException:
+                self._coordinator.discard()  # destroys the gloo group if no collective ran on it yet
+                raise
+            finally:
+                if self._writer is not None:
+                    self._writer.release_lock()  # held until rank 0 had written results.json
         try:
             self._spill_in_flight()
         except BaseException:
@@ -227,11 +234,18 @@ class Evaluator:
         except BaseException as error:
             self._tell_other_ranks(error)
             raise
-        try:
-            outcome = self._merge_with_other_ranks(coordinator)
-        finally:
-            if self._writer is not None:
-                self._writer.release_lock()
+        coordinator.post(vocab_size=self._writer.manifest.vocab_size if self._writer is not None else None)
+        statuses = coordinator.wait_for_all()
+        if self._writer is None:  # this rank got no sample: an empty shard (on rank 0, the manifest)
+            vocab_sizes = [s.vocab_size for s in statuses if s.vocab_size is not None]
+            if not vocab_sizes:
+                raise EmptyEvaluationError("no sample was evaluated on any rank: the eval dataset is empty.")
+            self._open_writer(vocab_sizes[0]).close(mark_complete=False, keep_lock=True)
+        assert self._writer is not None
+        subtract_rows(self.suite, self._writer.shard_dir, coordinator.owned_by_lower_rank(self._first_seen.present))
+        states = coordinator.gather_to_root(self.suite.states())
+        outcome = coordinator.broadcast_from_root(self._results_on_root(states) if self.rank == 0 else None)
+        coordinator.close()  # joins the gloo threads: none may outlive the evaluation (`spilleval.distributed`)
         if "error" in outcome:
             if self.rank == 0:
                 raise self._root_error
@@ -240,27 +254,6 @@ class Evaluator:
                 f"complete: recompute with `spilleval compute {self.spill_dir}` once the cause is fixed."
             )
         return outcome["results"]
-
-    def _merge_with_other_ranks(self, coordinator: Coordinator) -> dict[str, Any]:
-        """Every rank's part of the end of a distributed evaluation; rank 0's results (or its error) on every rank."""
-        try:
-            coordinator.post(vocab_size=self._writer.manifest.vocab_size if self._writer is not None else None)
-            statuses = coordinator.wait_for_all()
-            if self._writer is None:  # this rank got no sample: an empty shard (on rank 0, the manifest)
-                vocab_sizes = [s.vocab_size for s in statuses if s.vocab_size is not None]
-                if not vocab_sizes:
-                    raise EmptyEvaluationError("no sample was evaluated on any rank: the eval dataset is empty.")
-                self._open_writer(vocab_sizes[0]).close(mark_complete=False, keep_lock=True)
-            assert self._writer is not None
-            present = self._first_seen.present
-            subtract_rows(self.suite, self._writer.shard_dir, coordinator.owned_by_lower_rank(present))
-            states = coordinator.gather_to_root(self.suite.states())
-            outcome = coordinator.broadcast_from_root(self._results_on_root(states) if self.rank == 0 else None)
-        except BaseException:
-            coordinator.discard()
-            raise
-        coordinator.close()  # joins the gloo threads: none may outlive the evaluation (`spilleval.distributed`)
-        return outcome
 
     def _results_on_root(self, states: list[Any]) -> dict[str, Any]:
         """Rank 0: merge every rank's streaming states, mark the spill complete, compute all metrics."""

@@ -405,8 +405,8 @@ class SpillWriter:
             cause = "saving it failed"
             fix = "fix the cause, then run the evaluation again"
         return (
-            f"could not save the tokenizer into {self.spill_dir / TOKENIZER_DIR}: {cause} ({error}). No batch was "
-            f"written yet, and what this start created in {self.spill_dir} was removed; {fix}."
+            f"could not save the tokenizer into {self.spill_dir / TOKENIZER_DIR}: {cause} ({error}). This start "
+            f"wrote no batch, and what it created in {self.spill_dir} was removed; {fix}."
         )
 
     def _describe_setup_error(self, error: OSError) -> str:
