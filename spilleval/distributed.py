@@ -13,6 +13,17 @@ Two channels, each for what it does best:
 
 Every rank constructs its `Coordinator` (it creates the gloo group, a collective) and every rank either finalizes
 or aborts: that is the whole protocol.
+
+The gloo group lives exactly as long as one evaluation: `close()` destroys it once the last collective is done,
+which joins its worker threads. It must not outlive the evaluation. A gloo worker thread (`pt_gloo_runloop`)
+drops its reference to a finished collective only *after* `wait()` has returned to Python, and dropping it
+releases the collective's tensors, which needs the GIL (each tensor has a Python object). When the script ends
+right after an evaluation (as `SpillingTrainer.evaluate()` at the end of a script does), the interpreter may
+already be finalizing by then: CPython ends a thread that asks for the GIL during finalization with
+`pthread_exit`, whose unwinding through the collective's `noexcept` destructor calls `std::terminate`
+("terminate called without an active exception", exit code -6, in about one run in three on 2 cores). Destroying
+the group drops the last Python reference to it, and torch releases the GIL before its destructor joins the worker
+threads, so every collective has been torn down, with the GIL, before `finalize()` returns.
 """
 
 from __future__ import annotations
@@ -34,7 +45,6 @@ FAIL_FAST_INTERVAL_S = 1.0  # how often `raise_if_peer_failed` looks at the stor
 OWNER_BLOCK = 1 << 22  # samples per all_reduce of the owner map (16 MiB of int32)
 _POLL_S = 0.02
 
-_GROUPS: dict[float, tuple[Any, Any]] = {}  # timeout -> (the default group it was made in, gloo group)
 _EVALUATIONS = itertools.count(1)  # every rank counts its evaluations alike, so the count names their store keys
 
 
@@ -81,7 +91,8 @@ class Coordinator:
         self.timeout = float(timeout)
         self.spill_dir = os.fspath(spill_dir)
         self.store = dist.PrefixStore(f"spilleval/evaluation-{next(_EVALUATIONS)}/", _default_store())
-        self.group = _gloo_group(self.timeout)
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))  # a collective
+        self._collectives = 0  # run on the group so far: a failed one may still occupy a gloo worker thread
         self.posted = False
         self._last_check = 0.0
 
@@ -171,6 +182,27 @@ class Coordinator:
         self._collective(dist.broadcast_object_list, holder, src=0, group=self.group)
         return holder[0]
 
+    # ------------------------------------------------------------------------------------------- teardown
+    def close(self) -> None:
+        """Every rank, after the last collective: wait until all ranks are done with the gloo group, destroy it
+        and join its worker threads (the module docstring says why none may outlive the evaluation)."""
+        if self.group is None:
+            return
+        self._collective(dist.barrier, group=self.group)  # no peer still reads from this rank's connections
+        self._destroy_group()
+
+    def discard(self) -> None:
+        """After a failure: destroy the gloo group when no collective ever ran on it (joining its idle threads is
+        immediate). A group whose collective failed is left alone: a worker thread may wait in it for a lost peer
+        until the timeout, and joining it would hold this rank's error back as long."""
+        if self.group is not None and self._collectives == 0:
+            self._destroy_group()
+
+    def _destroy_group(self) -> None:
+        group, self.group = self.group, None
+        dist.destroy_process_group(group)
+        del group  # the last reference: torch releases the GIL, then the destructor joins the worker threads
+
     # ------------------------------------------------------------------------------------------- helpers
     def _posted_statuses(self, skip: dict[int, Status] | None = None) -> dict[int, Status]:
         found = {}
@@ -208,6 +240,7 @@ class Coordinator:
         return tensor
 
     def _collective(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        self._collectives += 1
         try:
             fn(*args, **kwargs)
         except RuntimeError as e:  # gloo: a peer's connection closed, or the timeout passed
@@ -233,12 +266,3 @@ def _default_store() -> Any:
     # public accessor; this one has been stable since torch 1.8.
     return dist.distributed_c10d._get_default_store()
 
-
-def _gloo_group(timeout: float) -> Any:
-    """A gloo group with our timeout (the default group's timeout and backend are the user's), created once per
-    (default group, timeout) and reused by later evaluations: creating it is a collective."""
-    world, group = _GROUPS.get(timeout, (None, None))
-    if world is not dist.group.WORLD:  # first use, or the default group was destroyed and created again
-        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-        _GROUPS[timeout] = (dist.group.WORLD, group)
-    return group

@@ -41,7 +41,7 @@ from .generation import (
 )
 from .metrics.runner import MetricSpec, MetricSuite
 from .spill import SpillReader
-from .spill.writer import SpillExistsError
+from .spill.writer import DEFAULT_CHUNK_BYTES, DEFAULT_COMMIT_INTERVAL_S, SpillExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ class SpillingTrainer(Trainer):
             suffix), skip the forward pass of batches it committed, recompute their streaming metrics from the spill.
             The spilleval metrics equal an uninterrupted run's; transformers' `eval_loss` covers only the batches
             run again (the `nll` metric is the exact loss). Not yet with `generation`.
+        chunk_bytes, chunk_rows, commit_interval_s: how the spill is cut into chunks and how often it commits,
+            as `Evaluator` takes them (a crash loses at most `commit_interval_s` of evaluation, default 60 s).
 
     `compute_metrics` still works: with `batch_eval_metrics=True` it is called per batch, as `Trainer` calls it;
     otherwise it is called once with the arrays `Trainer` would have built, read back from the spill: what
@@ -114,10 +116,15 @@ class SpillingTrainer(Trainer):
         trust_batch_labels: bool = False,
         generation: GenerationEval | None = None,
         resume: bool = False,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_rows: int | None = None,
+        commit_interval_s: float | None = DEFAULT_COMMIT_INTERVAL_S,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.spill_resume = resume
+        self.spill_options = {"chunk_bytes": chunk_bytes, "chunk_rows": chunk_rows,
+                              "commit_interval_s": commit_interval_s}
         self.spill_metrics = list(metrics)
         self.spill_dir = spill_dir
         self.label_fn = label_fn
@@ -380,7 +387,7 @@ class SpillingTrainer(Trainer):
                 session.generation = GenerationRun(
                     self.generation, parts[GENERATION_PART], self.accelerator.unwrap_model(self.model),
                     tokenizer=self._spill_tokenizer(), dataset_length=self._expected_samples(dataloader),
-                    extra=self._spill_extra(prefix), resume=self.spill_resume,
+                    extra=self._spill_extra(prefix), resume=self.spill_resume, **self.spill_options,
                 )
             except BaseException:
                 session.abort()
@@ -398,6 +405,7 @@ class SpillingTrainer(Trainer):
             dataset_length=self._expected_samples(dataloader),
             extra=self._spill_extra(prefix),
             resume=self.spill_resume,
+            **self.spill_options,
         )  # the Evaluator resets reused metric objects itself, before a resume replays into them
         capture = LossCapture(
             self.model, shift=evaluator.shift, keep_logprob=evaluator.keep_logprob,

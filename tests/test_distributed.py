@@ -172,9 +172,10 @@ def test_spilling_trainer_under_torchrun_gives_the_single_process_numbers(models
     expected = build_trainer(tmp_path / "single" / "out", tmp_path / "single" / "spill", models,
                              stream=stream).evaluate()
     (tmp_path / "ddp").mkdir()
-    records, _ = launch(tmp_path / "ddp", 2, "trainer", models, torchrun=True,
-                        output_dir=str(tmp_path / "ddp" / "out"), stream=stream)
+    records, exit_codes = launch(tmp_path / "ddp", 2, "trainer", models, torchrun=True,
+                                 output_dir=str(tmp_path / "ddp" / "out"), stream=stream)
     assert_no_error(records)
+    assert exit_codes == [0]  # torchrun's: every rank exited cleanly (see test_distributed_exit.py)
     comparable = lambda metrics: {k: v for k, v in metrics.items() if k not in TIMING_KEYS | {"eval_loss"}}  # noqa: E731
     assert comparable(records[0]["results"]) == comparable(records[1]["results"]) == comparable(expected)
     assert records[0]["results"]["eval_loss"] == records[1]["results"]["eval_loss"]

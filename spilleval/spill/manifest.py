@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,10 +183,24 @@ def safe_join(root: Path, relative: str) -> Path:
     return resolved
 
 
+def create_temp_file(path: Path) -> tuple[int, Path]:
+    """A new, empty file beside `path` to write and then rename over it (an open fd and its path).
+
+    Created like any other file, with the permissions the umask gives (0644 under umask 022), where `mkstemp`
+    would make it 0600 and, once renamed, leave teammates and dashboard jobs unable to read the spill."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue  # another writer drew the same name (2^-48): draw again
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temp file, fsync, rename over `path`, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temp_file(path)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
