@@ -25,15 +25,16 @@ import numpy as np
 from .batch import SampleBatch
 from .decode import decode_batch
 from .metrics.runner import MetricSuite
+from .sampleset import SampleSet
 from .spill.chunk import read_chunk, read_sample_index
 from .spill.reader import scan_shard
 
 
 class FirstSeen:
-    """The sample indices this rank has passed to the metrics: one byte per sample, like the reader's bitmap."""
+    """The sample indices this rank has passed to the metrics, a sparse set like the reader's."""
 
-    def __init__(self, size_hint: int | None = None) -> None:
-        self.present = np.zeros(size_hint or 0, dtype=bool)
+    def __init__(self, size_hint: int | None = None) -> None:  # size_hint: kept for callers; a set needs none
+        self.present = SampleSet()
 
     def fresh(self, batch: SampleBatch) -> SampleBatch:
         """The rows of `batch` whose sample this rank has not seen before (first of repeats within the batch)."""
@@ -42,25 +43,14 @@ class FirstSeen:
             return batch
         if index.min() < 0:
             raise ValueError(f"sample_index must hold dataset indices (>= 0), got {int(index.min())}")
-        self._grow(int(index.max()) + 1)
-        _, first = np.unique(index, return_index=True)
-        keep = np.zeros(len(index), dtype=bool)
-        keep[first] = True
-        keep &= ~self.present[index]
-        self.present[index] = True
-        return batch if keep.all() else batch.take(np.flatnonzero(keep))
-
-    def _grow(self, size: int) -> None:
-        if size > len(self.present):
-            grown = np.zeros(max(size, 2 * len(self.present)), dtype=bool)
-            grown[: len(self.present)] = self.present
-            self.present = grown
+        keep = self.present.first_occurrences(index)
+        return batch if keep is None else batch.take(np.flatnonzero(keep))
 
 
-def subtract_rows(suite: MetricSuite, shard_dir: Path, samples: np.ndarray) -> int:
-    """Take out of `suite`'s streaming states the first row of this shard of every sample flagged in `samples`
-    (a bool mask over sample indices). Returns the number of rows taken out."""
-    if not suite.streaming or not samples.any():
+def subtract_rows(suite: MetricSuite, shard_dir: Path, samples: SampleSet) -> int:
+    """Take out of `suite`'s streaming states the first row of this shard of every sample in `samples`.
+    Returns the number of rows taken out."""
+    if not suite.streaming or not len(samples):
         return 0
     twins = [copy.deepcopy(metric) for metric in suite.streaming]
     for twin in twins:
@@ -68,16 +58,16 @@ def subtract_rows(suite: MetricSuite, shard_dir: Path, samples: np.ndarray) -> i
     pending = samples.copy()
     removed = 0
     for record in scan_shard(shard_dir):
-        if not pending[record.min_index : record.max_index + 1].any():
+        if not pending.count_range(record.min_index, record.max_index + 1):
             continue
         chunk_dir = shard_dir / record.name
         index = read_sample_index(chunk_dir, record)
         _, first = np.unique(index, return_index=True)
-        rows = np.sort(first[pending[index[first]]])
+        rows = np.sort(first[pending.contains(index[first])])
         if len(rows) == 0:
             continue
         batch = read_chunk(chunk_dir, record).take(rows)
-        pending[batch.sample_index] = False
+        pending.discard(batch.sample_index)
         if any(twin.needs_text for twin in twins):
             decode_batch(batch, suite.tokenizer)
         for twin in twins:

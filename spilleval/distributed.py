@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .sampleset import SampleSet
+
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo and NCCL collectives
 FAIL_FAST_INTERVAL_S = 1.0  # how often `raise_if_peer_failed` looks at the store (a network round trip)
 OWNER_BLOCK = 1 << 22  # samples per all_reduce of the owner map (16 MiB of int32)
@@ -131,22 +133,22 @@ class Coordinator:
             pass
 
     # ------------------------------------------------------------------------------------------- data
-    def owned_by_lower_rank(self, present: np.ndarray) -> np.ndarray:
-        """Of the samples this rank holds (`present[i]`), those that a lower rank holds too.
+    def owned_by_lower_rank(self, present: SampleSet) -> SampleSet:
+        """Of the samples this rank holds (`present`), those that a lower rank holds too.
 
         The owner of a sample is the lowest rank holding it, as the reader's "first occurrence in (rank, chunk)
         order" rule: all_reduce(MIN) of `rank if present else world_size`, in blocks of OWNER_BLOCK samples.
         """
-        size = int(self._all_reduce(torch.tensor([len(present)], dtype=torch.int64), dist.ReduceOp.MAX)[0])
-        foreign = np.zeros(size, dtype=bool)
+        top = present.max()
+        local = 0 if top is None else top + 1
+        size = int(self._all_reduce(torch.tensor([local], dtype=torch.int64), dist.ReduceOp.MAX)[0])
+        foreign = SampleSet()
         for start in range(0, size, OWNER_BLOCK):
             stop = min(start + OWNER_BLOCK, size)
-            mine = np.zeros(stop - start, dtype=bool)
-            held = present[start:stop]
-            mine[: len(held)] = held
+            mine = present.dense(start, stop)
             owner = torch.from_numpy(np.where(mine, self.rank, self.world_size).astype(np.int32))
             owner = self._all_reduce(owner, dist.ReduceOp.MIN).numpy()
-            foreign[start:stop] = mine & (owner < self.rank)
+            foreign.add(start + np.flatnonzero(mine & (owner < self.rank)))
         return foreign
 
     def gather_to_root(self, obj: Any) -> list[Any] | None:

@@ -37,6 +37,7 @@ from .metrics.runner import MetricSpec, MetricSuite
 from .reduce import DEFAULT_CHUNK_BYTES as DEFAULT_REDUCE_CHUNK_BYTES
 from .reduce import PendingHostCopy, ReducedBatch, reduce_logits
 from .spill import Manifest, SpillReader, SpillWriter
+from .spill.integrity import seal
 from .spill.manifest import MANIFEST_NAME, RESULTS_NAME, library_versions, load_manifest, write_json_atomic
 from .spill.resume import CommittedSamples, keep_rows, replay_shard
 from .spill.writer import DEFAULT_CHUNK_BYTES, SpillExistsError, SpillWriteError, mark_spill_complete, raise_if_locked
@@ -266,6 +267,7 @@ class Evaluator:
             results.update(self.suite.compute_corpus(SpillReader(self.spill_dir)))
         try:
             write_json_atomic(self.spill_dir / RESULTS_NAME, results)
+            seal(self.spill_dir)  # the seal (integrity.json) now covers the results too
         except OSError as e:
             raise SpillWriteError(
                 f"could not write {RESULTS_NAME} ({e}); the spill itself is complete: free space or fix the "
