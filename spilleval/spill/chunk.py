@@ -203,6 +203,10 @@ def _read_tokens(data: bytes, schema: pa.Schema, *, columns: Iterable[str] | Non
 def read_sample_index(directory: Path, record: ChunkRecord, *, verify: bool = True) -> np.ndarray:
     """Only the sample_index column of a chunk (for completeness and random access)."""
     data = _read_verified(directory, TOKENS_FILE, record.files[TOKENS_FILE], verify=verify)
+    return _decode_sample_index(directory, data, record)
+
+
+def _decode_sample_index(directory: Path, data: bytes, record: ChunkRecord) -> np.ndarray:
     with _named_errors(directory):
         layout = check_tokens(data, record)
         check_budget(record, layout.decoded_bytes)
@@ -210,6 +214,18 @@ def read_sample_index(directory: Path, record: ChunkRecord, *, verify: bool = Tr
         table = pa.ipc.open_file(pa.BufferReader(data), options=options).read_all()
         check_rows(table, record)
         return table.column("sample_index").to_numpy()
+
+
+def verify_chunk(directory: Path, record: ChunkRecord) -> np.ndarray:
+    """Check every file of a chunk (length, CRC-32, what its headers declare) without decoding its rows; return
+    its sample indices. What `spilleval inspect` does to tell an intact chunk from a damaged one."""
+    payloads = {name: _read_verified(directory, name, entry, verify=True) for name, entry in record.files.items()}
+    with _named_errors(directory):
+        layout = check_tokens(payloads[TOKENS_FILE], record)
+        has_arrays = any(n.startswith(f"{ARRAYS_DIR}/") for n in record.files)
+        arrays_bytes = check_arrays(payloads, record.rows, prefix=f"{ARRAYS_DIR}/").decoded_bytes if has_arrays else 0
+        check_budget(record, layout.decoded_bytes + arrays_bytes)
+    return _decode_sample_index(directory, payloads[TOKENS_FILE], record)
 
 
 def table_to_batch(table: pa.Table, *, columns: Iterable[str] | None = None) -> SampleBatch:

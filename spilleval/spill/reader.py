@@ -85,21 +85,36 @@ def shard_rank(shard_dir: Path) -> int:
 
 def scan_shard(shard_dir: Path) -> list[ChunkRecord]:
     """Committed chunks of one shard, in sequence order, checking that none is missing in between."""
-    records = []
-    for entry in sorted(shard_dir.iterdir()) if shard_dir.exists() else []:
-        if not entry.name.startswith(CHUNK_PREFIX) or not entry.is_dir():
-            continue
-        record_path = safe_join(shard_dir, entry.name) / CHUNK_RECORD  # a chunk symlinked elsewhere is refused
-        if not record_path.exists():
-            raise ChunkRecordError(f"chunk {entry} has no {CHUNK_RECORD}; it was not written by spilleval")
-        record = load_chunk_record(record_path)
-        if record.name != entry.name or shard_dir_name(record.rank) != shard_dir.name:
-            raise ChunkRecordError(
-                f"{record_path} describes {shard_dir_name(record.rank)}/{record.name} but lies in "
-                f"{shard_dir.name}/{entry.name}; the chunk was moved or tampered with."
-            )
-        records.append(record)
-    records.sort(key=lambda r: r.seq)
+    records = sorted((load_chunk(shard_dir, entry) for entry in chunk_entries(shard_dir)), key=lambda r: r.seq)
+    check_sequence(shard_dir, records)
+    if (shard_dir / SHARD_DONE).exists():
+        check_shard_done(shard_dir, records)
+    return records
+
+
+def chunk_entries(shard_dir: Path) -> list[Path]:
+    """The committed chunk directories of a shard (a chunk being written has a temporary name)."""
+    if not shard_dir.exists():
+        return []
+    return sorted(entry for entry in shard_dir.iterdir() if entry.name.startswith(CHUNK_PREFIX) and entry.is_dir())
+
+
+def load_chunk(shard_dir: Path, entry: Path) -> ChunkRecord:
+    """The validated record of one chunk directory, which must lie where the record says."""
+    record_path = safe_join(shard_dir, entry.name) / CHUNK_RECORD  # a chunk symlinked elsewhere is refused
+    if not record_path.exists():
+        raise ChunkRecordError(f"chunk {entry} has no {CHUNK_RECORD}; it was not written by spilleval")
+    record = load_chunk_record(record_path)
+    if record.name != entry.name or shard_dir_name(record.rank) != shard_dir.name:
+        raise ChunkRecordError(
+            f"{record_path} describes {shard_dir_name(record.rank)}/{record.name} but lies in "
+            f"{shard_dir.name}/{entry.name}; the chunk was moved or tampered with."
+        )
+    return record
+
+
+def check_sequence(shard_dir: Path, records: list[ChunkRecord]) -> None:
+    """Chunks are numbered from 0 without gaps; `records` sorted by sequence number."""
     for expected_seq, record in enumerate(records):
         if record.seq != expected_seq:
             raise MissingChunkError(
@@ -107,10 +122,6 @@ def scan_shard(shard_dir: Path) -> list[ChunkRecord]:
                 "The spill lost a committed chunk. To recover, delete the chunk directories after the gap, then "
                 "resume the evaluation (resume=True): their samples are evaluated again."
             )
-    done = shard_dir / SHARD_DONE
-    if done.exists():
-        check_shard_done(shard_dir, records)
-    return records
 
 
 def check_shard_done(shard_dir: Path, records: list[ChunkRecord]) -> None:
