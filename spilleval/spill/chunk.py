@@ -112,8 +112,9 @@ def _named_errors(directory: Path) -> Iterator[None]:
         raise
     except (IpcLayoutError, ZarrLayoutError) as e:
         raise ChunkCorruptError(f"chunk {directory}: {e}; the chunk is corrupt. {RECOVER_CHUNK}") from e
-    except (pa.ArrowException, ValueError, KeyError, TypeError, IndexError, OverflowError) as e:
-        # verify=False, or a crafted file with valid CRCs
+    except (pa.ArrowException, OSError, ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as e:
+        # verify=False, or a crafted file with valid CRCs. Its bytes are in memory: an OSError is pyarrow's
+        # ArrowIOError for corrupt compressed data, a RuntimeError numcodecs' for a corrupt zstd frame
         raise ChunkCorruptError(f"chunk {directory} cannot be decoded ({e}); the chunk is corrupt. {RECOVER_CHUNK}") \
             from e
 
