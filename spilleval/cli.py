@@ -75,9 +75,9 @@ def compute(
         return
     if partial_note:
         console.print(f"[bold yellow]{partial_note}[/]")
-    table = Table("metric", "value", title=str(spill_dir))
+    table = Table("metric", "value", title=escape(str(spill_dir)))
     for key, value in results.items():
-        table.add_row(key, _fmt(value))
+        table.add_row(escape(key), escape(_fmt(value)))
     console.print(table)
 
 

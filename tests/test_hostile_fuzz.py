@@ -83,11 +83,11 @@ def reading_commands(spill: Path, other: Path, out: Path, *, partial: bool) -> l
     """Every reading command, with the options that make it read everything it can (arrays: show --index)."""
     flag = ["--allow-partial"] if partial else []
     return [
-        ["compute", spill, "--json", *flag],
+        ["compute", spill, *flag],
         ["inspect", spill],
         ["show", spill, "--index", "0,3", *flag],
         ["worst", spill, "--by", "nll", "-n", "3", *flag],
-        ["diff", spill, other, "--json", *flag],
+        ["diff", spill, other, *flag],
         ["export", spill, "-o", out / "export.jsonl", "--force", "--decode", "--scores", *flag],
         ["report", spill, "-o", out / "report.html", *flag],
     ]
@@ -191,7 +191,8 @@ def json_mutation(draw, raw: bytes) -> bytes:
     if kind == "delete":
         changed = {k: v for k, v in parent.items() if k != key}
     elif kind == "add":
-        changed = {**parent, draw(st.sampled_from(["extra_key", key + "_", "files", "__proto__"])): 1}
+        added = draw(st.sampled_from(["extra_key", key + "_", "files", "__proto__", "[/]", "../x", ""]))
+        changed = {**parent, added: draw(st.sampled_from(HOSTILE_SCALARS))}
     else:  # a flipped bit in the key's name
         name = bytearray(key.encode())
         name[draw(st.integers(0, len(name) - 1))] ^= 1 << draw(st.integers(0, 6))
