@@ -250,7 +250,7 @@ def test_the_manifest_is_checked_against_the_seal(spill, monkeypatch, capsys):
     with pytest.raises(IntegrityError, match="manifest.json does not match its SHA-256 in integrity.json"):
         SpillReader(spill)
     code, _, err = cli(monkeypatch, capsys, "compute", spill)
-    assert code == 2 and "restore the file from a copy" in one_error_line(err)
+    assert code == 2 and "restore manifest.json from a copy of the spill" in one_error_line(err)
 
 
 @pytest.mark.parametrize("damage", ["a list", "a wrong count", "an extra key"])
@@ -336,6 +336,20 @@ def test_a_spill_marked_complete_without_its_seal_reads_as_partial(spill, monkey
                           resume=True)
     assert evaluator.finalize() == results  # the advertised recovery: resume finishes and seals it again
     assert SpillReader(spill).results() == results
+
+
+@pytest.mark.parametrize("damaged", ["shard.json", "integrity.json"])
+def test_the_advertised_recovery_from_damaged_metadata_works(spill, damaged):
+    results = json.loads((spill / RESULTS_NAME).read_text())
+    path = spill / SHARDS_DIR / "rank-00000" / SHARD_DONE if damaged == "shard.json" else spill / INTEGRITY_NAME
+    path.write_text(path.read_text().replace("1", "2", 1))
+    with pytest.raises(IntegrityError) as error:  # a changed digit: the file, or the seal, no longer matches
+        SpillReader(spill)
+    assert ("delete that shard.json" if damaged == "shard.json" else "delete integrity.json") in str(error.value)
+    path.unlink()
+    evaluator = Evaluator(spill, workload.METRICS, tokenizer=workload.TOKENIZER, dataset_length=N, chunk_rows=5,
+                          resume=True)
+    assert evaluator.finalize() == results and SpillReader(spill).results() == results
 
 
 def test_a_partial_spill_stays_readable_and_inspectable(tmp_path, monkeypatch, capsys):

@@ -55,11 +55,27 @@ class IntegrityFile(TypedDict):
 
 
 _SCHEMA = TypeAdapter(IntegrityFile)
-RECOVER_SEAL = (
-    "To recover, restore the file from a copy; or resume the evaluation (resume=True), which writes the metadata "
-    "and seals the spill again; or delete integrity.json to read the spill unverified with --allow-partial (each "
-    "chunk is still checked against its CRC-32s)."
+UNVERIFIED = (
+    "delete integrity.json: the spill then reads as partial (--allow-partial), its metadata unverified, each "
+    "chunk still checked against its CRC-32s"
 )
+
+
+def recovery(name: str) -> str:
+    """How to recover when the sealed file `name` (relative to the spill) is damaged."""
+    if name == RESULTS_NAME:
+        return ("To recover: the chunks are intact, `spilleval compute` recomputes the exact metrics (report and "
+                "diff do so by themselves); resuming the evaluation (resume=True) writes results.json and the seal "
+                "again.")
+    if name.endswith(f"/{SHARD_DONE}"):
+        return ("To recover, delete that shard.json and resume the evaluation (resume=True): it checks the "
+                "committed chunks, then writes the shard record and the seal again.")
+    if name.startswith(f"{TOKENIZER_DIR}/"):
+        return ("To recover, restore the tokenizer (from a copy of the spill, or save the model's own tokenizer "
+                f"there with save_pretrained), or {UNVERIFIED}.")
+    if name == INTEGRITY_NAME:
+        return f"To recover, {UNVERIFIED}; resuming the evaluation (resume=True) then seals it again."
+    return f"To recover, restore {name} from a copy of the spill, or, if the change is wanted, {UNVERIFIED}."
 
 
 @dataclass
@@ -87,10 +103,10 @@ class Seal:
         try:
             info = path.lstat()
         except FileNotFoundError:
-            raise IntegrityError(f"{path} is missing but {INTEGRITY_NAME} seals it. {RECOVER_SEAL}") from None
+            raise IntegrityError(f"{path} is missing but {INTEGRITY_NAME} seals it. {recovery(name)}") from None
         if not stat.S_ISREG(info.st_mode):
             raise IntegrityError(f"{path} is not a regular file (a link or a device); it was replaced after the "
-                                 f"spill was sealed. {RECOVER_SEAL}")
+                                 f"spill was sealed. {recovery(name)}")
         if info.st_size != entry["bytes"]:
             raise self._changed(name, info.st_size)
         with open(path, "rb") as f:
@@ -99,13 +115,13 @@ class Seal:
     def _not_covered(self, name: str) -> IntegrityError:
         return IntegrityError(
             f"{self.path / name} is not covered by {self.path / INTEGRITY_NAME}: it was added after the spill was "
-            f"sealed. {RECOVER_SEAL}"
+            f"sealed. {recovery(name)}"
         )
 
     def _changed(self, name: str, size: int) -> IntegrityError:
         return IntegrityError(
             f"{self.path / name} does not match its SHA-256 in {INTEGRITY_NAME} ({size:,} bytes, sealed "
-            f"{self.files[name]['bytes']:,}): the file changed after the spill was sealed. {RECOVER_SEAL}"
+            f"{self.files[name]['bytes']:,}): the file changed after the spill was sealed. {recovery(name)}"
         )
 
     def verify_tokenizer(self) -> None:
@@ -135,7 +151,7 @@ def load_seal(spill_dir: Path) -> Seal | None:
     path = Path(spill_dir) / INTEGRITY_NAME
     if not path.exists():
         return None
-    data = parse(path, _SCHEMA, IntegrityError, what="a valid integrity record", fix=RECOVER_SEAL)
+    data = parse(path, _SCHEMA, IntegrityError, what="a valid integrity record", fix=recovery(INTEGRITY_NAME))
     return Seal(Path(spill_dir), data["files"])
 
 

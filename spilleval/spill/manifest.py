@@ -5,6 +5,7 @@ Layout of a spill directory::
     manifest.json                  schema version, task, vocab, id dtype, dataset length, metrics, versions
     tokenizer/                     the tokenizer (save_pretrained), when one was given
     results.json                   the live metrics of the run that wrote it, once it finished
+    integrity.json                 the seal of a finished spill (`spill.integrity`), written last
     shards/rank-00000/chunk-000000/
         tokens.arrow               Arrow IPC: sample_index, pred_ids, label_ids, [label_logprob], [columns...]
         arrays.zarr/               zarr v3 group: fixed-shape per-sample arrays, chunked along the sample axis
@@ -156,10 +157,10 @@ def load_chunk_record(path: Path) -> ChunkRecord:
 
 def check_chunk_file_name(name: str, record_path: Path) -> None:
     """A file of a chunk is `tokens.arrow` or a plain relative path under `arrays.zarr/`: nothing else."""
-    parts = PurePosixPath(name).parts
-    plain = all(part not in ("", ".", "..") and "\\" not in part and "\0" not in part for part in parts)
-    if name == TOKENS_FILE or (plain and len(parts) > 1 and parts[0] == ARRAYS_DIR and not name.startswith("/")
-                               and not name.endswith("/")):
+    path = PurePosixPath(name)
+    canonical = path.as_posix() == name and not path.is_absolute()  # no "//", "./", trailing "/"
+    plain = all(part != ".." and "\\" not in part and "\0" not in part for part in path.parts)
+    if name == TOKENS_FILE or (canonical and plain and len(path.parts) > 1 and path.parts[0] == ARRAYS_DIR):
         return
     raise UnsafePathError(
         f"unsafe path {name!r} in spill metadata {record_path} points outside its chunk or names no chunk file; "
