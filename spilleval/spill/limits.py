@@ -34,7 +34,7 @@ MAX_JSON_BYTES = {
     "zarr.json": 1 * MiB,
 }
 MAX_MISSING_RANGES = 1000  # missing sample ranges listed by `completeness()` (their count is always exact)
-MAX_STATE_BYTES = 256 * MiB  # one streaming metric's state, e.g. the L x (L+1) confusion counts of L labels
+MAX_TOKENIZER_FILE_BYTES = 256 * MiB  # the largest tokenizer.json files (256k-entry vocabularies) are ~35 MB
 
 
 def decode_floor() -> int:
@@ -48,4 +48,3 @@ def decode_floor() -> int:
 def chunk_decode_budget(bytes_on_disk: int) -> int:
     """The most memory one chunk of `bytes_on_disk` bytes may declare that it decodes to."""
     return max(decode_floor(), DECODE_RATIO * bytes_on_disk)
-MAX_TOKENIZER_FILE_BYTES = 256 * MiB  # the largest tokenizer.json files (256k-entry vocabularies) are ~35 MB

@@ -9,6 +9,7 @@ first problem.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -55,7 +56,7 @@ def read_bounded(path: Path, error: type[Exception], *, kind: str | None = None)
     """The bytes of a metadata file, refusing one larger than its bound before reading it."""
     bound = limits.MAX_JSON_BYTES[kind or path.name]
     with open(path, "rb") as f:
-        size = _size(f)
+        size = os.fstat(f.fileno()).st_size
         if size > bound:
             raise error(f"{path} has {size:,} bytes, more than a spilleval {kind or path.name} ever holds "
                         f"({bound:,}); the file is corrupt or was crafted")
@@ -99,8 +100,3 @@ def describe(error: ValidationError, what: str) -> str:
 def _shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
-
-def _size(f: Any) -> int:
-    import os
-
-    return os.fstat(f.fileno()).st_size

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import Field, JsonValue, TypeAdapter, ValidationError
 from typing_extensions import NotRequired, TypedDict
 
+from . import limits
 from .schema import STRICT, Name, describe
 
 ZARR_JSON = "zarr.json"
@@ -132,6 +133,8 @@ def check_arrays(payloads: dict[str, bytes], rows: int, *, prefix: str) -> Array
 
 
 def _parse(schema: TypeAdapter, data: bytes, name: str):
+    if len(data) > limits.MAX_JSON_BYTES[ZARR_JSON]:
+        raise ZarrLayoutError(f"{name} has {len(data):,} bytes, more than any zarr metadata of a spill")
     try:
         return schema.validate_json(data, strict=True)
     except ValidationError as e:
