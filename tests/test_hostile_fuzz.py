@@ -29,7 +29,7 @@ from _cli_worker import CliWorker
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from spilleval import Evaluator
@@ -279,6 +279,10 @@ def test_reading_commands_survive_any_mutated_metadata(data, pristine, worker, t
         mutated = data.draw(binary_mutation(raw, {"zstd frame header": (4, min(len(raw), 14))}), label="mutated")
     (spill / name).write_bytes(mutated)
     recompute_checksums(spill, name)
+    exits = []
     for argv in reading_commands(spill, source, scratch, partial=kind == "partial"):
-        check_ended_well(worker.run(*argv))
+        result = worker.run(*argv)
+        check_ended_well(result)
+        exits.append(result["exit_code"])
+    event(f"{form} mutation: {'every command refused it' if set(exits) == {2} else 'some command read it'}")
     shutil.rmtree(scratch, ignore_errors=True)

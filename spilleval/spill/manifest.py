@@ -164,7 +164,7 @@ def check_chunk_file_name(name: str, record_path: Path) -> None:
         return
     raise UnsafePathError(
         f"unsafe path {name!r} in spill metadata {record_path} points outside its chunk or names no chunk file; "
-        "refusing to read it (the spill directory was tampered with or is not a spilleval spill)"
+        f"refusing to read it (the spill directory was tampered with or is not a spilleval spill). {RECOVER_CHUNK}"
     )
 
 
