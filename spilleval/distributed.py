@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .sampleset import SampleSet
+
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo and NCCL collectives
 FAIL_FAST_INTERVAL_S = 1.0  # how often `raise_if_peer_failed` looks at the store (a network round trip)
 OWNER_BLOCK = 1 << 22  # samples per all_reduce of the owner map (16 MiB of int32)
@@ -75,10 +77,10 @@ class Status:
 
 @dataclass
 class SampleOwnership:
-    """Bool masks over sample indices: held by some rank; held by this rank and by a lower one too."""
+    """The samples held by some rank; those held by this rank and by a lower one too."""
 
-    held: np.ndarray
-    foreign: np.ndarray
+    held: SampleSet
+    foreign: SampleSet
 
 
 class Coordinator:
@@ -150,25 +152,24 @@ class Coordinator:
             pass
 
     # ------------------------------------------------------------------------------------------- data
-    def sample_owners(self, present: np.ndarray) -> "SampleOwnership":
-        """Which samples any rank holds, and which of this rank's (`present[i]`) a lower rank holds too.
+    def sample_owners(self, present: SampleSet) -> "SampleOwnership":
+        """Which samples any rank holds, and which of this rank's (`present`) a lower rank holds too.
 
         The owner of a sample is the lowest rank holding it, as the reader's "first occurrence in (rank, chunk)
         order" rule: all_reduce(MIN) of `rank if present else world_size`, in blocks of OWNER_BLOCK samples. Every
         rank gets the same `held`, so every rank takes the same decision about missing samples.
         """
-        size = int(self._all_reduce(torch.tensor([len(present)], dtype=torch.int64), dist.ReduceOp.MAX)[0])
-        foreign = np.zeros(size, dtype=bool)
-        held = np.zeros(size, dtype=bool)
+        top = present.max()
+        local = 0 if top is None else top + 1
+        size = int(self._all_reduce(torch.tensor([local], dtype=torch.int64), dist.ReduceOp.MAX)[0])
+        foreign, held = SampleSet(), SampleSet()
         for start in range(0, size, OWNER_BLOCK):
             stop = min(start + OWNER_BLOCK, size)
-            mine = np.zeros(stop - start, dtype=bool)
-            block = present[start:stop]
-            mine[: len(block)] = block
+            mine = present.dense(start, stop)
             owner = torch.from_numpy(np.where(mine, self.rank, self.world_size).astype(np.int32))
             owner = self._all_reduce(owner, dist.ReduceOp.MIN).numpy()
-            foreign[start:stop] = mine & (owner < self.rank)
-            held[start:stop] = owner < self.world_size
+            foreign.add(start + np.flatnonzero(mine & (owner < self.rank)))
+            held.add(start + np.flatnonzero(owner < self.world_size))
         return SampleOwnership(foreign=foreign, held=held)
 
     def gather_to_root(self, obj: Any) -> list[Any] | None:

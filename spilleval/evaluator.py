@@ -38,6 +38,7 @@ from .metrics.runner import MetricSpec, MetricSuite
 from .reduce import DEFAULT_CHUNK_BYTES as DEFAULT_REDUCE_CHUNK_BYTES
 from .reduce import PendingHostCopy, ReducedBatch, reduce_logits
 from .spill import Manifest, SpillReader, SpillWriter
+from .spill.integrity import seal
 from .spill.manifest import MANIFEST_NAME, RESULTS_NAME, library_versions, load_manifest, write_json_atomic
 from .spill.resume import CommittedSamples, keep_rows, replay_shard
 from .spill.writer import (
@@ -104,7 +105,7 @@ class Evaluator:
         self._finalized = self._aborted = False
         self._committed = CommittedSamples()
         # streaming metrics count a sample once, as the reader does; one process has no sampler padding to repeat one
-        self._first_seen = FirstSeen(dataset_length, allow_repeats=allow_repeats or self.world_size > 1)
+        self._first_seen = FirstSeen(allow_repeats=allow_repeats or self.world_size > 1)
         # a collective: every rank constructs its Evaluator (see spilleval.distributed)
         self._coordinator = Coordinator(self.spill_dir, timeout=dist_timeout) if self.world_size > 1 else None
         try:
@@ -314,6 +315,7 @@ class Evaluator:
             results.update(self.suite.compute_corpus(SpillReader(self.spill_dir)))
         try:
             write_json_atomic(self.spill_dir / RESULTS_NAME, results)
+            seal(self.spill_dir)  # the seal (integrity.json) now covers the results too
         except OSError as e:
             raise SpillWriteError(
                 f"could not write {RESULTS_NAME} ({e}); the spill itself is complete: free space or fix the "
@@ -346,9 +348,7 @@ class Evaluator:
     def _resume(self) -> None:
         """Continue the spill on disk: open its shard, replay what it committed through the streaming metrics."""
         writer = self._open_writer(load_manifest(self.spill_dir).vocab_size)
-        self._committed = replay_shard(
-            writer.shard_dir, writer.resumed_chunks, self._replay_batch, size_hint=self.dataset_length or 0
-        )
+        self._committed = replay_shard(writer.shard_dir, writer.resumed_chunks, self._replay_batch)
 
     def _replay_batch(self, batch: SampleBatch) -> None:
         self._count(batch)

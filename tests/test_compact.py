@@ -8,6 +8,7 @@ it stops (`abort()`, as after an interrupted run), and the next one resumes.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from spilleval.batch import SampleBatch
 from spilleval.spill import SpillReader, SpillWriter
 from spilleval.spill import compact as compact_module
 from spilleval.spill.compact import build_staging, exchange, plan, staging_dir
-from spilleval.spill.manifest import SHARD_DONE, SHARDS_DIR, read_json
+from spilleval.spill.manifest import SHARD_DONE, SHARDS_DIR
 from spilleval.spill.reader import scan_shard
 
 CHUNK_BYTES = 256 * 1024  # chunks under 16 KiB on disk count as small
@@ -84,7 +85,7 @@ def test_small_chunks_are_merged_with_every_row_intact(tmp_path):
     writer = write_sessions(spill, batches)
     writer.close()
     assert [r.rows for r in scan_shard(shard(spill))] == [26]
-    assert read_json(shard(spill) / SHARD_DONE)["chunks"] == 1
+    assert json.loads((shard(spill) / SHARD_DONE).read_text())["chunks"] == 1
     assert rows(spill) == expected_rows(batches)
     reader = SpillReader(spill)
     assert reader.is_complete and list(np.concatenate([b.sample_index for b in reader.iter_chunks()])) == list(

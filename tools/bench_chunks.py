@@ -39,6 +39,7 @@ from bench_compute import VOCAB, ZipfData, best_of  # noqa: E402
 from spilleval.metrics import compute_from_spill  # noqa: E402
 from spilleval.spill import Manifest, SpillReader, SpillWriter  # noqa: E402
 from spilleval.spill.compact import compact_shard  # noqa: E402
+from spilleval.spill.integrity import seal  # noqa: E402
 from spilleval.spill.manifest import SHARD_DONE, SHARDS_DIR, library_versions, write_json_atomic  # noqa: E402
 from spilleval.spill.reader import scan_shard  # noqa: E402
 from spilleval.spill.writer import DEFAULT_CHUNK_BYTES  # noqa: E402
@@ -75,7 +76,8 @@ def timings(spill: Path, expected: dict[str, float], tokens: int, repeats: int) 
 
 def compact(spill: Path) -> float:
     """Compact the closed shard as `SpillWriter.close()` would with the default chunk_bytes (it runs before
-    shard.json is written, so that record is set aside and rewritten with the new count)."""
+    shard.json is written and the spill sealed, so that record is set aside, then rewritten with the new count and
+    the spill sealed again)."""
     shard = spill / SHARDS_DIR / "rank-00000"
     (shard / SHARD_DONE).unlink()
     start = time.perf_counter()
@@ -84,6 +86,7 @@ def compact(spill: Path) -> float:
     seconds = time.perf_counter() - start
     write_json_atomic(shard / SHARD_DONE, {"rank": 0, "chunks": len(records), "rows": sum(r.rows for r in records),
                                            "tokens": sum(r.tokens for r in records)})
+    seal(spill)
     return seconds
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs
 
-from .base import CorpusMetric
+from .base import BatchSize, CorpusMetric, NgramOrder
 from .inputs import references_of
 from .ondisk import ScratchStore
 from .registry import register
@@ -53,9 +53,9 @@ class Cider(CorpusMetric):
         self,
         references_column: str | None = None,
         lowercase: bool = True,
-        n: int = 4,
+        n: NgramOrder = 4,
         sigma: float = 6.0,
-        batch_size: int = 1024,
+        batch_size: BatchSize = 1024,
     ) -> None:
         self.references_column = references_column
         self.needs_columns = (references_column,) if references_column else ()

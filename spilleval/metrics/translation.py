@@ -13,13 +13,14 @@ per segment. The batch is padded the same way, so a variable number of reference
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 from sacrebleu.metrics import BLEU, CHRF
 
 from ..batch import SampleBatch
-from .base import StreamingMetric
+from .base import NgramOrder, StreamingMetric
 from .inputs import references_of
 from .registry import register
 
@@ -98,9 +99,9 @@ class Chrf(SacrebleuStatsMetric):
     def __init__(
         self,
         references_column: str | None = None,
-        char_order: int = CHRF.CHAR_ORDER,
-        word_order: int = CHRF.WORD_ORDER,
-        beta: int = CHRF.BETA,
+        char_order: NgramOrder = CHRF.CHAR_ORDER,
+        word_order: Annotated[int, Field(ge=0, le=32)] = CHRF.WORD_ORDER,
+        beta: Annotated[int, Field(ge=0, le=1000)] = CHRF.BETA,
         lowercase: bool = False,
         whitespace: bool = False,
         eps_smoothing: bool = False,

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..batch import SampleBatch
 from .chunk import write_chunk_files
+from .integrity import seal, unseal
 from .manifest import (
     CHUNK_RECORD,
     MANIFEST_NAME,
@@ -385,6 +386,7 @@ class SpillWriter:
         """Rank 0 writes the tokenizer (once, atomically: a crash never leaves half of it) and the manifest."""
         if self.rank != 0:
             return
+        unseal(self.spill_dir)  # a resumed spill changes again: it is sealed anew when it finishes
         target = self.spill_dir / TOKENIZER_DIR
         staging = self.spill_dir / f"{TMP_PREFIX}{TOKENIZER_DIR}"
         shutil.rmtree(staging, ignore_errors=True)  # left by a run that crashed while saving it
@@ -462,9 +464,11 @@ def _os_error_code(message: str) -> int | None:
 
 
 def mark_spill_complete(spill_dir: str | os.PathLike, manifest: Manifest) -> None:
-    """Record in the manifest that every shard has finished (rank 0, after all ranks closed)."""
+    """Record in the manifest that every shard has finished (rank 0, after all ranks closed), then seal the
+    spill's metadata (`spill.integrity`; sealed again once results.json is written)."""
     manifest.status = "complete"
     save_manifest(Path(spill_dir), manifest)
+    seal(Path(spill_dir))
 
 
 def mark_spill_partial(spill_dir: str | os.PathLike, manifest: Manifest) -> None:
