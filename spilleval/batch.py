@@ -43,6 +43,7 @@ class SampleBatch:
     pred_text: list[str] | None = None  # filled by `decode_batch` when a metric needs text
     label_text: list[str] | None = None
     label_offsets: np.ndarray | None = None  # int64 [B+1] for ragged label rows (generation); None: `offsets`
+    sample_nll: np.ndarray | None = None  # float64 [B]: -sum of each sample's label log-probs (natural log)
 
     def __post_init__(self) -> None:
         index = np.asarray(self.sample_index)
@@ -64,6 +65,10 @@ class SampleBatch:
                 raise ValueError("label_ids must hold as many ids as label_offsets spans")
             if self.label_logprob is not None:
                 raise ValueError("label_logprob needs aligned rows; a batch with label_offsets carries none")
+        if self.sample_nll is not None:
+            self.sample_nll = np.asarray(self.sample_nll, dtype=np.float64)
+            if len(self.sample_nll) != n:
+                raise ValueError(f"sample_nll has {len(self.sample_nll)} values for {n} samples")
         for name, values in self.columns.items():
             if len(values) != n:
                 raise ValueError(f"column {name!r} has {len(values)} values for {n} samples")
@@ -127,6 +132,8 @@ class SampleBatch:
         total = self.sample_index.nbytes + self.offsets.nbytes + self.pred_ids.nbytes + self.label_ids.nbytes
         if self.label_logprob is not None:
             total += self.label_logprob.nbytes
+        if self.sample_nll is not None:
+            total += self.sample_nll.nbytes
         total += sum(a.nbytes for a in self.arrays.values())
         total += sum(_column_bytes(v) for v in self.columns.values())
         return total
@@ -146,6 +153,7 @@ class SampleBatch:
             pred_ids=self.pred_ids[token_pos],
             label_ids=self.label_ids[label_pos],
             label_logprob=None if self.label_logprob is None else self.label_logprob[token_pos],
+            sample_nll=None if self.sample_nll is None else self.sample_nll[rows],
             columns={k: [v[i] for i in rows] for k, v in self.columns.items()},
             arrays={k: v[rows] for k, v in self.arrays.items()},
             pred_text=None if self.pred_text is None else [self.pred_text[i] for i in rows],
@@ -167,6 +175,7 @@ class SampleBatch:
             pred_ids=self.pred_ids[lo:hi],
             label_ids=self.label_ids[label_lo:label_hi],
             label_logprob=None if self.label_logprob is None else self.label_logprob[lo:hi],
+            sample_nll=None if self.sample_nll is None else self.sample_nll[start:stop],
             columns={k: v[start:stop] for k, v in self.columns.items()},
             arrays={k: v[start:stop] for k, v in self.arrays.items()},
             pred_text=None if self.pred_text is None else self.pred_text[start:stop],
@@ -196,6 +205,11 @@ class SampleBatch:
                 if first.label_logprob is None
                 else np.concatenate([b.label_logprob for b in batches])  # type: ignore[misc]
             ),
+            sample_nll=(
+                np.concatenate([b.sample_nll for b in batches])  # type: ignore[misc]
+                if all(b.sample_nll is not None for b in batches)
+                else None
+            ),
             columns={k: [x for b in batches for x in b.columns[k]] for k in first.columns},
             arrays={k: np.concatenate([b.arrays[k] for b in batches]) for k in first.arrays},
             pred_text=[t for b in batches for t in b.pred_text] if with_text else None,  # type: ignore[union-attr]
@@ -214,7 +228,8 @@ class SampleBatch:
         arrays: dict[str, np.ndarray] | None = None,
         aligned: bool = True,
     ) -> "SampleBatch":
-        """Build a batch from python lists, e.g. for tests or generated ids (`aligned=False`: ragged label rows)."""
+        """Build a batch from python lists, e.g. for tests or generated ids (`aligned=False`: ragged label rows).
+        With `logprobs`, each sample's `sample_nll` is their negated sum."""
         dtype = id_dtype_for_vocab(vocab_size)
         offsets = _offsets_of(np.array([len(p) for p in preds], dtype=np.int64))
         label_offsets = None
@@ -230,6 +245,8 @@ class SampleBatch:
             pred_ids=flat(preds, dtype),
             label_ids=flat(labels, dtype),
             label_logprob=None if logprobs is None else flat(logprobs, np.float32),
+            sample_nll=None if logprobs is None else np.array(
+                [-np.sum(np.asarray(row, dtype=np.float32), dtype=np.float64) for row in logprobs]),
             columns=dict(columns or {}),
             arrays=dict(arrays or {}),
         )

@@ -258,19 +258,23 @@ def reduce_aligned(
     *,
     sample_index: torch.Tensor,
     keep_logprob: bool,
+    nll: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     num_items_in_batch: Any = None,
 ) -> ReducedBatch:
-    """`reduce_logits` on resolved labels; raw labels also get the check that they reproduce the model's loss."""
+    """`reduce_logits` on resolved labels; raw labels also get the check that they reproduce the model's loss.
+
+    `nll`: compute each sample's summed log-probability (the exact eval loss) even when the per-token log-probs are
+    not kept."""
     verify = aligned.verify_with is not None
     reduced = reduce_logits(
         logits.detach(), aligned.labels, shift=aligned.shift, sample_index=sample_index,
-        keep_logprob=keep_logprob or verify, chunk_bytes=chunk_bytes,
+        keep_logprob=keep_logprob or nll or verify, chunk_bytes=chunk_bytes,
     )
     if verify:
         reduced.checks.append(_loss_check(reduced, aligned.verify_with, num_items_in_batch))
-        if not keep_logprob:
-            reduced.label_logprob = None
+    if not keep_logprob:
+        reduced.label_logprob = None
     return reduced
 
 

@@ -89,6 +89,8 @@ class Evaluator:
         self.task = task
         self.shift = (task == "causal_lm") if shift is None else shift
         self.keep_logprob = self.suite.needs_logprob if keep_logprob is None else keep_logprob
+        # each sample's summed log-probability (8 bytes a sample) whenever the log-probs are computed anyway
+        self.computes_nll = self.keep_logprob or self.suite.needs_sample_nll
         self.suite.check(has_logprob=self.keep_logprob, task=task)
         self.dataset_length = dataset_length
         check_chunk_options(chunk_bytes, chunk_rows, commit_interval_s)  # before any forward pass
@@ -148,7 +150,7 @@ class Evaluator:
             labels,
             shift=self.shift,
             sample_index=index,
-            keep_logprob=self.keep_logprob,
+            keep_logprob=self.computes_nll,
             chunk_bytes=self.reduce_chunk_bytes,
         )
         self._add(reduced, logits.shape[-1], columns, arrays)
@@ -352,7 +354,9 @@ class Evaluator:
 
     def _replay_batch(self, batch: SampleBatch) -> None:
         self._count(batch)
-        if batch.label_logprob is not None:
+        if batch.sample_nll is not None:
+            self._loss_sum += float(np.sum(batch.sample_nll, dtype=np.float64))
+        elif batch.label_logprob is not None:
             self._loss_sum -= float(np.sum(batch.label_logprob, dtype=np.float64))
 
     @property

@@ -46,11 +46,12 @@ class ReducedBatch:
     pred_ids: torch.Tensor  # int32 [B, T], argmax at every position
     label_ids: torch.Tensor  # int32 [B, T], -100 where not supervised
     vocab_size: int
-    row_nll: torch.Tensor  # float64 [B]: -sum of the row's label log-probs (zeros unless computed)
+    row_nll: torch.Tensor  # float64 [B]: -sum of the row's label log-probs (zeros unless `has_nll`)
     row_tokens: torch.Tensor  # int64 [B]: supervised positions per row
     label_logprob: torch.Tensor | None = None  # float32 [B, T], 0 where not supervised
     nonfinite_rows: torch.Tensor | None = None  # bool [B]: NaN/Inf logits at a supervised position
     checks: list[DeferredCheck] = field(default_factory=list)  # batch-level checks run on the host copy
+    has_nll: bool = False  # row_nll was computed: the host batch carries it as `sample_nll` (the exact eval loss)
 
     def __len__(self) -> int:
         return int(self.sample_index.numel())
@@ -89,6 +90,7 @@ class ReducedBatch:
             label_logprob=joined("label_logprob"),
             nonfinite_rows=joined("nonfinite_rows"),
             checks=[check for b in batches for check in b.checks],
+            has_nll=all(b.has_nll for b in batches),
         )
 
     def take_rows(self, rows: np.ndarray) -> "ReducedBatch":
@@ -109,6 +111,7 @@ class ReducedBatch:
             label_logprob=pick(self.label_logprob),
             nonfinite_rows=pick(self.nonfinite_rows),
             checks=self.checks,  # they concern the whole batch the model saw
+            has_nll=self.has_nll,
         )
 
     def to_host(self) -> SampleBatch:
@@ -133,9 +136,9 @@ class ReducedBatch:
             host = {k: _pinned_copy(v) for k, v in tensors.items()}
             event = torch.cuda.Event()
             event.record()
-            return PendingHostCopy(sample_index, host, self.vocab_size, event, checks)
+            return PendingHostCopy(sample_index, host, self.vocab_size, event, checks, self.has_nll)
         host = {k: v.detach().cpu() for k, v in tensors.items()}
-        return PendingHostCopy(sample_index, host, self.vocab_size, checks=checks)
+        return PendingHostCopy(sample_index, host, self.vocab_size, checks=checks, has_nll=self.has_nll)
 
 
 @dataclass
@@ -147,6 +150,7 @@ class PendingHostCopy:
     vocab_size: int
     event: "torch.cuda.Event | None" = None
     checks: list[Callable[[np.ndarray], None]] = field(default_factory=list)
+    has_nll: bool = False
 
     def wait(self) -> SampleBatch:
         if self.event is not None:
@@ -170,6 +174,7 @@ class PendingHostCopy:
             pred_ids=t["pred_ids"][mask].astype(dtype),
             label_ids=labels[mask].astype(dtype),
             label_logprob=None if logprob is None else logprob[mask].astype(np.float32, copy=False),
+            sample_nll=t["row_nll"].astype(np.float64, copy=False) if self.has_nll else None,
         )
 
     @property
@@ -244,6 +249,7 @@ def reduce_logits(
     if keep_logprob:
         reduced.label_logprob = joined(logprobs, torch.float32).masked_fill_(~mask, 0.0)
         reduced.row_nll = -reduced.label_logprob.double().sum(dim=1)
+        reduced.has_nll = True
     return reduced
 
 

@@ -9,7 +9,10 @@ thread updates the streaming metrics), and the logits, hidden states, attentions
 corpus metrics run over the spill. Nothing on the host or the device grows with the number of eval samples.
 
 Only `prediction_step` and `evaluation_loop` change; `Trainer.evaluation_loop` still drives the loop (model
-preparation, callbacks, the eval loss), it just receives no logits to keep.
+preparation, callbacks), it just receives no logits and no losses to keep. `eval_loss` is the exact token-weighted
+cross-entropy of the labels the loss saw (the `loss` metric, from each sample's summed log-probability in the spill):
+unlike transformers' own (a mean of per-batch means, scaled by the number of processes under DDP), it does not depend
+on the batch size, the padding of the last batch or the world size.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from .generation import (
     prediction_part,
     spill_parts,
 )
+from .metrics.registry import build_metrics
 from .metrics.runner import MetricSpec, MetricSuite
 from .spill import SpillReader
 from .spill.writer import DEFAULT_CHUNK_BYTES, DEFAULT_COMMIT_INTERVAL_S, SpillExistsError
@@ -94,8 +98,7 @@ class SpillingTrainer(Trainer):
             prefixed `eval_gen_` (see `spilleval.generation`). `compute_metrics` then gets the generated ids.
         resume: continue an evaluation that crashed: reuse its spill directory (`spill_dir` formatted, no numeric
             suffix), skip the forward pass of batches it committed, recompute their streaming metrics from the spill.
-            The spilleval metrics equal an uninterrupted run's; transformers' `eval_loss` covers only the batches
-            run again (the `nll` metric is the exact loss). Not yet with `generation`.
+            The metrics, `eval_loss` included, equal an uninterrupted run's. Not yet with `generation`.
         chunk_bytes, chunk_rows, commit_interval_s: how the spill is cut into chunks and how often it commits,
             as `Evaluator` takes them (a crash loses at most `commit_interval_s` of evaluation, default 60 s).
 
@@ -189,7 +192,8 @@ class SpillingTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> EvalLoopOutput:
-        """`Trainer.evaluation_loop` with a spilling `prediction_step`; spilled metrics join its `eval_loss`."""
+        """`Trainer.evaluation_loop` with a spilling `prediction_step`; the spilled metrics (`eval_loss` among them)
+        join its own (runtime, samples per second)."""
         spill_dir = self._new_spill_dir(metric_key_prefix)
         parts = spill_parts(spill_dir, self.generation)
         session = self._open_session(parts, dataloader, metric_key_prefix)
@@ -239,13 +243,14 @@ class SpillingTrainer(Trainer):
             session.generation.add(self.accelerator.unwrap_model(model), inputs, index, references)
         if forward_done:
             return (None, None, None)
-        return (self._teacher_forced_step(session, model, inputs, index, ignore_keys), None, None)
+        self._teacher_forced_step(session, model, inputs, index, ignore_keys)
+        return (None, None, None)  # eval_loss comes from the spill, exact (`loss` metric): Trainer keeps no losses
 
     def _teacher_forced_step(
         self, session: "_EvalSession", model: torch.nn.Module, inputs: dict[str, Any], index: torch.Tensor,
         ignore_keys: list[str] | None,
-    ) -> torch.Tensor | None:
-        """Forward, resolve the labels the loss saw, reduce and spill; returns the loss `Trainer` reports."""
+    ) -> None:
+        """Forward, resolve the labels the loss saw, reduce and spill."""
         evaluator = session.evaluator
         session.capture.start_batch(index)
         forward = self._forward(model, inputs)
@@ -266,7 +271,7 @@ class SpillingTrainer(Trainer):
             reduced = call.reduced  # reduced inside the loss call, from the same logits and labels
         else:
             reduced = reduce_aligned(
-                logits, aligned, sample_index=index, keep_logprob=evaluator.keep_logprob,
+                logits, aligned, sample_index=index, keep_logprob=evaluator.keep_logprob, nll=evaluator.computes_nll,
                 chunk_bytes=evaluator.reduce_chunk_bytes, num_items_in_batch=forward.num_items_in_batch,
             )
         labels = aligned.unshifted()
@@ -276,7 +281,6 @@ class SpillingTrainer(Trainer):
         evaluator.add_reduced(reduced, columns=columns)
         if self.compute_metrics is not None and self.args.batch_eval_metrics:
             self._batch_compute_metrics(session, forward, labels, inputs, ignore_keys)
-        return forward.loss
 
     def predict(
         self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
@@ -399,7 +403,7 @@ class SpillingTrainer(Trainer):
         task = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal_lm"
         evaluator = Evaluator(
             spill_dir,
-            self.spill_metrics,
+            self._teacher_forced_metrics(),
             tokenizer=self._spill_tokenizer(),
             task=task,
             dataset_length=self._expected_samples(dataloader),
@@ -415,6 +419,12 @@ class SpillingTrainer(Trainer):
         return _EvalSession(evaluator=evaluator, capture=capture, shift=evaluator.shift,
                             carried=self._carried_columns(),
                             records_for_compute_metrics=classic and not self.args.prediction_loss_only)
+
+    def _teacher_forced_metrics(self) -> list[MetricSpec]:
+        """The trainer's metrics and `loss`, which `eval_loss` reports: the exact token-weighted cross-entropy of the
+        labels the loss saw, whatever the batches or the world size (`spilleval.metrics.token.TokenWeightedLoss`)."""
+        names = {metric.name for metric in build_metrics(self.spill_metrics)}
+        return self.spill_metrics if "loss" in names else [*self.spill_metrics, "loss"]
 
     def _expected_samples(self, dataloader: Any) -> int | None:
         """The dataset length every sample index must cover, so that finalize can check nothing was missed: unknown

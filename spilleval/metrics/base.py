@@ -43,6 +43,7 @@ class Metric(ABC):
     name: ClassVar[str] = ""
     needs_text: ClassVar[bool] = False  # decoded pred_text / label_text
     needs_logprob: ClassVar[bool] = False  # spilled label log-probabilities (keep_logprob=True)
+    needs_sample_nll: ClassVar[bool] = False  # each sample's summed label log-probability (`SampleBatch.sample_nll`)
     needs_columns: ClassVar[tuple[str, ...]] = ()  # dataset columns stored next to the predictions
     needs_arrays: ClassVar[tuple[str, ...]] = ()  # fixed-shape per-sample arrays (zarr)
     needs_aligned_ids: ClassVar[bool] = False  # compares pred and label ids position by position (not generation)

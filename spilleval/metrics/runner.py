@@ -33,6 +33,10 @@ class MetricSuite:
         return any(m.needs_logprob for m in self.metrics)
 
     @property
+    def needs_sample_nll(self) -> bool:
+        return any(m.needs_sample_nll for m in self.metrics)
+
+    @property
     def needs_text(self) -> bool:
         return any(m.needs_text for m in self.metrics)
 
@@ -64,6 +68,10 @@ class MetricSuite:
         if self.needs_logprob and not has_logprob:
             names = ", ".join(m.name for m in self.metrics if m.needs_logprob)
             raise MetricConfigError(f"metric(s) {names} need label log-probabilities: evaluate with keep_logprob=True")
+        if task == GENERATION_TASK and self.needs_sample_nll:
+            names = ", ".join(m.name for m in self.metrics if m.needs_sample_nll)
+            raise MetricConfigError(f"metric(s) {names} need the label log-probabilities of a teacher-forced "
+                                    "evaluation, which generated ids do not have")
 
     def reset(self) -> None:
         for metric in self.streaming:

@@ -75,3 +75,35 @@ class NegativeLogLikelihood(StreamingMetric):
     def compute(self) -> dict[str, float]:
         nll = -safe_div(self.value("logprob_sum"), self.value("tokens"))
         return {"nll": nll, "perplexity": math.exp(nll) if nll < 700 else math.inf}
+
+
+@register("loss")
+class TokenWeightedLoss(StreamingMetric):
+    """The eval loss `SpillingTrainer` reports as `eval_loss`: the cross-entropy of the supervised tokens, averaged
+    over tokens (not over batches), from each sample's summed label log-probability.
+
+    It is the `nll` metric's number without storing a log-probability per token (8 bytes per sample instead of 4
+    per token), so the spill can always carry it. Token-weighted and exact, it does not depend on the batch size,
+    the padding of the last batch or the world size, where transformers' own `eval_loss` (a mean of per-batch means,
+    scaled by the number of processes under DDP with `average_tokens_across_devices`) does.
+    """
+
+    needs_sample_nll = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_float_state("nll_sum")
+        self.add_state("tokens")
+
+    def update(self, batch: SampleBatch) -> None:
+        if batch.sample_nll is None:
+            raise ValueError(
+                "metric 'loss' needs each sample's summed label log-probability (the spill's sample_nll column), "
+                "which this evaluation did not compute: a spill written before spilleval stored it, or generated "
+                "ids. Use 'nll' (keep_logprob=True) instead."
+            )
+        self.add_float("nll_sum", batch.sample_nll)
+        self.add("tokens", batch.num_tokens)
+
+    def compute(self) -> dict[str, float]:
+        return {"loss": safe_div(self.value("nll_sum"), self.value("tokens"))}

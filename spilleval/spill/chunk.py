@@ -18,7 +18,7 @@ from .limits import chunk_decode_budget
 from .manifest import ARRAYS_DIR, RECOVER_CHUNK, TOKENS_FILE, ChunkRecord, SpillFormatError, safe_join
 from .zarr_layout import ZarrLayoutError, check_arrays
 
-TOKEN_COLUMNS = ("sample_index", "pred_ids", "label_ids", "label_logprob")
+TOKEN_COLUMNS = ("sample_index", "pred_ids", "label_ids", "label_logprob", "sample_nll")
 RAGGED_LABELS_KEY = b"spilleval.ragged_labels"  # schema metadata: label rows have their own lengths (generation)
 ZARR_CHUNK_BYTES = 4 * 2**20
 
@@ -73,6 +73,8 @@ def batch_to_table(batch: SampleBatch) -> pa.Table:
     }
     if batch.label_logprob is not None:
         columns["label_logprob"] = pa.ListArray.from_arrays(offsets, pa.array(batch.label_logprob))
+    if batch.sample_nll is not None:
+        columns["sample_nll"] = pa.array(batch.sample_nll, type=pa.float64())
     for name, values in batch.columns.items():
         if name in TOKEN_COLUMNS:
             raise ValueError(f"column name {name!r} is reserved; rename the dataset column")
@@ -188,6 +190,7 @@ def _check_token_schema(schema: pa.Schema) -> None:
         "pred_ids": ids,
         "label_ids": ids,
         "label_logprob": pa.list_(pa.float32()),
+        "sample_nll": pa.float64(),
     }
     if not pa.types.is_list(ids) or ids.value_type not in (pa.uint16(), pa.uint32()):
         raise IpcLayoutError(f"{TOKENS_FILE}: pred_ids has the type {ids}, not a list of uint16/uint32 ids")
@@ -289,6 +292,7 @@ def table_to_batch(table: pa.Table, *, columns: Iterable[str] | None = None) -> 
     logprob = None
     if "label_logprob" in table.column_names:
         logprob = _list_values(table.column("label_logprob").chunk(0))
+    sample_nll = table.column("sample_nll").to_numpy() if "sample_nll" in table.column_names else None
     wanted = [c for c in table.column_names if c not in TOKEN_COLUMNS]
     if columns is not None:
         wanted = [c for c in wanted if c in set(columns)]
@@ -299,6 +303,7 @@ def table_to_batch(table: pa.Table, *, columns: Iterable[str] | None = None) -> 
         pred_ids=_list_values(pred),
         label_ids=_list_values(label),
         label_logprob=logprob,
+        sample_nll=sample_nll,
         columns={c: _column_values(table.column(c).chunk(0)) for c in wanted},
     )
 
