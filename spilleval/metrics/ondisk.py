@@ -10,6 +10,10 @@ keys are stored as they are (text, or IEEE-754 doubles), never hashed, binned or
         table.add([("a cat", 1), ("a dog", 1)])          # upsert: counts add up
         table.get(["a cat"])                             # {"a cat": (1,)}
         for block in table.scan(): ...                   # rows sorted by key, a block at a time
+
+        rows = store.rows("choices", key=(("question", "TEXT"), ("sample", "INTEGER")), values=(("ll", "REAL"),))
+        rows.add([("q1", 7, -1.5), ("q1", 3, -2.0)])     # one row per key
+        for row in rows.scan_rows(): ...                 # ("q1", 3, -2.0), ("q1", 7, -1.5): sorted by key
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ class ScratchStore:
 
     def counter(self, name: str, *, key: str = "TEXT", counts: Sequence[str] = ("n",)) -> "CountTable":
         return CountTable(self.db, name, key=key, counts=counts)
+
+    def rows(self, name: str, *, key: Sequence[tuple[str, str]], values: Sequence[tuple[str, str]]) -> "RowTable":
+        return RowTable(self.db, name, key=key, values=values)
 
     def close(self) -> None:
         self.db.close()
@@ -102,6 +109,43 @@ class CountTable:
         cursor = self.db.execute(f"SELECT key, {', '.join(self.counts)} FROM {self.name} ORDER BY key {order}")
         while rows := cursor.fetchmany(block_rows):
             yield rows
+
+
+class RowTable:
+    """Rows with a composite key, read back sorted by it: grouping on disk (e.g. the choices of each question,
+    wherever in the spill they were), so a pass over the groups holds one row at a time."""
+
+    def __init__(self, db: sqlite3.Connection, name: str, *, key: Sequence[tuple[str, str]],
+                 values: Sequence[tuple[str, str]]) -> None:
+        columns = [*key, *values]
+        if not _NAME.match(name) or not key or not all(_NAME.match(c) and t in _TYPES for c, t in columns):
+            raise ValueError(f"invalid scratch table definition: {name}({columns})")
+        self.db, self.name = db, name
+        self.key = [c for c, _ in key]
+        self.columns = [c for c, _ in columns]
+        definition = ", ".join(f"{c} {t} NOT NULL" for c, t in columns)
+        db.execute(f"CREATE TABLE {name} ({definition}, PRIMARY KEY ({', '.join(self.key)})) WITHOUT ROWID")
+        self._insert = f"INSERT INTO {name} VALUES ({', '.join('?' * len(columns))})"
+
+    def add(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Insert rows in one transaction; a key already present is an error (sqlite3.IntegrityError)."""
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany(self._insert, rows)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def scan_rows(self, *, block_rows: int = SCAN_BLOCK_ROWS) -> Iterator[tuple[Any, ...]]:
+        """Every row, sorted by the key (fetched a block at a time)."""
+        query = f"SELECT {', '.join(self.columns)} FROM {self.name} ORDER BY {', '.join(self.key)}"
+        cursor = self.db.execute(query)
+        while rows := cursor.fetchmany(block_rows):
+            yield from rows
+
+
+_TYPES = ("TEXT", "REAL", "INTEGER")
 
 
 def _writable_or_none(path: str | os.PathLike | None) -> str | None:
