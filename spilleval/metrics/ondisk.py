@@ -31,6 +31,7 @@ DEFAULT_CACHE_MIB = 16
 SCAN_BLOCK_ROWS = 65_536
 LOOKUP_BLOCK_KEYS = 900  # stays below SQLite's limit on bound parameters in any build
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TYPES = ("TEXT", "REAL", "INTEGER")
 
 
 class ScratchStore:
@@ -68,7 +69,7 @@ class CountTable:
     """key -> integer counts that add up on insert (an on-disk `Counter` with one or more count columns)."""
 
     def __init__(self, db: sqlite3.Connection, name: str, *, key: str, counts: Sequence[str]) -> None:
-        if not _NAME.match(name) or not all(_NAME.match(c) for c in counts) or key not in ("TEXT", "REAL", "INTEGER"):
+        if not _NAME.match(name) or not all(_NAME.match(c) for c in counts) or key not in _TYPES:
             raise ValueError(f"invalid scratch table definition: {name}({key}, {counts})")
         self.db, self.name, self.counts = db, name, tuple(counts)
         columns = ", ".join(f"{c} INTEGER NOT NULL" for c in self.counts)
@@ -143,9 +144,6 @@ class RowTable:
         cursor = self.db.execute(query)
         while rows := cursor.fetchmany(block_rows):
             yield from rows
-
-
-_TYPES = ("TEXT", "REAL", "INTEGER")
 
 
 def _writable_or_none(path: str | os.PathLike | None) -> str | None:
