@@ -21,6 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from .sampleset import SampleSet
+
+MISSING_RANGES_SHOWN = 10
+
 
 class IncompleteEvaluationError(ValueError):
     """`finalize()` found fewer unique samples than `dataset_length`; the spill is kept as partial."""
@@ -51,36 +55,25 @@ def checked_sample_index(sample_index: Any, batch_size: int, dataset_length: int
     return array
 
 
-def missing_ranges(held: np.ndarray, dataset_length: int) -> list[tuple[int, int]]:
-    """Half-open ranges [start, stop) of the indices in [0, dataset_length) that `held` (a bool mask) lacks."""
-    flags = np.zeros(dataset_length + 2, dtype=np.int8)
-    present = np.zeros(dataset_length, dtype=bool)
-    present[: min(len(held), dataset_length)] = held[:dataset_length]
-    flags[1 : dataset_length + 1] = ~present
-    edges = np.flatnonzero(np.diff(flags))
-    return [(int(a), int(b)) for a, b in zip(edges[0::2], edges[1::2])]
-
-
-def format_ranges(ranges: list[tuple[int, int]], limit: int = 10) -> str:
+def format_ranges(ranges: list[tuple[int, int]], limit: int = MISSING_RANGES_SHOWN) -> str:
     """`3, 7-9, 12 ...`: inclusive ranges, the first `limit` of them."""
     shown = ", ".join(f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in ranges[:limit])
     return shown + (" ..." if len(ranges) > limit else "")
 
 
-def check_every_sample(held: np.ndarray, dataset_length: int | None, spill_dir: Any) -> None:
-    """Raise `IncompleteEvaluationError` when the samples in `held` (bool mask over indices) miss some of
-    [0, dataset_length)."""
+def check_every_sample(held: SampleSet, dataset_length: int | None, spill_dir: Any) -> None:
+    """Raise `IncompleteEvaluationError` when the samples `held` miss some of [0, dataset_length)."""
     if dataset_length is None:
         return
-    count = int(np.count_nonzero(held[:dataset_length]))
+    count = held.count_range(0, dataset_length)
     if count == dataset_length:
         return
-    missing = missing_ranges(held, dataset_length)
+    missing = held.missing_ranges(dataset_length, limit=MISSING_RANGES_SHOWN + 1)
     raise IncompleteEvaluationError(
         f"the evaluation covered {count} of dataset_length={dataset_length} samples; missing: "
-        f"{format_ranges(missing)} ({dataset_length - count} samples). Common causes: a DataLoader with "
-        "drop_last=True, a sampler or Subset that skips samples, sample indices that restart at 0 in every batch. "
-        f"No metric is reported for a subset. The spill {spill_dir} is kept as partial: evaluate the missing samples "
-        "with resume=True, read what is there with `spilleval compute --allow-partial`, or pass the dataset_length "
-        "that the loop really covers."
+        f"{format_ranges(missing, MISSING_RANGES_SHOWN)} ({dataset_length - count} samples). Common causes: a "
+        "DataLoader with drop_last=True, a sampler or Subset that skips samples, sample indices that restart at 0 in "
+        f"every batch. No metric is reported for a subset. The spill {spill_dir} is kept as partial: evaluate the "
+        "missing samples with resume=True, read what is there with `spilleval compute --allow-partial`, or pass the "
+        "dataset_length that the loop really covers."
     )

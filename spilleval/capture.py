@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +76,7 @@ class LossCall:
     shift: bool
     preshifted: bool
     reduced: ReducedBatch | None = None
+    replica: int | None = None  # the CUDA device of the logits: under nn.DataParallel, one call per replica
 
     def aligned(self) -> AlignedLabels:
         return AlignedLabels(self.labels, self.shift, "loss_function", preshifted=self.preshifted)
@@ -90,8 +91,12 @@ class _BatchRecord:
 class LossCapture:
     """Wrap the `loss_function` of every `PreTrainedModel` inside `model` while the context is open.
 
-    Per batch: `start_batch(sample_index)`, run the forward, then read `single_call()`. With `fuse=True` a standard
+    Per batch: `start_batch(sample_index)`, run the forward, then read `batch_call()`. With `fuse=True` a standard
     causal-LM loss is computed here (chunked, see the module docstring) and its `ReducedBatch` is kept on the call.
+
+    Under `nn.DataParallel` every replica (a copy of the module sharing its `loss_function`) calls the loss on its
+    own device with its share of the batch, in a thread of its own: `batch_call(replicas)` puts those calls back
+    together in scatter order.
     """
 
     def __init__(
@@ -115,10 +120,15 @@ class LossCapture:
     def start_batch(self, sample_index: torch.Tensor | None = None) -> None:
         self._record = _BatchRecord(sample_index=sample_index)
 
-    def single_call(self) -> LossCall | None:
-        """The batch's loss call when there was exactly one (several calls are ambiguous: none is trusted)."""
-        calls = self._record.calls
-        return calls[0] if len(calls) == 1 else None
+    def batch_call(self, replicas: Sequence[int] | None = None) -> LossCall | None:
+        """The batch's loss call: the only one, or, under nn.DataParallel (`replicas`: its `device_ids`), one call
+        per replica put back together. Anything else is ambiguous (a model calling its loss several times): None."""
+        calls = list(self._record.calls)
+        if len(calls) == 1:
+            return calls[0]
+        if replicas and len(calls) > 1:
+            return merge_replica_calls(calls, replicas, self._record.sample_index)
+        return None
 
     @property
     def num_calls(self) -> int:
@@ -151,8 +161,9 @@ class LossCapture:
             target = shift_labels if shift_labels is not None else labels
             if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
                 return original(*args, **kwargs)
-            call = LossCall(target.detach(), shift=shifts and shift_labels is None, preshifted=shift_labels is not None)
-            self._record.calls.append(call)
+            call = LossCall(target.detach(), shift=shifts and shift_labels is None, preshifted=shift_labels is not None,
+                            replica=logits.device.index if logits.is_cuda else None)
+            self._record.calls.append(call)  # list.append is atomic: DataParallel's replicas call from threads
             if fusable and _can_fuse(logits, bound):
                 call.reduced = self._reduce(logits, call)
                 return _loss_from(call.reduced, bound.get("num_items_in_batch"))
@@ -161,17 +172,46 @@ class LossCapture:
         return loss_function
 
     def _reduce(self, logits: torch.Tensor, call: LossCall) -> ReducedBatch:
+        index = self._record.sample_index
+        if index is not None and len(index) != logits.shape[0]:
+            index = None  # a DataParallel replica's share: `merge_replica_calls` indexes the merged batch
         reduced = reduce_logits(
             logits.detach(),
             call.labels,
             shift=call.shift,
-            sample_index=self._record.sample_index,
+            sample_index=index,
             keep_logprob=True,  # the loss needs them; dropped before spilling unless asked for
             chunk_bytes=self.chunk_bytes,
         )
         if not self.keep_logprob:
             reduced.label_logprob = None
         return reduced
+
+
+def merge_replica_calls(calls: Sequence[LossCall], replicas: Sequence[int],
+                        sample_index: torch.Tensor | None) -> LossCall | None:
+    """One call from the calls of nn.DataParallel's replicas: ordered as `replicas` (the `device_ids` the batch was
+    scattered over, in order), labels and reductions concatenated on the first replica's device (DataParallel's
+    output device, where the gathered logits are). None when the calls are not one per replica of one batch."""
+    position = {device: i for i, device in enumerate(replicas)}
+    if any(c.replica not in position for c in calls) or len({c.replica for c in calls}) != len(calls):
+        return None
+    calls = sorted(calls, key=lambda c: position[c.replica])
+    first = calls[0]
+    same_kind = all((c.shift, c.preshifted) == (first.shift, first.preshifted) for c in calls)
+    rows = sum(len(c.labels) for c in calls)
+    if not same_kind or any(c.labels.shape[1:] != first.labels.shape[1:] for c in calls) or (
+        sample_index is not None and rows != len(sample_index)
+    ):
+        return None
+    device = first.labels.device
+    labels = torch.cat([c.labels.to(device, non_blocking=True) for c in calls])
+    reduced = None
+    if all(c.reduced is not None for c in calls):
+        reduced = ReducedBatch.concat([c.reduced for c in calls], device=device)  # type: ignore[misc]
+        if sample_index is not None:
+            reduced.sample_index = sample_index
+    return LossCall(labels, first.shift, first.preshifted, reduced, replica=first.replica)
 
 
 def resolve_labels(
@@ -357,7 +397,7 @@ def _install(module: torch.nn.Module, make_wrapper: Callable[[Callable[[], Wrapp
     transformers' warning about an unset `loss_type` is not raised for sub-models that never compute one.
     """
     prop = inspect.getattr_static(type(module), "loss_function")
-    if prop.fset is not None:  # transformers >= 4.48: an instance attribute behind a setter
+    if prop.fset is not None:  # transformers >= 4.49: an instance attribute behind a setter
         had_own = "_loss_function" in module.__dict__
         previous = module.__dict__.get("_loss_function")
 

@@ -75,62 +75,94 @@ def compute(
         return
     if partial_note:
         console.print(f"[bold yellow]{partial_note}[/]")
-    table = Table("metric", "value", title=str(spill_dir))
+    table = Table("metric", "value", title=escape(str(spill_dir)))
     for key, value in results.items():
-        table.add_row(key, _fmt(value))
+        table.add_row(escape(key), escape(_fmt(value)))
     console.print(table)
 
 
 @app.command()
 def inspect(spill_dir: Path = SpillDir, as_json: bool = JsonOpt) -> None:
-    """Manifest, sample and token counts, bytes per supervised token, chunks and completeness."""
-    from .spill import SpillReader
+    """Manifest, sample and token counts, bytes per supervised token, chunks and completeness; on a damaged spill,
+    what is intact, what is not and how to recover (then the exit code is 2)."""
+    from .spill import SpillFormatError
+    from .spill.survey import survey
 
-    reader = SpillReader(spill_dir, allow_partial=True)
-    completeness = reader.completeness()
-    tokens = reader.num_tokens
+    state = survey(spill_dir)
+    completeness, tokens, m = state.completeness, state.num_tokens, state.manifest
     info = {
-        "manifest": reader.manifest.to_json(),
+        "manifest": m.to_json() if m is not None else None,
         "samples_committed": completeness.committed,
         "samples_expected": completeness.expected,
         "missing": completeness.missing_count,
         "missing_ranges": completeness.missing[:20],
         "complete": completeness.complete,
-        "rows_on_disk": reader.num_rows,
+        "rows_on_disk": state.num_rows,
         "supervised_tokens": tokens,
-        "chunks": len(reader.chunks),
-        "bytes_on_disk": reader.bytes_on_disk,
-        "bytes_per_token": reader.bytes_on_disk / tokens if tokens else None,
-        "results": reader.results(),
+        "chunks": len(state.chunks),
+        "chunks_damaged": state.chunks_damaged,
+        "bytes_on_disk": state.bytes_on_disk,
+        "bytes_per_token": state.bytes_on_disk / tokens if tokens else None,
+        "sealed": state.sealed,
+        "results": state.results,
+        "problems": state.problems,
+        "notes": state.notes,
     }
     if as_json:
-        console.print_json(json.dumps(info, default=str))
-        return
-    m = reader.manifest
-    table = Table(show_header=False, title=f"spill {spill_dir}")
-    for key, value in [
-        ("status", "complete" if completeness.complete else "[bold yellow]PARTIAL[/]"),
-        ("task", m.task),
-        ("schema version", m.schema_version),
-        ("vocab size / id dtype", f"{m.vocab_size} / {m.id_dtype}"),
-        ("world size", m.world_size),
+        _print_json(info)
+    else:
+        _print_state(spill_dir, state, info)
+    if state.problems:
+        raise SpillFormatError(
+            f"{spill_dir} is damaged: {len(state.problems)} problem(s), listed "
+            f"{'in the JSON above' if as_json else 'above'} with how to recover"
+        )
+
+
+def _print_state(spill_dir: Path, state, info: dict) -> None:
+    completeness, tokens, m = state.completeness, state.num_tokens, state.manifest
+    status = "complete" if completeness.complete else "[bold yellow]PARTIAL[/]"
+    if state.problems:
+        status = f"[bold red]DAMAGED[/] ({len(state.problems)} problem(s), below)"
+    rows = [("status", status)]
+    if m is None:
+        rows.append(("manifest", "[bold red]unreadable[/] (see below)"))
+    else:
+        rows += [
+            ("task", escape(m.task)),
+            ("schema version", m.schema_version),
+            ("vocab size / id dtype", f"{m.vocab_size} / {m.id_dtype}"),
+            ("world size", m.world_size),
+        ]
+    rows += [
         ("samples", f"{completeness.committed} of {completeness.expected if completeness.expected else '?'}"),
         ("missing samples", _missing_text(completeness)),
         ("supervised tokens", f"{tokens:,}"),
-        ("chunks", len(reader.chunks)),
-        ("bytes on disk", f"{reader.bytes_on_disk:,}"),
+        ("chunks", f"{len(state.chunks)}" + (f" intact, {state.chunks_damaged} damaged" if state.chunks_damaged
+                                             else "")),
+        ("bytes on disk", f"{state.bytes_on_disk:,}"),
         ("bytes / supervised token", _fmt(info["bytes_per_token"]) if tokens else "-"),
-        ("label log-probs", "yes" if m.has_logprob else "no"),
-        ("metrics", ", ".join(s["name"] for s in m.metrics) or "-"),
-        ("versions", ", ".join(f"{k} {v}" for k, v in m.versions.items())),
-    ]:
+        ("sealed (integrity.json)", "yes" if state.sealed else "no"),
+    ]
+    if m is not None:
+        rows += [
+            ("label log-probs", "yes" if m.has_logprob else "no"),
+            ("metrics", escape(", ".join(s["name"] for s in m.metrics)) or "-"),
+            ("versions", escape(", ".join(f"{k} {v}" for k, v in m.versions.items()))),
+        ]
+    table = Table(show_header=False, title=escape(f"spill {spill_dir}"))
+    for key, value in rows:
         table.add_row(key, str(value))
     console.print(table)
-    if info["results"]:
+    if state.results:
         results = Table("metric", "live value", title="results of the run")
-        for key, value in info["results"].items():
-            results.add_row(key, _fmt(value))
+        for key, value in state.results.items():
+            results.add_row(escape(key), escape(_fmt(value)))
         console.print(results)
+    for note in state.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    for problem in state.problems:
+        console.print(f"[bold red]damaged:[/] {escape(problem)}", soft_wrap=True)
 
 
 def _missing_text(completeness) -> str:

@@ -25,20 +25,21 @@ import numpy as np
 from .batch import SampleBatch
 from .decode import decode_batch
 from .metrics.runner import MetricSuite
+from .sampleset import SampleSet
 from .spill.chunk import read_chunk, read_sample_index
 from .spill.reader import scan_shard
 
 
 class FirstSeen:
-    """The sample indices this rank has passed to the metrics: one byte per sample, like the reader's bitmap.
+    """The sample indices this rank has passed to the metrics, a sparse set like the reader's.
 
     `allow_repeats=False` (a single process, where no sampler pads, unless the user says so) makes a repeated index
     an error: it means the loop's indices are not dataset indices (e.g. they restart at 0 in every batch), and
     dropping the repeats would silently evaluate a subset.
     """
 
-    def __init__(self, size_hint: int | None = None, *, allow_repeats: bool = True) -> None:
-        self.present = np.zeros(size_hint or 0, dtype=bool)
+    def __init__(self, *, allow_repeats: bool = True) -> None:
+        self.present = SampleSet()
         self.allow_repeats = allow_repeats
 
     def fresh(self, batch: SampleBatch) -> SampleBatch:
@@ -48,32 +49,23 @@ class FirstSeen:
             return batch
         if index.min() < 0:
             raise ValueError(f"sample_index must hold dataset indices (>= 0), got {int(index.min())}")
-        self._grow(int(index.max()) + 1)
-        _, first = np.unique(index, return_index=True)
-        keep = np.zeros(len(index), dtype=bool)
-        keep[first] = True
-        keep &= ~self.present[index]
-        if not self.allow_repeats and not keep.all():
+        keep = self.present.first_occurrences(index)
+        if keep is None:
+            return batch
+        if not self.allow_repeats:
             raise ValueError(
                 f"sample index {int(index[~keep][0])} was already evaluated: in a single process every row needs its "
                 "own dataset index. The loop's indices repeat (do they restart at 0 in every batch?): pass each "
                 "row's index in the dataset, or Evaluator(..., allow_repeats=True) if the sampler repeats samples on "
                 "purpose (they count once)."
             )
-        self.present[index] = True
-        return batch if keep.all() else batch.take(np.flatnonzero(keep))
-
-    def _grow(self, size: int) -> None:
-        if size > len(self.present):
-            grown = np.zeros(max(size, 2 * len(self.present)), dtype=bool)
-            grown[: len(self.present)] = self.present
-            self.present = grown
+        return batch.take(np.flatnonzero(keep))
 
 
-def subtract_rows(suite: MetricSuite, shard_dir: Path, samples: np.ndarray) -> int:
-    """Take out of `suite`'s streaming states the first row of this shard of every sample flagged in `samples`
-    (a bool mask over sample indices). Returns the number of rows taken out."""
-    if not suite.streaming or not samples.any():
+def subtract_rows(suite: MetricSuite, shard_dir: Path, samples: SampleSet) -> int:
+    """Take out of `suite`'s streaming states the first row of this shard of every sample in `samples`.
+    Returns the number of rows taken out."""
+    if not suite.streaming or not len(samples):
         return 0
     twins = [copy.deepcopy(metric) for metric in suite.streaming]
     for twin in twins:
@@ -81,16 +73,16 @@ def subtract_rows(suite: MetricSuite, shard_dir: Path, samples: np.ndarray) -> i
     pending = samples.copy()
     removed = 0
     for record in scan_shard(shard_dir):
-        if not pending[record.min_index : record.max_index + 1].any():
+        if not pending.count_range(record.min_index, record.max_index + 1):
             continue
         chunk_dir = shard_dir / record.name
         index = read_sample_index(chunk_dir, record)
         _, first = np.unique(index, return_index=True)
-        rows = np.sort(first[pending[index[first]]])
+        rows = np.sort(first[pending.contains(index[first])])
         if len(rows) == 0:
             continue
         batch = read_chunk(chunk_dir, record).take(rows)
-        pending[batch.sample_index] = False
+        pending.discard(batch.sample_index)
         if any(twin.needs_text for twin in twins):
             decode_batch(batch, suite.tokenizer)
         for twin in twins:

@@ -13,6 +13,17 @@ Two channels, each for what it does best:
 
 Every rank constructs its `Coordinator` (it creates the gloo group, a collective) and every rank either finalizes
 or aborts: that is the whole protocol.
+
+The gloo group lives exactly as long as one evaluation: `close()` destroys it once the last collective is done,
+which joins its worker threads. It must not outlive the evaluation. A gloo worker thread (`pt_gloo_runloop`)
+drops its reference to a finished collective only *after* `wait()` has returned to Python, and dropping it
+releases the collective's tensors, which needs the GIL (each tensor has a Python object). When the script ends
+right after an evaluation (as `SpillingTrainer.evaluate()` at the end of a script does), the interpreter may
+already be finalizing by then: CPython ends a thread that asks for the GIL during finalization with
+`pthread_exit`, whose unwinding through the collective's `noexcept` destructor calls `std::terminate`
+("terminate called without an active exception", exit code -6, in about one run in three on 2 cores). Destroying
+the group drops the last Python reference to it, and torch releases the GIL before its destructor joins the worker
+threads, so every collective has been torn down, with the GIL, before `finalize()` returns.
 """
 
 from __future__ import annotations
@@ -29,12 +40,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .sampleset import SampleSet
+
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo and NCCL collectives
 FAIL_FAST_INTERVAL_S = 1.0  # how often `raise_if_peer_failed` looks at the store (a network round trip)
 OWNER_BLOCK = 1 << 22  # samples per all_reduce of the owner map (16 MiB of int32)
 _POLL_S = 0.02
 
-_GROUPS: dict[float, tuple[Any, Any]] = {}  # timeout -> (the default group it was made in, gloo group)
 _EVALUATIONS = itertools.count(1)  # every rank counts its evaluations alike, so the count names their store keys
 
 
@@ -65,10 +77,10 @@ class Status:
 
 @dataclass
 class SampleOwnership:
-    """Bool masks over sample indices: held by some rank; held by this rank and by a lower one too."""
+    """The samples held by some rank; those held by this rank and by a lower one too."""
 
-    held: np.ndarray
-    foreign: np.ndarray
+    held: SampleSet
+    foreign: SampleSet
 
 
 class Coordinator:
@@ -81,7 +93,8 @@ class Coordinator:
         self.timeout = float(timeout)
         self.spill_dir = os.fspath(spill_dir)
         self.store = dist.PrefixStore(f"spilleval/evaluation-{next(_EVALUATIONS)}/", _default_store())
-        self.group = _gloo_group(self.timeout)
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))  # a collective
+        self._collectives = 0  # run on the group so far: a failed one may still occupy a gloo worker thread
         self.posted = False
         self._last_check = 0.0
 
@@ -139,25 +152,24 @@ class Coordinator:
             pass
 
     # ------------------------------------------------------------------------------------------- data
-    def sample_owners(self, present: np.ndarray) -> "SampleOwnership":
-        """Which samples any rank holds, and which of this rank's (`present[i]`) a lower rank holds too.
+    def sample_owners(self, present: SampleSet) -> "SampleOwnership":
+        """Which samples any rank holds, and which of this rank's (`present`) a lower rank holds too.
 
         The owner of a sample is the lowest rank holding it, as the reader's "first occurrence in (rank, chunk)
         order" rule: all_reduce(MIN) of `rank if present else world_size`, in blocks of OWNER_BLOCK samples. Every
         rank gets the same `held`, so every rank takes the same decision about missing samples.
         """
-        size = int(self._all_reduce(torch.tensor([len(present)], dtype=torch.int64), dist.ReduceOp.MAX)[0])
-        foreign = np.zeros(size, dtype=bool)
-        held = np.zeros(size, dtype=bool)
+        top = present.max()
+        local = 0 if top is None else top + 1
+        size = int(self._all_reduce(torch.tensor([local], dtype=torch.int64), dist.ReduceOp.MAX)[0])
+        foreign, held = SampleSet(), SampleSet()
         for start in range(0, size, OWNER_BLOCK):
             stop = min(start + OWNER_BLOCK, size)
-            mine = np.zeros(stop - start, dtype=bool)
-            block = present[start:stop]
-            mine[: len(block)] = block
+            mine = present.dense(start, stop)
             owner = torch.from_numpy(np.where(mine, self.rank, self.world_size).astype(np.int32))
             owner = self._all_reduce(owner, dist.ReduceOp.MIN).numpy()
-            foreign[start:stop] = mine & (owner < self.rank)
-            held[start:stop] = owner < self.world_size
+            foreign.add(start + np.flatnonzero(mine & (owner < self.rank)))
+            held.add(start + np.flatnonzero(owner < self.world_size))
         return SampleOwnership(foreign=foreign, held=held)
 
     def gather_to_root(self, obj: Any) -> list[Any] | None:
@@ -170,6 +182,27 @@ class Coordinator:
         holder = [obj]
         self._collective(dist.broadcast_object_list, holder, src=0, group=self.group)
         return holder[0]
+
+    # ------------------------------------------------------------------------------------------- teardown
+    def close(self) -> None:
+        """Every rank, after the last collective: wait until all ranks are done with the gloo group, destroy it
+        and join its worker threads (the module docstring says why none may outlive the evaluation)."""
+        if self.group is None:
+            return
+        self._collective(dist.barrier, group=self.group)  # no peer still reads from this rank's connections
+        self._destroy_group()
+
+    def discard(self) -> None:
+        """After a failure: destroy the gloo group when no collective ever ran on it (joining its idle threads is
+        immediate). A group whose collective failed is left alone: a worker thread may wait in it for a lost peer
+        until the timeout, and joining it would hold this rank's error back as long."""
+        if self.group is not None and self._collectives == 0:
+            self._destroy_group()
+
+    def _destroy_group(self) -> None:
+        group, self.group = self.group, None
+        dist.destroy_process_group(group)
+        del group  # the last reference: torch releases the GIL, then the destructor joins the worker threads
 
     # ------------------------------------------------------------------------------------------- helpers
     def _posted_statuses(self, skip: dict[int, Status] | None = None) -> dict[int, Status]:
@@ -208,6 +241,7 @@ class Coordinator:
         return tensor
 
     def _collective(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        self._collectives += 1
         try:
             fn(*args, **kwargs)
         except RuntimeError as e:  # gloo: a peer's connection closed, or the timeout passed
@@ -233,12 +267,3 @@ def _default_store() -> Any:
     # public accessor; this one has been stable since torch 1.8.
     return dist.distributed_c10d._get_default_store()
 
-
-def _gloo_group(timeout: float) -> Any:
-    """A gloo group with our timeout (the default group's timeout and backend are the user's), created once per
-    (default group, timeout) and reused by later evaluations: creating it is a collective."""
-    world, group = _GROUPS.get(timeout, (None, None))
-    if world is not dist.group.WORLD:  # first use, or the default group was destroyed and created again
-        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-        _GROUPS[timeout] = (dist.group.WORLD, group)
-    return group

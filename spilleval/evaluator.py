@@ -38,12 +38,15 @@ from .metrics.runner import MetricSpec, MetricSuite
 from .reduce import DEFAULT_CHUNK_BYTES as DEFAULT_REDUCE_CHUNK_BYTES
 from .reduce import PendingHostCopy, ReducedBatch, reduce_logits
 from .spill import Manifest, SpillReader, SpillWriter
+from .spill.integrity import seal
 from .spill.manifest import MANIFEST_NAME, RESULTS_NAME, library_versions, load_manifest, write_json_atomic
 from .spill.resume import CommittedSamples, keep_rows, replay_shard
 from .spill.writer import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_COMMIT_INTERVAL_S,
     SpillExistsError,
     SpillWriteError,
+    check_chunk_options,
     mark_spill_complete,
     mark_spill_partial,
     raise_if_locked,
@@ -71,6 +74,7 @@ class Evaluator:
         dataset_length: int | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         chunk_rows: int | None = None,
+        commit_interval_s: float | None = DEFAULT_COMMIT_INTERVAL_S,
         compression: str | None = "zstd",
         reduce_chunk_bytes: int = DEFAULT_REDUCE_CHUNK_BYTES,
         resume: bool = False,
@@ -87,7 +91,9 @@ class Evaluator:
         self.keep_logprob = self.suite.needs_logprob if keep_logprob is None else keep_logprob
         self.suite.check(has_logprob=self.keep_logprob, task=task)
         self.dataset_length = dataset_length
+        check_chunk_options(chunk_bytes, chunk_rows, commit_interval_s)  # before any forward pass
         self.chunk_bytes, self.chunk_rows, self.compression = chunk_bytes, chunk_rows, compression
+        self.commit_interval_s = commit_interval_s  # a crash loses at most this much work (`spilleval.spill.writer`)
         self.reduce_chunk_bytes = reduce_chunk_bytes
         self.resume = resume
         self.extra = dict(extra or {})
@@ -99,7 +105,7 @@ class Evaluator:
         self._finalized = self._aborted = False
         self._committed = CommittedSamples()
         # streaming metrics count a sample once, as the reader does; one process has no sampler padding to repeat one
-        self._first_seen = FirstSeen(dataset_length, allow_repeats=allow_repeats or self.world_size > 1)
+        self._first_seen = FirstSeen(allow_repeats=allow_repeats or self.world_size > 1)
         # a collective: every rank constructs its Evaluator (see spilleval.distributed)
         self._coordinator = Coordinator(self.spill_dir, timeout=dist_timeout) if self.world_size > 1 else None
         try:
@@ -172,7 +178,14 @@ class Evaluator:
             raise RuntimeError("finalize() was already called")
         self._finalized = True
         if self._coordinator is not None:
-            return self._finalize_distributed(self._coordinator)
+            try:
+                return self._finalize_distributed(self._coordinator)
+            except BaseException:
+                self._coordinator.discard()  # destroys the gloo group if no collective ran on it yet
+                raise
+            finally:
+                if self._writer is not None:
+                    self._writer.release_lock()  # held until rank 0 had written results.json
         try:
             self._spill_in_flight()
         except BaseException:
@@ -182,11 +195,14 @@ class Evaluator:
             raise EmptyEvaluationError(
                 "no sample was evaluated: the eval dataset is empty (check its length and the dataloader)."
             )
-        summary = self._writer.close(mark_complete=False)
-        if summary.rows == 0:
-            raise EmptyEvaluationError("no sample was evaluated: the eval dataset is empty.")
-        self._mark_spill(self._first_seen.present)
-        return self._compute_results()
+        try:  # the shard stays locked until results.json is written: no second writer enters during finalize
+            summary = self._writer.close(mark_complete=False, keep_lock=True)
+            if summary.rows == 0:
+                raise EmptyEvaluationError("no sample was evaluated: the eval dataset is empty.")
+            self._mark_spill(self._first_seen.present)
+            return self._compute_results()
+        finally:
+            self._writer.release_lock()
 
     def abort(self, error: BaseException | None = None) -> None:
         """Stop after an error; committed chunks stay readable as a partial spill.
@@ -222,7 +238,7 @@ class Evaluator:
         try:
             self._spill_in_flight()
             if self._writer is not None:
-                self._writer.close(mark_complete=False)
+                self._writer.close(mark_complete=False, keep_lock=True)  # rank 0: until results.json is written
         except BaseException as error:
             self._tell_other_ranks(error)
             raise
@@ -232,16 +248,21 @@ class Evaluator:
             vocab_sizes = [s.vocab_size for s in statuses if s.vocab_size is not None]
             if not vocab_sizes:
                 raise EmptyEvaluationError("no sample was evaluated on any rank: the eval dataset is empty.")
-            self._open_writer(vocab_sizes[0]).close(mark_complete=False)
+            self._open_writer(vocab_sizes[0]).close(mark_complete=False, keep_lock=True)
         assert self._writer is not None
         ownership = coordinator.sample_owners(self._first_seen.present)
-        if self.rank == 0:
-            self._mark_spill(ownership.held)  # every rank raises alike when samples are missing
-        else:
-            check_every_sample(ownership.held, self.dataset_length, self.spill_dir)
+        try:  # every rank sees the same `held`, so every rank raises alike when samples are missing
+            if self.rank == 0:
+                self._mark_spill(ownership.held)
+            else:
+                check_every_sample(ownership.held, self.dataset_length, self.spill_dir)
+        except IncompleteEvaluationError:
+            coordinator.close()  # no collective failed: the group is closed cleanly on every rank
+            raise
         subtract_rows(self.suite, self._writer.shard_dir, ownership.foreign)
         states = coordinator.gather_to_root(self.suite.states())
         outcome = coordinator.broadcast_from_root(self._results_on_root(states) if self.rank == 0 else None)
+        coordinator.close()  # joins the gloo threads: none may outlive the evaluation (`spilleval.distributed`)
         if "error" in outcome:
             if self.rank == 0:
                 raise self._root_error
@@ -280,6 +301,7 @@ class Evaluator:
             self._coordinator.wait_quietly()
         except DistributedEvaluationError:
             pass
+        self._coordinator.discard()
         if isinstance(error, Exception) and not isinstance(error, DistributedEvaluationError):
             error.add_note(
                 f"spilleval: rank {self.rank} of {self.world_size} failed; the other ranks were told and stop too. "
@@ -293,6 +315,7 @@ class Evaluator:
             results.update(self.suite.compute_corpus(SpillReader(self.spill_dir)))
         try:
             write_json_atomic(self.spill_dir / RESULTS_NAME, results)
+            seal(self.spill_dir)  # the seal (integrity.json) now covers the results too
         except OSError as e:
             raise SpillWriteError(
                 f"could not write {RESULTS_NAME} ({e}); the spill itself is complete: free space or fix the "
@@ -325,9 +348,7 @@ class Evaluator:
     def _resume(self) -> None:
         """Continue the spill on disk: open its shard, replay what it committed through the streaming metrics."""
         writer = self._open_writer(load_manifest(self.spill_dir).vocab_size)
-        self._committed = replay_shard(
-            writer.shard_dir, writer.resumed_chunks, self._replay_batch, size_hint=self.dataset_length or 0
-        )
+        self._committed = replay_shard(writer.shard_dir, writer.resumed_chunks, self._replay_batch)
 
     def _replay_batch(self, batch: SampleBatch) -> None:
         self._count(batch)
@@ -411,6 +432,7 @@ class Evaluator:
             rank=self.rank,
             chunk_bytes=self.chunk_bytes,
             chunk_rows=self.chunk_rows,
+            commit_interval_s=self.commit_interval_s,
             tokenizer=self.tokenizer,
             listeners=[self._count],
             compression=self.compression,

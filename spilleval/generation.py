@@ -118,7 +118,9 @@ class GenerationRun:
         dataset_length: int | None = None,
         extra: dict[str, Any] | None = None,
         resume: bool = False,
+        **spill_options: Any,
     ) -> None:
+        """`spill_options` go to the `Evaluator`: chunk_bytes, chunk_rows, commit_interval_s, compression."""
         self.config = config
         model_config = model.config
         self.encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
@@ -135,6 +137,7 @@ class GenerationRun:
             dataset_length=dataset_length,
             extra={**(extra or {}), "generation": config.to_json()},
             resume=resume,
+            **spill_options,
         )
 
     def committed(self, sample_index: torch.Tensor) -> bool:

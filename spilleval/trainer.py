@@ -41,7 +41,7 @@ from .generation import (
 )
 from .metrics.runner import MetricSpec, MetricSuite
 from .spill import SpillReader
-from .spill.writer import SpillExistsError
+from .spill.writer import DEFAULT_CHUNK_BYTES, DEFAULT_COMMIT_INTERVAL_S, SpillExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ class SpillingTrainer(Trainer):
             suffix), skip the forward pass of batches it committed, recompute their streaming metrics from the spill.
             The spilleval metrics equal an uninterrupted run's; transformers' `eval_loss` covers only the batches
             run again (the `nll` metric is the exact loss). Not yet with `generation`.
+        chunk_bytes, chunk_rows, commit_interval_s: how the spill is cut into chunks and how often it commits,
+            as `Evaluator` takes them (a crash loses at most `commit_interval_s` of evaluation, default 60 s).
 
     `compute_metrics` still works: with `batch_eval_metrics=True` it is called per batch, as `Trainer` calls it;
     otherwise it is called once with the arrays `Trainer` would have built, read back from the spill: what
@@ -114,10 +116,15 @@ class SpillingTrainer(Trainer):
         trust_batch_labels: bool = False,
         generation: GenerationEval | None = None,
         resume: bool = False,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_rows: int | None = None,
+        commit_interval_s: float | None = DEFAULT_COMMIT_INTERVAL_S,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.spill_resume = resume
+        self.spill_options = {"chunk_bytes": chunk_bytes, "chunk_rows": chunk_rows,
+                              "commit_interval_s": commit_interval_s}
         self.spill_metrics = list(metrics)
         self.spill_dir = spill_dir
         self.label_fn = label_fn
@@ -146,24 +153,32 @@ class SpillingTrainer(Trainer):
         dataset = dataset if dataset is not None else self.eval_dataset
         if dataset is None:
             return super().get_eval_dataloader(eval_dataset)  # raises transformers' own error
-        with self._index_carrying_collator():
-            return super().get_eval_dataloader(indexed(dataset))
+        dataset = indexed(dataset)
+        with self._index_carrying_collator(dataset):
+            return super().get_eval_dataloader(dataset)
 
     def get_test_dataloader(self, test_dataset: Any) -> Any:
-        with self._index_carrying_collator():
-            return super().get_test_dataloader(indexed(test_dataset))
+        dataset = indexed(test_dataset)
+        with self._index_carrying_collator(dataset):
+            return super().get_test_dataloader(dataset)
 
     @contextmanager
-    def _index_carrying_collator(self) -> Iterator[None]:
+    def _index_carrying_collator(self, dataset: torch.utils.data.Dataset) -> Iterator[None]:
         """Let INDEX_KEY (and the generation's references column) through `remove_unused_columns` and the user's
-        collator, for the dataloader built inside."""
+        collator, for the dataloader built inside.
+
+        The index travels as a numpy array: the dataloader leaves it on the host, so reading it never waits for the
+        GPU. An iterable dataset's batches are dispatched by accelerate (rank 0 reads, concatenates and slices them
+        for every rank), which carries tensors only: there the index is a tensor."""
         self._set_signature_columns_if_needed()
         carried = self._carried_columns()
         for name in (INDEX_KEY, *carried):
             if name not in self._signature_columns:
                 self._signature_columns.append(name)
         user_collator = self.data_collator
-        self.data_collator = IndexCarryingCollator(user_collator, carry=carried)
+        self.data_collator = IndexCarryingCollator(
+            user_collator, carry=carried, index_as_tensor=isinstance(dataset, IndexedIterableDataset)
+        )
         try:
             yield
         finally:
@@ -240,7 +255,8 @@ class SpillingTrainer(Trainer):
         session.capture.start_batch(index)
         forward = self._forward(model, inputs)
         logits = find_logits(forward.outputs)
-        call = session.capture.single_call()
+        replicas = model.device_ids if isinstance(model, torch.nn.DataParallel) else None
+        call = session.capture.batch_call(replicas)
         aligned = resolve_labels(
             forward.outputs, logits, inputs,
             loss_call=call,
@@ -375,7 +391,7 @@ class SpillingTrainer(Trainer):
                 session.generation = GenerationRun(
                     self.generation, parts[GENERATION_PART], self.accelerator.unwrap_model(self.model),
                     tokenizer=self._spill_tokenizer(), dataset_length=self._expected_samples(dataloader),
-                    extra=self._spill_extra(prefix), resume=self.spill_resume,
+                    extra=self._spill_extra(prefix), resume=self.spill_resume, **self.spill_options,
                 )
             except BaseException:
                 session.abort()
@@ -393,6 +409,7 @@ class SpillingTrainer(Trainer):
             dataset_length=self._expected_samples(dataloader),
             extra=self._spill_extra(prefix),
             resume=self.spill_resume,
+            **self.spill_options,
         )  # the Evaluator resets reused metric objects itself, before a resume replays into them
         capture = LossCapture(
             self.model, shift=evaluator.shift, keep_logprob=evaluator.keep_logprob,
@@ -504,8 +521,8 @@ class _EvalSession:
     def sample_index(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """The batch's dataset indices; a running count when the dataloader did not come from this trainer."""
         index = inputs.get(INDEX_KEY)
-        if index is not None:
-            return torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        if index is not None:  # on the host; a tensor index (iterable datasets) may have been moved to the device
+            return torch.as_tensor(index).to("cpu", torch.int64).reshape(-1)
         engine = self.evaluator if self.evaluator is not None else self.generation.evaluator  # type: ignore[union-attr]
         if engine.world_size > 1:
             raise ValueError(
@@ -573,12 +590,14 @@ def _with_index(item: Any, index: int) -> Any:
 
 class IndexCarryingCollator:
     """Take the index (and the carried columns) off each item, collate the rest with the user's collator, put the
-    indices (a numpy array: the dataloader leaves it on the host, so reading it never waits for the GPU) and the
-    carried columns (python lists, e.g. reference strings) on the batch."""
+    indices (a numpy array, or an int64 tensor with `index_as_tensor`) and the carried columns (python lists, e.g.
+    reference strings) on the batch."""
 
-    def __init__(self, collator: Callable[[list[Any]], Any], carry: Mapping[str, str] | None = None) -> None:
+    def __init__(self, collator: Callable[[list[Any]], Any], carry: Mapping[str, str] | None = None, *,
+                 index_as_tensor: bool = False) -> None:
         self.collator = collator
         self.carry = dict(carry or {})  # column -> what reads it
+        self.index_as_tensor = index_as_tensor
 
     def __call__(self, features: list[Any]) -> Any:
         index = [f.index if isinstance(f, IndexedItem) else f[INDEX_KEY] for f in features]
@@ -591,7 +610,8 @@ class IndexCarryingCollator:
                 f"the data collator returned a {type(batch).__name__}; SpillingTrainer needs batches that are "
                 "mappings (dict or BatchEncoding) to carry each row's dataset index."
             )
-        batch[INDEX_KEY] = np.asarray(index, dtype=np.int64)
+        batch[INDEX_KEY] = torch.tensor(index, dtype=torch.int64) if self.index_as_tensor else np.asarray(
+            index, dtype=np.int64)
         batch.update(carried)
         return batch
 

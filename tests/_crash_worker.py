@@ -6,7 +6,8 @@ at any instant. (zarr re-creates its IO loop after fork; torch runs single-threa
 
 Protocol, one JSON object per line (after {"ready": true} once warmed up):
     {"cmd": "run", "dir": ..., "resume": bool, "batch_size": int, "chunk_rows": int,
-     "skip_committed": bool, "kill_at_batch": int | null, "results": path | null}   ->  {"pid": int}
+     "skip_committed": bool, "kill_at_batch": int | null, "results": path | null,
+     optional: "commit_interval_s": float, "pace_s": float, "handed_log": path}   ->  {"pid": int}
     {"cmd": "wait", "pid": int}        ->  {"exit_code": int | null, "signal": int | null, "cpu_seconds": float}
 
 The workload is deterministic: every sample's logits, labels, column and array are a function of its dataset index
@@ -22,6 +23,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import traceback
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -67,10 +69,15 @@ def batch(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
 
 
 def evaluate(job: dict) -> None:
-    """The evaluation loop a user writes, resumable, optionally SIGKILLing itself before batch `kill_at_batch`."""
+    """The evaluation loop a user writes, resumable, optionally SIGKILLing itself before batch `kill_at_batch`.
+
+    `pace_s` stands for the forward pass (a sleep before each batch); with `handed_log`, the number of each batch
+    and the time (monotonic) at which `update` returned are appended to that file, a line per batch."""
+    options = {"commit_interval_s": job["commit_interval_s"]} if "commit_interval_s" in job else {}
     evaluator = Evaluator(job["dir"], METRICS, tokenizer=TOKENIZER, dataset_length=NUM_SAMPLES,
-                          chunk_rows=job["chunk_rows"], resume=job["resume"])
+                          chunk_rows=job["chunk_rows"], resume=job["resume"], **options)
     size = job["batch_size"]
+    handed_log = open(job["handed_log"], "a", buffering=1) if job.get("handed_log") else None  # noqa: SIM115
     for number, start in enumerate(range(0, NUM_SAMPLES, size)):
         if number == job.get("kill_at_batch"):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -78,7 +85,10 @@ def evaluate(job: dict) -> None:
         if job["skip_committed"] and evaluator.committed(indices).all():
             continue  # what a loop does to save the forward pass; update() would drop the rows anyway
         logits, labels, columns, arrays = batch(indices)
+        time.sleep(job.get("pace_s", 0.0))
         evaluator.update(logits, labels, sample_index=indices, columns=columns, arrays=arrays)
+        if handed_log is not None:
+            handed_log.write(f"{number} {time.monotonic()!r}\n")
     results = evaluator.finalize()
     if job.get("results"):
         with open(job["results"], "w") as f:

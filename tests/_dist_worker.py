@@ -8,7 +8,8 @@ Scenarios (config["scenario"]):
              others wait until it has posted its failure, so their next update must stop them.
   crash      the same, but rank config["fail_rank"] dies (os._exit) after two batches, telling no one.
   drop_last  the same with DistributedSampler(drop_last=True), which leaves a sample out: every rank must refuse.
-  trainer    `SpillingTrainer.evaluate()` on the LLaVA-style test model (launched by torchrun).
+  trainer    `SpillingTrainer.evaluate()` on the LLaVA-style test model (launched by torchrun); with
+             config["stream"], the eval set is an IterableDataset whose batches accelerate dispatches from rank 0.
 Each rank writes `<out>/rank-<r>.json`: the results it returned, or the error it raised, and how long it took.
 `evaluate_qa` also runs in the test process without any process group: the single-process reference.
 """
@@ -161,7 +162,33 @@ def shifted_accuracy(eval_pred: Any) -> dict[str, float]:
             "label_sum": float(labels[mask].sum()), "pred_sum": float(preds[mask].sum())}
 
 
-def build_trainer(output_dir: str | Path, spill_dir: str | Path, models: Path) -> Any:
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def __iter__(self):
+        yield from self.items
+
+
+def fixed_width_collator(items: list[dict[str, Any]]) -> Any:
+    """Pads every batch of a stream to one width: accelerate concatenates the batches it dispatches."""
+    width = max(len(it["input_ids"]) for it in items)
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        padded = [{**it, "input_ids": it["input_ids"] + [0] * (width - len(it["input_ids"])),
+                   "labels": it["labels"] + [-100] * (width - len(it["labels"]))} for it in batch]
+        out = pad_multimodal_batch(padded)
+        out["attention_mask"] = torch.tensor([[1] * len(it["input_ids"]) + [0] * (width - len(it["input_ids"]))
+                                              for it in batch])
+        images = torch.zeros(len(batch), 6, out["images"].shape[-1])
+        images[:, : out["images"].shape[1]] = out["images"]
+        out["images"] = images
+        return out
+
+    return collate
+
+
+def build_trainer(output_dir: str | Path, spill_dir: str | Path, models: Path, *, stream: bool = False) -> Any:
     from transformers import TrainingArguments
 
     from spilleval import SpillingTrainer
@@ -170,8 +197,10 @@ def build_trainer(output_dir: str | Path, spill_dir: str | Path, models: Path) -
     tokenizer = build_tokenizer()
     args = TrainingArguments(str(output_dir), per_device_eval_batch_size=BATCH_SIZE, report_to=[], use_cpu=True,
                              disable_tqdm=True, save_strategy="no", logging_strategy="no")
+    data = llava_dataset(tokenizer)
     return SpillingTrainer(model=load(_llava(tokenizer), models / "llava.pt"), args=args,
-                           eval_dataset=llava_dataset(tokenizer), data_collator=pad_multimodal_batch,
+                           eval_dataset=Stream(data) if stream else data,
+                           data_collator=fixed_width_collator(data) if stream else pad_multimodal_batch,
                            processing_class=tokenizer, metrics=METRICS, spill_dir=spill_dir,
                            compute_metrics=shifted_accuracy, preprocess_logits_for_metrics=argmax_ids)
 
@@ -185,7 +214,8 @@ def main() -> None:
     record: dict[str, Any] = {"rank": rank, "world_size": world_size}
     try:
         if config["scenario"] == "trainer":
-            trainer = build_trainer(config["output_dir"], config["spill_dir"], Path(config["models"]))
+            trainer = build_trainer(config["output_dir"], config["spill_dir"], Path(config["models"]),
+                                    stream=config.get("stream", False))
             record["results"] = trainer.evaluate()  # the Trainer initialises the process group itself
         else:
             torch.distributed.init_process_group(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spilleval import Evaluator, SpillReader, compute_from_spill
-from spilleval.accounting import IncompleteEvaluationError, checked_sample_index, missing_ranges
+from spilleval.accounting import IncompleteEvaluationError, checked_sample_index, format_ranges
 from spilleval.spill import IncompleteSpillError, load_manifest
 from spilleval.testing import encode_qa, pad_batch, qa_examples
 
@@ -83,11 +83,9 @@ def test_without_a_dataset_length_the_samples_seen_are_the_set(trained_model, to
     assert results == compute_from_spill(tmp_path / "spill")
 
 
-def test_checked_sample_index_and_missing_ranges():
+def test_checked_sample_index_and_format_ranges():
     assert checked_sample_index(np.array([3, 1], dtype=np.uint8), 2, 4).dtype == np.int64
     with pytest.raises(ValueError, match="dtype bool"):
         checked_sample_index(np.array([True, False]), 2, None)
-    held = np.zeros(10, dtype=bool)
-    held[[0, 1, 4]] = True
-    assert missing_ranges(held, 12) == [(2, 4), (5, 12)]
-    assert missing_ranges(np.ones(3, dtype=bool), 3) == []
+    assert format_ranges([(2, 4), (5, 6), (8, 12)]) == "2-3, 5, 8-11"
+    assert format_ranges([(i, i + 1) for i in range(0, 30, 2)], limit=3) == "0, 2, 4 ..."

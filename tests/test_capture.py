@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from spilleval.capture import AlignedLabels, LabelCaptureError, LossCapture, find_logits, resolve_labels
+from spilleval.capture import (
+    AlignedLabels,
+    LabelCaptureError,
+    LossCall,
+    LossCapture,
+    find_logits,
+    merge_replica_calls,
+    resolve_labels,
+)
 from spilleval.reduce import reduce_logits
 from spilleval.testing import (
     IMAGE_TOKEN,
@@ -51,7 +62,7 @@ def test_fused_loss_equals_the_models_own_loss(tokenizer, batch, dtype, num_item
     with LossCapture(model, chunk_bytes=3 * len(tokenizer) * 4) as capture:
         capture.start_batch(torch.arange(10, 16))
         fused = _loss(model, batch, **kwargs)
-    call = capture.single_call()
+    call = capture.batch_call()
     assert call is not None and call.reduced is not None and call.shift and not call.preshifted
     assert fused.loss.dtype == torch.float32
     assert fused.loss.item() == pytest.approx(expected.loss.float().item(), rel=1e-5, abs=1e-6)
@@ -72,6 +83,12 @@ def test_uninstall_restores_the_models_loss_function(tokenizer, tiny_model):
     assert "_loss_function" not in tiny_model.__dict__
 
 
+@pytest.mark.skipif(
+    not hasattr(inspect.getattr_static(PreTrainedModel, "loss_function", None), "fset")
+    or inspect.getattr_static(PreTrainedModel, "loss_function").fset is None,
+    reason="transformers < 4.49 has no loss_function setter, so no user can set one (the read-only property path "
+           "is what every other capture test exercises there)",
+)
 def test_user_set_loss_function_is_captured_not_fused_and_restored(tokenizer, batch):
     model = tiny_llama(len(tokenizer), seed=2).eval()
     seen = []
@@ -85,7 +102,7 @@ def test_user_set_loss_function_is_captured_not_fused_and_restored(tokenizer, ba
         capture.start_batch()
         out = _loss(model, batch)
     assert out.loss.item() == 0.0 and len(seen) == 1  # the user's loss ran
-    call = capture.single_call()
+    call = capture.batch_call()
     assert call is not None and call.reduced is None and torch.equal(call.labels, batch["labels"])
     assert model.loss_function is my_loss
 
@@ -96,7 +113,7 @@ def test_no_fusion_while_gradients_are_enabled(tokenizer, batch):
         capture.start_batch()
         out = model(**batch)
     assert out.loss.requires_grad
-    assert capture.single_call().reduced is None
+    assert capture.batch_call().reduced is None
 
 
 def test_preshifted_shift_labels_are_detected(tokenizer, batch, tiny_model):
@@ -106,7 +123,7 @@ def test_preshifted_shift_labels_are_detected(tokenizer, batch, tiny_model):
         capture.start_batch()
         loss = tiny_model.loss_function(logits=logits, labels=None, vocab_size=len(tokenizer),
                                         shift_labels=shift_labels)
-    call = capture.single_call()
+    call = capture.batch_call()
     assert not call.shift and call.preshifted
     expected = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), shift_labels.view(-1))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -132,7 +149,7 @@ def test_read_only_loss_function_property_is_shadowed_and_restored():
         assert type(module) is not Old and isinstance(module, Old)
         module.loss_function(logits=torch.zeros(1, 2, 3), labels=torch.zeros(1, 2, dtype=torch.long), vocab_size=3)
     assert type(module) is Old
-    assert capture.single_call() is not None
+    assert capture.batch_call() is not None
 
 
 # ------------------------------------------------------------------------------------------- resolution order
@@ -194,7 +211,7 @@ def test_several_loss_calls_are_ambiguous(tokenizer, batch, tiny_model):
         capture.start_batch()
         for _ in range(2):
             tiny_model.loss_function(logits=logits, labels=batch["labels"], vocab_size=len(tokenizer))
-    assert capture.single_call() is None and capture.num_calls == 2
+    assert capture.batch_call() is None and capture.num_calls == 2
     wide = torch.zeros(6, 40, len(tokenizer))
     with pytest.raises(LabelCaptureError, match="2 times"):
         resolve_labels(_outputs(wide), wide, batch, loss_call=None, loss_calls=2)
@@ -213,6 +230,34 @@ def test_llava_style_model_labels_are_captured_from_its_loss(tokenizer, side):
         outputs = model(**batch)
     logits = find_logits(outputs)
     assert logits.shape[1] > batch["labels"].shape[1]  # expanded: raw labels cannot line up
-    aligned = resolve_labels(outputs, logits, batch, loss_call=capture.single_call())
+    aligned = resolve_labels(outputs, logits, batch, loss_call=capture.batch_call())
     assert isinstance(aligned, AlignedLabels) and aligned.source == "loss_function"
     assert torch.equal(aligned.labels, expected)
+
+
+def test_data_parallel_replica_calls_are_put_back_in_scatter_order(tokenizer):
+    """nn.DataParallel scatters a batch over device_ids and each replica calls the loss on its share, from a thread
+    of its own, in any order: the merged call is the batch in scatter order (its rows, labels and reductions)."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(7, 9, 31, generator=gen)
+    labels = torch.randint(0, 31, (7, 9), generator=gen)
+    labels[torch.rand(7, 9, generator=gen) < 0.3] = -100
+    index = torch.tensor([40, 41, 42, 43, 44, 45, 46])
+    shares = [(3, slice(0, 3)), (1, slice(3, 6)), (2, slice(6, 7))]  # device_ids [3, 1, 2]: the scatter order
+    calls = []
+    for device, rows in reversed(shares):  # the threads finish in another order
+        reduced = reduce_logits(logits[rows], labels[rows], shift=True, keep_logprob=True)
+        calls.append(LossCall(labels[rows], shift=True, preshifted=False, reduced=reduced, replica=device))
+    merged = merge_replica_calls(calls, [3, 1, 2], index)
+    whole = reduce_logits(logits, labels, shift=True, keep_logprob=True, sample_index=index).to_host()
+    assert torch.equal(merged.labels, labels)
+    got = merged.reduced.to_host()
+    np.testing.assert_array_equal(got.sample_index, index.numpy())
+    np.testing.assert_array_equal(got.pred_ids, whole.pred_ids)
+    np.testing.assert_array_equal(got.label_logprob, whole.label_logprob)
+    assert float(merged.reduced.loss_sum) == pytest.approx(float(reduce_logits(
+        logits, labels, shift=True, keep_logprob=True).loss_sum), rel=1e-12)
+    # not one call per replica of this batch: ambiguous, nothing is trusted
+    assert merge_replica_calls(calls[:2], [3, 1, 2], index) is None  # rows missing
+    assert merge_replica_calls(calls + calls[:1], [3, 1, 2], index) is None  # a replica called twice
+    assert merge_replica_calls(calls, [0, 1], index) is None  # a call from a device DataParallel did not use

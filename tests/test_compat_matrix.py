@@ -12,6 +12,7 @@ T5 and BART, bf16 evaluation, `eval_do_concat_batches=False`, `include_for_metri
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Any, Callable
 
@@ -444,7 +445,8 @@ def test_peft_lora_is_exact(llama, qa_data, tokenizer, tmp_path):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(copy.deepcopy(llama), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     fit(model, batches_of(qa_data[:8], pad_batch, 8), steps=5)  # the adapter moves the predictions a little
-    trainer = spilling(model, tokenizer, tmp_path, qa_data, pad_batch)
+    # transformers < 4.49 finds no label names on a PEFT model (and then reports no eval_loss): name them
+    trainer = spilling(model, tokenizer, tmp_path, qa_data, pad_batch, args={"label_names": ["labels"]})
     metrics = trainer.evaluate()
     check_exact(metrics, trainer.last_spill_dir, forward_pairs(model, batches_of(qa_data, pad_batch)), tokenizer)
 
@@ -495,20 +497,27 @@ def test_transformers_llava_is_exact(tokenizer, tmp_path):
     check_exact(metrics, trainer.last_spill_dir, forward_pairs(model, batches_of(data, collate)), tokenizer)
 
 
+def _qwen2_vl_config(qwen: Any, vocab: int, image_token: int) -> Any:
+    """A tiny Qwen2-VL config; transformers >= 4.53 nests the language model under text_config."""
+    text = {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 2,
+            "eos_token_id": 3}
+    vision = {"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "patch_size": 2,
+              "temporal_patch_size": 2, "spatial_merge_size": 2, "in_channels": 3}
+    tokens = {"image_token_id": image_token, "video_token_id": 1, "vision_start_token_id": 2,
+              "vision_end_token_id": 3}
+    if "text_config" in inspect.signature(qwen.Qwen2VLConfig.__init__).parameters:
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 1e4}
+        return qwen.Qwen2VLConfig(text_config=text, vision_config=vision, bos_token_id=2, eos_token_id=3, **tokens)
+    return qwen.Qwen2VLConfig(**text, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
+                              vision_config=vision, **tokens)
+
+
 def test_qwen2_vl_is_exact(tokenizer, tmp_path):
     qwen = pytest.importorskip("transformers.models.qwen2_vl")
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     torch.manual_seed(9)
-    config = qwen.Qwen2VLConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "pad_token_id": 0,
-                     "bos_token_id": 2, "eos_token_id": 3,
-                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 1e4}},
-        vision_config={"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "patch_size": 2,
-                       "temporal_patch_size": 2, "spatial_merge_size": 2, "in_channels": 3},
-        image_token_id=image_token, video_token_id=1, vision_start_token_id=2, vision_end_token_id=3,
-        bos_token_id=2, eos_token_id=3,
-    )
+    config = _qwen2_vl_config(qwen, len(tokenizer), image_token)
     model = qwen.Qwen2VLForConditionalGeneration(config)
 
     def item(example, seed):  # a 2x2 grid of patches merges into one image token
@@ -518,9 +527,12 @@ def test_qwen2_vl_is_exact(tokenizer, tmp_path):
         qa["pixel_values"] = torch.randn(4, 24, generator=torch.Generator().manual_seed(seed))
         return qa
 
+    takes_token_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters  # transformers >= 5
+
     def collate(items):
         batch = pad_batch([{k: v for k, v in it.items() if k != "pixel_values"} for it in items])
-        batch["mm_token_type_ids"] = (batch["input_ids"] == image_token).long()
+        if takes_token_types:
+            batch["mm_token_type_ids"] = (batch["input_ids"] == image_token).long()
         batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items])  # patches of all images
         batch["image_grid_thw"] = torch.tensor([[1, 2, 2]] * len(items))
         return batch

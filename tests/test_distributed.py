@@ -169,17 +169,21 @@ def test_a_sampler_that_leaves_samples_out_is_refused_on_every_rank(models, tmp_
     assert SpillReader(tmp_path / "spill", allow_partial=True).completeness().missing_count == 1
 
 
-def test_spilling_trainer_under_torchrun_gives_the_single_process_numbers(models, tmp_path):
-    """LLaVA-style model, `torchrun --nproc_per_node 2`, accelerate's padded last batch: the same numbers.
+@pytest.mark.parametrize("stream", [False, True], ids=["map", "stream"])
+def test_spilling_trainer_under_torchrun_gives_the_single_process_numbers(models, tmp_path, stream):
+    """LLaVA-style model, `torchrun --nproc_per_node 2`, accelerate's padded last batch (map-style) or its batches
+    dispatched from rank 0 (an IterableDataset): the same numbers.
 
     `eval_loss` is transformers' own mean of per-batch mean losses, which depends on how the batches are composed
     (the padded last batch of rank 1 holds other samples), so it is left out; `eval_nll` is the exact loss.
     """
-    expected = build_trainer(tmp_path / "single" / "out", tmp_path / "single" / "spill", models).evaluate()
+    expected = build_trainer(tmp_path / "single" / "out", tmp_path / "single" / "spill", models,
+                             stream=stream).evaluate()
     (tmp_path / "ddp").mkdir()
-    records, _ = launch(tmp_path / "ddp", 2, "trainer", models, torchrun=True,
-                        output_dir=str(tmp_path / "ddp" / "out"))
+    records, exit_codes = launch(tmp_path / "ddp", 2, "trainer", models, torchrun=True,
+                                 output_dir=str(tmp_path / "ddp" / "out"), stream=stream)
     assert_no_error(records)
+    assert exit_codes == [0]  # torchrun's: every rank exited cleanly (see test_distributed_exit.py)
     comparable = lambda metrics: {k: v for k, v in metrics.items() if k not in TIMING_KEYS | {"eval_loss"}}  # noqa: E731
     assert comparable(records[0]["results"]) == comparable(records[1]["results"]) == comparable(expected)
     assert records[0]["results"]["eval_loss"] == records[1]["results"]["eval_loss"]

@@ -217,3 +217,32 @@ def test_disk_full_while_recording_completion(tmp_path, uninterrupted, monkeypat
     assert assert_committed_rows_exact(spill, uninterrupted[0]) == N
     assert not SpillReader(spill, allow_partial=True).is_complete
     assert run(spill, resume=True) == uninterrupted[1]
+
+
+def test_full_disk_while_saving_the_tokenizer_leaves_nothing_behind(tmp_path, tokenizer):
+    """A disk that fills while the spill starts: at the tokenizer_config.json (Python's write), at tokenizer.json
+    (the tokenizers library, whose Rust writer raises a bare `Exception`), or at the manifest after it. Each is a
+    SpillWriteError naming the full disk; nothing of the spill is left, so the same run succeeds once there is room
+    (it used to leave `.tmp-tokenizer` and the shard, and the next run said "already holds a spill")."""
+    causes = []
+    for size in ("4k", "8k", "12k"):  # tmpfs counts whole pages: the lock takes one, each tokenizer file one more
+        disk = SmallDisk(tmp_path / f"disk-{size}", size)
+        if not disk.mounted:
+            pytest.skip(disk.why_not.replace("error injected", "a real full disk needs a tmpfs (root)"))
+        try:
+            spill = disk.path / "spill"
+            evaluator = Evaluator(spill, METRICS, tokenizer=tokenizer, dataset_length=N)
+            rows, logits, labels, arrays = next(batches())
+            with pytest.raises(SpillWriteError, match="the disk is full") as failure:
+                evaluator.update(logits, labels, sample_index=rows)
+            causes.append(failure.value.__cause__)
+            assert list(disk.path.iterdir()) == [], f"{size}: left {list(disk.path.rglob('*'))}"
+            disk.remount("size=64m")  # free space, as the error says: the same run now works, no resume needed
+            evaluator = Evaluator(spill, METRICS, tokenizer=tokenizer, dataset_length=BATCH)
+            evaluator.update(logits, labels, sample_index=rows - rows[0])
+            assert evaluator.finalize()["token_accuracy"] >= 0
+            assert SpillReader(spill).tokenizer is not None
+        finally:
+            disk.unmount()
+    tokenizers_errors = [c for c in causes if not isinstance(c, OSError)]
+    assert tokenizers_errors and "No space left on device" in str(tokenizers_errors[0]), causes

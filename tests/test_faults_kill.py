@@ -35,6 +35,8 @@ from spilleval.metrics.runner import MetricSuite
 from spilleval.spill import IncompleteSpillError, SpillReader
 from spilleval.spill.manifest import MANIFEST_NAME, RESULTS_NAME, SHARDS_DIR
 
+from _crash_worker import ORDER
+
 pytestmark = pytest.mark.slow
 
 TRIALS = 24
@@ -236,6 +238,45 @@ def test_kill_9_then_partial_read_and_exact_resume(trial: int, worker: CrashWork
     assert not list((spill / SHARDS_DIR / "rank-00000").glob(".tmp-*")), "resume left an uncommitted chunk"
     reader = SpillReader(spill)
     assert reader.is_complete and len(reader) == len(reference.rows)
+    assert sorted(committed_rows(spill, reference)) == sorted(reference.rows)
+
+
+COMMIT_INTERVAL_S = 0.25  # short, so that a test of a few seconds spans many intervals
+LATENESS_S = 1.0  # what a loaded 2-core machine may add to a commit that is due (scheduling, the commit itself)
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_kill_9_with_default_chunks_loses_at_most_the_commit_interval(trial: int, worker: CrashWorker,
+                                                                      reference: Reference, scratch: Path) -> None:
+    """Default chunk settings (64 MiB: these 120 samples would commit nothing before finalize), one sample per
+    batch at a steady pace, SIGKILL at a random time: every batch handed to `update` more than the commit
+    interval (+ lateness) before the kill is on disk, whole; resume then ends with exactly the uninterrupted
+    metrics."""
+    rng = random.Random(100 + trial)
+    spill, handed_log = scratch / f"timed-{trial}", scratch / f"timed-{trial}.handed"
+    job = {"dir": str(spill), "resume": False, "batch_size": 1, "chunk_rows": None, "skip_committed": False,
+           "results": None, "kill_at_batch": None, "commit_interval_s": COMMIT_INTERVAL_S, "pace_s": 0.025,
+           "handed_log": str(handed_log)}  # >= 3 s for 120 batches
+    pid = worker.ask({"cmd": "run", **job})["pid"]
+    time.sleep(rng.uniform(1.5, 2.5))
+    killed_at = time.monotonic()
+    signal_process(pid)
+    status = worker.ask({"cmd": "wait", "pid": pid})
+    assert status["signal"] == signal.SIGKILL, f"the run ended before the kill: {status}"
+
+    handed = [(int(n), float(t)) for n, t in (line.split() for line in handed_log.read_text().splitlines())]
+    committed = set(committed_rows(spill, reference))  # bit-exact against the reference, CRC-verified
+    lost = [(n, t) for n, t in handed if int(ORDER[n]) not in committed]
+    oldest_lost = killed_at - min((t for _, t in lost), default=killed_at)
+    assert oldest_lost <= COMMIT_INTERVAL_S + LATENESS_S, (
+        f"batch {lost[0][0]} was handed over {oldest_lost:.2f} s before the kill and is not on disk")
+    assert len(committed) >= len(handed) - len(lost) and len(committed) > 0
+    chunks = SpillReader(spill, allow_partial=True).chunks
+    assert len(chunks) >= 2, "committed by time, several times"
+
+    job.update(resume=True, pace_s=0.0, handed_log=None, results=str(scratch / f"timed-{trial}.json"))
+    worker.run(job)
+    assert json.loads((scratch / f"timed-{trial}.json").read_text()) == reference.results
     assert sorted(committed_rows(spill, reference)) == sorted(reference.rows)
 
 

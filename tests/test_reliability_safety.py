@@ -18,7 +18,8 @@ import spilleval
 from spilleval import Evaluator
 from spilleval.cli import main
 from spilleval.metrics import compute_from_spill
-from spilleval.spill import SpillFormatError, SpillReader
+from spilleval.spill import IntegrityError, SpillFormatError, SpillReader
+from spilleval.spill.integrity import seal
 from spilleval.spill.manifest import SHARDS_DIR, TOKENIZER_DIR, UnsafePathError
 
 PACKAGE = Path(spilleval.__file__).parent
@@ -108,6 +109,9 @@ def test_tokenizer_that_asks_for_remote_code_is_refused_not_run(spill, tmp_path)
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
         "from transformers import PreTrainedTokenizerFast\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
     )
+    with pytest.raises(IntegrityError, match="evil.py is not covered by"):  # changed after the spill was sealed
+        compute_from_spill(spill, ["text_match"])
+    seal(spill)  # as whoever crafted the spill would: only the remote-code refusal is left to stop it
     with pytest.raises(SpillFormatError, match="trust_remote_code=False: it never runs code"):
         compute_from_spill(spill, ["text_match"])
     assert not marker.exists()

@@ -77,3 +77,28 @@ def test_bench_gpu_quick_runs_on_the_cpu(tmp_path):
     losses = {round(r["eval_loss"], 4) for r in results.values()}
     assert len(losses) == 1, losses  # the fused chunked loss equals the model's own
     assert "time ≤ 1.03 × bare forward + loss" in (tmp_path / "gpu.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_chunks_quick(tmp_path):
+    spills, out = tmp_path / "spills", tmp_path / "chunks.json"
+    spills.mkdir()
+    command = [sys.executable, "tools/bench_chunks.py", "--quick", "--tmp", str(spills), "--json", str(out)]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "After compaction" in done.stdout and not list(spills.iterdir())
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["chunks"] for r in rows][-1] > 1 and rows[-1]["compacted"]["chunks"] == 1  # small chunks merged
+    assert all(math.isfinite(r["rate"]) and r["rate"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_hostile_runs_and_every_crafted_spill_is_refused_in_little_memory():
+    done = subprocess.run([sys.executable, "tools/bench_hostile.py"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ") and "this tree" in line]
+    assert len(rows) == 5
+    for cells in rows:
+        exit_code, peak_gb, outcome = int(cells[3]), float(cells[4]), cells[6].strip()
+        assert (exit_code, outcome) in ((2, "error line"), (0, "")) and peak_gb < 1, cells

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 from transformers import T5Config, T5ForConditionalGeneration, Trainer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from brute_force import EVAL_BATCH, assert_metrics_equal, assert_spill_rows, brute_force, make_args
 from spilleval import SpillReader
@@ -223,8 +224,10 @@ def _hidden_labels_llava(tokenizer):
             _, positions, mask, _, embeds, new_labels = prepared
             out = super().forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
             logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
-            out.loss = torch.nn.functional.cross_entropy(logits, new_labels[:, 1:].reshape(-1))
-            return out
+            loss = torch.nn.functional.cross_entropy(logits, new_labels[:, 1:].reshape(-1))
+            # a loss given at construction is in the output's dict on every transformers version (assigning
+            # out.loss afterwards is not before 5.3, and Trainer then finds no loss)
+            return CausalLMOutputWithPast(loss=loss, logits=out.logits)
 
     torch.manual_seed(0)
     template = tiny_llava(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))

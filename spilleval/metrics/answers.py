@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .base import CorpusMetric
+from .base import BatchSize, CorpusMetric
 from .ondisk import ScratchStore
 from .registry import register
 
@@ -27,7 +27,7 @@ class AnswerMacroF1(CorpusMetric):
 
     needs_text = True
 
-    def __init__(self, batch_size: int = 4096) -> None:
+    def __init__(self, batch_size: BatchSize = 4096) -> None:
         self.batch_size = batch_size
 
     def params(self) -> dict[str, int]:

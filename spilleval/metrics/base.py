@@ -10,10 +10,12 @@ and merge by addition, so a metric can be updated batch by batch, split across p
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import numpy as np
+from pydantic import Field
 
 from ..batch import SampleBatch
 from . import exact_sum
@@ -22,6 +24,17 @@ if TYPE_CHECKING:
     from ..spill import SpillReader
 
 State = dict[str, np.ndarray]
+
+MAX_STATE_BYTES = 256 * 2**20  # one state array, e.g. the L x (L+1) confusion counts of L = 5,792 labels
+
+# Bounds of size-like constructor parameters. `build_metric` validates parameters against the constructor's type
+# hints (a spill's manifest may be hostile): a batch of 10^12 samples or 10^9 histogram bins is refused, not run.
+BatchSize = Annotated[int, Field(ge=1, le=2**20)]
+NgramOrder = Annotated[int, Field(ge=1, le=32)]
+
+
+class MetricConfigError(ValueError):
+    """The chosen metrics cannot run with what this evaluation provides."""
 
 
 class Metric(ABC):
@@ -56,6 +69,12 @@ class StreamingMetric(Metric):
 
     def add_state(self, name: str, shape: tuple[int, ...] = (), dtype: Any = np.int64) -> None:
         """Declare a summed integer / array state. Float sums are declared with `add_float_state`."""
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        if size > MAX_STATE_BYTES:
+            raise MetricConfigError(
+                f"metric {self.name!r} would keep a state {name!r} of shape {tuple(shape)} ({size:,} bytes, more than "
+                f"{MAX_STATE_BYTES:,}): its parameters (e.g. the size of the label set) are too large for it"
+            )
         default = np.zeros(shape, dtype=dtype)
         self._defaults[name] = default
         self._state[name] = default.copy()

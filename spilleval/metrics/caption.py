@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .base import CorpusMetric
+from .base import BatchSize, CorpusMetric, NgramOrder
 from .deps import require
 from .inputs import references_of
 from .ondisk import ScratchStore
@@ -54,9 +54,9 @@ class Cider(CorpusMetric):
         self,
         references_column: str | None = None,
         lowercase: bool = True,
-        n: int = 4,
+        n: NgramOrder = 4,
         sigma: float = 6.0,
-        batch_size: int = 1024,
+        batch_size: BatchSize = 1024,
     ) -> None:
         self.references_column = references_column
         self.needs_columns = (references_column,) if references_column else ()

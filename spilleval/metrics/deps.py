@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from .runner import MetricConfigError
+from .base import MetricConfigError
 
 # the extra of pyproject.toml that installs each optional library
 EXTRAS = {"jiwer": "asr", "rouge_score": "rouge", "pycocoevalcap": "cider"}

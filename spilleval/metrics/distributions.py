@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from ..batch import SampleBatch
-from .base import CorpusMetric
+from .base import BatchSize, CorpusMetric, NgramOrder
 from .inputs import MetricInputError
 from .ondisk import ScratchStore
 from .registry import register
@@ -59,7 +60,8 @@ class LossPercentiles(CorpusMetric):
 
     needs_logprob = True
 
-    def __init__(self, percentiles: Sequence[float] = (50, 90, 99), batch_size: int = 4096) -> None:
+    def __init__(self, percentiles: Annotated[Sequence[float], Field(max_length=1000)] = (50, 90, 99),
+                 batch_size: BatchSize = 4096) -> None:
         if not percentiles or any(not 0 <= q <= 100 for q in percentiles):
             raise ValueError(f"percentiles must lie in [0, 100], got {list(percentiles)}")
         self.percentiles = [float(q) for q in percentiles]
@@ -110,7 +112,8 @@ class DistinctN(CorpusMetric):
 
     needs_text = True
 
-    def __init__(self, orders: Sequence[int] = (1, 2), batch_size: int = 4096) -> None:
+    def __init__(self, orders: Annotated[Sequence[NgramOrder], Field(max_length=32)] = (1, 2),
+                 batch_size: BatchSize = 4096) -> None:
         if not orders or any(int(n) < 1 for n in orders):
             raise ValueError(f"orders must be positive n-gram sizes, got {list(orders)}")
         self.orders = [int(n) for n in orders]

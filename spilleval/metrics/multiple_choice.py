@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import numpy as np
 
 from ..batch import SampleBatch
-from .base import CorpusMetric
+from .base import BatchSize, CorpusMetric
 from .inputs import MetricInputError, column_of
 from .ondisk import ScratchStore
 from .registry import register
@@ -70,7 +70,7 @@ class MultipleChoiceAccuracy(CorpusMetric):
         question_column: str = "question_id",
         target_column: str = "choice_target",
         choice_column: str | None = None,
-        batch_size: int = 4096,
+        batch_size: BatchSize = 4096,
     ) -> None:
         self.question_column = question_column
         self.target_column = target_column

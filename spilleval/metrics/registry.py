@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable, Iterable, TypeVar
 
-from .base import Metric
+from pydantic import ConfigDict, ValidationError, validate_call
+
+from .base import Metric, MetricConfigError
 
 _REGISTRY: dict[str, type[Metric]] = {}
 M = TypeVar("M", bound=type[Metric])
@@ -37,6 +41,8 @@ def build_metric(spec: str | dict[str, Any] | Metric) -> Metric:
     if isinstance(spec, Metric):
         return spec
     _load_builtins()
+    if isinstance(spec, dict) and not (isinstance(spec.get("name"), str) and isinstance(spec.get("params", {}), dict)):
+        raise MetricConfigError(f"a metric is given by its name or {{'name': str, 'params': dict}}, not {spec!r:.200}")
     name, params = (spec, {}) if isinstance(spec, str) else (spec["name"], spec.get("params", {}))
     try:
         cls = _REGISTRY[name]
@@ -46,7 +52,39 @@ def build_metric(spec: str | dict[str, Any] | Metric) -> Metric:
             f"unknown metric {name!r}. Known metrics: {known}. A custom metric must be registered with "
             "@spilleval.metrics.register before it is used (for the CLI: --plugin your_module)."
         ) from None
-    return cls(**params)
+    return _construct(cls, name, params)
+
+
+def _construct(cls: type[Metric], name: str, params: dict[str, Any]) -> Metric:
+    """`cls(**params)`, the parameters first validated against the constructor's type hints (pydantic, strict):
+    they may come from a spill's manifest, so a wrong type or an out-of-range size is an error naming the metric
+    and the parameter, before the metric allocates or computes anything."""
+    init = _validated_init(cls)
+    try:
+        if init is None:
+            metric = cls(**params)
+        else:
+            metric = cls.__new__(cls)
+            init(metric, **params)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise MetricConfigError(
+            f"metric {name!r}: parameter {where or '?'} is invalid: {first['msg']} (got {first['input']!r:.80})"
+        ) from None
+    except MetricConfigError:
+        raise
+    except (TypeError, ValueError, OverflowError, KeyError) as e:
+        raise MetricConfigError(f"metric {name!r} cannot be built from the parameters {params!r:.200}: {e}") from e
+    return metric
+
+
+@functools.cache
+def _validated_init(cls: type[Metric]) -> Callable[..., None] | None:
+    """The constructor wrapped by pydantic's `validate_call`; None when it is not Python code (nothing typed)."""
+    if not inspect.isfunction(cls.__init__):
+        return None
+    return validate_call(cls.__init__, config=ConfigDict(strict=True, arbitrary_types_allowed=True))
 
 
 def build_metrics(specs: Iterable[str | dict[str, Any] | Metric]) -> list[Metric]:

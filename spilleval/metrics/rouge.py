@@ -9,7 +9,9 @@ when the metric is built.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
+
+from pydantic import Field
 
 from ..batch import SampleBatch
 from .base import StreamingMetric, safe_div
@@ -29,7 +31,7 @@ class Rouge(StreamingMetric):
     def __init__(
         self,
         references_column: str | None = None,
-        rouge_types: Sequence[str] = ROUGE_TYPES,
+        rouge_types: Annotated[Sequence[str], Field(max_length=16)] = ROUGE_TYPES,
         use_stemmer: bool = False,
     ) -> None:
         super().__init__()

@@ -10,15 +10,11 @@ from typing import Any, Iterable
 
 from ..batch import SampleBatch
 from ..decode import check_tokenizer_vocab, decode_batch
-from .base import CorpusMetric, Metric, State, StreamingMetric
+from .base import CorpusMetric, Metric, MetricConfigError, State, StreamingMetric
 from .registry import build_metrics
 
 MetricSpec = str | dict[str, Any] | Metric
 GENERATION_TASK = "generation"  # a spill of generated ids: label rows are not aligned with prediction rows
-
-
-class MetricConfigError(ValueError):
-    """The chosen metrics cannot run with what this evaluation provides."""
 
 
 class MetricSuite:

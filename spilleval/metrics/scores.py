@@ -24,12 +24,13 @@ ECE = sum over bins of |bin| / N * |accuracy(bin) - mean confidence(bin)|. Its s
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from ..batch import SampleBatch
-from .base import CorpusMetric
+from .base import BatchSize, CorpusMetric
 from .inputs import ClassTarget, MetricInputError
 from .ondisk import ScratchStore
 from .registry import register
@@ -50,7 +51,7 @@ class ClassScoreMetric(CorpusMetric):
         scores: str = DEFAULT_SCORES,
         labels: Sequence[str | int] | None = None,
         target_column: str | None = None,
-        batch_size: int = 4096,
+        batch_size: BatchSize = 4096,
     ) -> None:
         if labels is None and target_column is None:
             raise MetricConfigError(
@@ -184,8 +185,8 @@ class ExpectedCalibrationError(ClassScoreMetric):
         scores: str = DEFAULT_SCORES,
         labels: Sequence[str | int] | None = None,
         target_column: str | None = None,
-        n_bins: int = 15,
-        batch_size: int = 4096,
+        n_bins: Annotated[int, Field(ge=1, le=100_000)] = 15,
+        batch_size: BatchSize = 4096,
     ) -> None:
         super().__init__(scores, labels, target_column, batch_size)
         if n_bins < 1:

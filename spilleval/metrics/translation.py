@@ -17,12 +17,13 @@ sacrebleu is imported when one of these metrics is built (it is a dependency of 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 
 from ..batch import SampleBatch
-from .base import StreamingMetric
+from .base import NgramOrder, StreamingMetric
 from .deps import require
 from .inputs import references_of
 from .registry import register
@@ -114,9 +115,9 @@ class Chrf(SacrebleuStatsMetric):
     def __init__(
         self,
         references_column: str | None = None,
-        char_order: int = 6,
-        word_order: int = 0,
-        beta: int = 2,
+        char_order: NgramOrder = 6,
+        word_order: Annotated[int, Field(ge=0, le=32)] = 0,
+        beta: Annotated[int, Field(ge=0, le=1000)] = 2,
         lowercase: bool = False,
         whitespace: bool = False,
         eps_smoothing: bool = False,

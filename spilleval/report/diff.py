@@ -1,8 +1,9 @@
 """Compare two spills of the same eval set (e.g. two checkpoints): metric deltas and samples that flipped.
 
-Memory: one byte per sample per side. Each spill is read once, in its own stored order (shards are not globally
-sorted, so no merge by sample index is needed): the byte of sample i holds whether it was exactly right and a
-6-bit fingerprint of its labels, which catches two spills that are not of the same eval set.
+Memory: at most one byte per sample present per side, in sparse sets (`spilleval.sampleset`), whatever the
+manifests declare. Each spill is read once, in its own stored order (shards are not globally sorted, so no merge by
+sample index is needed): per sample, whether it was exactly right, and a 6-bit fingerprint of its labels (one set
+per bit), which catches two spills that are not of the same eval set.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Any
 import numpy as np
 
 from ..batch import SampleBatch
+from ..sampleset import SampleSet
 from ..spill import SpillReader
 from .results import metric_results
 from .scan import iter_scored
 
-ABSENT, WRONG, RIGHT = 0, 1, 2
+FINGERPRINT_BITS = 6
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
 
@@ -38,25 +40,23 @@ def label_fingerprint(batch: SampleBatch) -> np.ndarray:
 
 
 class SampleStatus:
-    """One byte per dataset index: low 2 bits ABSENT / WRONG / RIGHT (sequence exact match), high 6 the
-    label fingerprint."""
+    """Per sample of one spill: right or wrong (sequence exact match), and its label fingerprint, bit by bit."""
 
-    def __init__(self, size: int) -> None:
-        self.codes = np.zeros(size, dtype=np.uint8)
+    def __init__(self) -> None:
+        self.right, self.wrong = SampleSet(), SampleSet()
+        self.fingerprint = [SampleSet() for _ in range(FINGERPRINT_BITS)]  # samples whose bit k is set
 
     def update(self, batch: SampleBatch, scores: dict[str, np.ndarray]) -> None:
-        status = np.where(scores["exact_match"] == 1, RIGHT, WRONG).astype(np.uint8)
-        self.codes[batch.sample_index] = (label_fingerprint(batch) << 2) | status
+        right = scores["exact_match"] == 1
+        self.right.add(batch.sample_index[right])
+        self.wrong.add(batch.sample_index[~right])
+        prints = label_fingerprint(batch)
+        for bit, members in enumerate(self.fingerprint):
+            members.add(batch.sample_index[(prints >> bit) & 1 == 1])
 
-    def status(self, size: int) -> np.ndarray:
-        return _padded(self.codes & 3, size)
-
-    def fingerprints(self, size: int) -> np.ndarray:
-        return _padded(self.codes >> 2, size)
-
-
-def _padded(values: np.ndarray, size: int) -> np.ndarray:
-    return values if len(values) >= size else np.pad(values, (0, size - len(values)))
+    @property
+    def present(self) -> SampleSet:
+        return self.right | self.wrong
 
 
 @dataclass
@@ -118,16 +118,16 @@ def diff_spills(
     exact = resolve_scores(["exact_match"], has_logprob=False, has_tokenizer=False)
     statuses = []
     for name, reader in (("A", reader_a), ("B", reader_b)):
-        status = SampleStatus(_index_bound(reader))
+        status = SampleStatus()
         for batch, values in iter_scored(reader, exact, progress_bar=progress_bar, desc=f"reading {name}"):
             status.update(batch, values)
         statuses.append(status)
-    size = max(len(s.codes) for s in statuses)
-    sa, sb = (s.status(size) for s in statuses)
-    both = (sa != ABSENT) & (sb != ABSENT)
-    _check_same_labels(statuses, size, both)
-    right_to_wrong = np.flatnonzero(both & (sa == RIGHT) & (sb == WRONG))
-    wrong_to_right = np.flatnonzero(both & (sa == WRONG) & (sb == RIGHT))
+    sa, sb = statuses
+    present_a, present_b = sa.present, sb.present
+    both = present_a & present_b
+    _check_same_labels(sa, sb, both)
+    right_to_wrong = both & sa.right & sb.wrong
+    wrong_to_right = both & sa.wrong & sb.right
     results_a, source_a = metric_results(reader_a, recompute=recompute, progress_bar=progress_bar)
     results_b, source_b = metric_results(reader_b, recompute=recompute, progress_bar=progress_bar)
     return SpillDiff(
@@ -135,21 +135,16 @@ def diff_spills(
         b=str(reader_b.path),
         metrics=metric_deltas(results_a, results_b),
         metrics_source={"a": source_a, "b": source_b},
-        compared=int(both.sum()),
-        only_in_a=int(((sa != ABSENT) & (sb == ABSENT)).sum()),
-        only_in_b=int(((sb != ABSENT) & (sa == ABSENT)).sum()),
-        right_in_a=int((both & (sa == RIGHT)).sum()),
-        right_in_b=int((both & (sb == RIGHT)).sum()),
+        compared=len(both),
+        only_in_a=len(present_a - present_b),
+        only_in_b=len(present_b - present_a),
+        right_in_a=len(both & sa.right),
+        right_in_b=len(both & sb.right),
         right_to_wrong_count=len(right_to_wrong),
         wrong_to_right_count=len(wrong_to_right),
-        right_to_wrong=right_to_wrong[:limit].tolist(),
-        wrong_to_right=wrong_to_right[:limit].tolist(),
+        right_to_wrong=right_to_wrong.first(limit),
+        wrong_to_right=wrong_to_right.first(limit),
     )
-
-
-def _index_bound(reader: SpillReader) -> int:
-    top = max((r.max_index + 1 for r in reader.chunks), default=0)
-    return max(top, reader.manifest.dataset_length or 0)
 
 
 def _check_same_kind(a: SpillReader, b: SpillReader) -> None:
@@ -162,11 +157,13 @@ def _check_same_kind(a: SpillReader, b: SpillReader) -> None:
             )
 
 
-def _check_same_labels(statuses: list[SampleStatus], size: int, both: np.ndarray) -> None:
-    differ = np.flatnonzero(both & (statuses[0].fingerprints(size) != statuses[1].fingerprints(size)))
+def _check_same_labels(a: SampleStatus, b: SampleStatus, both: SampleSet) -> None:
+    differ = SampleSet()
+    for bit_a, bit_b in zip(a.fingerprint, b.fingerprint):
+        differ = differ | ((bit_a ^ bit_b) & both)
     if len(differ):
         raise SpillsDifferError(
             f"the spills are not of the same eval set: {len(differ)} sample(s) have different reference labels "
-            f"(first: sample {differ[0]}). diff compares two evaluations of the same data (e.g. two checkpoints); "
-            "check that both ran on the same dataset, order of indices and tokenizer"
+            f"(first: sample {differ.first(1)[0]}). diff compares two evaluations of the same data (e.g. two "
+            "checkpoints); check that both ran on the same dataset, order of indices and tokenizer"
         )

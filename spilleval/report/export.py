@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
@@ -20,6 +19,7 @@ import pyarrow as pa
 from ..batch import SampleBatch
 from ..spill import SpillReader
 from ..spill.chunk import batch_to_table
+from ..spill.manifest import create_temp_file
 from .scan import SCORE_WINDOW_TOKENS, progress, windows
 from .scores import SampleScore, score_batch
 
@@ -152,7 +152,7 @@ def _write_parquet(tables: Iterator[pa.Table], path: Path, reader: SpillReader) 
 def _write_atomically(path: Path, write) -> int:
     """Write to a temp file beside `path` and rename it into place, so a failed export leaves nothing half-done."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temp_file(path)  # readable as the umask says, as the spill itself
     os.close(fd)
     try:
         rows = write(Path(tmp))

@@ -10,6 +10,7 @@ import math
 from typing import Any, Iterable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
@@ -87,7 +88,7 @@ def print_sample(console: Console, view: SampleView, *, title: str | None = None
     grid.add_column(overflow="fold")
     grid.add_row("scores", score_line(view.scores, highlight))
     for name, value in view.columns.items():
-        grid.add_row(name, Text(_short(value)))
+        grid.add_row(Text(name), Text(_short(value)))
     grid.add_row("reference", token_line(view, side="reference"))
     others = list(predictions) or [("prediction", view)]
     for label, other in others:
@@ -107,7 +108,7 @@ def metric_delta_table(title: str, metrics: dict[str, dict[str, Any]]) -> Table:
     for name, row in metrics.items():
         delta = row["delta"]
         shown = "-" if delta is None else f"{delta:+.6f}" if isinstance(delta, float) else f"{delta:+d}"
-        table.add_row(name, _value(row["a"]), _value(row["b"]), shown)
+        table.add_row(escape(name), escape(_value(row["a"])), escape(_value(row["b"])), shown)  # from the spills
     return table
 
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import os
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import zarr
 
 from ..batch import SampleBatch
+from .ipc_layout import IpcLayout, IpcLayoutError, read_ipc_layout
+from .limits import chunk_decode_budget
 from .manifest import ARRAYS_DIR, RECOVER_CHUNK, TOKENS_FILE, ChunkRecord, SpillFormatError, safe_join
+from .zarr_layout import ZarrLayoutError, check_arrays
 
 TOKEN_COLUMNS = ("sample_index", "pred_ids", "label_ids", "label_logprob")
 RAGGED_LABELS_KEY = b"spilleval.ragged_labels"  # schema metadata: label rows have their own lengths (generation)
@@ -121,27 +125,115 @@ def _offsets_array(lengths: list[int]) -> pa.Array:
 
 def read_chunk(directory: Path, record: ChunkRecord, *, verify: bool = True, columns: Iterable[str] | None = None,
                with_arrays: bool = True, with_logprob: bool = True) -> SampleBatch:
-    """Read a committed chunk back as a `SampleBatch`, checking every file's length and CRC-32 first.
+    """Read a committed chunk back as a `SampleBatch`, checking every file's length and CRC-32 first, then what
+    its headers declare (rows, tokens, decoded sizes) against `record` and the chunk's budget, before decoding.
 
     Only the ids, and the dataset `columns` (None: all), arrays and log-probs asked for, are decoded."""
     payloads = {}
     names = [n for n in record.files if with_arrays or not n.startswith(ARRAYS_DIR)]
     for name in names:
         payloads[name] = _read_verified(directory, name, record.files[name], verify=verify)
-    try:
-        table = _read_tokens(payloads[TOKENS_FILE], columns=columns, with_logprob=with_logprob)
+    has_arrays = with_arrays and any(n.startswith(f"{ARRAYS_DIR}/") for n in record.files)
+    with _named_errors(directory):
+        layout = check_tokens(payloads[TOKENS_FILE], record)
+        arrays_bytes = check_arrays(payloads, record.rows, prefix=f"{ARRAYS_DIR}/").decoded_bytes if has_arrays else 0
+        check_budget(record, layout.decoded_bytes + arrays_bytes)
+        table = _read_tokens(payloads[TOKENS_FILE], layout.schema, columns=columns, with_logprob=with_logprob)
+        check_rows(table, record)
         batch = table_to_batch(table, columns=columns)
-        if with_arrays and any(n.startswith(ARRAYS_DIR) for n in record.files):
+        if has_arrays:
             batch.arrays = _read_arrays(payloads)
-    except (pa.ArrowException, ValueError, KeyError) as e:  # verify=False, or a crafted file with valid CRCs
-        raise ChunkCorruptError(f"chunk {directory} cannot be decoded ({e}); the chunk is corrupt.") from e
     return batch
 
 
-def _read_tokens(data: bytes, *, columns: Iterable[str] | None, with_logprob: bool) -> pa.Table:
+@contextmanager
+def _named_errors(directory: Path) -> Iterator[None]:
+    """Any decoding problem of a chunk becomes a `ChunkCorruptError` naming it (one line, and how to recover)."""
+    try:
+        yield
+    except SpillFormatError:
+        raise
+    except (IpcLayoutError, ZarrLayoutError) as e:
+        raise ChunkCorruptError(f"chunk {directory}: {e}; the chunk is corrupt. {RECOVER_CHUNK}") from e
+    except (pa.ArrowException, OSError, ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as e:
+        # verify=False, or a crafted file with valid CRCs. Its bytes are in memory: an OSError is pyarrow's
+        # ArrowIOError for corrupt compressed data, a RuntimeError numcodecs' for a corrupt zstd frame
+        raise ChunkCorruptError(f"chunk {directory} cannot be decoded ({e}); the chunk is corrupt. {RECOVER_CHUNK}") \
+            from e
+
+
+def check_tokens(data: bytes, record: ChunkRecord) -> IpcLayout:
+    """What tokens.arrow declares, checked against its chunk record before anything is decoded."""
+    layout = read_ipc_layout(data)
+    schema = layout.schema
+    _check_token_schema(schema)
+    if layout.rows != record.rows:
+        raise IpcLayoutError(f"{TOKENS_FILE} declares {layout.rows} rows; chunk.json records {record.rows}")
+    ragged = RAGGED_LABELS_KEY in (schema.metadata or {})
+    per_token = ["pred_ids"] + ([] if ragged else ["label_ids"]) + [n for n in ["label_logprob"] if n in schema.names]
+    for name in per_token:
+        declared = layout.child_length(name)
+        if declared != record.tokens:
+            raise IpcLayoutError(f"{TOKENS_FILE} declares {declared} {name}; chunk.json records {record.tokens} tokens")
+    return layout
+
+
+def _check_token_schema(schema: pa.Schema) -> None:
+    names = schema.names
+    if len(set(names)) != len(names) or names[:3] != ["sample_index", "pred_ids", "label_ids"]:
+        raise IpcLayoutError(f"{TOKENS_FILE} has the columns {names[:8]}, not those of a spill")
+    ids = schema.field("pred_ids").type
+    expected = {
+        "sample_index": pa.int64(),
+        "pred_ids": ids,
+        "label_ids": ids,
+        "label_logprob": pa.list_(pa.float32()),
+    }
+    if not pa.types.is_list(ids) or ids.value_type not in (pa.uint16(), pa.uint32()):
+        raise IpcLayoutError(f"{TOKENS_FILE}: pred_ids has the type {ids}, not a list of uint16/uint32 ids")
+    for field in schema:
+        if field.name in expected and field.type != expected[field.name]:
+            raise IpcLayoutError(f"{TOKENS_FILE}: {field.name} has the type {field.type}, expected {expected[field.name]}")
+        if _has_dictionary(field.type):
+            raise IpcLayoutError(f"{TOKENS_FILE}: column {field.name!r} is dictionary-encoded, which a spill never is")
+
+
+def _has_dictionary(type_: pa.DataType) -> bool:
+    return pa.types.is_dictionary(type_) or any(_has_dictionary(type_.field(i).type) for i in range(type_.num_fields))
+
+
+def check_budget(record: ChunkRecord, decoded_bytes: int) -> None:
+    budget = chunk_decode_budget(record.bytes)
+    if decoded_bytes > budget:
+        raise IpcLayoutError(
+            f"its files declare {decoded_bytes:,} bytes once decoded, more than a chunk of {record.bytes:,} bytes on "
+            f"disk may take ({budget:,}; a decompression bomb?). If this spill is genuine and its chunks are that "
+            "large, raise the bound with SPILLEVAL_MAX_CHUNK_BYTES"
+        )
+
+
+def check_rows(table: pa.Table, record: ChunkRecord) -> None:
+    """After decoding: valid offsets, no missing values in the token columns, sample indices as recorded."""
+    table.validate(full=True)
+    for name in TOKEN_COLUMNS:
+        if name in table.column_names and table.column(name).null_count:
+            raise ValueError(f"{TOKENS_FILE}: column {name} has missing values")
+    index = table.column("sample_index")
+    if len(index):
+        import pyarrow.compute as pc
+
+        bounds = pc.min_max(index)
+        low, high = bounds["min"].as_py(), bounds["max"].as_py()
+        if (low, high) != (record.min_index, record.max_index):
+            raise ValueError(
+                f"{TOKENS_FILE} holds sample indices {low}..{high}; chunk.json records {record.min_index}.."
+                f"{record.max_index}"
+            )
+
+
+def _read_tokens(data: bytes, schema: pa.Schema, *, columns: Iterable[str] | None, with_logprob: bool) -> pa.Table:
     """tokens.arrow with the unwanted columns skipped, never decompressed (e.g. log-probs for token accuracy,
     reference strings for a metric on ids)."""
-    schema = pa.ipc.open_file(pa.BufferReader(data)).schema
     wanted = None if columns is None else set(columns)
     fields = [
         i for i, name in enumerate(schema.names)
@@ -155,9 +247,29 @@ def _read_tokens(data: bytes, *, columns: Iterable[str] | None, with_logprob: bo
 def read_sample_index(directory: Path, record: ChunkRecord, *, verify: bool = True) -> np.ndarray:
     """Only the sample_index column of a chunk (for completeness and random access)."""
     data = _read_verified(directory, TOKENS_FILE, record.files[TOKENS_FILE], verify=verify)
-    options = pa.ipc.IpcReadOptions(included_fields=[0])
-    table = pa.ipc.open_file(pa.BufferReader(data), options=options).read_all()
-    return table.column("sample_index").to_numpy()
+    return _decode_sample_index(directory, data, record)
+
+
+def _decode_sample_index(directory: Path, data: bytes, record: ChunkRecord) -> np.ndarray:
+    with _named_errors(directory):
+        layout = check_tokens(data, record)
+        check_budget(record, layout.decoded_bytes)
+        options = pa.ipc.IpcReadOptions(included_fields=[0], use_threads=False)
+        table = pa.ipc.open_file(pa.BufferReader(data), options=options).read_all()
+        check_rows(table, record)
+        return table.column("sample_index").to_numpy()
+
+
+def verify_chunk(directory: Path, record: ChunkRecord) -> np.ndarray:
+    """Check every file of a chunk (length, CRC-32, what its headers declare) without decoding its rows; return
+    its sample indices. What `spilleval inspect` does to tell an intact chunk from a damaged one."""
+    payloads = {name: _read_verified(directory, name, entry, verify=True) for name, entry in record.files.items()}
+    with _named_errors(directory):
+        layout = check_tokens(payloads[TOKENS_FILE], record)
+        has_arrays = any(n.startswith(f"{ARRAYS_DIR}/") for n in record.files)
+        arrays_bytes = check_arrays(payloads, record.rows, prefix=f"{ARRAYS_DIR}/").decoded_bytes if has_arrays else 0
+        check_budget(record, layout.decoded_bytes + arrays_bytes)
+    return _decode_sample_index(directory, payloads[TOKENS_FILE], record)
 
 
 def table_to_batch(table: pa.Table, *, columns: Iterable[str] | None = None) -> SampleBatch:

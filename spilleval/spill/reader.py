@@ -2,13 +2,20 @@
 
 Shards of every rank are merged; a sample that appears more than once (distributed samplers pad the last batch
 with duplicates) is returned once, first occurrence in (rank, chunk) order. Memory is bounded by one chunk plus
-one byte per dataset sample for that de-duplication.
+a sparse set of the samples met so far for that de-duplication (`spilleval.sampleset`: at most one bit per sample
+present, a few bytes per contiguous run), whatever the manifest declares.
+
+A spill may come from anyone. Every JSON file is validated against its schema (`spill.schema`), a finished
+spill's metadata against its seal (`spill.integrity`), and every chunk's declared sizes against its record and
+a plausible bound before anything is decoded (`spill.chunk`, `spill.limits`): bad input is a `SpillFormatError`
+naming the file and the problem, never a traceback or an allocation the spill asked for.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -17,7 +24,10 @@ import numpy as np
 import pyarrow as pa
 
 from ..batch import SampleBatch
+from ..sampleset import SampleSet
+from . import limits
 from .chunk import read_chunk, read_sample_index
+from .integrity import INTEGRITY_NAME, IntegrityError, Seal, load_seal
 from .manifest import (
     CHUNK_RECORD,
     RESULTS_NAME,
@@ -31,10 +41,10 @@ from .manifest import (
     chunk_dir_name,
     load_chunk_record,
     load_manifest,
-    read_json,
     safe_join,
     shard_dir_name,
 )
+from .schema import RESULTS_SCHEMA, SHARD_DONE_SCHEMA, parse
 
 
 class IncompleteSpillError(SpillFormatError):
@@ -45,35 +55,66 @@ class MissingChunkError(SpillFormatError):
     """A chunk that the shard's sequence or completion record promises is not on disk."""
 
 
+class ShardRecordError(SpillFormatError):
+    """A shard's `shard.json` is unreadable or disagrees with the chunks on disk."""
+
+
 @dataclass
 class Completeness:
     expected: int | None  # dataset length, when known
     committed: int  # unique samples on disk
-    missing: list[tuple[int, int]]  # half-open ranges [start, stop) of missing sample indices
+    missing: list[tuple[int, int]]  # the first `limits.MAX_MISSING_RANGES` half-open ranges [start, stop) missing
     complete: bool  # the writer(s) finished
+    missing_count: int = 0  # samples of [0, expected) not on disk (exact, however many ranges)
 
-    @property
-    def missing_count(self) -> int:
-        return sum(b - a for a, b in self.missing)
+
+SHARD_PREFIX, CHUNK_PREFIX = "rank-", "chunk-"
+RECOVER_SHARD = (
+    "To recover, delete that shard.json and resume the evaluation (resume=True): it checks the committed chunks and "
+    "writes the record again."
+)
+
+
+def shard_rank(shard_dir: Path) -> int:
+    """The rank a shard directory is named for (`rank-00003` -> 3)."""
+    digits = shard_dir.name[len(SHARD_PREFIX) :]
+    if not (digits.isdigit() and len(digits) == 5):
+        raise ShardRecordError(f"{shard_dir} is not a shard directory of a spill (expected rank-NNNNN)")
+    return int(digits)
 
 
 def scan_shard(shard_dir: Path) -> list[ChunkRecord]:
     """Committed chunks of one shard, in sequence order, checking that none is missing in between."""
-    records = []
-    for entry in sorted(shard_dir.iterdir()) if shard_dir.exists() else []:
-        if not entry.is_dir() or not entry.name.startswith("chunk-"):
-            continue
-        record_path = safe_join(shard_dir, entry.name) / CHUNK_RECORD  # a chunk symlinked elsewhere is refused
-        if not record_path.exists():
-            raise ChunkRecordError(f"chunk {entry} has no {CHUNK_RECORD}; it was not written by spilleval")
-        record = load_chunk_record(record_path)
-        if record.name != entry.name or shard_dir_name(record.rank) != shard_dir.name:
-            raise ChunkRecordError(
-                f"{record_path} describes {shard_dir_name(record.rank)}/{record.name} but lies in "
-                f"{shard_dir.name}/{entry.name}; the chunk was moved or tampered with."
-            )
-        records.append(record)
-    records.sort(key=lambda r: r.seq)
+    records = sorted((load_chunk(shard_dir, entry) for entry in chunk_entries(shard_dir)), key=lambda r: r.seq)
+    check_sequence(shard_dir, records)
+    if (shard_dir / SHARD_DONE).exists():
+        check_shard_done(shard_dir, records)
+    return records
+
+
+def chunk_entries(shard_dir: Path) -> list[Path]:
+    """The committed chunk directories of a shard (a chunk being written has a temporary name)."""
+    if not shard_dir.exists():
+        return []
+    return sorted(entry for entry in shard_dir.iterdir() if entry.name.startswith(CHUNK_PREFIX) and entry.is_dir())
+
+
+def load_chunk(shard_dir: Path, entry: Path) -> ChunkRecord:
+    """The validated record of one chunk directory, which must lie where the record says."""
+    record_path = safe_join(shard_dir, entry.name) / CHUNK_RECORD  # a chunk symlinked elsewhere is refused
+    if not record_path.exists():
+        raise ChunkRecordError(f"chunk {entry} has no {CHUNK_RECORD}; it was not written by spilleval")
+    record = load_chunk_record(record_path)
+    if record.name != entry.name or shard_dir_name(record.rank) != shard_dir.name:
+        raise ChunkRecordError(
+            f"{record_path} describes {shard_dir_name(record.rank)}/{record.name} but lies in "
+            f"{shard_dir.name}/{entry.name}; the chunk was moved or tampered with."
+        )
+    return record
+
+
+def check_sequence(shard_dir: Path, records: list[ChunkRecord]) -> None:
+    """Chunks are numbered from 0 without gaps; `records` sorted by sequence number."""
     for expected_seq, record in enumerate(records):
         if record.seq != expected_seq:
             raise MissingChunkError(
@@ -81,16 +122,28 @@ def scan_shard(shard_dir: Path) -> list[ChunkRecord]:
                 "The spill lost a committed chunk. To recover, delete the chunk directories after the gap, then "
                 "resume the evaluation (resume=True): their samples are evaluated again."
             )
-    done = shard_dir / SHARD_DONE
-    if done.exists():
-        promised = int(read_json(done).get("chunks", len(records)))
-        if promised > len(records):
-            raise MissingChunkError(
-                f"{shard_dir}: {chunk_dir_name(len(records))} is missing ({promised} chunks were committed, "
-                f"{len(records)} are on disk). Resume the evaluation (resume=True) to re-evaluate the samples "
-                "they held."
-            )
-    return records
+
+
+def check_shard_done(shard_dir: Path, records: list[ChunkRecord]) -> None:
+    """`shard.json` (what the rank committed) must describe exactly the chunks on disk."""
+    path = shard_dir / SHARD_DONE
+    done = parse(path, SHARD_DONE_SCHEMA, ShardRecordError, what="a valid shard record", fix=RECOVER_SHARD)
+    promised = done["chunks"]
+    if promised > len(records):
+        raise MissingChunkError(
+            f"{shard_dir}: {chunk_dir_name(len(records))} is missing ({promised} chunks were committed, "
+            f"{len(records)} are on disk). Resume the evaluation (resume=True) to re-evaluate the samples "
+            "they held."
+        )
+    on_disk = {"rank": shard_rank(shard_dir), "chunks": len(records), "rows": sum(r.rows for r in records),
+               "tokens": sum(r.tokens for r in records)}
+    differ = [key for key in on_disk if done[key] != on_disk[key]]
+    if differ:
+        key = differ[0]
+        raise ShardRecordError(
+            f"{path} records {key} {done[key]}, but the shard's chunks on disk hold {on_disk[key]}: the record or "
+            f"the chunks changed after the rank finished. {RECOVER_SHARD}"
+        )
 
 
 class SpillReader:
@@ -105,31 +158,46 @@ class SpillReader:
         if not self.path.is_dir():
             raise FileNotFoundError(f"spill directory {self.path} does not exist")
         self.manifest: Manifest = load_manifest(self.path)
+        self.seal: Seal | None = load_seal(self.path)
         self.verify = verify
         self.allow_partial = allow_partial
         self.chunks: list[ChunkRecord] = []
         self._shard_done: dict[int, bool] = {}
         self._index_cache: dict[tuple[int, int], np.ndarray] = {}
-        shards_root = self.path / SHARDS_DIR
-        for shard in sorted(shards_root.iterdir()) if shards_root.exists() else []:
-            if shard.is_dir() and shard.name.startswith("rank-"):
-                records = scan_shard(shard)
-                self.chunks.extend(records)
-                self._shard_done[int(shard.name.split("-")[1])] = (shard / SHARD_DONE).exists()
+        if self.seal is not None:
+            self.seal.verify_shards()
+        for shard in shard_dirs(self.path):
+            rank = shard_rank(shard)
+            if rank >= self.manifest.world_size:
+                raise ShardRecordError(
+                    f"{shard} is the shard of rank {rank}, but the manifest records a world size of "
+                    f"{self.manifest.world_size}: the directory holds a shard of another run."
+                )
+            self.chunks.extend(scan_shard(shard))
+            self._shard_done[rank] = (shard / SHARD_DONE).exists()
         if not self.is_complete and not allow_partial:
             c = self.completeness()
-            why = ("the evaluation finished without covering every sample" if self.manifest.status == "partial"
-                   else "the run crashed or is still running")
             raise IncompleteSpillError(
-                f"{self.path} is a partial spill ({c.committed} of {c.expected or '?'} samples committed; {why}). "
-                "Pass allow_partial=True (CLI: --allow-partial) to use what is "
+                f"{self.path} is a partial spill ({c.committed} of {c.expected or '?'} samples committed; "
+                f"{self.incomplete_reason()}). Pass allow_partial=True (CLI: --allow-partial) to use what is "
                 "there, or resume the evaluation with resume=True."
             )
 
     # ------------------------------------------------------------------------------------------- metadata
     @property
     def is_complete(self) -> bool:
-        return self.manifest.status == "complete" and all(self._shard_done.values())
+        """Every rank finished its shard, the run marked the spill complete, and sealed it (schema 2 on)."""
+        every_rank = len(self._shard_done) == self.manifest.world_size and all(self._shard_done.values())
+        sealed = self.seal is not None or self.manifest.schema_version < 2
+        return self.manifest.status == "complete" and every_rank and sealed
+
+    def incomplete_reason(self) -> str:
+        if self.manifest.status == "partial":
+            return "the evaluation finished without covering every sample"
+        if self.manifest.status == "complete" and self.seal is None:
+            return (f"{INTEGRITY_NAME} is missing: the run stopped while finishing, or the file was deleted, so the "
+                    "metadata cannot be verified")
+        return "the run crashed or is still running"
 
     @property
     def num_tokens(self) -> int:
@@ -152,9 +220,19 @@ class SpillReader:
         return safe_join(self.path, f"{SHARDS_DIR}/rank-{record.rank:05d}/{record.name}")
 
     def results(self) -> dict[str, Any] | None:
-        """The live metrics of the run that wrote this spill, if it finished."""
+        """The live metrics of the run that wrote this spill, if it finished and they verify against the seal.
+
+        None when there are none, or none that can be trusted: written by a run that did not seal the spill (it
+        stopped, or a resumed run has not finished yet). `IntegrityError` when they changed after the seal."""
         path = self.path / RESULTS_NAME
-        return read_json(path) if path.exists() else None
+        if not path.exists():
+            return None
+        if self.manifest.schema_version >= 2:
+            if self.seal is None or not self.seal.covers(RESULTS_NAME):
+                return None
+            self.seal.verify_file(RESULTS_NAME)
+        return parse(path, RESULTS_SCHEMA, SpillFormatError, what="a valid results record",
+                     fix="Recompute the metrics with `spilleval compute`.")
 
     @functools.cached_property
     def tokenizer(self) -> Any:
@@ -162,25 +240,31 @@ class SpillReader:
         path = self.path / TOKENIZER_DIR
         if not path.is_dir():
             return None
+        if self.seal is not None:
+            self.seal.verify_tokenizer()
+        check_tokenizer_files(path)
         from transformers import AutoTokenizer
 
         try:
             return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
         except (ValueError, OSError) as e:  # e.g. it asks for custom code: a spill never runs code it carries
             raise SpillFormatError(
-                f"the tokenizer in {path} cannot be loaded ({str(e).splitlines()[0].strip()}). spilleval loads it "
+                f"the tokenizer in {path} cannot be loaded ({_first_line(e)}). spilleval loads it "
                 "with trust_remote_code=False: it never runs code that a spill carries. Save the model's own "
                 "tokenizer there instead (tokenizer.save_pretrained)."
             ) from e
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exceptions on bad files
+            raise SpillFormatError(
+                f"the tokenizer in {path} cannot be loaded ({type(e).__name__}: {_first_line(e)}); its files are "
+                "corrupt. Save the model's own tokenizer there (tokenizer.save_pretrained), or compute metrics on "
+                "ids only."
+            ) from e
 
     def completeness(self) -> Completeness:
-        seen = self._seen_bitmap(self._index_upper_bound())
+        seen = SampleSet()
         for record in self.chunks:
-            seen[read_sample_index(self.chunk_path(record), record, verify=self.verify)] = True
-        expected = self.manifest.dataset_length
-        committed = int(seen.sum())
-        missing = _missing_ranges(seen, expected) if expected is not None else []
-        return Completeness(expected=expected, committed=committed, missing=missing, complete=self.is_complete)
+            seen.add(read_sample_index(self.chunk_path(record), record, verify=self.verify))
+        return completeness_of(seen, self.manifest.dataset_length, complete=self.is_complete)
 
     # ------------------------------------------------------------------------------------------- iteration
     def iter_chunks(self, *, columns: Sequence[str] | None = None, with_arrays: bool = True,
@@ -188,20 +272,14 @@ class SpillReader:
         """Every unique sample once, one chunk at a time (duplicates from distributed padding dropped).
 
         `columns` (None: all), `with_arrays` and `with_logprob` choose what is decoded besides the ids."""
-        seen = self._seen_bitmap(self._index_upper_bound())
+        seen = SampleSet()
         for record in self.chunks:
             batch = read_chunk(
                 self.chunk_path(record), record, verify=self.verify, columns=columns, with_arrays=with_arrays,
                 with_logprob=with_logprob,
             )
-            fresh = ~seen[batch.sample_index]
-            # a sample may also repeat inside one chunk (padding of a rank's last batch)
-            _, first = np.unique(batch.sample_index, return_index=True)
-            keep = np.zeros(len(batch), dtype=bool)
-            keep[first] = True
-            keep &= fresh
-            seen[batch.sample_index] = True
-            if not keep.all():
+            keep = seen.first_occurrences(batch.sample_index)  # a sample may also repeat inside one chunk
+            if keep is not None:
                 batch = batch.take(np.flatnonzero(keep))
             if len(batch):
                 yield batch
@@ -290,14 +368,6 @@ class SpillReader:
             self._index_cache[key] = read_sample_index(self.chunk_path(record), record, verify=self.verify)
         return self._index_cache[key]
 
-    def _index_upper_bound(self) -> int:
-        top = max((r.max_index + 1 for r in self.chunks), default=0)
-        return max(top, self.manifest.dataset_length or 0)
-
-    @staticmethod
-    def _seen_bitmap(size: int) -> np.ndarray:
-        return np.zeros(size, dtype=bool)
-
     def _empty_table(self) -> pa.Table:
         from .chunk import batch_to_table
         from ..batch import id_dtype_for_vocab
@@ -307,9 +377,38 @@ class SpillReader:
         return batch_to_table(empty)
 
 
-def _missing_ranges(seen: np.ndarray, expected: int) -> list[tuple[int, int]]:
-    flags = np.zeros(expected + 2, dtype=np.int8)
-    flags[1 : expected + 1] = ~seen[:expected]
-    edges = np.flatnonzero(np.diff(flags))
-    return [(int(a), int(b)) for a, b in zip(edges[0::2], edges[1::2])]
+def shard_dirs(spill_dir: Path) -> list[Path]:
+    """The shard directories of a spill (`shards/rank-NNNNN`), sorted by rank."""
+    root = Path(spill_dir) / SHARDS_DIR
+    if not root.exists():
+        return []
+    return sorted(entry for entry in root.iterdir() if entry.name.startswith(SHARD_PREFIX) and entry.is_dir())
+
+
+def completeness_of(seen: SampleSet, expected: int | None, *, complete: bool) -> Completeness:
+    """What `seen` (the unique samples on disk) covers of a dataset of `expected` samples."""
+    if expected is None:
+        return Completeness(expected=None, committed=len(seen), missing=[], complete=complete)
+    missing = seen.missing_ranges(expected, limit=limits.MAX_MISSING_RANGES)
+    return Completeness(expected=expected, committed=len(seen), missing=missing, complete=complete,
+                        missing_count=expected - seen.count_range(0, expected))
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """The tokenizer directory holds plain files of plausible size: no links (to /dev/zero, or out of the spill)."""
+    for entry in path.rglob("*"):
+        info = entry.lstat()
+        if stat.S_ISDIR(info.st_mode):
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            raise SpillFormatError(f"{entry} is not a regular file (a link or a device); a spill's tokenizer is "
+                                   "saved as plain files. Save the model's own tokenizer there (save_pretrained).")
+        if info.st_size > limits.MAX_TOKENIZER_FILE_BYTES:
+            raise SpillFormatError(f"{entry} has {info.st_size:,} bytes, more than any tokenizer file "
+                                   f"({limits.MAX_TOKENIZER_FILE_BYTES:,}); it is corrupt or was crafted.")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
 

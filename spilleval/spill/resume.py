@@ -13,7 +13,7 @@ every chunk the earlier run committed to this rank's shard is read back (CRC-ver
 - Cheap: one bounded-memory pass over what is on disk (one chunk at a time), far faster than the model forward
   it saves.
 
-Memory: one byte per dataset sample for the committed set (as the reader's de-duplication), plus one chunk.
+Memory: a sparse set of the committed samples (as the reader's de-duplication), plus one chunk.
 """
 
 from __future__ import annotations
@@ -25,49 +25,44 @@ import numpy as np
 
 from ..batch import SampleBatch
 from ..reduce import ReducedBatch
+from ..sampleset import SampleSet
 from .chunk import read_chunk
 from .manifest import ChunkRecord
 
 
 class CommittedSamples:
-    """The dataset indices an earlier run committed to this rank's shard (a bitmap, one byte per sample)."""
+    """The dataset indices an earlier run committed to this rank's shard (a sparse set: memory follows what is
+    on disk, not the dataset length or the indices a chunk claims)."""
 
-    def __init__(self, size: int = 0) -> None:
-        self._seen = np.zeros(size, dtype=bool)
+    def __init__(self, size: int = 0) -> None:  # size: kept for callers; a set needs none
+        self._seen = SampleSet()
 
     def __len__(self) -> int:
-        return int(np.count_nonzero(self._seen))
+        return len(self._seen)
 
     def mark(self, indices: np.ndarray) -> None:
-        if len(indices) == 0:
-            return
-        top = int(indices.max()) + 1
-        if top > len(self._seen):
-            self._seen = np.concatenate([self._seen, np.zeros(top - len(self._seen), dtype=bool)])
-        self._seen[indices] = True
+        self._seen.add(np.asarray(indices, dtype=np.int64))
 
     def contains(self, indices: Any) -> np.ndarray:
         """Boolean mask: which of `indices` are committed."""
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        inside = (indices >= 0) & (indices < len(self._seen))
-        mask = np.zeros(len(indices), dtype=bool)
-        mask[inside] = self._seen[indices[inside]]
-        return mask
+        return self._seen.contains(indices)
 
     def pending(self, dataset_length: int) -> np.ndarray:
         """Indices in [0, dataset_length) that still need evaluating, ascending."""
-        return np.flatnonzero(~self.contains(np.arange(dataset_length, dtype=np.int64)))
+        everything = SampleSet()
+        everything.add_range(0, dataset_length)
+        return (everything - self._seen).to_numpy()
 
 
 def replay_shard(
-    shard_dir: Path, records: Sequence[ChunkRecord], on_batch: Callable[[SampleBatch], None], *, size_hint: int = 0
+    shard_dir: Path, records: Sequence[ChunkRecord], on_batch: Callable[[SampleBatch], None]
 ) -> CommittedSamples:
     """Read the committed chunks of one shard in order, verified, hand each to `on_batch`; return what they hold.
 
     Chunks are replayed as written (duplicate rows included) so that the replayed states equal the states the
     live run had accumulated over the same rows.
     """
-    committed = CommittedSamples(size_hint)
+    committed = CommittedSamples()
     for record in records:
         batch = read_chunk(shard_dir / record.name, record, verify=True)
         on_batch(batch)

@@ -1,0 +1,223 @@
+"""What an Arrow IPC file declares (rows, node lengths, decoded buffer sizes), read without decoding anything.
+
+pyarrow allocates what a file declares: a record batch's buffers are allocated at the uncompressed length that
+precedes each compressed buffer, so a 25 KB file of zstd frames can ask for gigabytes. A spill may come from
+anyone, so the reader reads these declarations first, checks them against `chunk.json` and a plausible bound
+(`spilleval.spill.limits`), and only then lets pyarrow decode.
+
+The metadata are flatbuffers (Arrow's `File.fbs` / `Message.fbs`); this module reads the few tables it needs, each
+access bounds-checked. Layout of a file: ``ARROW1\\0\\0``, the stream of encapsulated messages (continuation marker
+0xFFFFFFFF, int32 metadata length, the `Message` flatbuffer, the body), the `Footer` flatbuffer, its int32 length,
+``ARROW1``. The footer's blocks locate the record batches that `pyarrow.ipc.open_file` reads.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+MAGIC = b"ARROW1"
+CONTINUATION = 0xFFFFFFFF
+RECORD_BATCH = 3  # MessageHeader union tag
+MAX_BLOCKS = 1 << 20  # record batches in one file; far above what a writer makes (one per chunk)
+MAX_VECTOR = 1 << 20  # nodes / buffers in one record batch
+
+
+class IpcLayoutError(ValueError):
+    """The Arrow IPC metadata are malformed or declare what the file cannot hold."""
+
+
+@dataclass
+class RecordBatchLayout:
+    length: int  # rows
+    node_lengths: list[int]  # one per field node, schema fields depth-first
+    decoded_bytes: int  # sum of the buffers' sizes once decompressed
+
+
+@dataclass
+class IpcLayout:
+    schema: pa.Schema
+    batches: list[RecordBatchLayout]
+
+    @property
+    def rows(self) -> int:
+        return sum(b.length for b in self.batches)
+
+    @property
+    def decoded_bytes(self) -> int:
+        return sum(b.decoded_bytes for b in self.batches)
+
+    def child_length(self, field: str) -> int:
+        """Values of the list column `field`, over all record batches (its child node's lengths added up)."""
+        index = node_index(self.schema, field) + 1
+        return sum(b.node_lengths[index] for b in self.batches)
+
+
+def read_ipc_layout(data: bytes | memoryview) -> IpcLayout:
+    """The declarations of an Arrow IPC file held in `data`; raises `IpcLayoutError` for anything malformed."""
+    view = memoryview(data)
+    try:
+        return _read(view)
+    except (struct.error, IndexError, OverflowError) as e:
+        raise IpcLayoutError(f"malformed Arrow metadata ({e})") from None
+
+
+def node_index(schema: pa.Schema, name: str) -> int:
+    """Index of `name`'s field node: nodes list every field depth-first (a list column, then its child)."""
+    index = 0
+    for field in schema:
+        if field.name == name:
+            return index
+        index += _node_count(field.type)
+    raise KeyError(name)
+
+
+def _node_count(type_: pa.DataType) -> int:
+    return 1 + sum(_node_count(type_.field(i).type) for i in range(type_.num_fields))
+
+
+def _read(view: memoryview) -> IpcLayout:
+    size = len(view)
+    if size < 18 or bytes(view[:6]) != MAGIC or bytes(view[-6:]) != MAGIC:
+        raise IpcLayoutError("not an Arrow IPC file (magic bytes missing)")
+    footer_length = _i32(view, size - 10)
+    footer_start = size - 10 - footer_length
+    if footer_length <= 0 or footer_start < 8:
+        raise IpcLayoutError(f"footer length {footer_length} does not fit in a file of {size} bytes")
+    footer = _Table.root(view[footer_start : size - 10])
+    if footer.vector_length(2, 24):
+        raise IpcLayoutError("dictionary batches are not part of a spill")
+    try:
+        schema = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(view))).schema  # the footer's, as pyarrow reads it
+    except pa.ArrowException as e:
+        raise IpcLayoutError(f"unreadable Arrow schema ({e})") from None
+    batches = []
+    for block in range(footer.vector_length(3, 24)):
+        offset, meta_length, body_length = footer.struct_in_vector(3, block, 24, "<qi4xq")
+        batches.append(_record_batch(view, offset, meta_length, body_length, footer_start))
+    if len(batches) > MAX_BLOCKS:
+        raise IpcLayoutError(f"{len(batches)} record batches")
+    nodes = _node_count(pa.struct(list(schema))) - 1
+    for batch in batches:
+        if len(batch.node_lengths) != nodes:
+            raise IpcLayoutError(f"a record batch has {len(batch.node_lengths)} field nodes, the schema {nodes}")
+    return IpcLayout(schema, batches)
+
+
+def _record_batch(view: memoryview, offset: int, meta_length: int, body_length: int, end: int) -> RecordBatchLayout:
+    if offset < 8 or meta_length < 8 or body_length < 0 or offset + meta_length + body_length > end:
+        raise IpcLayoutError(
+            f"a record batch block (offset {offset}, metadata {meta_length}, body {body_length} bytes) lies outside "
+            "the file"
+        )
+    if _u32(view, offset) != CONTINUATION or not 0 < _i32(view, offset + 4) <= meta_length - 8:
+        raise IpcLayoutError(f"no message at offset {offset}")
+    message = _Table.root(view[offset + 8 : offset + meta_length])
+    if message.scalar(1, "<B", 0) != RECORD_BATCH or message.scalar(3, "<q", 0) != body_length:
+        raise IpcLayoutError(f"the message at offset {offset} is not the record batch its block says")
+    header = message.table(2)
+    length = header.scalar(0, "<q", 0)
+    node_count = header.vector_length(1, 16)
+    buffer_count = header.vector_length(2, 16)
+    if length < 0 or node_count > MAX_VECTOR or buffer_count > MAX_VECTOR:
+        raise IpcLayoutError(f"a record batch declares {length} rows, {node_count} nodes, {buffer_count} buffers")
+    node_lengths = []
+    for i in range(node_count):
+        node_length, nulls = header.struct_in_vector(1, i, 16, "<qq")
+        if node_length < 0 or not 0 <= nulls <= node_length:
+            raise IpcLayoutError(f"field node {i} declares {node_length} values, {nulls} nulls")
+        node_lengths.append(node_length)
+    compression = header.table(3, required=False)
+    if compression is not None and (compression.scalar(0, "<b", 0) not in (0, 1) or compression.scalar(1, "<b", 0)):
+        raise IpcLayoutError("unknown buffer compression")
+    body = offset + meta_length
+    decoded = 0
+    for i in range(buffer_count):
+        start, length_ = header.struct_in_vector(2, i, 16, "<qq")
+        if start < 0 or length_ < 0 or start + length_ > body_length:
+            raise IpcLayoutError(f"buffer {i} (offset {start}, {length_} bytes) lies outside its body")
+        decoded += _decoded_size(view, body + start, length_) if compression is not None else length_
+    return RecordBatchLayout(length, node_lengths, decoded)
+
+
+def _decoded_size(view: memoryview, start: int, length: int) -> int:
+    """A compressed buffer starts with its uncompressed length (int64; -1: stored uncompressed)."""
+    if length == 0:
+        return 0
+    if length < 8:
+        raise IpcLayoutError(f"a compressed buffer of {length} bytes has no length prefix")
+    declared = _i64(view, start)
+    if declared == -1:
+        return length - 8
+    if declared < 0:
+        raise IpcLayoutError(f"a buffer declares {declared} bytes")
+    return declared
+
+
+def _i32(view: memoryview, at: int) -> int:
+    return _unpack("<i", view, at)
+
+
+def _u32(view: memoryview, at: int) -> int:
+    return _unpack("<I", view, at)
+
+
+def _i64(view: memoryview, at: int) -> int:
+    return _unpack("<q", view, at)
+
+
+def _unpack(fmt: str, view: memoryview, at: int) -> int:
+    if at < 0:
+        raise IpcLayoutError(f"negative offset {at}")
+    return struct.unpack_from(fmt, view, at)[0]
+
+
+class _Table:
+    """A flatbuffer table: a signed offset to its vtable, whose uint16 entries locate the fields."""
+
+    def __init__(self, buf: memoryview, pos: int) -> None:
+        self.buf, self.pos = buf, pos
+        self.vtable = pos - _i32(buf, pos)
+        self.vtable_size = _unpack("<H", buf, self.vtable)
+
+    @classmethod
+    def root(cls, buf: memoryview) -> "_Table":
+        return cls(buf, _u32(buf, 0))
+
+    def _field(self, index: int) -> int:
+        """Position of field `index`, or 0 when absent."""
+        entry = 4 + 2 * index
+        if entry + 2 > self.vtable_size:
+            return 0
+        offset = _unpack("<H", self.buf, self.vtable + entry)
+        return self.pos + offset if offset else 0
+
+    def scalar(self, index: int, fmt: str, default: int) -> int:
+        at = self._field(index)
+        return _unpack(fmt, self.buf, at) if at else default
+
+    def _target(self, index: int) -> int:
+        at = self._field(index)
+        return at + _u32(self.buf, at) if at else 0
+
+    def table(self, index: int, *, required: bool = True) -> "_Table | None":
+        target = self._target(index)
+        if not target:
+            if required:
+                raise IpcLayoutError(f"flatbuffer table field {index} is missing")
+            return None
+        return _Table(self.buf, target)
+
+    def vector_length(self, index: int, element_size: int) -> int:
+        target = self._target(index)
+        if not target:
+            return 0
+        length = _u32(self.buf, target)
+        if target + 4 + length * element_size > len(self.buf):
+            raise IpcLayoutError(f"a vector of {length} elements overruns its flatbuffer")
+        return length
+
+    def struct_in_vector(self, index: int, i: int, element_size: int, fmt: str) -> tuple[int, ...]:
+        return struct.unpack_from(fmt, self.buf, self._target(index) + 4 + i * element_size)
