@@ -30,6 +30,8 @@ def require(module: str, metric: str) -> ModuleType:
         package = PACKAGES.get(top, top)
         extra = EXTRAS.get(top)
         how = f"pip install 'spilleval[{extra}]' (or pip install {package})" if extra else f"pip install {package}"
-        missing = "is not installed" if error.name == top else f"cannot be imported ({error})"
+        # the library (or a module of it) is missing, or else one of the libraries it imports
+        absent = error.name is not None and error.name.split(".")[0] == top
+        missing = "is not installed" if absent else f"cannot be imported ({error})"
         message = f"metric {metric!r} needs the {package} package, which {missing}: {how}."
         raise MissingDependencyError(message) from error
