@@ -1,10 +1,26 @@
-"""Token ids -> text, batched, with the tokenizer that the spill stores."""
+"""Token ids -> text, batched, with the tokenizer that the spill stores.
+
+Text metrics see `tokenizer.batch_decode(rows, skip_special_tokens=True)`. transformers' `batch_decode` decodes
+row by row in Python (about three quarters of a cheap text metric's time); a fast tokenizer's own Rust
+`Tokenizer.decode_batch` does the same work in one call. It is used only where it is provably the same function:
+for transformers' own fast tokenizer class (no subclass that overrides `decode`, `batch_decode` or `_decode`),
+whose `_decode` is exactly the Rust decode followed, when `clean_up_tokenization_spaces` is set, by
+`clean_up_tokenization`. transformers 5 skips that clean-up for BPE models (with a warning) where transformers 4
+applies it, so a BPE tokenizer that asks for it keeps `batch_decode`, as does every other tokenizer.
+`tests/test_decode.py` checks both paths give the same strings (special and added tokens, clean-up, byte-level
+BPE, broken UTF-8).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from .batch import SampleBatch
+
+Decoder = Callable[[list[list[int]]], list[str]]
+_OWN_DECODING = ("decode", "batch_decode", "_decode")
 
 
 class TokenizerMismatchError(ValueError):
@@ -14,11 +30,51 @@ class TokenizerMismatchError(ValueError):
 def decode_batch(batch: SampleBatch, tokenizer: Any) -> SampleBatch:
     """Fill `pred_text` / `label_text` (skip_special_tokens=True) once per batch; later calls reuse them."""
     if batch.pred_text is None or batch.label_text is None:
-        preds = [p.tolist() for p, _ in batch.rows()]
-        labels = [lab.tolist() for _, lab in batch.rows()]
-        batch.pred_text = tokenizer.batch_decode(preds, skip_special_tokens=True)
-        batch.label_text = tokenizer.batch_decode(labels, skip_special_tokens=True)
+        decode = batch_decoder(tokenizer)
+        batch.pred_text = decode(split_rows(batch.pred_ids, batch.offsets))
+        batch.label_text = decode(split_rows(batch.label_ids, batch.label_row_offsets))
     return batch
+
+
+def split_rows(ids: np.ndarray, offsets: np.ndarray) -> list[list[int]]:
+    """Ragged rows as lists of ints: one conversion of the whole array, then list slices."""
+    values = ids.tolist()
+    bounds = (offsets - offsets[0]).tolist()
+    return [values[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+
+
+def batch_decoder(tokenizer: Any) -> Decoder:
+    """`rows -> tokenizer.batch_decode(rows, skip_special_tokens=True)`, through the Rust tokenizer when that is the
+    same function (see the module docstring)."""
+    backend = _rust_backend(tokenizer)
+    if backend is None:
+        return lambda rows: tokenizer.batch_decode(rows, skip_special_tokens=True)
+    clean_up = tokenizer.clean_up_tokenization if tokenizer.clean_up_tokenization_spaces else None
+
+    def decode(rows: list[list[int]]) -> list[str]:
+        texts = backend.decode_batch(rows, skip_special_tokens=True)
+        return [clean_up(t) for t in texts] if clean_up is not None else texts
+
+    return decode
+
+
+def _rust_backend(tokenizer: Any) -> Any:
+    """The `tokenizers.Tokenizer` whose `decode_batch` equals the tokenizer's `batch_decode`, or None."""
+    try:
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        return None
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        return None
+    if any(getattr(type(tokenizer), name) is not getattr(PreTrainedTokenizerFast, name) for name in _OWN_DECODING):
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        return None
+    if tokenizer.clean_up_tokenization_spaces and type(backend.model).__name__ == "BPE":
+        return None  # the clean-up depends on the transformers version here: leave it to transformers
+    return backend
 
 
 def check_tokenizer_vocab(tokenizer: Any, vocab_size: int) -> None:

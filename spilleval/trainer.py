@@ -22,7 +22,7 @@ import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -135,7 +135,11 @@ class SpillingTrainer(Trainer):
         self.generation = generation
         self.last_spill_dir: Path | None = None
         self._session: _EvalSession | None = None
-        MetricSuite(self.spill_metrics, tokenizer=self._spill_tokenizer()).check(has_logprob=True)
+        suite = MetricSuite(self.spill_metrics, tokenizer=self._spill_tokenizer())
+        suite.check(has_logprob=True)
+        # dataset columns the metrics read (spilled with each row) -> the metrics that read them
+        self._metric_columns = {c: [m.name for m in suite.metrics if c in m.needs_columns]
+                                for c in suite.reads()["columns"]}
         if generation is not None:
             generation.check(self._spill_tokenizer())
             if not generation.teacher_forced and self.compute_metrics is not None and self.args.batch_eval_metrics:
@@ -243,14 +247,15 @@ class SpillingTrainer(Trainer):
             session.generation.add(self.accelerator.unwrap_model(model), inputs, index, references)
         if forward_done:
             return (None, None, None)
-        self._teacher_forced_step(session, model, inputs, index, ignore_keys)
+        columns = {k: carried[k] for k in self._metric_columns if k in carried}
+        self._teacher_forced_step(session, model, inputs, index, ignore_keys, columns)
         return (None, None, None)  # eval_loss comes from the spill, exact (`loss` metric): Trainer keeps no losses
 
     def _teacher_forced_step(
         self, session: "_EvalSession", model: torch.nn.Module, inputs: dict[str, Any], index: torch.Tensor,
-        ignore_keys: list[str] | None,
+        ignore_keys: list[str] | None, columns: dict[str, list[Any]],
     ) -> None:
-        """Forward, resolve the labels the loss saw, reduce and spill."""
+        """Forward, resolve the labels the loss saw, reduce and spill (with the dataset `columns` metrics read)."""
         evaluator = session.evaluator
         session.capture.start_batch(index)
         forward = self._forward(model, inputs)
@@ -275,10 +280,9 @@ class SpillingTrainer(Trainer):
                 chunk_bytes=evaluator.reduce_chunk_bytes, num_items_in_batch=forward.num_items_in_batch,
             )
         labels = aligned.unshifted()
-        columns = None
         if session.records_for_compute_metrics:
-            columns = self._compute_metrics_columns(session, forward, logits, labels, inputs, ignore_keys)
-        evaluator.add_reduced(reduced, columns=columns)
+            columns |= self._compute_metrics_columns(session, forward, logits, labels, inputs, ignore_keys)
+        evaluator.add_reduced(reduced, columns=columns or None)
         if self.compute_metrics is not None and self.args.batch_eval_metrics:
             self._batch_compute_metrics(session, forward, labels, inputs, ignore_keys)
 
@@ -437,10 +441,15 @@ class SpillingTrainer(Trainer):
     def _spill_extra(self, prefix: str) -> dict[str, Any]:
         return {"metric_key_prefix": prefix, "global_step": int(self.state.global_step), "trainer": "SpillingTrainer"}
 
-    def _carried_columns(self) -> tuple[str, ...]:
-        """Dataset columns the eval batches carry as python lists (not collated, not passed to the model)."""
+    def _carried_columns(self) -> dict[str, str]:
+        """Dataset columns the eval batches carry as python lists (not collated, not passed to the model): the
+        generation's references and the columns the metrics read, each with what reads it (for a clear error)."""
+        carried = {name: f"metric(s) {', '.join(names)} read" for name, names in self._metric_columns.items()}
         column = self.generation.references_column if self.generation is not None else None
-        return (column,) if column else ()
+        if column:
+            carried[column] = (f"GenerationEval(references_column={column!r}) names (or set references_column=None "
+                               "to score against the decoded labels)")
+        return carried
 
     def _spill_tokenizer(self) -> Any:
         """The tokenizer to save with the spill and decode with: `processing_class` or a processor's tokenizer."""
@@ -493,7 +502,7 @@ class _EvalSession:
     shift: bool
     batch_metrics: dict[str, Any] | None = None
     generation: GenerationRun | None = None
-    carried: tuple[str, ...] = ()
+    carried: dict[str, str] = field(default_factory=dict)  # carried dataset column -> what reads it
     records_for_compute_metrics: bool = False  # a classic compute_metrics reads its arrays back from this spill
     metrics_columns: set[str] = field(default_factory=set)  # the spill columns recorded for it
     step: int = -1  # the eval loop's step (batch number) of the batch being evaluated
@@ -594,17 +603,17 @@ class IndexCarryingCollator:
     indices (a numpy array, or an int64 tensor with `index_as_tensor`) and the carried columns (python lists, e.g.
     reference strings) on the batch."""
 
-    def __init__(self, collator: Callable[[list[Any]], Any], carry: Sequence[str] = (), *,
+    def __init__(self, collator: Callable[[list[Any]], Any], carry: Mapping[str, str] | None = None, *,
                  index_as_tensor: bool = False) -> None:
         self.collator = collator
-        self.carry = tuple(carry)
+        self.carry = dict(carry or {})  # column -> what reads it
         self.index_as_tensor = index_as_tensor
 
     def __call__(self, features: list[Any]) -> Any:
         index = [f.index if isinstance(f, IndexedItem) else f[INDEX_KEY] for f in features]
         plain = [f.item if isinstance(f, IndexedItem) else {k: v for k, v in f.items() if k != INDEX_KEY}
                  for f in features]
-        carried = {name: [_take_column(f, name) for f in plain] for name in self.carry}
+        carried = {name: [_take_column(f, name, reader) for f in plain] for name, reader in self.carry.items()}
         batch = self.collator(plain)
         if not isinstance(batch, Mapping):
             raise TypeError(
@@ -617,12 +626,11 @@ class IndexCarryingCollator:
         return batch
 
 
-def _take_column(item: Any, name: str) -> Any:
+def _take_column(item: Any, name: str, reader: str) -> Any:
     if not isinstance(item, dict) or name not in item:
         raise KeyError(
-            f"an eval dataset item has no {name!r} column, which GenerationEval(references_column={name!r}) names: "
-            "give every item its reference string(s) under that key, or set references_column=None to score "
-            "against the decoded labels."
+            f"an eval dataset item has no {name!r} column, which {reader}: give every eval item a value under that "
+            "key."
         )
     return item.pop(name)
 

@@ -43,6 +43,10 @@ from spilleval.testing import (
 NUM_SAMPLES = 37  # not a multiple of world size x batch size for world sizes 2 and 3
 BATCH_SIZE = 4
 METRICS = ["token_accuracy", "sequence_exact_match", "text_match", "nll", "answer_macro_f1"]
+# the plain loop also scores every 3 consecutive samples as the choices of one question (the first one right), so
+# a question's choices are spread over ranks and batches by the shuffling sampler
+CHOICES = 3
+EVALUATE_METRICS = [*METRICS, "mc_accuracy", "bits_per_byte"]
 
 
 def qa_items(tokenizer: Any) -> list[dict[str, Any]]:
@@ -106,7 +110,7 @@ def evaluate_qa(spill_dir: str | Path, models: Path, *, fail_rank: int | None = 
     sampler = DistributedSampler(items, shuffle=True, seed=0, drop_last=drop_last) if distributed else None
     loader = DataLoader(items, batch_size=BATCH_SIZE, sampler=sampler, collate_fn=list)
     rank = torch.distributed.get_rank() if distributed else 0
-    with Evaluator(spill_dir, METRICS, tokenizer=tokenizer, dataset_length=len(items), chunk_rows=chunk_rows,
+    with Evaluator(spill_dir, EVALUATE_METRICS, tokenizer=tokenizer, dataset_length=len(items), chunk_rows=chunk_rows,
                    dist_timeout=dist_timeout) as evaluator:
         for step, batch in enumerate(loader):
             if fail_rank is not None and step == 2:
@@ -117,8 +121,11 @@ def evaluate_qa(spill_dir: str | Path, models: Path, *, fail_rank: int | None = 
                 if failure == "raise":  # let the failure be posted first: this rank must stop at its next update
                     wait_for_failure_post(evaluator)
             logits, labels = row_stable_logits(model, batch, width)
-            evaluator.update(logits, labels, sample_index=[it["index"] for it in batch],
-                             columns={"question": [it["question"] for it in batch]})
+            index = [it["index"] for it in batch]
+            evaluator.update(logits, labels, sample_index=index,
+                             columns={"question": [it["question"] for it in batch],
+                                      "question_id": [i // CHOICES for i in index],
+                                      "choice_target": [i % CHOICES == 0 for i in index]})
         return evaluator.finalize()
 
 

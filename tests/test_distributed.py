@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch.distributed as dist
 
-from _dist_worker import NUM_SAMPLES, build_trainer, evaluate_qa, train_models
+from _dist_worker import CHOICES, NUM_SAMPLES, build_trainer, evaluate_qa, train_models
 from spilleval import SpillReader, compute_from_spill
 from spilleval.spill import IncompleteSpillError, load_manifest
 
@@ -112,6 +113,13 @@ def test_every_world_size_gives_the_single_process_metrics_and_rows(world_size, 
     # padded duplicates are on disk, each counted once
     assert reader.num_rows == math.ceil(NUM_SAMPLES / world_size) * world_size
     assert compute_from_spill(tmp_path / "spill") == expected  # recomputed with no process group
+    assert 0 < expected["mc_accuracy"] < 1 and expected["mc_questions"] == math.ceil(NUM_SAMPLES / CHOICES)
+    if world_size > 1:  # the multiple-choice metric met questions whose choices were evaluated on several ranks
+        ranks_of = {}
+        for path in sorted((tmp_path / "spill" / "shards").glob("rank-*/chunk-*/tokens.arrow")):
+            for question in pa.ipc.open_file(path).read_all().column("question_id").to_pylist():
+                ranks_of.setdefault(question, set()).add(path.parts[-3])
+        assert any(len(ranks) > 1 for ranks in ranks_of.values())
 
 
 @pytest.mark.parametrize("failure, world_size", [("raise", 3), ("crash", 2)])

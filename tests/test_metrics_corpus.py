@@ -62,7 +62,8 @@ def seeded_corpus(n: int, seed: int) -> list[Sample]:
         scores = np.float32(PROB_ROWS[3][rng.integers(0, len(PROB_ROWS[3]))])
         logprob = np.round(-rng.exponential(2.0, max(len(pred), len(label))), 1).tolist()
         out.append(Sample(pred=pred, label=label, arrays={"class_scores": scores}, logprob=logprob,
-                          columns={"references": refs, "target": target, "colour": ["red", "green", "blue"][target]}))
+                          columns={"references": refs, "target": target, "colour": ["red", "green", "blue"][target],
+                                   "transcript": refs[0], "question_id": i // 3, "choice_target": i % 3 == 0}))
     return out
 
 
@@ -234,7 +235,9 @@ def test_every_metric_live_equals_offline_and_its_reference(tmp_path):
     refs = {"references_column": "references"}
     labels = {"labels": ["red", "green", "blue"], "target_column": "colour"}
     specs = [
-        "token_accuracy", "sequence_exact_match", "text_match", "nll", "wer", "cer",
+        "token_accuracy", "sequence_exact_match", "text_match", "nll", "wer", "cer", "mer", "wil", "wip",
+        {"name": "bits_per_byte", "params": {"references_column": "transcript"}}, "mc_accuracy",
+        {"name": "ter", "params": refs},
         {"name": "bleu", "params": refs}, {"name": "chrf", "params": refs}, {"name": "rouge", "params": refs},
         {"name": "squad", "params": refs}, {"name": "accuracy", "params": labels},
         {"name": "precision", "params": labels}, {"name": "recall", "params": labels}, {"name": "f1", "params": labels},

@@ -1,5 +1,6 @@
-"""Streaming text metrics (bleu, chrf, rouge, wer, cer, squad) against their reference libraries on the whole data,
-and their invariance under batch size, sample order and split-and-merge of states."""
+"""Streaming text metrics (bleu and its n-gram precisions, chrf, ter, rouge, wer, cer, mer, wil, wip, squad) against
+their reference libraries on the whole data, and their invariance under batch size, sample order and split-and-merge
+of states."""
 
 from __future__ import annotations
 
@@ -28,10 +29,17 @@ TEXT_SPECS = [
     {"name": "chrf", "params": {**REFS, "word_order": 2}},
     {"name": "rouge", "params": REFS},
     {"name": "squad", "params": REFS},
+    {"name": "ter", "params": REFS},
+    {"name": "ter", "params": {**REFS, "normalized": True, "no_punct": True, "case_sensitive": True}},
     {"name": "wer", "params": {}},
     {"name": "cer", "params": {}},
+    {"name": "mer", "params": {}},
+    {"name": "wil", "params": {}},
+    {"name": "wip", "params": {}},
 ]
-INTEGER_STATE = {"bleu", "chrf", "wer", "cer"}  # results must be bit-exact, not merely close
+# results from integer statistics must be bit-exact, not merely close
+INTEGER_STATE = {"bleu", "chrf", "wer", "cer", "mer", "wil", "wip"}
+BLEU_PRECISIONS = [f"bleu_precision_{n}" for n in range(1, 5)]
 
 
 # --------------------------------------------------------------------------- the official SQuAD v1.1 script
@@ -81,14 +89,22 @@ def reference_results(samples: list[Sample], word_order_chrf: bool = True) -> di
     streams = reference_streams(refs)
     scorer = RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"])
     rouge = [scorer.score_multi(r, h) for h, r in zip(hyps, refs)]
+    bleu = sacrebleu.corpus_bleu(hyps, streams)
+    ter_options = {"normalized": True, "no_punct": True, "case_sensitive": True}
     return {
-        "bleu": sacrebleu.corpus_bleu(hyps, streams).score,
+        "bleu": bleu.score,
+        **dict(zip(BLEU_PRECISIONS, bleu.precisions)),
         "chrf": sacrebleu.corpus_chrf(hyps, streams).score,
         "chrf++": sacrebleu.metrics.CHRF(word_order=2).corpus_score(hyps, streams).score,
         **{t: float(np.mean([s[t].fmeasure for s in rouge])) for t in ("rouge1", "rouge2", "rougeL", "rougeLsum")},
         **_official_squad(hyps, refs),
+        "ter": sacrebleu.corpus_ter(hyps, streams).score,
+        "ter-options": sacrebleu.metrics.TER(**ter_options).corpus_score(hyps, streams).score,
         "wer": jiwer.wer(labels, hyps),
         "cer": jiwer.cer(labels, hyps),
+        "mer": jiwer.mer(labels, hyps),
+        "wil": jiwer.wil(labels, hyps),
+        "wip": jiwer.wip(labels, hyps),
     }
 
 
@@ -98,6 +114,8 @@ def computed(samples: list[Sample], batch_size: int) -> dict[str, float]:
         result = run_streaming([spec], batches_of(samples, batch_size)).compute_streaming()
         if spec["params"].get("word_order") == 2:
             result = {"chrf++": result["chrf"]}
+        if spec["params"].get("normalized"):
+            result = {"ter-options": result["ter"]}
         out.update(result)
     return out
 
@@ -106,7 +124,7 @@ def assert_parity(samples: list[Sample], batch_size: int = 5) -> None:
     got, want = computed(samples, batch_size), reference_results(samples)
     assert got.keys() == want.keys()
     for key in want:
-        if key in INTEGER_STATE or key == "squad_exact_match":
+        if key in INTEGER_STATE or key in BLEU_PRECISIONS or key == "squad_exact_match":
             assert got[key] == want[key], key
         else:
             assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
@@ -129,6 +147,8 @@ EDGE_CASES = {
     "unicode": [_s("café 日本語 😀", "café naïve", ["café 日本語", "ÉCOLE 😀 naïve"]),
                 _s("Ünïcödé", "ÉCOLE", ["ünïcödé"])],
     "punctuation and articles": [_s("The cat end.", "a cat", ["the cat.", "An cat, end"]), _s("it's", "it's", ["its"])],
+    "empty transcripts (jiwer's edge cases)": [_s("red cat", "", ["red"]), _s("", "", ["cat"])],
+    "empty transcripts and predictions": [_s("", "", ["red"])],
     "variable number of references": [_s("one", "one", ["one"]), _s("two three", "two", ["two", "three", "two three"])],
 }
 
@@ -155,7 +175,7 @@ def test_invariant_to_batch_size_order_and_split_merge(samples, size_a, size_b, 
         expected = whole.compute_streaming()
         for other in (shuffled, left):
             got = other.compute_streaming()
-            if spec["name"] in INTEGER_STATE:
+            if spec["name"] in INTEGER_STATE | {"ter"}:  # TER: an integer and an exact float sum
                 assert got == expected
                 for a, b in zip(other.states(), whole.states()):
                     assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -157,6 +157,7 @@ def compress_experiments(data: ZipfData, levels: tuple[int, ...]) -> list[list[A
 CLASS_WORDS = ("red", "green", "blue", "yellow")  # the declared label set: a 4-way answer, by its first token
 ANSWER_TOKENS = (5, 30)  # supervised tokens per sample, uniform: short answers and captions
 MAX_REFERENCES = 5  # references per sample: uniform in 1..MAX_REFERENCES
+CHOICES = 4  # for the multiple-choice metric: consecutive samples are the choices of one question, the first right
 P_KEEP_IN_REFERENCE = 0.6  # a paraphrase keeps each label word with this probability
 BLOCK_SAMPLES = 8_192  # samples generated at a time
 SCORES = "class_scores"
@@ -198,7 +199,8 @@ class CaptionData:
     is one of CLASS_WORDS (the class of the sample, for the classification metrics); predictions equal the label
     P_RIGHT of the time, else another Zipf draw; label log-probs are higher where the prediction is right;
     per-sample class scores (softmax over the classes, the true one boosted) go to zarr; a "references" column holds
-    1..MAX_REFERENCES references: the label text, then paraphrases of it. Block b always comes from the same seed,
+    1..MAX_REFERENCES references: the label text, then paraphrases of it; "question_id" and "choice_target" columns
+    make every CHOICES consecutive samples the choices of one question, the first of them the right one. Block b always comes from the same seed,
     so the data of a smaller `total_tokens` is an exact prefix of a larger one's.
     """
 
@@ -240,7 +242,7 @@ class CaptionData:
         return SampleBatch(
             sample_index=np.arange(block * BLOCK_SAMPLES, (block + 1) * BLOCK_SAMPLES), offsets=offsets,
             pred_ids=preds, label_ids=labels, label_logprob=logprob,
-            columns={"references": self._references(rng, labels, offsets)},
+            columns={"references": self._references(rng, labels, offsets), **_questions(block)},
             arrays={SCORES: _class_scores(rng, true_class, len(CLASS_WORDS))},
         )
 
@@ -268,6 +270,11 @@ class CaptionData:
         return [" ".join(words[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
+def _questions(block: int) -> dict[str, list[Any]]:
+    index = np.arange(block * BLOCK_SAMPLES, (block + 1) * BLOCK_SAMPLES)
+    return {"question_id": (index // CHOICES).tolist(), "choice_target": (index % CHOICES == 0).tolist()}
+
+
 def _class_scores(rng: np.random.Generator, true_class: np.ndarray, classes: int) -> np.ndarray:
     """Softmax of noisy logits with the true class boosted: probabilities in float32, as a model would give."""
     logits = rng.standard_normal((len(true_class), classes))
@@ -279,15 +286,18 @@ def _class_scores(rng: np.random.Generator, true_class: np.ndarray, classes: int
 def metric_specs(class_ids: list[int]) -> dict[str, dict[str, Any]]:
     """The {"name", "params"} spec of every built-in metric for the caption spill.
 
-    Text metrics read the "references" column (several references per sample); wer/cer take exactly one, so they
-    read the decoded label (the transcript). The classification and score metrics declare the label set as token
+    Text metrics read the "references" column (several references per sample); wer/cer/mer/wil/wip take exactly
+    one, so they read the decoded label (the transcript), as bits_per_byte does; mc_accuracy groups samples into
+    questions by the "question_id" and "choice_target" columns (its default names) and normalises by the decoded
+    continuation. The classification and score metrics declare the label set as token
     ids: the class of a sample is its first supervised token, and class_scores has one column per label.
     """
     refs = {"references_column": "references"}
     classes = {"labels": class_ids}
     params: dict[str, dict[str, Any]] = {
         "token_accuracy": {}, "sequence_exact_match": {}, "nll": {}, "loss_percentiles": {},
-        "text_match": {}, "distinct_n": {}, "answer_macro_f1": {}, "wer": {}, "cer": {},
+        "text_match": {}, "distinct_n": {}, "answer_macro_f1": {}, "wer": {}, "cer": {}, "mer": {}, "wil": {},
+        "wip": {}, "bits_per_byte": {}, "mc_accuracy": {}, "ter": refs,
         "accuracy": classes, "precision": classes, "recall": classes, "f1": classes,
         "auroc": classes, "average_precision": classes, "ece": classes,
         "bleu": refs, "chrf": refs, "rouge": refs, "squad": refs, "cider": refs,
@@ -331,7 +341,8 @@ class PrefixSpills:
         data = CaptionData(tokens, self.tokenizer)
         path = self.root / f"caption-{tokens}"
         manifest = Manifest(task="causal_lm", vocab_size=len(self.tokenizer), id_dtype="uint16",
-                            metrics=list(self.specs.values()), has_logprob=True, columns=["references"],
+                            metrics=list(self.specs.values()), has_logprob=True,
+                            columns=["references", "question_id", "choice_target"],
                             arrays={SCORES: {"shape": [len(CLASS_WORDS)], "dtype": "float32"}},
                             versions=library_versions())
         start = time.perf_counter()

@@ -6,6 +6,8 @@ from . import (  # noqa: F401
     caption,
     classification,
     distributions,
+    multiple_choice,
+    perplexity,
     rouge,
     scores,
     squad,

@@ -10,6 +10,8 @@ score is the one pycocoevalcap computes on the whole corpus, and the result equa
 Tokenization: pycocoevalcap splits captions on whitespace; its `PTBTokenizer` (which needs Java) is not applied.
 Captions are lowercased (`lowercase=True`) and split on whitespace on both sides; to reproduce the number, pass
 the same lowercased strings to `Cider().compute_score`.
+
+pycocoevalcap is an optional extra (`pip install 'spilleval[cider]'`), imported when the metric is built.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any, Iterator
 
-from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs
-
 from .base import BatchSize, CorpusMetric, NgramOrder
+from .deps import require
 from .inputs import references_of
 from .ondisk import ScratchStore
 from .registry import register
@@ -63,6 +64,7 @@ class Cider(CorpusMetric):
         self.n = n
         self.sigma = sigma
         self.batch_size = batch_size
+        self.scorer_module = require("pycocoevalcap.cider.cider_scorer", self.name)
 
     def params(self) -> dict[str, Any]:
         return {
@@ -77,6 +79,7 @@ class Cider(CorpusMetric):
         with ScratchStore(reader.path) as store:
             document_frequency = store.counter("document_frequency")
             images = 0
+            cook_refs = self.scorer_module.cook_refs
             for _, refs in self._captions(reader):
                 in_documents: Counter[str] = Counter()
                 for sample_refs in refs:
@@ -87,7 +90,7 @@ class Cider(CorpusMetric):
                 return {"cider": 0.0}
             total = ExactSum()
             for hyps, refs in self._captions(reader):
-                scorer = CiderScorer(n=self.n, sigma=self.sigma)
+                scorer = self.scorer_module.CiderScorer(n=self.n, sigma=self.sigma)
                 scorer.crefs = _CorpusSizedList(images)
                 for hyp, sample_refs in zip(hyps, refs):
                     scorer += (hyp, sample_refs)

@@ -10,6 +10,10 @@ keys are stored as they are (text, or IEEE-754 doubles), never hashed, binned or
         table.add([("a cat", 1), ("a dog", 1)])          # upsert: counts add up
         table.get(["a cat"])                             # {"a cat": (1,)}
         for block in table.scan(): ...                   # rows sorted by key, a block at a time
+
+        rows = store.rows("choices", key=(("question", "TEXT"), ("sample", "INTEGER")), values=(("ll", "REAL"),))
+        rows.add([("q1", 7, -1.5), ("q1", 3, -2.0)])     # one row per key
+        for row in rows.scan_rows(): ...                 # ("q1", 3, -2.0), ("q1", 7, -1.5): sorted by key
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ DEFAULT_CACHE_MIB = 16
 SCAN_BLOCK_ROWS = 65_536
 LOOKUP_BLOCK_KEYS = 900  # stays below SQLite's limit on bound parameters in any build
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TYPES = ("TEXT", "REAL", "INTEGER")
 
 
 class ScratchStore:
@@ -46,6 +51,9 @@ class ScratchStore:
     def counter(self, name: str, *, key: str = "TEXT", counts: Sequence[str] = ("n",)) -> "CountTable":
         return CountTable(self.db, name, key=key, counts=counts)
 
+    def rows(self, name: str, *, key: Sequence[tuple[str, str]], values: Sequence[tuple[str, str]]) -> "RowTable":
+        return RowTable(self.db, name, key=key, values=values)
+
     def close(self) -> None:
         self.db.close()
         self._dir.cleanup()
@@ -61,7 +69,7 @@ class CountTable:
     """key -> integer counts that add up on insert (an on-disk `Counter` with one or more count columns)."""
 
     def __init__(self, db: sqlite3.Connection, name: str, *, key: str, counts: Sequence[str]) -> None:
-        if not _NAME.match(name) or not all(_NAME.match(c) for c in counts) or key not in ("TEXT", "REAL", "INTEGER"):
+        if not _NAME.match(name) or not all(_NAME.match(c) for c in counts) or key not in _TYPES:
             raise ValueError(f"invalid scratch table definition: {name}({key}, {counts})")
         self.db, self.name, self.counts = db, name, tuple(counts)
         columns = ", ".join(f"{c} INTEGER NOT NULL" for c in self.counts)
@@ -102,6 +110,40 @@ class CountTable:
         cursor = self.db.execute(f"SELECT key, {', '.join(self.counts)} FROM {self.name} ORDER BY key {order}")
         while rows := cursor.fetchmany(block_rows):
             yield rows
+
+
+class RowTable:
+    """Rows with a composite key, read back sorted by it: grouping on disk (e.g. the choices of each question,
+    wherever in the spill they were), so a pass over the groups holds one row at a time."""
+
+    def __init__(self, db: sqlite3.Connection, name: str, *, key: Sequence[tuple[str, str]],
+                 values: Sequence[tuple[str, str]]) -> None:
+        columns = [*key, *values]
+        if not _NAME.match(name) or not key or not all(_NAME.match(c) and t in _TYPES for c, t in columns):
+            raise ValueError(f"invalid scratch table definition: {name}({columns})")
+        self.db, self.name = db, name
+        self.key = [c for c, _ in key]
+        self.columns = [c for c, _ in columns]
+        definition = ", ".join(f"{c} {t} NOT NULL" for c, t in columns)
+        db.execute(f"CREATE TABLE {name} ({definition}, PRIMARY KEY ({', '.join(self.key)})) WITHOUT ROWID")
+        self._insert = f"INSERT INTO {name} VALUES ({', '.join('?' * len(columns))})"
+
+    def add(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Insert rows in one transaction; a key already present is an error (sqlite3.IntegrityError)."""
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany(self._insert, rows)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def scan_rows(self, *, block_rows: int = SCAN_BLOCK_ROWS) -> Iterator[tuple[Any, ...]]:
+        """Every row, sorted by the key (fetched a block at a time)."""
+        query = f"SELECT {', '.join(self.columns)} FROM {self.name} ORDER BY {', '.join(self.key)}"
+        cursor = self.db.execute(query)
+        while rows := cursor.fetchmany(block_rows):
+            yield from rows
 
 
 def _writable_or_none(path: str | os.PathLike | None) -> str | None:

@@ -3,7 +3,8 @@
 Each sample is scored by `rouge_score.rouge_scorer.RougeScorer.score_multi` (with several references, the
 reference of highest F per ROUGE type, as rouge-score does); the state is one compensated sum per type and the
 sample count. This is the plain mean, not rouge-score's bootstrap `BootstrapAggregator`. rougeLsum splits
-sentences on newlines, like rouge-score.
+sentences on newlines, like rouge-score. rouge-score is an optional extra (`pip install 'spilleval[rouge]'`), imported
+when the metric is built.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import Field
 
 from ..batch import SampleBatch
 from .base import StreamingMetric, safe_div
+from .deps import require
 from .inputs import references_of
 from .registry import register
 
@@ -37,9 +39,8 @@ class Rouge(StreamingMetric):
         self.needs_columns = (references_column,) if references_column else ()
         self.rouge_types = list(rouge_types)
         self.use_stemmer = use_stemmer
-        from rouge_score.rouge_scorer import RougeScorer  # imports nltk and scipy: only when ROUGE is used
-
-        self.scorer = RougeScorer(self.rouge_types, use_stemmer=use_stemmer)
+        rouge_scorer = require("rouge_score.rouge_scorer", self.name)  # an optional extra; imports nltk
+        self.scorer = rouge_scorer.RougeScorer(self.rouge_types, use_stemmer=use_stemmer)
         for rouge_type in self.rouge_types:
             self.add_float_state(rouge_type)
         self.add_state("samples")

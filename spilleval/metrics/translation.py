@@ -1,14 +1,18 @@
-"""Corpus BLEU and chrF, streaming, from sacrebleu's own sufficient statistics.
+"""Corpus BLEU, chrF and TER, streaming, from sacrebleu's own sufficient statistics.
 
-sacrebleu computes a corpus score in two steps: per-segment integer statistics
-(`_extract_corpus_statistics`: n-gram matches and totals, lengths), summed over the corpus, then the score from
-the sums (`_compute_score_from_stats`). The state here is that sum, so the result equals
-`sacrebleu.corpus_bleu` / `corpus_chrf` on the whole data exactly, for any batching or merge order.
+sacrebleu computes a corpus score in two steps: per-segment statistics (`_extract_corpus_statistics`: n-gram
+matches and totals, lengths; for TER the edits and the average reference length), summed over the corpus, then the
+score from the sums (`_compute_score_from_stats`). The state here is that sum, so the result equals
+`sacrebleu.corpus_bleu` / `corpus_chrf` / `corpus_ter` on the whole data for any batching or merge order: exactly
+for the integer statistics of BLEU and chrF; TER's average reference length of a sample with several references is
+a float, summed exactly here (sacrebleu adds them in corpus order, which can round differently in the last bits).
 
 Several references per sample come from a dataset column (`references_column`). sacrebleu's corpus API takes
 reference *streams* of equal length; a sample with fewer references is padded with `None`, which sacrebleu drops
 per segment. The batch is padded the same way, so a variable number of references per sample equals
 `corpus_bleu(hyps, streams)` with the whole corpus padded with `None`.
+
+sacrebleu is imported when one of these metrics is built (it is a dependency of spilleval).
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ from typing import Annotated, Any
 
 import numpy as np
 from pydantic import Field
-from sacrebleu.metrics import BLEU, CHRF
 
 from ..batch import SampleBatch
 from .base import NgramOrder, StreamingMetric
+from .deps import require
 from .inputs import references_of
 from .registry import register
 
@@ -32,18 +36,20 @@ def reference_streams(refs: list[list[str]]) -> list[list[str | None]]:
 
 
 class SacrebleuStatsMetric(StreamingMetric):
-    """Sums a sacrebleu metric's segment statistics; subclasses name the sacrebleu class and the result key."""
+    """Sums a sacrebleu metric's integer segment statistics; subclasses name the sacrebleu class."""
 
     needs_text = True
-    scorer_class: type = BLEU
-    result_key = ""
+    scorer_class = ""  # the class's name in sacrebleu.metrics
 
     def __init__(self, references_column: str | None, **options: Any) -> None:
         super().__init__()
         self.references_column = references_column
         self.needs_columns = (references_column,) if references_column else ()
         self.options = options
-        self.scorer = self.scorer_class(**options)
+        self.scorer = getattr(require("sacrebleu.metrics", self.name), self.scorer_class)(**options)
+        self.declare_states()
+
+    def declare_states(self) -> None:
         width = len(self.scorer._extract_corpus_statistics(["a"], [["a"]])[0])
         self.add_state("stats", (width,))
 
@@ -55,25 +61,31 @@ class SacrebleuStatsMetric(StreamingMetric):
             return
         assert batch.pred_text is not None
         streams = reference_streams(references_of(batch, self.references_column, self.name))
-        stats = self.scorer._extract_corpus_statistics(batch.pred_text, streams)
+        self.add_stats(self.scorer._extract_corpus_statistics(batch.pred_text, streams))
+
+    def add_stats(self, stats: list[list[Any]]) -> None:
         self.add("stats", np.asarray(stats, dtype=np.int64).sum(axis=0))
 
+    def score(self) -> Any:
+        """sacrebleu's score object for the summed statistics."""
+        return self.scorer._compute_score_from_stats([int(x) for x in self.value("stats")])
+
     def compute(self) -> dict[str, float]:
-        stats = [int(x) for x in self.value("stats")]
-        return {self.result_key: float(self.scorer._compute_score_from_stats(stats).score)}
+        return {self.name: float(self.score().score)}
 
 
 @register("bleu")
 class Bleu(SacrebleuStatsMetric):
-    """Corpus BLEU (0-100), equal to `sacrebleu.corpus_bleu` with the same options (default tokenizer 13a)."""
+    """Corpus BLEU (0-100), equal to `sacrebleu.corpus_bleu` with the same options (default tokenizer 13a), and
+    its n-gram precisions `bleu_precision_1` .. `_4` (0-100, smoothed) as sacrebleu reports them
+    (`BLEUScore.precisions`)."""
 
-    scorer_class = BLEU
-    result_key = "bleu"
+    scorer_class = "BLEU"
 
     def __init__(
         self,
         references_column: str | None = None,
-        tokenize: str = BLEU.TOKENIZER_DEFAULT,
+        tokenize: str = "13a",
         lowercase: bool = False,
         smooth_method: str = "exp",
         smooth_value: float | None = None,
@@ -88,20 +100,24 @@ class Bleu(SacrebleuStatsMetric):
             effective_order=effective_order,
         )
 
+    def compute(self) -> dict[str, float]:
+        score = self.score()
+        precisions = {f"bleu_precision_{n}": float(p) for n, p in enumerate(score.precisions, start=1)}
+        return {"bleu": float(score.score), **precisions}
+
 
 @register("chrf")
 class Chrf(SacrebleuStatsMetric):
     """Corpus chrF (0-100; chrF++ with word_order=2), equal to `sacrebleu.corpus_chrf` with the same options."""
 
-    scorer_class = CHRF
-    result_key = "chrf"
+    scorer_class = "CHRF"
 
     def __init__(
         self,
         references_column: str | None = None,
-        char_order: NgramOrder = CHRF.CHAR_ORDER,
-        word_order: Annotated[int, Field(ge=0, le=32)] = CHRF.WORD_ORDER,
-        beta: Annotated[int, Field(ge=0, le=1000)] = CHRF.BETA,
+        char_order: NgramOrder = 6,
+        word_order: Annotated[int, Field(ge=0, le=32)] = 0,
+        beta: Annotated[int, Field(ge=0, le=1000)] = 2,
         lowercase: bool = False,
         whitespace: bool = False,
         eps_smoothing: bool = False,
@@ -115,3 +131,41 @@ class Chrf(SacrebleuStatsMetric):
             whitespace=whitespace,
             eps_smoothing=eps_smoothing,
         )
+
+
+@register("ter")
+class Ter(SacrebleuStatsMetric):
+    """Corpus TER (0-100, lower is better), equal to `sacrebleu.corpus_ter` with the same options.
+
+    sacrebleu's segment statistics are the fewest edits to any reference (an integer) and the average length of the
+    references (a float): the state is the integer sum of the edits and the exact float sum of the lengths.
+    """
+
+    scorer_class = "TER"
+
+    def __init__(
+        self,
+        references_column: str | None = None,
+        normalized: bool = False,
+        no_punct: bool = False,
+        asian_support: bool = False,
+        case_sensitive: bool = False,
+    ) -> None:
+        super().__init__(
+            references_column,
+            normalized=normalized,
+            no_punct=no_punct,
+            asian_support=asian_support,
+            case_sensitive=case_sensitive,
+        )
+
+    def declare_states(self) -> None:
+        self.add_state("edits")
+        self.add_float_state("reference_length")
+
+    def add_stats(self, stats: list[list[Any]]) -> None:
+        self.add("edits", sum(int(edits) for edits, _ in stats))
+        self.add_float("reference_length", [length for _, length in stats])
+
+    def score(self) -> Any:
+        return self.scorer._compute_score_from_stats([int(self.value("edits")), self.value("reference_length")])
