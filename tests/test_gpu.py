@@ -100,3 +100,30 @@ def test_spilling_trainer_on_gpu_equals_brute_force_on_the_gpu_logits(tokenizer,
     assert_metrics_equal(metrics, expected)
     assert_spill_rows(trainer.last_spill_dir, expected)
     assert len(pairs) == -(-len(data) // EVAL_BATCH)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (nn.DataParallel)")
+def test_data_parallel_equals_the_model_on_one_gpu(tokenizer, tmp_path):
+    """`python train.py` on a machine with several GPUs and no launcher: Trainer wraps the model in nn.DataParallel,
+    whose replicas each compute the loss on their share of the batch. The replicas' captured labels and reductions
+    are put back in scatter order: every spilled row and metric equals the brute force on one GPU."""
+    from spilleval.testing import encode_qa, pad_batch, qa_examples, tiny_llama
+
+    model = tiny_llama(len(tokenizer), seed=3).cuda()
+    data = [encode_qa(ex, tokenizer) for ex in qa_examples(37, seed=6)]  # 37: an uneven last batch
+    fit(model, [{k: v.cuda() for k, v in pad_batch(data[i : i + 8]).items()} for i in range(0, 32, 8)], steps=40)
+    args = make_args(tmp_path, use_cpu=False)
+    assert args.n_gpu >= 2  # Trainer will use nn.DataParallel
+    trainer = SpillingTrainer(model=model, args=args, eval_dataset=data, data_collator=pad_batch,
+                              processing_class=tokenizer, metrics=gpu_safe_metrics())
+    metrics = trainer.evaluate()
+    batch = args.eval_batch_size  # per_device_eval_batch_size x n_gpu
+    pairs = []
+    with torch.no_grad():
+        for start in range(0, len(data), batch):
+            inputs = {k: v.cuda() for k, v in pad_batch(data[start : start + batch]).items()}
+            pairs.append((model(**inputs).logits.float().cpu(), inputs["labels"].cpu()))
+    expected = brute_force(pairs, tokenizer, shift=True)
+    assert 0.1 < expected["token_accuracy"] < 0.95
+    assert_metrics_equal(metrics, expected)
+    assert_spill_rows(trainer.last_spill_dir, expected)

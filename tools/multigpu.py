@@ -3,9 +3,11 @@
 Set-ups, each on the same LLaVA-style model (trained briefly, so that its answers are partly right) and the same
 uneven eval set (1,003 samples, batch 8 per process):
 
-* `SpillingTrainer.evaluate()` on one GPU (the reference), under `torchrun --nproc_per_node N` (NCCL), and under
-  `nn.DataParallel` (`python train.py` on a machine with several GPUs and no launcher);
-* the README's DDP loop with `Evaluator` (`DistributedSampler`, NCCL) on one GPU and under torchrun.
+* `SpillingTrainer.evaluate()` on one GPU (the reference) and under `torchrun --nproc_per_node N` (NCCL);
+* the README's DDP loop with `Evaluator` (`DistributedSampler`, NCCL) on one GPU and under torchrun;
+* `SpillingTrainer` under `nn.DataParallel` (`python train.py` on a machine with several GPUs and no launcher), on
+  a plain tiny Llama: DataParallel gathers the replicas' logits along the batch, which fails for a model that
+  re-pads each replica's share to its own width, as the LLaVA-style model does (plain `Trainer` fails there too).
 
 Every run's metrics, exit code and wall time are compared with the one-GPU reference and printed as a table.
 
@@ -33,9 +35,13 @@ sys.path.insert(0, str(TOOLS.parent))
 from spilleval.testing import (  # noqa: E402
     IMAGE_TOKEN,
     build_tokenizer,
+    encode_qa,
     fit,
     multimodal_qa_dataset,
+    pad_batch,
     pad_multimodal_batch,
+    qa_examples,
+    tiny_llama,
     tiny_llava,
 )
 
@@ -46,23 +52,29 @@ TIMING_KEYS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second
 
 
 # ----------------------------------------------------------------------------------------------- one run
-def model_and_data(work: Path, samples: int, device: str) -> tuple[Any, Any, list[dict[str, Any]]]:
+def model_and_data(work: Path, samples: int, device: str, kind: str = "llava") -> tuple[Any, Any, list[dict[str, Any]]]:
+    """The model trained by `prepare` and the eval set: LLaVA-style (images) or a plain Llama (text)."""
     tokenizer = build_tokenizer()
-    model = tiny_llava(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), hidden=64)
-    model.load_state_dict(torch.load(work / "model.pt", weights_only=True))
-    data = multimodal_qa_dataset(samples, tokenizer, seed=11)
+    if kind == "llava":
+        model = tiny_llava(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), hidden=64)
+        data = multimodal_qa_dataset(samples, tokenizer, seed=11)
+    else:
+        model = tiny_llama(len(tokenizer), hidden=64)
+        data = [encode_qa(ex, tokenizer) for ex in qa_examples(samples, seed=11)]
+    model.load_state_dict(torch.load(work / f"{kind}.pt", weights_only=True))
     return model.to(device).eval(), tokenizer, data
 
 
-def run_trainer(work: Path, name: str, samples: int, device: str) -> dict[str, Any]:
+def run_trainer(work: Path, name: str, samples: int, device: str, kind: str) -> dict[str, Any]:
     from transformers import TrainingArguments
 
     from spilleval import SpillingTrainer
 
-    model, tokenizer, data = model_and_data(work, samples, "cpu")
+    model, tokenizer, data = model_and_data(work, samples, "cpu", kind)
     args = TrainingArguments(str(work / name / "out"), per_device_eval_batch_size=BATCH, report_to=[],
                              use_cpu=device == "cpu", disable_tqdm=True, save_strategy="no", logging_strategy="no")
-    trainer = SpillingTrainer(model=model, args=args, eval_dataset=data, data_collator=pad_multimodal_batch,
+    collate = pad_multimodal_batch if kind == "llava" else pad_batch
+    trainer = SpillingTrainer(model=model, args=args, eval_dataset=data, data_collator=collate,
                               processing_class=tokenizer, metrics=METRICS, spill_dir=work / name / "spill")
     results = trainer.evaluate()
     return {k: v for k, v in results.items() if k not in TIMING_KEYS} | {"n_gpu": args.n_gpu}
@@ -106,7 +118,7 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1 if args.device == "cpu" else 4)
     work = Path(args.work)
     if args.what == "trainer":
-        results = run_trainer(work, args.name, args.samples, args.device)
+        results = run_trainer(work, args.name, args.samples, args.device, args.model)
     else:
         results = run_loop(work, args.name, args.samples, args.device)
     rank = int(os.environ.get("RANK", 0))
@@ -116,21 +128,25 @@ def run(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------------------------- the driver
 def prepare(work: Path, device: str) -> None:
-    """Train the model briefly, once, for every run to load."""
+    """Train both models briefly, once, for every run to load."""
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    model = tiny_llava(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), hidden=64)
-    model.to(device)
+    llava = tiny_llava(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), hidden=64)
     train = multimodal_qa_dataset(256, tokenizer, seed=12)
-    batches = [{k: v.to(device) for k, v in pad_multimodal_batch(train[i : i + 32]).items()}
-               for i in range(0, 256, 32)]
-    fit(model, batches, steps=80)
-    torch.save(model.cpu().state_dict(), work / "model.pt")
+    batches = [pad_multimodal_batch(train[i : i + 32]) for i in range(0, 256, 32)]
+    llama = tiny_llama(len(tokenizer), hidden=64)
+    text = [encode_qa(ex, tokenizer) for ex in qa_examples(256, seed=12)]
+    for kind, model, data in (("llava", llava, batches), ("llama", llama, [pad_batch(text[i : i + 32])
+                                                                           for i in range(0, 256, 32)])):
+        model.to(device)
+        fit(model, [{k: v.to(device) for k, v in b.items()} for b in data], steps=80)
+        torch.save(model.cpu().state_dict(), work / f"{kind}.pt")
 
 
-def launch(work: Path, name: str, what: str, samples: int, device: str, *, processes: int, visible: str) -> dict:
+def launch(work: Path, name: str, what: str, samples: int, device: str, *, processes: int, visible: str,
+           model: str = "llava") -> dict:
     base = [str(TOOLS / "multigpu.py"), "run", what, "--work", str(work), "--name", name, "--samples",
-            str(samples), "--device", device]
+            str(samples), "--device", device, "--model", model]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                    str(processes), *base]
@@ -172,6 +188,7 @@ def main() -> None:
     one.add_argument("--name", required=True)
     one.add_argument("--samples", type=int, required=True)
     one.add_argument("--device", default="cuda")
+    one.add_argument("--model", default="llava", choices=["llava", "llama"])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--gpus", type=int, default=None, help="processes / GPUs (default: all visible GPUs, CPU: 2)")
     parser.add_argument("--quick", action="store_true", help="47 samples instead of 1,003")
@@ -194,9 +211,11 @@ def main() -> None:
         launch(work, f"loop-torchrun-{gpus}", "loop", samples, args.device, processes=gpus, visible=all_gpus),
     ]
     if args.device == "cuda":  # no launcher, several GPUs visible: Trainer wraps the model in nn.DataParallel
-        runs.insert(2, launch(work, f"trainer-dataparallel-{gpus}", "trainer", samples, args.device, processes=1,
-                              visible=all_gpus))
-    references = {"trainer": runs[0], "loop": next(r for r in runs if r["name"] == "loop-1")}
+        runs += [launch(work, "llama-1", "trainer", samples, args.device, processes=1, visible="0", model="llama"),
+                 launch(work, f"llama-dataparallel-{gpus}", "trainer", samples, args.device, processes=1,
+                        visible=all_gpus, model="llama")]
+    references = {"trainer": runs[0], "loop": next(r for r in runs if r["name"] == "loop-1"),
+                  "llama": next((r for r in runs if r["name"] == "llama-1"), None)}
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (gloo)"
     print(f"\n{samples} samples, batch {BATCH} per process, {device}, torch {torch.__version__}\n")
     print("| set-up | exit | wall s | ranks | eval_loss / loss | token_accuracy | answer_macro_f1 | vs 1 process |")
