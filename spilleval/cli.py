@@ -66,8 +66,8 @@ def compute(
                 f"PARTIAL: computed on {completeness.committed} of {completeness.expected or '?'} samples "
                 f"({completeness.missing_count} missing)"
             )
-    if as_json:
-        payload = {"metrics": results}
+    if as_json:  # the shape of results.json: metrics under the keys the run reported them, and its provenance
+        payload = _results_payload(SpillReader(spill_dir, allow_partial=True), results)
         if partial_note:
             payload["partial"] = True
             payload["note"] = partial_note
@@ -79,6 +79,21 @@ def compute(
     for key, value in results.items():
         table.add_row(escape(key), escape(_fmt(value)))
     console.print(table)
+
+
+def _results_payload(reader, results: dict) -> dict:
+    """Recomputed `results` shaped as the spill's results.json: prefixed as the run reported them (a trainer's
+    `eval_`), with the run's provenance when its results.json verifies."""
+    from .spill.results import prefixed
+
+    record = None
+    try:
+        record = reader.results_record()
+    except Exception:  # noqa: BLE001 - a damaged results.json: the recomputed numbers stand alone
+        record = None
+    prefix = reader.manifest.extra.get("metric_key_prefix")
+    return {"metrics": prefixed(results, prefix if isinstance(prefix, str) else None),
+            "provenance": record["provenance"] if record else {}}
 
 
 @app.command()

@@ -30,16 +30,33 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .accounting import IncompleteEvaluationError, check_every_sample, checked_sample_index
+from .accounting import (
+    IncompleteEvaluationError,
+    check_every_sample,
+    checked_sample_index,
+)
 from .batch import SampleBatch, id_dtype_for_vocab
 from .dedupe import FirstSeen, subtract_rows
-from .distributed import DEFAULT_TIMEOUT_S, Coordinator, DistributedEvaluationError, process_group
+from .distributed import (
+    DEFAULT_TIMEOUT_S,
+    Coordinator,
+    DistributedEvaluationError,
+    process_group,
+)
 from .metrics.runner import MetricSpec, MetricSuite
+from .provenance import RunClock, eval_set_fingerprint, git_record
 from .reduce import DEFAULT_CHUNK_BYTES as DEFAULT_REDUCE_CHUNK_BYTES
 from .reduce import PendingHostCopy, ReducedBatch, reduce_logits
 from .spill import Manifest, SpillReader, SpillWriter
 from .spill.integrity import seal
-from .spill.manifest import MANIFEST_NAME, RESULTS_NAME, library_versions, load_manifest, write_json_atomic
+from .spill.manifest import (
+    MANIFEST_NAME,
+    RESULTS_NAME,
+    library_versions,
+    load_manifest,
+    write_json_atomic,
+)
+from .spill.results import prefixed
 from .spill.resume import CommittedSamples, keep_rows, replay_shard
 from .spill.writer import (
     DEFAULT_CHUNK_BYTES,
@@ -60,7 +77,24 @@ class EmptyEvaluationError(ValueError):
 
 
 class Evaluator:
-    """Memory-bounded evaluation into a spill directory; see the module docstring for the loop."""
+    """Memory-bounded evaluation into a spill directory; see the module docstring for the loop.
+
+    Arguments besides the metrics and the tokenizer (which text metrics decode with, saved in the spill):
+        task, shift: "causal_lm" (logits[:, t] predicts labels[:, t + 1]), "seq2seq" (no shift) or "generation".
+        keep_logprob: spill each supervised token's log-probability (default: when a metric needs them).
+        dataset_length: the number of samples every `sample_index` must cover; `finalize()` refuses a subset
+            (`spilleval.accounting`). None: the samples seen are the set.
+        allow_repeats: in one process, a repeated sample index counts once instead of being an error.
+        chunk_bytes, chunk_rows, commit_interval_s, compression: how the spill is cut and how often it commits
+            (`spilleval.spill.writer`).
+        resume: continue the spill of an evaluation that stopped (`spilleval.spill.resume`).
+        metric_key_prefix: the prefix the caller reports metrics under (`SpillingTrainer`: "eval"), so that
+            `results.json` holds them under the same keys.
+        provenance: what the caller knows of what is evaluated (model, checkpoint, dataset), stored in
+            `results.json` next to what the evaluator records itself (`spilleval.provenance`).
+        extra: free-form values for the manifest.
+        dist_timeout: seconds a rank waits for the others before naming the ones that did not finish.
+    """
 
     def __init__(
         self,
@@ -81,7 +115,10 @@ class Evaluator:
         extra: dict[str, Any] | None = None,
         dist_timeout: float = DEFAULT_TIMEOUT_S,
         allow_repeats: bool = False,
+        metric_key_prefix: str | None = None,
+        provenance: dict[str, Any] | None = None,
     ) -> None:
+        self.clock = RunClock()
         self.spill_dir = Path(spill_dir)
         self.suite = MetricSuite(metrics, tokenizer=tokenizer)
         self.suite.reset()  # metric objects may be reused across evaluations; a resume replays into fresh states
@@ -99,6 +136,10 @@ class Evaluator:
         self.reduce_chunk_bytes = reduce_chunk_bytes
         self.resume = resume
         self.extra = dict(extra or {})
+        self.metric_key_prefix = metric_key_prefix
+        if metric_key_prefix:  # `spilleval compute --json` reports recomputed metrics under the same keys
+            self.extra["metric_key_prefix"] = metric_key_prefix
+        self.provenance = dict(provenance or {})
         self.rank, self.world_size = process_group()
         self._writer: SpillWriter | None = None
         self._next_index = 0
@@ -311,12 +352,15 @@ class Evaluator:
             )
 
     def _compute_results(self) -> dict[str, float]:
-        """Streaming results, then corpus metrics over the (complete) spill; stored in results.json."""
+        """Streaming results, then corpus metrics over the (complete) spill; stored in results.json with what
+        produced them (`spilleval.provenance`)."""
         results = self.suite.compute_streaming()
+        reader = SpillReader(self.spill_dir)
         if self.suite.corpus:
-            results.update(self.suite.compute_corpus(SpillReader(self.spill_dir)))
+            results.update(self.suite.compute_corpus(reader))
+        record = {"metrics": prefixed(results, self.metric_key_prefix), "provenance": self._provenance(reader)}
         try:
-            write_json_atomic(self.spill_dir / RESULTS_NAME, results)
+            write_json_atomic(self.spill_dir / RESULTS_NAME, record)
             seal(self.spill_dir)  # the seal (integrity.json) now covers the results too
         except OSError as e:
             raise SpillWriteError(
@@ -324,6 +368,23 @@ class Evaluator:
                 f"permissions, then recompute the metrics with `spilleval compute {self.spill_dir}`."
             ) from e
         return results
+
+    def _provenance(self, reader: SpillReader) -> dict[str, Any]:
+        """The caller's record (model, checkpoint, dataset) completed with the evaluation's own."""
+        samples, fingerprint = eval_set_fingerprint(reader)
+        dataset = {**self.provenance.get("dataset", {}), "samples": samples, "dataset_length": self.dataset_length,
+                   "fingerprint": fingerprint}
+        return {
+            **self.provenance,
+            "metric_key_prefix": self.metric_key_prefix,
+            "dataset": dataset,
+            "metrics": self.suite.specs(),
+            "task": self.task,
+            "world_size": self.world_size,
+            "versions": reader.manifest.versions,
+            "git": git_record(),
+            "run": self.clock.record(),
+        }
 
     @property
     def reader(self) -> SpillReader:

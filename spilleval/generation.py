@@ -120,7 +120,8 @@ class GenerationRun:
         resume: bool = False,
         **spill_options: Any,
     ) -> None:
-        """`spill_options` go to the `Evaluator`: chunk_bytes, chunk_rows, commit_interval_s, compression."""
+        """`spill_options` go to the `Evaluator`: chunk_bytes, chunk_rows, commit_interval_s, compression, and
+        metric_key_prefix / provenance for results.json."""
         self.config = config
         model_config = model.config
         self.encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))

@@ -43,6 +43,7 @@ from .generation import (
     spill_parts,
 )
 from .metrics.registry import build_metrics
+from .provenance import checkpoint_step, hf_dataset_fingerprint, model_record
 from .metrics.runner import MetricSpec, MetricSuite
 from .spill import SpillReader
 from .spill.writer import DEFAULT_CHUNK_BYTES, DEFAULT_COMMIT_INTERVAL_S, SpillExistsError
@@ -135,6 +136,7 @@ class SpillingTrainer(Trainer):
         self.generation = generation
         self.last_spill_dir: Path | None = None
         self._session: _EvalSession | None = None
+        self._loaded_checkpoint: str | None = None  # set when load_best_model_at_end loads the best checkpoint
         suite = MetricSuite(self.spill_metrics, tokenizer=self._spill_tokenizer())
         suite.check(has_logprob=True)
         # dataset columns the metrics read (spilled with each row) -> the metrics that read them
@@ -388,21 +390,24 @@ class SpillingTrainer(Trainer):
 
     def _open_session(self, parts: dict[str, Path], dataloader: Any, prefix: str) -> "_EvalSession":
         session = _EvalSession(evaluator=None, capture=nullcontext(), shift=False, carried=self._carried_columns())
+        provenance = self._provenance(dataloader)
         if TEACHER_FORCED_PART in parts:
-            session = self._open_teacher_forced(parts[TEACHER_FORCED_PART], dataloader, prefix)
+            session = self._open_teacher_forced(parts[TEACHER_FORCED_PART], dataloader, prefix, provenance)
         if GENERATION_PART in parts:
             try:
                 session.generation = GenerationRun(
                     self.generation, parts[GENERATION_PART], self.accelerator.unwrap_model(self.model),
                     tokenizer=self._spill_tokenizer(), dataset_length=self._expected_samples(dataloader),
-                    extra=self._spill_extra(prefix), resume=self.spill_resume, **self.spill_options,
+                    extra=self._spill_extra(prefix), resume=self.spill_resume, provenance=provenance,
+                    metric_key_prefix=f"{prefix}_{self.generation.prefix}", **self.spill_options,
                 )
             except BaseException:
                 session.abort()
                 raise
         return session
 
-    def _open_teacher_forced(self, spill_dir: Path, dataloader: Any, prefix: str) -> "_EvalSession":
+    def _open_teacher_forced(self, spill_dir: Path, dataloader: Any, prefix: str,
+                             provenance: dict[str, Any]) -> "_EvalSession":
         config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
         task = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal_lm"
         evaluator = Evaluator(
@@ -413,6 +418,8 @@ class SpillingTrainer(Trainer):
             dataset_length=self._expected_samples(dataloader),
             extra=self._spill_extra(prefix),
             resume=self.spill_resume,
+            metric_key_prefix=prefix,
+            provenance=provenance,
             **self.spill_options,
         )  # the Evaluator resets reused metric objects itself, before a resume replays into them
         capture = LossCapture(
@@ -423,6 +430,30 @@ class SpillingTrainer(Trainer):
         return _EvalSession(evaluator=evaluator, capture=capture, shift=evaluator.shift,
                             carried=self._carried_columns(),
                             records_for_compute_metrics=classic and not self.args.prediction_loss_only)
+
+    def _provenance(self, dataloader: Any) -> dict[str, Any]:
+        """What this evaluation evaluates, for results.json: the model and its weights' fingerprint, the step and
+        the checkpoint whose weights were loaded (`load_best_model_at_end`), the eval set (`spilleval.provenance`)."""
+        model = self.accelerator.unwrap_model(self.model)
+        dataset = getattr(dataloader, "dataset", None)
+        dataset = getattr(dataset, "dataset", dataset)  # inside IndexedDataset / IndexedIterableDataset
+        return {
+            "trainer": type(self).__name__,
+            "model": model_record(model),
+            "checkpoint": {
+                "global_step": int(self.state.global_step),
+                "epoch": self.state.epoch,
+                "loaded_checkpoint": self._loaded_checkpoint,
+                "loaded_checkpoint_step": checkpoint_step(self._loaded_checkpoint),
+                "output_dir": self.args.output_dir,
+            },
+            "dataset": {"class": type(dataset).__name__, "hf_fingerprint": hf_dataset_fingerprint(dataset)},
+        }
+
+    def _load_best_model(self) -> None:
+        """Trainer's own, remembered: the evaluations that follow run this checkpoint's weights, and say so."""
+        super()._load_best_model()
+        self._loaded_checkpoint = self.state.best_model_checkpoint
 
     def _teacher_forced_metrics(self) -> list[MetricSpec]:
         """The trainer's metrics and `loss`, which `eval_loss` reports: the exact token-weighted cross-entropy of the

@@ -274,8 +274,8 @@ def test_diff_json_finds_exactly_the_flipped_samples_and_metric_deltas(spill_a, 
     samples = data["samples"]
     assert samples["compared"] == N and samples["only_in_a"] == samples["only_in_b"] == 0
     assert samples["exact_match_b"] - samples["exact_match_a"] == len(wrong_to_right) - len(right_to_wrong)
-    results_a = json.loads((spill_a / "results.json").read_text())
-    results_b = json.loads((spill_b / "results.json").read_text())
+    results_a = json.loads((spill_a / "results.json").read_text())["metrics"]
+    results_b = json.loads((spill_b / "results.json").read_text())["metrics"]
     for name, row in data["metrics"].items():
         assert row["delta"] == pytest.approx(results_b[name] - results_a[name])
     em = data["metrics"]["sequence_exact_match"]["delta"]

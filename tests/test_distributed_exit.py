@@ -38,5 +38,5 @@ def test_evaluation_at_the_end_of_a_torchrun_script_exits_cleanly_every_time(tmp
         if done.returncode != 0:
             failures.append(f"launch {launch}: exit code {done.returncode}\n{done.stderr[-2000:]}")
         else:
-            assert "token_accuracy" in json.loads((spill / RESULTS_NAME).read_text())
+            assert "token_accuracy" in json.loads((spill / RESULTS_NAME).read_text())["metrics"]
     assert not failures, f"{len(failures)} of {LAUNCHES} launches failed:\n" + "\n".join(failures[:3])

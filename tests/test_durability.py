@@ -155,7 +155,7 @@ def test_the_lock_is_held_until_results_json_is_written(tmp_path):
     assert f"pid {os.getpid()}" in probe.seen["raise_if_locked"]  # held while the corpus metrics run
     assert "being written by another writer" in probe.seen["second_writer"]
     assert probe.seen["results_written"] is False  # ... which is before results.json
-    assert json.loads((spill / RESULTS_NAME).read_text()) == results
+    assert json.loads((spill / RESULTS_NAME).read_text())["metrics"] == results
     raise_if_locked(spill)  # released once finalize returned
 
 

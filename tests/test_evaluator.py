@@ -122,7 +122,8 @@ def test_results_json_manifest_and_spill_agree_with_live(tmp_path, forward_outpu
     _, results = run_evaluator(tmp_path / "eval", forward_outputs, tokenizer, chunk_rows=7)
     reader = SpillReader(tmp_path / "eval")
     assert reader.results() == results
-    assert json.loads((tmp_path / "eval" / "results.json").read_text()) == results
+    record = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert record["metrics"] == results and record["provenance"]["dataset"]["samples"] == 32
     manifest = reader.manifest
     assert manifest.status == "complete" and manifest.has_logprob and manifest.dataset_length == 32
     assert [m["name"] for m in manifest.metrics] == METRICS

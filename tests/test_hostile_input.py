@@ -289,13 +289,13 @@ def test_a_results_json_that_is_not_an_object_of_metrics_is_named(spill, monkeyp
 
 # ----------------------------------------------------------------------------------------------- the seal
 def test_a_changed_byte_in_results_json_is_never_shown_as_the_runs_result(spill, tmp_path, monkeypatch, capsys):
-    original = json.loads((spill / RESULTS_NAME).read_text())
+    original = json.loads((spill / RESULTS_NAME).read_text())["metrics"]
     text = (spill / RESULTS_NAME).read_text()
     key = "token_accuracy"
     at = text.index('"' + key) + len(key) + 6  # a digit of its value
     changed = text[:at] + ("1" if text[at] != "1" else "2") + text[at + 1 :]
     (spill / RESULTS_NAME).write_text(changed)
-    assert json.loads(changed)[key] != original[key]
+    assert json.loads(changed)["metrics"][key] != original[key]
     code, out, _ = cli(monkeypatch, capsys, "diff", spill, spill, "--json")
     result = json.loads(out)
     assert code == 0 and result["metrics_source"]["a"] == "recomputed (results.json failed its integrity check)"
@@ -323,7 +323,7 @@ def test_a_link_in_the_tokenizer_directory_is_refused(tmp_path):
 
 
 def test_a_spill_marked_complete_without_its_seal_reads_as_partial(spill, monkeypatch, capsys):
-    results = json.loads((spill / RESULTS_NAME).read_text())
+    results = json.loads((spill / RESULTS_NAME).read_text())["metrics"]
     (spill / INTEGRITY_NAME).unlink()  # the run stopped between marking the spill complete and sealing it
     with pytest.raises(IncompleteSpillError, match="integrity.json is missing: the run stopped while finishing"):
         SpillReader(spill)
@@ -339,7 +339,7 @@ def test_a_spill_marked_complete_without_its_seal_reads_as_partial(spill, monkey
 
 @pytest.mark.parametrize("damaged", ["shard.json", "integrity.json"])
 def test_the_advertised_recovery_from_damaged_metadata_works(spill, damaged):
-    results = json.loads((spill / RESULTS_NAME).read_text())
+    results = json.loads((spill / RESULTS_NAME).read_text())["metrics"]
     path = spill / SHARDS_DIR / "rank-00000" / SHARD_DONE if damaged == "shard.json" else spill / INTEGRITY_NAME
     path.write_text(path.read_text().replace("1", "2", 1))
     with pytest.raises(IntegrityError) as error:  # a changed digit: the file, or the seal, no longer matches

@@ -89,7 +89,7 @@ def test_reading_and_computing_never_unpickles(spill, monkeypatch, capsys):
         assert batch.arrays["score"].shape == (len(batch), 3) and batch.pred_text is not None
     reader.get(5), reader.table(3, 9), reader.completeness()
     results = compute_from_spill(spill)
-    assert results == json.loads((spill / "results.json").read_text())
+    assert results == json.loads((spill / "results.json").read_text())["metrics"]
     monkeypatch.setattr(sys, "argv", ["spilleval", "inspect", str(spill)])
     with pytest.raises(SystemExit) as exited:
         main()

@@ -53,7 +53,7 @@ def test_report_is_one_self_contained_file(report_file, qa_spill):
     assert "<script" not in html and "<link" not in html
     images = re.findall(r'<img alt="histogram of (\w+)" src="data:image/png;base64,', html)
     assert set(images) == SCORES_PLOTTED
-    results = json.loads((qa_spill / "results.json").read_text())
+    results = json.loads((qa_spill / "results.json").read_text())["metrics"]
     for name, value in results.items():
         shown = f"{value:.6f}" if isinstance(value, float) else str(value)
         assert re.search(rf'<td class="name">{name}</td><td class="num">{re.escape(shown)}</td>', html), name

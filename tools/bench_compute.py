@@ -239,9 +239,11 @@ class CaptionData:
         preds = np.where(right, labels, self._zipf_ids(rng, len(labels)))
         u = 1 - rng.random(len(labels), dtype=np.float32)  # (0, 1]
         logprob = np.log(np.where(right, 0.3 + 0.7 * u, 0.3 * u)).astype(np.float32)
+        summed = np.concatenate([[0.0], np.cumsum(logprob, dtype=np.float64)])
         return SampleBatch(
             sample_index=np.arange(block * BLOCK_SAMPLES, (block + 1) * BLOCK_SAMPLES), offsets=offsets,
             pred_ids=preds, label_ids=labels, label_logprob=logprob,
+            sample_nll=summed[offsets[:-1]] - summed[offsets[1:]],  # each sample's -sum of log-probs (`loss`)
             columns={"references": self._references(rng, labels, offsets), **_questions(block)},
             arrays={SCORES: _class_scores(rng, true_class, len(CLASS_WORDS))},
         )
@@ -295,7 +297,7 @@ def metric_specs(class_ids: list[int]) -> dict[str, dict[str, Any]]:
     refs = {"references_column": "references"}
     classes = {"labels": class_ids}
     params: dict[str, dict[str, Any]] = {
-        "token_accuracy": {}, "sequence_exact_match": {}, "nll": {}, "loss_percentiles": {},
+        "token_accuracy": {}, "sequence_exact_match": {}, "nll": {}, "loss": {}, "loss_percentiles": {},
         "text_match": {}, "distinct_n": {}, "answer_macro_f1": {}, "wer": {}, "cer": {}, "mer": {}, "wil": {},
         "wip": {}, "bits_per_byte": {}, "mc_accuracy": {}, "ter": refs,
         "accuracy": classes, "precision": classes, "recall": classes, "f1": classes,

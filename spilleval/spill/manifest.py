@@ -31,7 +31,8 @@ from typing_extensions import NotRequired, TypedDict
 from . import limits
 from .schema import STRICT, Count, FileEntry, Name, Rank, SampleIndex, Text, parse, parse_object, read_bounded
 
-SCHEMA_VERSION = 2  # 2: integrity.json seals a finished spill (manifest, results, shard records, tokenizer)
+SCHEMA_VERSION = 3  # 2: integrity.json seals a finished spill (manifest, results, shard records, tokenizer)
+# 3: results.json holds {"metrics" (keys as reported), "provenance", "intervals"}; chunks may hold sample_nll
 MANIFEST_NAME = "manifest.json"
 RESULTS_NAME = "results.json"
 TOKENIZER_DIR = "tokenizer"

@@ -27,7 +27,7 @@ from ..batch import SampleBatch
 from ..sampleset import SampleSet
 from . import limits
 from .chunk import read_chunk, read_sample_index
-from .integrity import INTEGRITY_NAME, IntegrityError, Seal, load_seal
+from .integrity import INTEGRITY_NAME, Seal, load_seal
 from .manifest import (
     CHUNK_RECORD,
     RESULTS_NAME,
@@ -44,7 +44,8 @@ from .manifest import (
     safe_join,
     shard_dir_name,
 )
-from .schema import RESULTS_SCHEMA, SHARD_DONE_SCHEMA, parse
+from .results import metrics_by_name, read_results_record
+from .schema import SHARD_DONE_SCHEMA, parse
 
 
 class IncompleteSpillError(SpillFormatError):
@@ -220,10 +221,16 @@ class SpillReader:
         return safe_join(self.path, f"{SHARDS_DIR}/rank-{record.rank:05d}/{record.name}")
 
     def results(self) -> dict[str, Any] | None:
-        """The live metrics of the run that wrote this spill, if it finished and they verify against the seal.
+        """The live metrics of the run that wrote this spill, by metric name (without a trainer's `eval_` prefix),
+        if it finished and they verify against the seal.
 
         None when there are none, or none that can be trusted: written by a run that did not seal the spill (it
         stopped, or a resumed run has not finished yet). `IntegrityError` when they changed after the seal."""
+        record = self.results_record()
+        return None if record is None else metrics_by_name(record)
+
+    def results_record(self) -> dict[str, Any] | None:
+        """The whole `results.json` (metrics as the run reported them, intervals, provenance); None as `results`."""
         path = self.path / RESULTS_NAME
         if not path.exists():
             return None
@@ -231,8 +238,7 @@ class SpillReader:
             if self.seal is None or not self.seal.covers(RESULTS_NAME):
                 return None
             self.seal.verify_file(RESULTS_NAME)
-        return parse(path, RESULTS_SCHEMA, SpillFormatError, what="a valid results record",
-                     fix="Recompute the metrics with `spilleval compute`.")
+        return read_results_record(path, self.manifest.schema_version)
 
     @functools.cached_property
     def tokenizer(self) -> Any:

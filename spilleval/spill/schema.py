@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from pydantic import ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
-from typing_extensions import TypedDict
+from typing_extensions import NotRequired, TypedDict
 
 from . import limits
 
@@ -48,7 +48,18 @@ class ShardDone(TypedDict):
 
 
 SHARD_DONE_SCHEMA = TypeAdapter(ShardDone)
-RESULTS_SCHEMA = TypeAdapter(dict[Name, JsonValue])
+class ResultsRecord(TypedDict):
+    """`results.json` (schema 3): the metrics under the keys the run reported them (a trainer's `eval_` prefix
+    included), their confidence intervals when computed, and what produced them (`spilleval.provenance`)."""
+
+    __pydantic_config__ = STRICT  # type: ignore[misc]
+    metrics: dict[Name, JsonValue]
+    provenance: dict[Name, JsonValue]
+    intervals: NotRequired[dict[Name, JsonValue]]
+
+
+RESULTS_SCHEMA = TypeAdapter(ResultsRecord)
+LEGACY_RESULTS_SCHEMA = TypeAdapter(dict[Name, JsonValue])  # schema 1 and 2: the metrics alone, unprefixed
 _OBJECT = TypeAdapter(dict[str, JsonValue])
 
 

@@ -15,7 +15,16 @@ from typing import Any, Callable, TypeVar
 from ..sampleset import SampleSet
 from .chunk import verify_chunk
 from .integrity import INTEGRITY_NAME, Seal, load_seal
-from .manifest import RESULTS_NAME, SHARD_DONE, TOKENIZER_DIR, ChunkRecord, Manifest, SpillFormatError, load_manifest
+from .manifest import (
+    RESULTS_NAME,
+    SCHEMA_VERSION,
+    SHARD_DONE,
+    TOKENIZER_DIR,
+    ChunkRecord,
+    Manifest,
+    SpillFormatError,
+    load_manifest,
+)
 from .reader import (
     Completeness,
     check_sequence,
@@ -27,7 +36,7 @@ from .reader import (
     shard_dirs,
     shard_rank,
 )
-from .schema import RESULTS_SCHEMA, parse
+from .results import metrics_by_name, read_results_record
 
 T = TypeVar("T")
 
@@ -133,8 +142,9 @@ def _survey_results(path: Path, manifest: Manifest | None, seal: Seal | None, pr
         return None
     if seal is not None and not _passes(problems, lambda: seal.verify_file(RESULTS_NAME)):
         return None
-    return _attempt(problems, lambda: parse(results_path, RESULTS_SCHEMA, SpillFormatError,
-                                            what="a valid results record"))
+    version = manifest.schema_version if manifest is not None else SCHEMA_VERSION
+    record = _attempt(problems, lambda: read_results_record(results_path, version))
+    return None if record is None else metrics_by_name(record)
 
 
 def _attempt(problems: list[str], step: Callable[[], T]) -> T | None:
