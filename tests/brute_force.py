@@ -50,7 +50,6 @@ def brute_force(pairs: list[tuple[torch.Tensor, torch.Tensor]], tokenizer: Any, 
         "sequence_exact_match": float(np.mean([p == q for p, q in zip(preds, labels)])),
         "bit_match_accuracy": sum(map(char_agreement, pred_text, label_text)) / sum(map(len, label_text)),
         "exact_match_accuracy": float(np.mean([p == q for p, q in zip(pred_text, label_text)])),
-        "num_samples": len(preds),
         "nll": nll,
         "perplexity": math.exp(nll),
         "answer_macro_f1": f1_score(label_text, pred_text, average="macro"),
@@ -60,7 +59,7 @@ def brute_force(pairs: list[tuple[torch.Tensor, torch.Tensor]], tokenizer: Any, 
 def assert_metrics_equal(metrics: dict[str, Any], expected: dict[str, Any], prefix: str = "eval", *,
                          check_loss: bool = True) -> None:
     for key in ("token_accuracy", "sequence_exact_match", "bit_match_accuracy", "exact_match_accuracy",
-                "num_samples", "answer_macro_f1"):
+                "answer_macro_f1"):
         if f"{prefix}_{key}" in metrics:
             assert metrics[f"{prefix}_{key}"] == expected[key], key  # counts and ratios: exactly equal
     for key in ("nll", "perplexity"):

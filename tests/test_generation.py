@@ -182,7 +182,7 @@ def test_seq2seq_generated_ids_equal_seq2seq_trainer_and_metrics_equal_reference
     assert reader.results() == {k[len("eval_gen_"):]: v for k, v in metrics.items() if k.startswith("eval_gen_")}
 
     if kind == "t5":
-        check_cli_on_generation_spill(tmp_path / "spill-eval", reader.results())
+        check_cli_on_generation_spill(tmp_path / "spill-eval", reader.results_record()["metrics"])
         prediction = spilling.predict(data_with_refs(data, refs))
         assert prediction.reader.manifest.task == "generation"
         assert prediction.reader.get(0).row(0)[0].tolist() == want_rows[0]
@@ -193,7 +193,8 @@ def data_with_refs(data, refs):
 
 
 def check_cli_on_generation_spill(spill: Path, live: dict[str, Any]) -> None:
-    """compute / show / worst / report read a generation spill; compute reproduces the live results."""
+    """compute / show / worst / report read a generation spill; compute reproduces the live results (`live`: keyed
+    as results.json keys them, `eval_gen_...`)."""
     runner = CliRunner()
     computed = runner.invoke(app, ["compute", str(spill / "generation"), "--json"])
     assert computed.exit_code == 0, computed.output

@@ -42,7 +42,6 @@ def reference_metrics(batch: SampleBatch, tokenizer) -> dict[str, float]:
         "sequence_exact_match": sum(p == lab for p, lab in zip(preds, labels)) / len(preds),
         "exact_match_accuracy": sum(p == lab for p, lab in zip(pred_text, label_text)) / len(preds),
         "bit_match_accuracy": bit_correct / bit_total if bit_total else 0.0,
-        "num_samples": len(preds),
         "nll": nll,
         "perplexity": math.exp(nll),
         "answer_macro_f1": float(f1_score(label_text, pred_text, average="macro")),
@@ -181,9 +180,9 @@ def test_empty_rows_and_empty_data(tokenizer):
                                  logprobs=[[], [-0.5], []])
     got = live([data], tokenizer).compute_streaming()
     assert got["token_accuracy"] == 0.0 and got["sequence_exact_match"] == 2 / 3
-    assert got["num_samples"] == 3 and got["nll"] == 0.5
+    assert got["exact_match_accuracy"] == 2 / 3 and got["nll"] == 0.5
     nothing = live([], tokenizer).compute_streaming()
-    assert nothing["token_accuracy"] == 0.0 and nothing["num_samples"] == 0
+    assert nothing["token_accuracy"] == 0.0 and nothing["exact_match_accuracy"] == 0.0
 
 
 def test_registry_names():

@@ -15,7 +15,7 @@ from spilleval.trainer import SpillingTrainer
 
 METRICS = ["token_accuracy", "sequence_exact_match", "nll", "text_match", "answer_macro_f1"]
 EXACT = ["eval_token_accuracy", "eval_sequence_exact_match", "eval_nll", "eval_perplexity", "eval_bit_match_accuracy",
-         "eval_exact_match_accuracy", "eval_num_samples", "eval_answer_macro_f1"]
+         "eval_exact_match_accuracy", "eval_answer_macro_f1"]
 
 
 class CrashAfter(TrainerCallback):

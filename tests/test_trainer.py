@@ -5,20 +5,26 @@ Real transformers Trainers, real config-built models (a LLaVA-style Llama, a pla
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import transformers
+from brute_force import (
+    EVAL_BATCH,
+    assert_metrics_equal,
+    assert_spill_rows,
+    brute_force,
+    make_args,
+)
 from transformers import T5Config, T5ForConditionalGeneration, Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from brute_force import EVAL_BATCH, assert_metrics_equal, assert_spill_rows, brute_force, make_args
 from spilleval import SpillReader
 from spilleval.capture import LabelCaptureError
 from spilleval.spill.writer import SpillExistsError
-from spilleval.trainer import SpillingTrainer, SpillPredictionOutput
 from spilleval.testing import (
     IMAGE_TOKEN,
     encode_qa,
@@ -30,6 +36,7 @@ from spilleval.testing import (
     tiny_llama,
     tiny_llava,
 )
+from spilleval.trainer import SpillingTrainer, SpillPredictionOutput
 
 ALL_METRICS = ["token_accuracy", "sequence_exact_match", "text_match", "nll", "answer_macro_f1"]
 
@@ -105,8 +112,11 @@ def test_motivating_closure_gives_the_builtin_numbers(llava, tokenizer, tmp_path
     trainer.compute_metrics = None
     trainer.spill_metrics = ["text_match"]
     builtin = trainer.evaluate()
-    for key in ("eval_bit_match_accuracy", "eval_exact_match_accuracy", "eval_num_samples"):
+    for key in ("eval_bit_match_accuracy", "eval_exact_match_accuracy"):
         assert from_closure[key] == builtin[key], key
+    assert "eval_num_samples" not in builtin  # a count, not a metric to chart: results.json's provenance has it
+    samples = json.loads((trainer.last_spill_dir / "results.json").read_text())["provenance"]["dataset"]["samples"]
+    assert from_closure["eval_num_samples"] == samples == len(data)
     assert 0 < builtin["eval_bit_match_accuracy"] < 1
     # the second evaluation at the same step got a fresh directory
     assert trainer.last_spill_dir.name == "spill-eval-step-0-1"
