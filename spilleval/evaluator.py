@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -43,6 +44,7 @@ from .distributed import (
     DistributedEvaluationError,
     process_group,
 )
+from .intervals import DEFAULT_RESAMPLES, DEFAULT_SEED, check_resamples, confidence_intervals
 from .metrics.runner import MetricSpec, MetricSuite
 from .provenance import RunClock, eval_set_fingerprint, git_record
 from .reduce import DEFAULT_CHUNK_BYTES as DEFAULT_REDUCE_CHUNK_BYTES
@@ -117,6 +119,8 @@ class Evaluator:
         allow_repeats: bool = False,
         metric_key_prefix: str | None = None,
         provenance: dict[str, Any] | None = None,
+        confidence_resamples: int = DEFAULT_RESAMPLES,
+        confidence_seed: int = DEFAULT_SEED,
     ) -> None:
         self.clock = RunClock()
         self.spill_dir = Path(spill_dir)
@@ -140,6 +144,8 @@ class Evaluator:
         if metric_key_prefix:  # `spilleval compute --json` reports recomputed metrics under the same keys
             self.extra["metric_key_prefix"] = metric_key_prefix
         self.provenance = dict(provenance or {})
+        check_resamples(confidence_resamples)
+        self.confidence_resamples, self.confidence_seed = confidence_resamples, confidence_seed
         self.rank, self.world_size = process_group()
         self._writer: SpillWriter | None = None
         self._next_index = 0
@@ -359,6 +365,9 @@ class Evaluator:
         if self.suite.corpus:
             results.update(self.suite.compute_corpus(reader))
         record = {"metrics": prefixed(results, self.metric_key_prefix), "provenance": self._provenance(reader)}
+        intervals = self._intervals(reader)
+        if intervals:
+            record["intervals"] = prefixed(intervals, self.metric_key_prefix)
         try:
             write_json_atomic(self.spill_dir / RESULTS_NAME, record)
             seal(self.spill_dir)  # the seal (integrity.json) now covers the results too
@@ -368,6 +377,23 @@ class Evaluator:
                 f"permissions, then recompute the metrics with `spilleval compute {self.spill_dir}`."
             ) from e
         return results
+
+    def _intervals(self, reader: SpillReader) -> dict[str, Any]:
+        """95% confidence intervals (`spilleval.intervals`: a second pass over the spill), {} when turned off.
+
+        They are a statistic about the metrics, not the metrics: when they cannot be computed the evaluation's
+        results are still written, with a warning that says why."""
+        if not self.confidence_resamples:
+            return {}
+        try:
+            report = confidence_intervals(reader, self.suite.specs(), resamples=self.confidence_resamples,
+                                          seed=self.confidence_seed)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            warnings.warn(f"spilleval: no confidence intervals for this evaluation ({type(e).__name__}: {e}); the "
+                          f"metrics are written. Recompute them with `spilleval compute {self.spill_dir}`.",
+                          stacklevel=3)
+            return {}
+        return report.to_json()
 
     def _provenance(self, reader: SpillReader) -> dict[str, Any]:
         """The caller's record (model, checkpoint, dataset) completed with the evaluation's own."""

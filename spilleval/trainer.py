@@ -34,6 +34,7 @@ from . import compat
 from .batch import IGNORE_INDEX
 from .capture import LabelFn, LossCapture, find_logits, reduce_aligned, resolve_labels
 from .evaluator import Evaluator
+from .intervals import DEFAULT_RESAMPLES
 from .generation import (
     GENERATION_PART,
     TEACHER_FORCED_PART,
@@ -123,12 +124,13 @@ class SpillingTrainer(Trainer):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         chunk_rows: int | None = None,
         commit_interval_s: float | None = DEFAULT_COMMIT_INTERVAL_S,
+        confidence_resamples: int = DEFAULT_RESAMPLES,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.spill_resume = resume
         self.spill_options = {"chunk_bytes": chunk_bytes, "chunk_rows": chunk_rows,
-                              "commit_interval_s": commit_interval_s}
+                              "commit_interval_s": commit_interval_s, "confidence_resamples": confidence_resamples}
         self.spill_metrics = list(metrics)
         self.spill_dir = spill_dir
         self.label_fn = label_fn

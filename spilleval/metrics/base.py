@@ -10,6 +10,7 @@ and merge by addition, so a metric can be updated batch by batch, split across p
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
@@ -61,7 +62,14 @@ class Metric(ABC):
 
 
 class StreamingMetric(Metric):
-    """Mergeable sufficient statistics. Subclasses declare states in `__init__` and implement update/compute."""
+    """Mergeable sufficient statistics. Subclasses declare states in `__init__` and implement update/compute.
+
+    Confidence intervals (`spilleval.intervals`) need each sample's own contribution to the states
+    (`sample_states`); outputs that are a plain mean over samples are named in `sample_mean_outputs` and get an
+    analytic standard error, the others a bootstrap.
+    """
+
+    sample_mean_outputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         self._defaults: dict[str, np.ndarray] = {}
@@ -120,6 +128,32 @@ class StreamingMetric(Metric):
 
     @abstractmethod
     def compute(self) -> dict[str, float]: ...
+
+    def sample_states(self, batch: SampleBatch) -> State:
+        """Each sample's own state, stacked on a leading axis of len(batch): the batch's state is their sum.
+
+        This default updates a fresh copy once per sample; metrics whose update is vectorised override it.
+        """
+        scratch = copy.copy(self)
+        rows = []
+        for i in range(len(batch)):
+            scratch.reset()
+            scratch.update(batch.slice(i, i + 1))
+            rows.append(scratch._state)
+        return {name: np.stack([row[name] for row in rows]) if rows else np.zeros((0, *default.shape), np.int64)
+                for name, default in self._defaults.items()}
+
+    def compute_state(self, state: State) -> dict[str, float]:
+        """`compute()` of another state (a sample's, a bootstrap replicate's), leaving this metric's own alone."""
+        scratch = copy.copy(self)
+        scratch._state = state
+        return scratch.compute()
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: default.shape for name, default in self._defaults.items()}
+
+    def is_float_state(self, name: str) -> bool:
+        return name in self._float_states
 
 
 class CorpusMetric(Metric):

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..batch import SampleBatch
-from .base import StreamingMetric, safe_div
+from .base import State, StreamingMetric, safe_div
 from .inputs import NOT_A_LABEL, ClassTarget, column_of
 from .registry import register
 from .runner import MetricConfigError
@@ -47,11 +47,22 @@ class ConfusionMetric(StreamingMetric):
         return {"labels": self.target.labels, "target_column": self.target.target_column}
 
     def update(self, batch: SampleBatch) -> None:
+        cells = np.bincount(self._cells(batch), minlength=self.num_labels * (self.num_labels + 1))
+        self.add("confusion", cells.reshape(self.num_labels, self.num_labels + 1))
+
+    def sample_states(self, batch: SampleBatch) -> State:
+        if not self.num_labels:
+            return super().sample_states(batch)
+        one_hot = np.zeros((len(batch), self.num_labels * (self.num_labels + 1)), dtype=np.int64)
+        one_hot[np.arange(len(batch)), self._cells(batch)] = 1
+        return {"confusion": one_hot.reshape(len(batch), self.num_labels, self.num_labels + 1)}
+
+    def _cells(self, batch: SampleBatch) -> np.ndarray:
+        """Each sample's cell in the flattened confusion matrix (true class x predicted class or not-a-label)."""
         true = self.target.true_classes(batch)
         pred = self.target.predicted_classes(batch)
         pred = np.where(pred == NOT_A_LABEL, self.num_labels, pred)
-        cells = np.bincount(true * (self.num_labels + 1) + pred, minlength=self.num_labels * (self.num_labels + 1))
-        self.add("confusion", cells.reshape(self.num_labels, self.num_labels + 1))
+        return true * (self.num_labels + 1) + pred
 
     def per_class(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(true positives, predicted count, true count) per declared label."""
@@ -82,6 +93,7 @@ class Accuracy(ConfusionMetric):
     """
 
     needs_labels = False
+    sample_mean_outputs = ("accuracy",)
 
     def __init__(self, labels: Sequence[str | int] | None = None, target_column: str | None = None) -> None:
         super().__init__(labels, target_column)

@@ -38,6 +38,7 @@ class Rouge(StreamingMetric):
         self.references_column = references_column
         self.needs_columns = (references_column,) if references_column else ()
         self.rouge_types = list(rouge_types)
+        self.sample_mean_outputs = tuple(self.rouge_types)  # mean F-measure over samples
         self.use_stemmer = use_stemmer
         rouge_scorer = require("rouge_score.rouge_scorer", self.name)  # an optional extra; imports nltk
         self.scorer = rouge_scorer.RougeScorer(self.rouge_types, use_stemmer=use_stemmer)

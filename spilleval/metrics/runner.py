@@ -130,13 +130,7 @@ def compute_from_spill(
     from ..spill import SpillReader
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
-    recorded = reader.manifest.metrics
-    specs = _with_recorded_params(metrics, recorded) if metrics is not None else recorded
-    suite = MetricSuite(specs, tokenizer=reader.tokenizer if _any_text(specs) else None)
-    if suite.needs_text:
-        reader.require_tokenizer()
-    suite.check(has_logprob=reader.manifest.has_logprob, vocab_size=reader.manifest.vocab_size,
-                task=reader.manifest.task)
+    suite = suite_for_spill(reader, metrics)
     if suite.streaming:
         batches = reader.iter_batches(batch_size, **suite.reads())
         if progress:
@@ -148,6 +142,18 @@ def compute_from_spill(
     results = suite.compute_streaming()
     results.update(suite.compute_corpus(reader))
     return results
+
+
+def suite_for_spill(reader: Any, metrics: Iterable[MetricSpec] | None = None) -> MetricSuite:
+    """The metrics to recompute from a spill (default: those it recorded), checked against what it holds."""
+    recorded = reader.manifest.metrics
+    specs = _with_recorded_params(metrics, recorded) if metrics is not None else recorded
+    suite = MetricSuite(specs, tokenizer=reader.tokenizer if _any_text(specs) else None)
+    if suite.needs_text:
+        reader.require_tokenizer()
+    suite.check(has_logprob=reader.manifest.has_logprob, vocab_size=reader.manifest.vocab_size,
+                task=reader.manifest.task)
+    return suite
 
 
 def _with_recorded_params(names: Iterable[MetricSpec], recorded: list[dict[str, Any]]) -> list[MetricSpec]:

@@ -21,6 +21,8 @@ class TextMatch(StreamingMetric):
     to chart: the sample count is in results.json's provenance, `dataset.samples`.)
     """
 
+    sample_mean_outputs = ("exact_match_accuracy",)
+
     needs_text = True
 
     def __init__(self) -> None:

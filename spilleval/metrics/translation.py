@@ -23,7 +23,8 @@ import numpy as np
 from pydantic import Field
 
 from ..batch import SampleBatch
-from .base import NgramOrder, StreamingMetric
+from . import exact_sum
+from .base import NgramOrder, State, StreamingMetric
 from .deps import require
 from .inputs import references_of
 from .registry import register
@@ -59,12 +60,21 @@ class SacrebleuStatsMetric(StreamingMetric):
     def update(self, batch: SampleBatch) -> None:
         if not len(batch):
             return
+        for name, per_sample in self.states_of(self.segment_statistics(batch)).items():
+            self.merge({name: per_sample.sum(axis=0)})
+
+    def sample_states(self, batch: SampleBatch) -> State:
+        return self.states_of(self.segment_statistics(batch) if len(batch) else [])
+
+    def segment_statistics(self, batch: SampleBatch) -> list[list[Any]]:
+        """sacrebleu's statistics of each sample (segment) of the batch."""
         assert batch.pred_text is not None
         streams = reference_streams(references_of(batch, self.references_column, self.name))
-        self.add_stats(self.scorer._extract_corpus_statistics(batch.pred_text, streams))
+        return self.scorer._extract_corpus_statistics(batch.pred_text, streams)
 
-    def add_stats(self, stats: list[list[Any]]) -> None:
-        self.add("stats", np.asarray(stats, dtype=np.int64).sum(axis=0))
+    def states_of(self, stats: list[list[Any]]) -> State:
+        """Per-sample states from sacrebleu's segment statistics."""
+        return {"stats": np.asarray(stats, dtype=np.int64).reshape(len(stats), -1)}
 
     def score(self) -> Any:
         """sacrebleu's score object for the summed statistics."""
@@ -163,9 +173,11 @@ class Ter(SacrebleuStatsMetric):
         self.add_state("edits")
         self.add_float_state("reference_length")
 
-    def add_stats(self, stats: list[list[Any]]) -> None:
-        self.add("edits", sum(int(edits) for edits, _ in stats))
-        self.add_float("reference_length", [length for _, length in stats])
+    def states_of(self, stats: list[list[Any]]) -> State:
+        return {
+            "edits": np.array([int(edits) for edits, _ in stats], dtype=np.int64),
+            "reference_length": exact_sum.per_value([length for _, length in stats]),
+        }
 
     def score(self) -> Any:
         return self.scorer._compute_score_from_stats([int(self.value("edits")), self.value("reference_length")])

@@ -1,0 +1,67 @@
+"""Resampling weights keyed by (seed, dataset index, replicate), so an interval is a property of the eval set.
+
+A sample's weight in replicate b is a pure function of (seed, its dataset index, b): a counter-based hash
+(splitmix64), never a stream of random numbers drawn in reading order. Every spill of the same eval therefore gives
+the same replicates, whatever its chunking, sample order or world size, and two spills of one eval set (`diff`)
+resample the same items together, which is what a paired test needs.
+
+Bootstrap weights are Poisson(1) (the "Poisson bootstrap": each sample is drawn a Poisson number of times, which
+approximates multinomial resampling of n items and needs no knowledge of n, so it streams). Approximate
+randomization uses fair coin flips.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_BOOTSTRAP_SALT = 0x5EED_B007
+_RANDOMIZATION_SALT = 0x5EED_F11B
+MAX_RESAMPLES = 1 << 20
+
+
+def check_resamples(resamples: int) -> None:
+    """0 (no intervals) up to MAX_RESAMPLES; checked where the number is given, before an evaluation starts."""
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or not 0 <= resamples <= MAX_RESAMPLES:
+        raise ValueError(f"confidence_resamples must be an int in 0..{MAX_RESAMPLES:,} (0: no intervals), "
+                         f"not {resamples!r}")
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 whose output bits each depend on every input bit."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _hashes(seed: int, salt: int, sample_index: np.ndarray, replicates: int) -> np.ndarray:
+    """(replicates, n) uint64: one independent-looking 64-bit value per (replicate, sample)."""
+    if not 0 < replicates <= MAX_RESAMPLES:
+        raise ValueError(f"the number of resamples must be in 1..{MAX_RESAMPLES:,}, not {replicates}")
+    key = np.uint64((int(seed) * 0x9E3779B1 + salt) % (1 << 64))
+    with np.errstate(over="ignore"):
+        per_sample = _mix(_mix(np.asarray(sample_index, dtype=np.int64).astype(np.uint64) + _GOLDEN) ^ key)
+        counters = (np.arange(1, replicates + 1, dtype=np.uint64) * _GOLDEN)[:, None]
+        return _mix(per_sample[None, :] + counters)
+
+
+def _poisson_one_cdf(max_k: int = 40) -> np.ndarray:
+    """P(X <= k) for X ~ Poisson(1), k = 0..max_k (the tail above 40 is below 2^-53)."""
+    terms = [math.exp(-1) / math.factorial(k) for k in range(max_k + 1)]
+    return np.array([math.fsum(terms[: k + 1]) for k in range(max_k + 1)])
+
+
+_POISSON_CDF = _poisson_one_cdf()
+
+
+def poisson_weights(seed: int, sample_index: np.ndarray, resamples: int) -> np.ndarray:
+    """(resamples, n) uint8: how many times each sample is drawn in each bootstrap replicate (Poisson(1))."""
+    uniform = (_hashes(seed, _BOOTSTRAP_SALT, sample_index, resamples) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return np.searchsorted(_POISSON_CDF, uniform, side="right").astype(np.uint8)
+
+
+def coin_flips(seed: int, sample_index: np.ndarray, trials: int) -> np.ndarray:
+    """(trials, n) bool: in each approximate-randomization trial, whether a sample's two systems swap outputs."""
+    return (_hashes(seed, _RANDOMIZATION_SALT, sample_index, trials) >> np.uint64(63)).astype(bool)
