@@ -15,6 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .intervals import DEFAULT_RESAMPLES, DEFAULT_SEED
+from .intervals.weights import MAX_RESAMPLES
+
 app = typer.Typer(
     name="spilleval",
     help="Exact, memory-bounded evaluation: recompute and inspect spilled predictions.",
@@ -49,15 +52,28 @@ def compute(
     as_json: bool = JsonOpt,
     plugin: Optional[list[str]] = PluginOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    bootstrap: int = typer.Option(
+        DEFAULT_RESAMPLES, "--bootstrap", min=0, max=MAX_RESAMPLES,
+        help="Bootstrap resamples for the 95% confidence intervals (0: none). Per-sample means use the analytic "
+             "standard error instead.",
+    ),
+    seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the bootstrap weights."),
 ) -> None:
-    """Recompute metrics from the directory alone (tokenizer and metric settings are read from it)."""
+    """Recompute metrics from the directory alone (tokenizer and metric settings are read from it), with 95%
+    confidence intervals."""
+    from .intervals import confidence_intervals
     from .metrics import compute_from_spill
+    from .report.terminal import interval_text
     from .spill import SpillReader
 
     _load_plugins(plugin)
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     show_progress = not quiet and not as_json and sys.stderr.isatty()
     results = compute_from_spill(spill_dir, names, allow_partial=allow_partial, progress=show_progress)
+    intervals = {}
+    if bootstrap:
+        reader = SpillReader(spill_dir, allow_partial=allow_partial)
+        intervals = confidence_intervals(reader, names, resamples=bootstrap, seed=seed, progress=show_progress).to_json()
     partial_note = None
     if allow_partial:
         completeness = SpillReader(spill_dir, allow_partial=True).completeness()
@@ -67,7 +83,7 @@ def compute(
                 f"({completeness.missing_count} missing)"
             )
     if as_json:  # the shape of results.json: metrics under the keys the run reported them, and its provenance
-        payload = _results_payload(SpillReader(spill_dir, allow_partial=True), results)
+        payload = _results_payload(SpillReader(spill_dir, allow_partial=True), results, intervals)
         if partial_note:
             payload["partial"] = True
             payload["note"] = partial_note
@@ -75,13 +91,13 @@ def compute(
         return
     if partial_note:
         console.print(f"[bold yellow]{partial_note}[/]")
-    table = Table("metric", "value", title=escape(str(spill_dir)))
+    table = Table("metric", "value", "95% CI" if intervals else "", title=escape(str(spill_dir)))
     for key, value in results.items():
-        table.add_row(escape(key), escape(_fmt(value)))
+        table.add_row(escape(key), escape(_fmt(value)), interval_text(intervals.get(key)))
     console.print(table)
 
 
-def _results_payload(reader, results: dict) -> dict:
+def _results_payload(reader, results: dict, intervals: dict) -> dict:
     """Recomputed `results` shaped as the spill's results.json: prefixed as the run reported them (a trainer's
     `eval_`), with the run's provenance when its results.json verifies."""
     from .spill.results import prefixed
@@ -92,8 +108,11 @@ def _results_payload(reader, results: dict) -> dict:
     except Exception:  # noqa: BLE001 - a damaged results.json: the recomputed numbers stand alone
         record = None
     prefix = reader.manifest.extra.get("metric_key_prefix")
-    return {"metrics": prefixed(results, prefix if isinstance(prefix, str) else None),
-            "provenance": record["provenance"] if record else {}}
+    prefix = prefix if isinstance(prefix, str) else None
+    payload = {"metrics": prefixed(results, prefix), "provenance": record["provenance"] if record else {}}
+    if intervals:
+        payload["intervals"] = prefixed(intervals, prefix)
+    return payload
 
 
 @app.command()
@@ -170,9 +189,11 @@ def _print_state(spill_dir: Path, state, info: dict) -> None:
         table.add_row(key, str(value))
     console.print(table)
     if state.results:
-        results = Table("metric", "live value", title="results of the run")
+        from .report.terminal import interval_text
+
+        results = Table("metric", "live value", "95% CI" if state.intervals else "", title="results of the run")
         for key, value in state.results.items():
-            results.add_row(escape(key), escape(_fmt(value)))
+            results.add_row(escape(key), escape(_fmt(value)), interval_text(state.intervals.get(key)))
         console.print(results)
     for note in state.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)

@@ -24,7 +24,7 @@ from .results import metric_results
 from .samples import DEFAULT_MAX_TOKENS, SampleView, ranked_views
 from .scan import ScoreHistogram, ScoreHistograms, WorstSamples, scan
 from .scores import SampleScore, default_scores, resolve_scores
-from .terminal import format_score, visible
+from .terminal import format_score, interval_text, visible
 
 BAR_COLOUR = "#3b6ea8"
 HISTOGRAM_BINS = 30
@@ -43,6 +43,7 @@ class ReportData:
     manifest: dict[str, Any]
     metrics: dict[str, Any]
     metrics_source: str
+    intervals: dict[str, Any]  # 95% confidence intervals by metric name (results.json's), may be empty
     overview: list[tuple[str, str]]
     score_summaries: list[dict[str, Any]]
     plots: list[Plot]
@@ -75,6 +76,7 @@ def build_report(
         manifest=reader.manifest.to_json(),
         metrics=metrics,
         metrics_source=source,
+        intervals=reader.intervals() if source == "results.json" else {},
         overview=_overview(reader, histograms.by_name["length"]),
         score_summaries=[{"name": h.score.name, "description": h.score.description, **h.summary()}
                          for h in histograms.by_name.values()],
@@ -92,6 +94,7 @@ def render_html(data: ReportData) -> str:
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["score"] = format_score
     env.filters["metric"] = _format_metric
+    env.filters["interval"] = interval_text
     env.globals["visible"] = visible
     return env.get_template("report.html.j2").render(
         data=data, manifest_json=json.dumps(data.manifest, indent=2, sort_keys=True), version=__version__

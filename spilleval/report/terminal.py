@@ -34,6 +34,14 @@ def format_score(value: float) -> str:
     return f"{value:.4f}"
 
 
+def interval_text(interval: dict[str, Any] | None) -> str:
+    """`± half-width (95% CI)` of a results.json interval, "" without one."""
+    if not interval:
+        return ""
+    half_width = (interval["high"] - interval["low"]) / 2
+    return f"± {half_width:.3g} ({interval['level']:.0%} CI)"
+
+
 def visible(piece: str) -> tuple[str, str]:
     """(leading whitespace, body) of a decoded piece; a whitespace-only token gets a visible body."""
     body = piece.lstrip()

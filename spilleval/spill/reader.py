@@ -44,7 +44,7 @@ from .manifest import (
     safe_join,
     shard_dir_name,
 )
-from .results import metrics_by_name, read_results_record
+from .results import intervals_by_name, metrics_by_name, read_results_record
 from .schema import SHARD_DONE_SCHEMA, parse
 
 
@@ -228,6 +228,11 @@ class SpillReader:
         stopped, or a resumed run has not finished yet). `IntegrityError` when they changed after the seal."""
         record = self.results_record()
         return None if record is None else metrics_by_name(record)
+
+    def intervals(self) -> dict[str, Any]:
+        """The run's confidence intervals by metric name ({} when none were stored or results do not verify)."""
+        record = self.results_record()
+        return {} if record is None else intervals_by_name(record)
 
     def results_record(self) -> dict[str, Any] | None:
         """The whole `results.json` (metrics as the run reported them, intervals, provenance); None as `results`."""

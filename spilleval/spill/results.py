@@ -33,8 +33,21 @@ def read_results_record(path: Path, schema_version: int) -> dict[str, Any]:
 
 def metrics_by_name(record: dict[str, Any]) -> dict[str, Any]:
     """The record's metrics without the prefix they were reported with (`eval_token_accuracy` -> `token_accuracy`)."""
-    prefix = record["provenance"].get("metric_key_prefix")
+    return _unprefixed(record["metrics"], record["provenance"].get("metric_key_prefix"))
+
+
+def intervals_by_name(record: dict[str, Any]) -> dict[str, Any]:
+    """The record's confidence intervals (if any) keyed like `metrics_by_name`; malformed entries are dropped."""
+    intervals = _unprefixed(record.get("intervals") or {}, record["provenance"].get("metric_key_prefix"))
+    return {key: value for key, value in intervals.items() if _is_interval(value)}
+
+
+def _unprefixed(values: dict[str, Any], prefix: Any) -> dict[str, Any]:
     if not isinstance(prefix, str) or not prefix:
-        return dict(record["metrics"])
+        return dict(values)
     start = len(prefix) + 1
-    return {key[start:] if key.startswith(f"{prefix}_") else key: value for key, value in record["metrics"].items()}
+    return {key[start:] if key.startswith(f"{prefix}_") else key: value for key, value in values.items()}
+
+
+def _is_interval(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(value.get(k), (int, float)) for k in ("low", "high", "level"))

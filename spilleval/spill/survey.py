@@ -36,7 +36,7 @@ from .reader import (
     shard_dirs,
     shard_rank,
 )
-from .results import metrics_by_name, read_results_record
+from .results import intervals_by_name, metrics_by_name, read_results_record
 
 T = TypeVar("T")
 
@@ -52,6 +52,7 @@ class SpillSurvey:
     results: dict[str, Any] | None  # results.json, when it verifies
     problems: list[str] = field(default_factory=list)  # one message per damaged file: what, where, how to recover
     notes: list[str] = field(default_factory=list)  # not damage: what a person should know (e.g. unverified files)
+    intervals: dict[str, Any] = field(default_factory=dict)  # results.json's confidence intervals, by metric name
 
     @property
     def complete(self) -> bool:
@@ -96,7 +97,7 @@ def survey(spill_dir: str | Path) -> SpillSurvey:
         _passes(problems, seal.verify_tokenizer)
     if (path / TOKENIZER_DIR).is_dir():
         _passes(problems, lambda: check_tokenizer_files(path / TOKENIZER_DIR))
-    results = _survey_results(path, manifest, seal, problems, notes)
+    record = _survey_results(path, manifest, seal, problems, notes)
     complete = (
         manifest is not None and manifest.status == "complete" and not problems
         and len(finished) == manifest.world_size and all(finished.values())
@@ -109,7 +110,9 @@ def survey(spill_dir: str | Path) -> SpillSurvey:
                      "--allow-partial, or resume the evaluation (resume=True) to finish and seal it.")
     expected = manifest.dataset_length if manifest is not None else None
     return SpillSurvey(path, manifest, seal is not None, chunks, damaged, completeness_of(seen, expected,
-                       complete=complete), results, problems, notes)
+                       complete=complete),
+                       metrics_by_name(record) if record else None, problems, notes,
+                       intervals_by_name(record) if record else {})
 
 
 def _survey_shard(shard: Path, seen: SampleSet, problems: list[str]) -> tuple[list[ChunkRecord], int]:
@@ -133,6 +136,7 @@ def _survey_shard(shard: Path, seen: SampleSet, problems: list[str]) -> tuple[li
 
 def _survey_results(path: Path, manifest: Manifest | None, seal: Seal | None, problems: list[str],
                     notes: list[str]) -> dict[str, Any] | None:
+    """results.json's record when it verifies against the seal."""
     results_path = path / RESULTS_NAME
     if not results_path.exists():
         return None
@@ -143,8 +147,7 @@ def _survey_results(path: Path, manifest: Manifest | None, seal: Seal | None, pr
     if seal is not None and not _passes(problems, lambda: seal.verify_file(RESULTS_NAME)):
         return None
     version = manifest.schema_version if manifest is not None else SCHEMA_VERSION
-    record = _attempt(problems, lambda: read_results_record(results_path, version))
-    return None if record is None else metrics_by_name(record)
+    return _attempt(problems, lambda: read_results_record(results_path, version))
 
 
 def _attempt(problems: list[str], step: Callable[[], T]) -> T | None:

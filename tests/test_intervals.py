@@ -1,0 +1,152 @@
+"""Confidence intervals (`spilleval.intervals`): bootstrap replicates equal the metric computed on the resampled
+corpus in memory, to the bit; intervals do not depend on chunking or sample order; the analytic standard error is
+the textbook one; the weights are a function of (seed, dataset index)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+from metric_data import VOCAB_WORDS, Sample, batches_of, run_streaming, write_samples
+from typer.testing import CliRunner
+
+from spilleval.cli import app
+from spilleval.intervals import confidence_intervals
+from spilleval.intervals.estimate import replicate_pass
+from spilleval.intervals.weights import check_resamples, coin_flips, poisson_weights
+from spilleval.spill import SpillReader
+
+REFS = {"references_column": "references"}
+SPECS = [
+    "token_accuracy",
+    "sequence_exact_match",
+    "nll",
+    "text_match",
+    "wer",
+    {"name": "bleu", "params": REFS},
+    {"name": "chrf", "params": REFS},
+    {"name": "ter", "params": REFS},
+    {"name": "squad", "params": REFS},
+    {"name": "accuracy", "params": {}},
+]
+CLASSES = VOCAB_WORDS[:4]
+CLASS_SPECS = [{"name": "f1", "params": {"labels": CLASSES}}, {"name": "accuracy", "params": {"labels": CLASSES}}]
+
+
+def make_samples(n: int = 80, seed: int = 0) -> list[Sample]:
+    """Predictions right about 60% of the time: metrics far from 0 and 1."""
+    rng = np.random.default_rng(seed)
+    words = VOCAB_WORDS[:30]
+    samples = []
+    for _ in range(n):
+        label = [str(w) for w in rng.choice(words, size=rng.integers(1, 7))]
+        pred = [w if rng.random() < 0.6 else str(rng.choice(words)) for w in label]
+        refs = [" ".join(label)] + ([" ".join(reversed(label))] if rng.random() < 0.3 else [])
+        logprob = (-rng.exponential(1.5, size=len(label))).astype(np.float32).tolist()
+        samples.append(Sample(pred=pred, label=label, columns={"references": refs}, logprob=logprob))
+    return samples
+
+
+def make_class_samples(n: int = 90, seed: int = 0) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        label = str(rng.choice(CLASSES))
+        out.append(Sample(pred=[label if rng.random() < 0.6 else str(rng.choice(CLASSES))], label=[label]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[Sample]:
+    return make_samples()
+
+
+@pytest.fixture(scope="module")
+def spill(tmp_path_factory, samples):
+    return write_samples(tmp_path_factory.mktemp("ci") / "spill", samples, chunk_rows=7)
+
+
+def test_weights_are_a_function_of_seed_and_dataset_index():
+    index = np.arange(5000)
+    weights = poisson_weights(7, index, 64)
+    shuffled = np.random.default_rng(1).permutation(index)
+    assert np.array_equal(poisson_weights(7, shuffled, 64), weights[:, shuffled])
+    assert not np.array_equal(poisson_weights(8, index, 64), weights)
+    assert weights.mean() == pytest.approx(1, abs=0.01) and weights.var() == pytest.approx(1, abs=0.02)  # Poisson(1)
+    flips = coin_flips(7, index, 64)
+    assert np.array_equal(coin_flips(7, shuffled, 64), flips[:, shuffled])
+    assert flips.mean() == pytest.approx(0.5, abs=0.01)
+    for bad in (-1, 2**21, 1.5, True):
+        with pytest.raises(ValueError, match="confidence_resamples"):
+            check_resamples(bad)
+
+
+@pytest.mark.parametrize("kind", ["text", "classes"])
+def test_bootstrap_replicates_equal_the_metric_on_the_resampled_corpus_in_memory(tmp_path, spill, samples, kind):
+    """Replicate b is the corpus in which sample i appears w[b, i] times: computed in memory the slow way, the
+    metric gives the same numbers, to the bit, for every output of every metric."""
+    specs = SPECS if kind == "text" else CLASS_SPECS
+    if kind == "classes":
+        samples = make_class_samples()
+        spill = write_samples(tmp_path / "classes", samples, chunk_rows=11)
+    resamples, seed = 6, 11
+    gathered = replicate_pass(SpillReader(spill), specs, lambda i: poisson_weights(seed, i, resamples), resamples)
+    weights = poisson_weights(seed, np.arange(len(samples)), resamples)
+    replicate_values = {name: r.values() for name, r in gathered.replicates.items()}
+    assert set(replicate_values) == {m["name"] if isinstance(m, dict) else m for m in specs}
+    for b in range(resamples):
+        corpus = [i for i in range(len(samples)) for _ in range(weights[b, i])]
+        want = run_streaming(specs, batches_of(samples, 13, corpus)).compute_streaming()
+        for values in replicate_values.values():
+            for key, per_replicate in values.items():
+                assert per_replicate[b] == want[key] or (math.isnan(want[key]) and math.isnan(per_replicate[b])), key
+
+
+def test_intervals_do_not_depend_on_chunking_or_sample_order(tmp_path, spill, samples):
+    order = np.random.default_rng(3).permutation(len(samples)).tolist()
+    other = write_samples(tmp_path / "other", samples, chunk_rows=50, order=order, batch_size=3)
+    a = confidence_intervals(SpillReader(spill), SPECS, resamples=40, seed=5)
+    b = confidence_intervals(SpillReader(other), SPECS, resamples=40, seed=5)
+    assert a.to_json() == b.to_json()
+    assert not a.skipped
+    methods = {key: interval.method for key, interval in a.intervals.items()}
+    assert methods["sequence_exact_match"] == methods["squad_f1"] == methods["accuracy"] == "analytic"
+    assert methods["bleu"] == methods["token_accuracy"] == methods["nll"] == methods["ter"] == "bootstrap"
+    point = run_streaming(SPECS, batches_of(samples, 16)).compute_streaming()
+    for key in ("bleu", "token_accuracy", "chrf", "wer"):
+        interval = a.intervals[key]
+        assert interval.low < point[key] < interval.high, key
+
+
+def test_analytic_interval_is_the_textbook_standard_error_of_a_mean(spill, samples):
+    report = confidence_intervals(SpillReader(spill), SPECS, resamples=10)
+    z = NormalDist().inv_cdf(0.975)
+    per_sample = [run_streaming([{"name": "squad", "params": REFS}], batches_of(samples, 1, [i])).compute_streaming()
+                  for i in range(len(samples))]
+    for key in ("squad_f1", "squad_exact_match"):
+        x = [row[key] for row in per_sample]
+        standard_error = statistics.stdev(x) / math.sqrt(len(x))
+        interval = report.intervals[key]
+        assert interval.standard_error == pytest.approx(standard_error, rel=1e-15)
+        assert interval.low == pytest.approx(statistics.fmean(x) - z * standard_error, rel=1e-14)
+        assert interval.high == pytest.approx(statistics.fmean(x) + z * standard_error, rel=1e-14)
+        assert 0 < interval.low < interval.high < 100
+
+
+def test_compute_prints_intervals_and_stores_their_shape(spill):
+    runner = CliRunner()
+    metrics = "token_accuracy,sequence_exact_match,bleu"
+    out = runner.invoke(app, ["compute", str(spill), "-m", metrics, "--bootstrap", "50", "--seed", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    payload = json.loads(out.output)
+    want = confidence_intervals(SpillReader(spill), metrics.split(","), resamples=50, seed=2).to_json()
+    assert payload["intervals"] == want
+    assert payload["intervals"]["bleu"]["resamples"] == 50 and payload["intervals"]["bleu"]["seed"] == 2
+    table = runner.invoke(app, ["compute", str(spill), "-m", metrics, "--bootstrap", "50"])
+    assert table.exit_code == 0 and "(95% CI)" in table.output and "±" in table.output
+    plain = runner.invoke(app, ["compute", str(spill), "-m", metrics, "--bootstrap", "0", "--json"])
+    assert "intervals" not in json.loads(plain.output)
