@@ -42,6 +42,12 @@ def _fmt(value) -> str:
     return f"{value:.6f}" if isinstance(value, float) else str(value)
 
 
+class PairedTestKind(str, Enum):
+    bootstrap = "bootstrap"
+    randomization = "randomization"
+    none = "none"
+
+
 @app.command()
 def compute(
     spill_dir: Path = SpillDir,
@@ -332,8 +338,17 @@ def diff(
     as_json: bool = JsonOpt,
     allow_partial: bool = AllowPartialOpt,
     quiet: bool = QuietOpt,
+    test: PairedTestKind = typer.Option(
+        PairedTestKind.bootstrap, "--test",
+        help="Paired significance test of B − A: bootstrap (as sacrebleu --paired-bs), randomization (approximate "
+             "randomization, as sacrebleu --paired-ar) or none.",
+    ),
+    trials: int = typer.Option(DEFAULT_RESAMPLES, "--trials", min=1, max=MAX_RESAMPLES,
+                               help="Resamples (bootstrap) or shuffles (randomization) of the paired test."),
+    seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the paired test's draws."),
 ) -> None:
-    """Two spills of the same eval set: metric deltas (B − A) and samples that flipped right↔wrong."""
+    """Two spills of the same eval set: metric deltas (B − A) with a paired significance test, and samples that
+    flipped right↔wrong."""
     from .report import diff_spills
     from .report.scan import show_progress
     from .report.terminal import print_diff
@@ -342,7 +357,8 @@ def diff(
     reader_a = SpillReader(dir_a, allow_partial=allow_partial)
     reader_b = SpillReader(dir_b, allow_partial=allow_partial)
     result = diff_spills(reader_a, reader_b, limit=limit, recompute=recompute,
-                         progress_bar=show_progress(quiet) and not as_json)
+                         progress_bar=show_progress(quiet) and not as_json,
+                         test=None if test is PairedTestKind.none else test.value, trials=trials, seed=seed)
     if as_json:
         _print_json(result.to_json())
         return

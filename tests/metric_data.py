@@ -8,9 +8,10 @@ References are dataset columns and may be any unicode text.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
@@ -84,12 +85,17 @@ def run_streaming(specs: Sequence[Any], batches: Sequence[SampleBatch]) -> Metri
 
 
 def write_samples(path: Path, samples: Sequence[Sample], *, chunk_rows: int, order: Sequence[int] | None = None,
-                  batch_size: int = 7, with_tokenizer: bool = True) -> Path:
-    """A complete spill of the samples (written in `order`, in batches), the tokenizer saved in it."""
+                  batch_size: int = 7, with_tokenizer: bool = True, metrics: Sequence[Any] = (),
+                  dataset_length: int | None = None) -> Path:
+    """A complete spill of the samples (written in `order`, in batches), the tokenizer saved in it; `metrics`
+    (specs) recorded in its manifest."""
     from conftest import make_manifest, write_spill
 
+    from spilleval.metrics.registry import build_metrics
+
     manifest = make_manifest(len(tokenizer()), has_logprob=bool(samples) and samples[0].logprob is not None,
-                             dataset_length=len(samples))
+                             dataset_length=len(samples) if dataset_length is None else dataset_length)
+    manifest.metrics = [m.spec() for m in build_metrics(metrics)]
     return write_spill(path, batches_of(samples, batch_size, order), manifest,
                        tokenizer=tokenizer() if with_tokenizer else None, chunk_rows=chunk_rows)
 

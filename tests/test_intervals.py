@@ -150,3 +150,82 @@ def test_compute_prints_intervals_and_stores_their_shape(spill):
     assert table.exit_code == 0 and "(95% CI)" in table.output and "±" in table.output
     plain = runner.invoke(app, ["compute", str(spill), "-m", metrics, "--bootstrap", "0", "--json"])
     assert "intervals" not in json.loads(plain.output)
+
+
+def two_systems(n: int = 300) -> tuple[list[Sample], list[Sample]]:
+    """Two systems on one eval set: B right a little more often than A, so the p-value is neither 0 nor 1."""
+    rng = np.random.default_rng(4)
+    words = VOCAB_WORDS[:30]
+    a, b = [], []
+    for _ in range(n):
+        label = [str(w) for w in rng.choice(words, size=rng.integers(2, 8))]
+        refs = {"references": [" ".join(label)]}
+        for system, right in ((a, 0.55), (b, 0.59)):
+            pred = [w if rng.random() < right else str(rng.choice(words)) for w in label]
+            system.append(Sample(pred=pred, label=label, columns=refs))
+    return a, b
+
+
+@pytest.mark.parametrize("test", ["bootstrap", "randomization"])
+def test_paired_test_agrees_with_sacrebleu(tmp_path, test):
+    """Same statistic and p-value formula as sacrebleu's paired bootstrap / approximate randomization; the draws
+    differ (Poisson weights keyed by dataset index vs. numpy's multinomial indices), so the p-values agree within
+    the resampling error of 2,000 trials."""
+    from metric_data import decoded_texts
+    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.significance import _paired_ar_test, _paired_bs_test
+
+    from spilleval.intervals.paired import paired_test
+
+    a, b = two_systems()
+    spill_a = write_samples(tmp_path / "a", a, chunk_rows=40)
+    spill_b = write_samples(tmp_path / "b", b, chunk_rows=17, order=list(reversed(range(len(b)))))
+    trials = 2000
+    ours = paired_test(SpillReader(spill_a), SpillReader(spill_b), [{"name": "bleu", "params": REFS},
+                       {"name": "chrf", "params": REFS}], test=test, trials=trials, seed=1).results
+    hyps_a, hyps_b = decoded_texts(a)[0], decoded_texts(b)[0]
+    streams = [[s.columns["references"][0] for s in a]]
+    for key, metric in (("bleu", BLEU()), ("chrf", CHRF())):
+        stats = metric._extract_corpus_statistics(hyps_a, streams)
+        baseline = {key: (np.array(stats), metric._aggregate_and_compute(stats))}
+        run = _paired_bs_test if test == "bootstrap" else _paired_ar_test
+        _, theirs = run(baseline, "b", hyps_b, streams, {key: metric}, trials, -1, 12345)
+        assert ours[key].b == pytest.approx(theirs[key].score, rel=1e-12)
+        assert ours[key].a == pytest.approx(baseline[key][1].score, rel=1e-12)
+        assert 0.01 < theirs[key].p_value < 0.9, "the data should give a p-value that can be compared"
+        assert ours[key].p_value == pytest.approx(theirs[key].p_value, abs=0.05), key
+        if test == "bootstrap":
+            assert ours[key].delta_low < ours[key].delta < ours[key].delta_high
+
+
+def test_paired_test_of_a_spill_against_itself_finds_nothing(spill):
+    from spilleval.intervals.paired import paired_test
+
+    report = paired_test(SpillReader(spill), SpillReader(spill), ["token_accuracy"], trials=200)
+    result = report.results["token_accuracy"]
+    assert result.delta == 0 and result.delta_low == result.delta_high == 0
+    assert result.p_value == 1 / 201  # sacrebleu's formula: no resample beats an observed difference of 0
+
+
+def test_diff_prints_the_paired_test_and_refuses_it_on_different_samples(tmp_path):
+    from spilleval.intervals.paired import paired_test
+
+    a, b = two_systems(60)
+    metrics = ["token_accuracy", {"name": "bleu", "params": REFS}]
+    spill_a = write_samples(tmp_path / "a", a, chunk_rows=9, metrics=metrics)
+    spill_b = write_samples(tmp_path / "b", b, chunk_rows=9, metrics=metrics)
+    spill_c = write_samples(tmp_path / "c", b[:50], chunk_rows=9, metrics=metrics, dataset_length=len(b))
+    runner = CliRunner()
+    out = runner.invoke(app, ["diff", str(spill_a), str(spill_b), "--recompute", "--trials", "300", "--json"])
+    assert out.exit_code == 0, out.output
+    payload = json.loads(out.output)
+    want = paired_test(SpillReader(spill_a), SpillReader(spill_b), trials=300).results
+    assert payload["significance"] == {key: result.to_json() for key, result in want.items()}
+    assert {"token_accuracy", "bleu", "bleu_precision_4"} <= set(payload["significance"])
+    table = runner.invoke(app, ["diff", str(spill_a), str(spill_b), "--recompute", "--trials", "300",
+                                "--test", "randomization"])
+    assert table.exit_code == 0 and "approximate randomization over 300 trials" in " ".join(table.output.split())
+    refused = runner.invoke(app, ["diff", str(spill_a), str(spill_c), "--recompute", "--json", "--allow-partial"])
+    assert refused.exit_code == 0, (refused.output, refused.exception)
+    assert json.loads(refused.output)["significance"] == {}
+    assert "not hold the same samples" in json.loads(refused.output)["significance_note"]

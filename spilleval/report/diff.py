@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from ..batch import SampleBatch
+from ..intervals import DEFAULT_RESAMPLES, DEFAULT_SEED
+from ..intervals.paired import paired_test
 from ..sampleset import SampleSet
 from ..spill import SpillReader
 from .results import metric_results
@@ -74,6 +76,8 @@ class SpillDiff:
     wrong_to_right_count: int
     right_to_wrong: list[int] = field(default_factory=list)  # the first `limit` sample indices of each
     wrong_to_right: list[int] = field(default_factory=list)
+    significance: dict[str, dict[str, Any]] = field(default_factory=dict)  # output -> PairedResult.to_json()
+    significance_note: str | None = None  # why some or all metrics have no paired test
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,6 +96,8 @@ class SpillDiff:
             },
             "right_to_wrong": self.right_to_wrong,
             "wrong_to_right": self.wrong_to_right,
+            "significance": self.significance,
+            "significance_note": self.significance_note,
         }
 
 
@@ -111,6 +117,9 @@ def diff_spills(
     limit: int = 10,
     recompute: bool = False,
     progress_bar: bool = False,
+    test: str | None = "bootstrap",
+    trials: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
 ) -> SpillDiff:
     from .scores import resolve_scores
 
@@ -130,6 +139,14 @@ def diff_spills(
     wrong_to_right = both & sa.wrong & sb.right
     results_a, source_a = metric_results(reader_a, recompute=recompute, progress_bar=progress_bar)
     results_b, source_b = metric_results(reader_b, recompute=recompute, progress_bar=progress_bar)
+    significance, note = {}, None
+    if test is not None and (len(present_a - present_b) or len(present_b - present_a)):
+        note = "no paired test: the spills do not hold the same samples (a paired test compares the same items)"
+    elif test is not None:
+        report = paired_test(reader_a, reader_b, test=test, trials=trials, seed=seed, progress=progress_bar)
+        significance = {key: result.to_json() for key, result in report.results.items()}
+        if report.skipped:
+            note = "no paired test for " + "; ".join(f"{name}: {why}" for name, why in report.skipped.items())
     return SpillDiff(
         a=str(reader_a.path),
         b=str(reader_b.path),
@@ -144,6 +161,8 @@ def diff_spills(
         wrong_to_right_count=len(wrong_to_right),
         right_to_wrong=right_to_wrong.first(limit),
         wrong_to_right=wrong_to_right.first(limit),
+        significance=significance,
+        significance_note=note,
     )
 
 

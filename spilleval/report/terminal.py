@@ -7,7 +7,8 @@ Wrong positions are coloured (reference: green, prediction: red, underlined); ev
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -111,13 +112,26 @@ def _short(value: Any) -> str:
     return text if len(text) <= MAX_COLUMN_CHARS else text[:MAX_COLUMN_CHARS] + "…"
 
 
-def metric_delta_table(title: str, metrics: dict[str, dict[str, Any]]) -> Table:
-    table = Table("metric", "A", "B", "B − A", title=title)
+def metric_delta_table(title: str, metrics: dict[str, dict[str, Any]],
+                       significance: dict[str, dict[str, Any]] | None = None) -> Table:
+    """A, B and B − A per metric; with a paired test, the delta's interval and the p-value too."""
+    significance = significance or {}
+    columns = ["metric", "A", "B", "B − A"] + ([f"{_level(significance)} CI of B − A", "p"] if significance else [])
+    table = Table(*columns, title=title)
     for name, row in metrics.items():
         delta = row["delta"]
         shown = "-" if delta is None else f"{delta:+.6f}" if isinstance(delta, float) else f"{delta:+d}"
-        table.add_row(escape(name), escape(_value(row["a"])), escape(_value(row["b"])), shown)  # from the spills
+        cells = [escape(name), escape(_value(row["a"])), escape(_value(row["b"])), shown]  # from the spills
+        if significance:
+            test = significance.get(name)
+            cells += [f"[{test['delta_low']:+.4g}, {test['delta_high']:+.4g}]", f"{test['p_value']:.3g}"] if test \
+                else ["", ""]
+        table.add_row(*cells)
     return table
+
+
+def _level(significance: dict[str, dict[str, Any]]) -> str:
+    return f"{next(iter(significance.values()))['level']:.0%}"
 
 
 def _value(value: Any) -> str:
@@ -129,7 +143,14 @@ def _value(value: Any) -> str:
 def print_diff(console: Console, result: SpillDiff, reader_a: SpillReader, reader_b: SpillReader, *,
                max_tokens: int) -> None:
     """Metric deltas, flip counts, then each listed flipped sample with A's and B's prediction."""
-    console.print(metric_delta_table(f"A = {result.a}\nB = {result.b}", result.metrics))
+    console.print(metric_delta_table(f"A = {result.a}\nB = {result.b}", result.metrics, result.significance))
+    if result.significance:
+        test = next(iter(result.significance.values()))
+        how = "paired bootstrap" if test["test"] == "bootstrap" else "approximate randomization"
+        console.print(f"p: {how} over {test['trials']:,} trials (seed {test['seed']}), as sacrebleu's "
+                      "paired tests; a small p says B − A is unlikely to be chance.", highlight=False)
+    if result.significance_note:
+        console.print(f"[yellow]note:[/] {escape(result.significance_note)}", soft_wrap=True)
     only = ""
     if result.only_in_a or result.only_in_b:
         only = f"; only in A {result.only_in_a:,}, only in B {result.only_in_b:,}"

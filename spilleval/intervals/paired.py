@@ -1,0 +1,137 @@
+"""Is B better than A on the same eval set? Paired bootstrap resampling and approximate randomization.
+
+Both follow sacrebleu's `--paired-bs` / `--paired-ar` (`sacrebleu.significance`): the test statistic, the p-value
+`(c + 1) / (trials + 1)` and the delta's percentile interval. The difference is how samples are drawn: each
+sample's weight (bootstrap) or coin (randomization) is a function of (seed, dataset index), so the two spills are
+read in separate bounded-memory passes, in any chunking and order, and the same items are resampled together.
+
+Randomization swaps the two systems' outputs of a sample when its coin says so; with per-sample states s_a, s_b and
+the coins m, the pseudo-systems' states are `sum(s_a) - m @ s_a + m @ s_b` and the mirror image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..metrics import exact_sum
+from ..metrics.base import State
+from ..metrics.runner import MetricSpec
+from .bounds import DEFAULT_LEVEL
+from .estimate import DEFAULT_RESAMPLES, DEFAULT_SEED, replicate_pass
+from .replicates import MetricReplicates
+from .weights import coin_flips, poisson_weights
+
+TESTS = ("bootstrap", "randomization")
+
+
+@dataclass(frozen=True)
+class PairedResult:
+    """One metric output: A, B, B − A with its interval, and the p-value of "the difference is chance"."""
+
+    a: float
+    b: float
+    delta_low: float
+    delta_high: float
+    p_value: float
+    test: str
+    trials: int
+    seed: int
+    level: float
+
+    @property
+    def delta(self) -> float:
+        return self.b - self.a
+
+    def to_json(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "delta": self.delta, "delta_low": self.delta_low,
+                "delta_high": self.delta_high, "p_value": self.p_value, "test": self.test, "trials": self.trials,
+                "seed": self.seed, "level": self.level}
+
+
+@dataclass
+class PairedReport:
+    results: dict[str, PairedResult]
+    skipped: dict[str, str]
+
+
+def paired_test(
+    reader_a: Any,
+    reader_b: Any,
+    metrics: Iterable[MetricSpec] | None = None,
+    *,
+    test: str = "bootstrap",
+    trials: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    level: float = DEFAULT_LEVEL,
+    progress: bool = False,
+) -> PairedReport:
+    """Paired significance of B − A for every streaming metric output of A's recorded metrics (or `metrics`).
+    The spills must hold the same samples (the caller checks: `spilleval diff` does)."""
+    if test not in TESTS:
+        raise ValueError(f"test must be one of {', '.join(TESTS)}, not {test!r}")
+    draw = poisson_weights if test == "bootstrap" else coin_flips
+    specs = list(metrics) if metrics is not None else reader_a.manifest.metrics
+
+    def weights(index: np.ndarray) -> np.ndarray:  # row 0: every sample once (the observed systems)
+        return np.vstack([np.ones((1, len(index)), np.uint8), draw(seed, index, trials).astype(np.uint8)])
+
+    passes = [replicate_pass(r, specs, weights, trials + 1, progress=progress) for r in (reader_a, reader_b)]
+    results: dict[str, PairedResult] = {}
+    for name, replicates_a in passes[0].replicates.items():
+        replicates_b = passes[1].replicates[name]
+        values = (_paired_bootstrap if test == "bootstrap" else _randomization)(replicates_a, replicates_b)
+        for key, (observed_a, observed_b, statistic, deltas) in values.items():
+            results[key] = _result(observed_a, observed_b, statistic, deltas, test, trials, seed, level)
+    return PairedReport(results, {**passes[0].skipped, **passes[1].skipped})
+
+
+def _paired_bootstrap(a: MetricReplicates, b: MetricReplicates) -> dict[str, tuple]:
+    """sacrebleu's paired bootstrap: |Δ| of each resample, centred on its mean, against the observed |Δ|."""
+    values_a, values_b = a.values(), b.values()
+    out = {}
+    for key in values_a:
+        deltas = values_b[key][1:] - values_a[key][1:]
+        statistic = np.abs(deltas) - np.abs(deltas).mean()
+        out[key] = (values_a[key][0], values_b[key][0], statistic, deltas)
+    return out
+
+
+def _randomization(a: MetricReplicates, b: MetricReplicates) -> dict[str, tuple]:
+    """sacrebleu's approximate randomization: |Δ| of the pseudo-systems against the observed |Δ|."""
+    swapped_a = _swap(a, b)
+    swapped_b = _swap(b, a)
+    values_a, values_b = a.values(), b.values()
+    pseudo_a, pseudo_b = swapped_a.values(), swapped_b.values()
+    out = {}
+    for key in values_a:
+        statistic = np.abs(pseudo_b[key] - pseudo_a[key])
+        out[key] = (values_a[key][0], values_b[key][0], statistic, None)
+    return out
+
+
+def _swap(own: MetricReplicates, other: MetricReplicates) -> MetricReplicates:
+    """The pseudo-system that keeps `own`'s outputs except where the coin swaps in `other`'s."""
+    swapped = MetricReplicates(own.metric, own.states[next(iter(own.states))].shape[0] - 1)
+    for name, states in own.states.items():
+        combined: State = states[:1] - states[1:] + other.states[name][1:]
+        if own.metric.is_float_state(name):
+            combined = exact_sum.normalise_rows(combined)
+        swapped.states[name] = combined
+    return swapped
+
+
+def _result(a: float, b: float, statistic: np.ndarray, deltas: np.ndarray | None, test: str, trials: int,
+            seed: int, level: float) -> PairedResult:
+    observed = abs(b - a)
+    p_value = (int(np.sum(statistic > observed)) + 1) / (len(statistic) + 1)
+    if deltas is not None and np.isfinite(deltas).any():
+        low, high = np.quantile(deltas[np.isfinite(deltas)], [(1 - level) / 2, (1 + level) / 2])
+    else:
+        low = high = float("nan")
+    return PairedResult(float(a), float(b), float(low), float(high), p_value, test, trials, seed, level)
+
+
