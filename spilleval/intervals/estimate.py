@@ -24,7 +24,7 @@ from .weights import poisson_weights
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_SEED = 0
-MAX_WINDOW_ROWS = 2048
+MAX_WINDOW_ROWS = 256  # weights and hashes of one window: 1,000 resamples x 256 samples x 8 bytes = 2 MiB
 WINDOW_BYTES = 64 * 2**20  # one window's per-sample states, all metrics together
 
 Weights = Callable[[np.ndarray], np.ndarray]  # dataset indices (n,) -> (replicates, n) integer weights
