@@ -46,7 +46,7 @@ def _row_reduce_kernel(
     top = tl.full([BLOCK], float("-inf"), tl.float32)  # each lane's running maximum (NaN never enters it)
     total = tl.zeros([BLOCK], tl.float32)  # each lane's sum of exp(x - top)
     first = tl.zeros([BLOCK], tl.int32)  # each lane's first index of its maximum
-    first_nan = tl.full([BLOCK], vocab, tl.int32)  # each lane's first NaN, `vocab` if none
+    first_nan = tl.zeros([BLOCK], tl.int32) + vocab  # each lane's first NaN, `vocab` if none
     for start in range(0, vocab, BLOCK):
         cols = start + lanes
         x = tl.load(base + cols.to(tl.int64) * stride_v, mask=cols < vocab, other=float("-inf")).to(tl.float32)
