@@ -54,7 +54,9 @@ def _value_statistics(flat: Any) -> Any:
         part = flat[start : start + STATS_CHUNK].double()
         stats[0] += part.sum()
         stats[1] += (part * part).sum()
-    picks = torch.linspace(0, flat.numel() - 1, SAMPLED_VALUES, device=flat.device).long()
+    # float32 positions, as fingerprints have always been taken; above 2**24 elements the last one can round up to
+    # numel (a 32,000 x 2,048 embedding did), so it is clamped back into the tensor
+    picks = torch.linspace(0, flat.numel() - 1, SAMPLED_VALUES, device=flat.device).long().clamp_(max=flat.numel() - 1)
     stats[2:] = flat[picks].double()
     return stats
 

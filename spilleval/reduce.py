@@ -2,11 +2,15 @@
 
 Nothing of size V (the vocabulary) leaves the device. argmax runs in the logits' dtype (bf16/fp16 included);
 the optional per-token label log-probability is computed in sequence chunks so that its float32 temporaries stay
-within `chunk_bytes`, never a float32 copy of the whole B x T x V tensor.
+within `chunk_bytes`, never a float32 copy of the whole B x T x V tensor. On CUDA, with triton, one fused kernel
+(`fused_reduce.py`) computes the argmax and the label log-probability in a single read of the logits instead,
+with no temporary of size V at all; SPILLEVAL_FUSED_REDUCE=0 switches it off.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,6 +20,7 @@ import torch
 from .batch import IGNORE_INDEX, SampleBatch, id_dtype_for_vocab
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+FUSED_SWITCH = "SPILLEVAL_FUSED_REDUCE"  # "0": the reference path on CUDA too
 
 
 class NonFiniteLogitsError(ValueError):
@@ -206,8 +211,8 @@ def reduce_logits(
     seq2seq models whose decoder logits already line up with the labels. Positions labelled -100 are dropped by
     `to_host()`, which also raises on label ids outside the vocabulary and on NaN/Inf logits at supervised
     positions (naming the samples). `sample_index` maps rows to dataset rows (defaults to 0..B-1). With
-    `keep_logprob`, the log-probability of each label token is computed chunk by chunk (float32), and `loss_sum`
-    with it.
+    `keep_logprob`, the log-probability of each label token is computed in float32 (0 at positions labelled -100),
+    and `loss_sum` with it: chunk by chunk with torch's log-softmax, or on CUDA by the fused kernel.
     """
     _check_shapes(logits, labels)
     batch_size, vocab = logits.shape[0], int(vocab_size or logits.shape[-1])
@@ -216,10 +221,42 @@ def reduce_logits(
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != IGNORE_INDEX
+    fused = _fused_kernel(logits) if keep_logprob else None
+    if fused is not None:  # one read of each row on CUDA (spilleval/fused_reduce.py)
+        pred_ids, label_logprob, nonfinite = fused(logits, labels, ignore_index=IGNORE_INDEX)
+    else:
+        pred_ids, label_logprob, nonfinite = _reduce_in_chunks(
+            logits, labels, keep_logprob=keep_logprob, check_finite=check_finite, chunk_bytes=chunk_bytes)
+        if label_logprob is not None:
+            label_logprob.masked_fill_(~mask, 0.0)
+        if nonfinite is not None:
+            nonfinite &= mask
+    reduced = ReducedBatch(
+        sample_index=index,
+        pred_ids=pred_ids,
+        label_ids=labels.to(torch.int32),
+        vocab_size=vocab,
+        row_nll=torch.zeros(batch_size, dtype=torch.float64, device=logits.device),
+        row_tokens=mask.sum(dim=1),
+    )
+    if check_finite:
+        reduced.nonfinite_rows = nonfinite.any(dim=1)
+    if keep_logprob:
+        reduced.label_logprob = label_logprob
+        reduced.row_nll = -reduced.label_logprob.double().sum(dim=1)
+        reduced.has_nll = True
+    return reduced
+
+
+def _reduce_in_chunks(
+    logits: torch.Tensor, labels: torch.Tensor, *, keep_logprob: bool, check_finite: bool, chunk_bytes: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The reference path: argmax ids, label log-probs and non-finite maxima per position, sequence chunk by
+    sequence chunk, with torch's own kernels (bit for bit `cross_entropy` on the CPU)."""
     # in range for the gather whatever the labels hold: out-of-range ids are reported by to_host(), and a gather
     # out of bounds would be a device-side assert that kills the CUDA context
     safe_labels = labels.clamp(0, logits.shape[-1] - 1)
-
+    batch_size = logits.shape[0]
     per_position_bytes = _logprob_temporary_bytes(logits) if keep_logprob else logits.shape[-1] * logits.element_size()
     step = max(1, chunk_bytes // max(1, batch_size * per_position_bytes))
     preds, logprobs, nonfinite = [], [], []
@@ -236,21 +273,26 @@ def reduce_logits(
         return torch.cat(parts, dim=1).to(dtype) if parts else torch.zeros(labels.shape, dtype=dtype,
                                                                              device=labels.device)
 
-    reduced = ReducedBatch(
-        sample_index=index,
-        pred_ids=joined(preds, torch.int32),
-        label_ids=labels.to(torch.int32),
-        vocab_size=vocab,
-        row_nll=torch.zeros(batch_size, dtype=torch.float64, device=logits.device),
-        row_tokens=mask.sum(dim=1),
-    )
-    if check_finite:
-        reduced.nonfinite_rows = (joined(nonfinite, torch.bool) & mask).any(dim=1)
-    if keep_logprob:
-        reduced.label_logprob = joined(logprobs, torch.float32).masked_fill_(~mask, 0.0)
-        reduced.row_nll = -reduced.label_logprob.double().sum(dim=1)
-        reduced.has_nll = True
-    return reduced
+    return (joined(preds, torch.int32), joined(logprobs, torch.float32) if keep_logprob else None,
+            joined(nonfinite, torch.bool) if check_finite else None)
+
+
+def _fused_kernel(logits: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    """The fused Triton reduction when it applies: CUDA logits it fits, triton importable, and not switched off
+    with SPILLEVAL_FUSED_REDUCE=0."""
+    if logits.device.type != "cuda" or os.environ.get(FUSED_SWITCH, "1") == "0":
+        return None
+    module = _fused_module()
+    return module.fused_reduce if module is not None and module.fits(logits) else None
+
+
+@functools.cache
+def _fused_module():
+    try:
+        from . import fused_reduce
+    except ImportError:  # no triton (it comes with torch's CUDA wheels on Linux): the reference path
+        return None
+    return fused_reduce
 
 
 def _label_logprob(chunk: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

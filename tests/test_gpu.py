@@ -16,7 +16,7 @@ from test_trainer import llava_own_labels_and_logits
 from spilleval import Evaluator, SpillReader
 from spilleval.metrics.answers import AnswerMacroF1
 from spilleval.metrics.token import NegativeLogLikelihood, SequenceExactMatch, TokenAccuracy
-from spilleval.reduce import NonFiniteLogitsError, reduce_logits
+from spilleval.reduce import FUSED_SWITCH, NonFiniteLogitsError, _reduce_in_chunks, reduce_logits
 from spilleval.testing import IMAGE_TOKEN, fit, multimodal_qa_dataset, pad_multimodal_batch, tiny_llava
 from spilleval.trainer import SpillingTrainer
 
@@ -55,6 +55,79 @@ def test_reduce_on_gpu_equals_cpu(dtype):
     reference = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
                                                   reduction="sum")
     assert float(gpu_reduced.loss_sum) == pytest.approx(float(reference), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ the fused kernel (fused_reduce.py)
+def hostile_logits(batch: int, seq: int, vocab: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random logits [batch, seq, vocab] with every case the argmax and the log-sum-exp must get right: ties
+    (first index wins), a whole row tied, NaN (first NaN wins), +Inf, a row of -Inf, -Inf in part of a row, and a
+    maximum past index 65,535 when the vocabulary allows."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, seq, vocab, generator=gen) * 4
+    logits[0, 1] = torch.randint(0, 3, (vocab,), generator=gen).float()  # many ties at the maximum
+    logits[0, 2] = 1.5  # a whole row tied: index 0
+    logits[1, 1, [vocab // 2, vocab // 3]] = float("nan")
+    logits[1, 2, [vocab - 1, 1]] = float("inf")
+    logits[1, 3] = float("-inf")
+    logits[1, 4, : vocab // 2] = float("-inf")
+    logits[0, 4, [vocab - 1, vocab - 2]] = 40.0  # a tie at the end of the row
+    return logits.to(dtype)
+
+
+def reference_reduction(logits: torch.Tensor, labels: torch.Tensor):
+    """What the reference path of `reduce_logits` gives per position (argmax, log-prob, supervised non-finite)."""
+    pred, logprob, nonfinite = _reduce_in_chunks(logits, labels, keep_logprob=True, check_finite=True,
+                                                 chunk_bytes=2**20)
+    mask = labels != -100
+    return pred, logprob.masked_fill(~mask, 0.0), nonfinite & mask
+
+
+@pytest.mark.parametrize("vocab", [3, 500, 4097, 70_001])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_kernel_equals_the_reference_path(dtype, vocab):
+    from spilleval.fused_reduce import fused_reduce
+
+    full = hostile_logits(3, 9, vocab, dtype, seed=vocab).cuda()
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, vocab, (3, 9), generator=gen)
+    labels[torch.rand(labels.shape, generator=gen) < 0.25] = -100
+    labels[2, 3] = vocab + 4  # out of range: clamped for the read, reported by to_host()
+    labels[1, 1:5] = torch.tensor([vocab // 2, 0, 0, vocab - 1])  # the non-finite rows are supervised
+    labels = labels.cuda()
+    layouts = {
+        "contiguous": (full, labels),
+        "shifted rows": (full[:, :-1], labels[:, 1:]),
+        "sequence-major": (full.transpose(0, 1).contiguous().transpose(0, 1), labels.t().contiguous().t()),
+        "strided vocab": (full.transpose(1, 2).contiguous().transpose(1, 2), labels),
+    }
+    for name, (logits, aligned) in layouts.items():
+        pred, logprob, nonfinite = fused_reduce(logits, aligned)
+        ref_pred, ref_logprob, ref_nonfinite = reference_reduction(logits, aligned)
+        assert torch.equal(pred, ref_pred), name
+        assert torch.equal(pred.long(), torch.argmax(logits, dim=-1)), name
+        assert torch.equal(nonfinite, ref_nonfinite), name
+        torch.testing.assert_close(logprob, ref_logprob, rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)
+    assert int(pred[1, 1]) == vocab // 3  # the first NaN, not the first column
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_reduce_logits_on_gpu_uses_the_fused_kernel_and_the_loss_equals_cross_entropy(dtype, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(4, 65, 32_000, generator=gen) * 3).to(dtype).cuda()
+    labels = torch.randint(0, 32_000, (4, 65), generator=gen)
+    labels[:, :7] = -100
+    labels = labels.cuda()
+    fused = reduce_logits(logits, labels, keep_logprob=True)
+    monkeypatch.setenv(FUSED_SWITCH, "0")
+    reference = reduce_logits(logits, labels, keep_logprob=True)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, 32_000),
+                                                 labels[:, 1:].reshape(-1), reduction="sum")
+    assert torch.equal(fused.pred_ids, reference.pred_ids)
+    torch.testing.assert_close(fused.label_logprob, reference.label_logprob, rtol=1e-5, atol=1e-5)
+    assert float(fused.loss_sum) == pytest.approx(float(expected), rel=1e-6)
+    fused_host, reference_host = fused.to_host(), reference.to_host()
+    np.testing.assert_array_equal(fused_host.pred_ids, reference_host.pred_ids)
+    np.testing.assert_array_equal(fused_host.offsets, reference_host.offsets)
 
 
 def test_out_of_range_label_on_gpu_is_a_clear_error_and_the_device_survives():

@@ -100,6 +100,18 @@ def test_weights_fingerprint_follows_the_weights(tokenizer):
     assert weights_fingerprint(model) != weights_fingerprint(same)
 
 
+
+def test_weights_fingerprint_of_a_tensor_whose_last_float32_position_rounds_past_its_end():
+    """16,777,220 - 1 rounds up to 16,777,220 in float32 (as 32,000 x 2,048 - 1 does): the sampled positions stay in
+    the tensor, and changing its last value changes the fingerprint."""
+    layer = torch.nn.Linear(16_777_220, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+    before = weights_fingerprint(layer)
+    with torch.no_grad():
+        layer.weight[0, -1] = 1.0
+    assert weights_fingerprint(layer) != before
+
 def test_git_record_names_the_commit_and_uncommitted_changes(tmp_path):
     assert git_record(tmp_path) is None  # not a repository
     run = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,  # noqa: E731

@@ -76,7 +76,8 @@ def test_bench_gpu_quick_runs_on_the_cpu(tmp_path):
     assert all(r["status"] == "ok" for r in results.values())
     losses = {round(r["eval_loss"], 4) for r in results.values()}
     assert len(losses) == 1, losses  # the fused chunked loss equals the model's own
-    assert "time ≤ 1.03 × bare forward + loss" in (tmp_path / "gpu.md").read_text()
+    report = (tmp_path / "gpu.md").read_text()
+    assert "time ≤ 1.03 × bare forward + loss" in report and "reduce_logits, reference path" in report
 
 
 @pytest.mark.slow

@@ -13,13 +13,19 @@ so it runs only --trainer-batches batches, sized to stay far from running out of
     python tools/bench_gpu.py --out bench                          # the full run, one H100/H200, ~5 minutes
     python tools/bench_gpu.py --quick                              # a tiny model for a smoke run (CPU or GPU)
     python tools/bench_gpu.py --profile spilling bare_fwd_loss     # also torch.profiler tables of those modes
+
+`spilling` reduces the logits with the fused Triton kernel on CUDA (spilleval/fused_reduce.py); `spilling_reference`
+is the same trainer on the reference path (torch's argmax and log-softmax). A last table times the reduction alone
+on one batch of logits of the model's shape: the argmax of the bare loop, the reference path and the fused kernel.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -50,6 +56,7 @@ MODES = {
     "trainer_batch_metrics": "Trainer + batch_eval_metrics",
     "trainer": "Trainer default (logits kept)",
     "spilling": "SpillingTrainer",
+    "spilling_reference": "SpillingTrainer, reference reduce (SPILLEVAL_FUSED_REDUCE=0)",
 }
 FULL_SHAPE = ModelShape(vocab=32_000, hidden=2048, layers=16, heads=16, kv_heads=16, intermediate=5632, seq_len=2048,
                         tie_embeddings=False)
@@ -69,8 +76,13 @@ def measure(mode: str, shape: dict, batch_size: int, batches: int, warmup: int, 
     clock = StepClock(warmup=warmup, total=batches, hook=profiler.step if profiler else None)
     output_dir = fresh_output_dir()
     trainer = None
-    if mode.startswith("trainer") or mode == "spilling":
-        trainer = build_trainer(mode, model, dataset, batch_size=batch_size, output_dir=output_dir, clock=clock,
+    if mode == "spilling_reference":
+        from spilleval.reduce import FUSED_SWITCH
+
+        os.environ[FUSED_SWITCH] = "0"  # this child process only
+    if mode.startswith("trainer") or mode.startswith("spilling"):
+        trainer_mode = "spilling" if mode.startswith("spilling") else mode
+        trainer = build_trainer(trainer_mode, model, dataset, batch_size=batch_size, output_dir=output_dir, clock=clock,
                                 spill_metrics=_spill_metrics())
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -144,6 +156,44 @@ class _nothing:
         return False
 
 
+def reduce_timings(shape: dict, batch_size: int, repeats: int) -> dict:
+    """Milliseconds to reduce one batch of random logits of the model's shape (the model's dtype, every position
+    supervised): the bare loop's argmax, and `reduce_logits` with log-probs on the reference path and fused."""
+    from spilleval.reduce import FUSED_SWITCH, reduce_logits
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    vocab, seq = shape["vocab"], shape["seq_len"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(batch_size, seq, vocab, generator=gen, device=device, dtype=dtype)
+    labels = torch.randint(0, vocab, (batch_size, seq), generator=gen, device=device)
+
+    def timed(fn) -> float:
+        fn()  # warm-up (compiles the kernel)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeats * 1000
+
+    def reduced(fused: bool):
+        os.environ[FUSED_SWITCH] = "1" if fused else "0"
+        return reduce_logits(logits, labels, keep_logprob=True)
+
+    times = {"argmax (bare loop)": timed(lambda: logits.argmax(-1)),
+             "reduce_logits, reference path": timed(lambda: reduced(False))}
+    if cuda:
+        times["reduce_logits, fused kernel"] = timed(lambda: reduced(True))
+        fused, reference = reduced(True), reduced(False)
+        times["pred_ids equal"] = bool(torch.equal(fused.pred_ids, reference.pred_ids))
+        times["max |log-prob difference|"] = float((fused.label_logprob - reference.label_logprob).abs().max())
+        times["|loss_sum difference| / loss_sum"] = float(abs(fused.loss_sum - reference.loss_sum) / reference.loss_sum)
+    return {"status": "ok", "ms": times}
+
+
 # ------------------------------------------------------------------------------------------------ report
 def add_ratios(results: dict[str, dict]) -> None:
     """Time relative to the bare loops, GPU peak relative to Trainer + preprocess."""
@@ -198,17 +248,29 @@ def goals_table(results: dict[str, dict]) -> str:
             return [goal, None, None, "not measured"]
         return [goal, fmt.format(value), fmt.format(bound), "met" if value <= bound else "missed"]
 
+    trainer_loss = results.get("trainer_preprocess", {}).get("eval_loss")
+    losses = (s["eval_loss"], trainer_loss)
+    loss_gap = abs(losses[0] - losses[1]) if None not in losses else None
     host_growth = abs(s["host_growth_in_loop"]) / MiB
     gpu_growth = abs(s["gpu_growth_per_batch"] or 0) / MiB
     rows = [
         row("time ≤ 1.03 × bare forward + loss", s.get("vs_bare_fwd_loss"), 1.03),
         row("stretch: time ≤ 1.15 × bare forward", s.get("vs_bare_fwd"), 1.15),
+        row("fused reduce (issue 16): time ≤ 1.02 × bare forward", s.get("vs_bare_fwd"), 1.02),
+        row("eval_loss off Trainer + preprocess's (absolute)", loss_gap, 1e-5, "{:.2e}"),
         row("GPU peak above weights ≤ Trainer + preprocess", s.get("gpu_peak_vs_preprocess"), 1.0),
         row("stretch: GPU peak ≤ 0.6 × Trainer + preprocess", s.get("gpu_peak_vs_preprocess"), 0.6),
         row("flat GPU memory: growth per batch (MB)", gpu_growth, 1.0, "{:.2f}"),
         row("flat host memory: growth over the loop (MB)", host_growth, 64.0, "{:.1f}"),
     ]
     return markdown_table(["goal", "measured", "bound", "verdict"], rows)
+
+
+def timings_table(timings: dict) -> str:
+    if timings.get("status") != "ok":
+        return f"reduce timings: {timings.get('status')}"
+    rows = [[name, f"{value:.4g}" if isinstance(value, float) else value] for name, value in timings["ms"].items()]
+    return markdown_table(["one batch of logits: reduction (ms) or check", "value"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,13 +317,16 @@ def main(argv: list[str] | None = None) -> int:
                                         **common}, start_method="spawn", rss_limit=limit)
         profiles[mode] = result.get("profile") or result["status"]
 
+    timings = run_isolated(reduce_timings, {"shape": asdict(shape), "batch_size": batch_size,
+                                            "repeats": 3 if args.quick else 20}, start_method="spawn",
+                           rss_limit=limit)
     info = run_isolated(_machine_info, {}, start_method="spawn", rss_limit=limit)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python tools/bench_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {"machine": info, "command": command.strip(), "shape": asdict(shape), "batch_size": batch_size,
-              "batches": batches, "warmup": warmup, "results": results}
+              "batches": batches, "warmup": warmup, "results": results, "reduce_timings": timings}
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1, default=str))
-    tables = results_table(results) + "\n\n" + goals_table(results) + "\n"
+    tables = results_table(results) + "\n\n" + goals_table(results) + "\n\n" + timings_table(timings) + "\n"
     (args.out / f"{args.name}.md").write_text(tables)
     if profiles:
         text = "\n\n".join(f"===== {mode} ({args.profile_batches} batches) =====\n{table}"
