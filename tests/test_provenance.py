@@ -67,7 +67,9 @@ def test_compute_json_prints_the_shape_of_results_json(tokenizer, tmp_path):
     done = subprocess.run([str(SPILLEVAL_SCRIPT), "compute", str(spill), "--json"], capture_output=True, text=True,
                           check=True)
     printed, stored = json.loads(done.stdout), results_record(spill)
-    assert printed == {"metrics": stored["metrics"], "provenance": stored["provenance"]}
+    assert printed == stored  # metrics, provenance and the 95% intervals the run stored, recomputed the same
+    assert stored["intervals"]["eval_loss"]["method"] == "bootstrap"
+    assert stored["intervals"]["eval_loss"]["low"] < stored["metrics"]["eval_loss"] < stored["intervals"]["eval_loss"]["high"]
     assert SpillReader(spill).results() == {k[len("eval_"):]: v for k, v in stored["metrics"].items()}
     model_record = stored["provenance"]["model"]
     assert model_record["class"] == "LlamaForCausalLM" and model_record["parameters"] == model.num_parameters()
