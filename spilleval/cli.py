@@ -79,7 +79,8 @@ def compute(
     intervals = {}
     if bootstrap:
         reader = SpillReader(spill_dir, allow_partial=allow_partial)
-        intervals = confidence_intervals(reader, names, resamples=bootstrap, seed=seed, progress=show_progress).to_json()
+        intervals = confidence_intervals(reader, names, results=results, resamples=bootstrap, seed=seed,
+                                         progress=show_progress).to_json()
     partial_note = None
     if allow_partial:
         completeness = SpillReader(spill_dir, allow_partial=True).completeness()

@@ -365,7 +365,7 @@ class Evaluator:
         if self.suite.corpus:
             results.update(self.suite.compute_corpus(reader))
         record = {"metrics": prefixed(results, self.metric_key_prefix), "provenance": self._provenance(reader)}
-        intervals = self._intervals(reader)
+        intervals = self._intervals(reader, results)
         if intervals:
             record["intervals"] = prefixed(intervals, self.metric_key_prefix)
         try:
@@ -378,7 +378,7 @@ class Evaluator:
             ) from e
         return results
 
-    def _intervals(self, reader: SpillReader) -> dict[str, Any]:
+    def _intervals(self, reader: SpillReader, results: dict[str, Any]) -> dict[str, Any]:
         """95% confidence intervals (`spilleval.intervals`: a second pass over the spill), {} when turned off.
 
         They are a statistic about the metrics, not the metrics: when they cannot be computed the evaluation's
@@ -386,8 +386,8 @@ class Evaluator:
         if not self.confidence_resamples:
             return {}
         try:
-            report = confidence_intervals(reader, self.suite.specs(), resamples=self.confidence_resamples,
-                                          seed=self.confidence_seed)
+            report = confidence_intervals(reader, self.suite.specs(), results=results,
+                                          resamples=self.confidence_resamples, seed=self.confidence_seed)
         except Exception as e:  # noqa: BLE001 - see the docstring
             warnings.warn(f"spilleval: no confidence intervals for this evaluation ({type(e).__name__}: {e}); the "
                           f"metrics are written. Recompute them with `spilleval compute {self.spill_dir}`.",

@@ -229,3 +229,41 @@ def test_diff_prints_the_paired_test_and_refuses_it_on_different_samples(tmp_pat
     assert refused.exit_code == 0, (refused.output, refused.exception)
     assert json.loads(refused.output)["significance"] == {}
     assert "not hold the same samples" in json.loads(refused.output)["significance_note"]
+
+
+def test_intervals_do_not_depend_on_the_world_size(tmp_path, samples):
+    """A spill written by 1, 2 or 3 ranks (DistributedSampler's padding duplicates dropped by the reader) gives
+    the same intervals, to the bit."""
+    from test_metrics_lm import write_ranks
+
+    order = np.random.default_rng(9).permutation(len(samples)).tolist()
+    reports = [confidence_intervals(SpillReader(write_ranks(tmp_path / f"w{world}", samples, order, world=world,
+                                                            chunk_rows=5 + world, batch_size=3 + world)),
+                                    SPECS, resamples=30, seed=4).to_json()
+               for world in (1, 2, 3)]
+    assert reports[0] == reports[1] == reports[2]
+    assert len(reports[0]) > 15
+
+
+def test_multiple_choice_accuracy_gets_the_interval_of_a_proportion(tmp_path):
+    from spilleval.metrics import compute_from_spill
+
+    rng = np.random.default_rng(2)
+    samples = []
+    for question in range(40):
+        right = int(rng.integers(0, 3))
+        for choice in range(3):
+            logprob = [float(-rng.exponential(1.0))]
+            samples.append(Sample(pred=["a"], label=["a"], logprob=logprob,
+                                  columns={"question_id": question, "choice_target": choice == right, "choice": "a"}))
+    spec = [{"name": "mc_accuracy", "params": {"choice_column": "choice"}}]
+    spill = write_samples(tmp_path / "mc", samples, chunk_rows=8, metrics=spec)
+    results = compute_from_spill(spill)
+    report = confidence_intervals(SpillReader(spill), results=results, resamples=10)
+    p, n = results["mc_accuracy"], results["mc_questions"]
+    assert 0 < p < 1 and n == 40
+    outcomes = [1.0] * round(p * n) + [0.0] * (n - round(p * n))
+    interval = report.intervals["mc_accuracy"]
+    assert interval.method == "analytic"
+    assert interval.standard_error == pytest.approx(statistics.stdev(outcomes) / math.sqrt(n), rel=1e-15)
+    assert "mc_questions" not in report.intervals and "mc_accuracy" not in report.skipped

@@ -9,8 +9,10 @@ window's per-sample states.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -56,15 +58,21 @@ def confidence_intervals(
     reader: Any,
     metrics: Iterable[MetricSpec] | None = None,
     *,
+    results: dict[str, Any] | None = None,
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
     level: float = DEFAULT_LEVEL,
     progress: bool = False,
 ) -> IntervalReport:
-    """Intervals of the metrics recorded in the spill (or `metrics`) at confidence `level`."""
+    """Intervals of the metrics recorded in the spill (or `metrics`) at confidence `level`; `results` (the point
+    estimates, unprefixed) give the intervals of corpus metrics that are means of 0/1 outcomes."""
     gathered = replicate_pass(reader, metrics, lambda index: poisson_weights(seed, index, resamples), resamples,
                               progress=progress)
     report = IntervalReport(skipped=dict(gathered.skipped))
+    for metric in gathered.suite.corpus:
+        if metric.binary_mean_outputs and results is not None:
+            report.skipped.pop(metric.name, None)
+            _binary_mean_intervals(metric.binary_mean_outputs, results, level, report)
     for name, replicates in gathered.replicates.items():
         means = gathered.means.get(name)
         for key, values in replicates.values().items():
@@ -79,6 +87,21 @@ def confidence_intervals(
             else:
                 report.intervals[key] = interval
     return report
+
+
+def _binary_mean_intervals(outputs: dict[str, str], results: dict[str, Any], level: float,
+                           report: IntervalReport) -> None:
+    """mean ± z * SE of a proportion p over n outcomes, from p and n: x is 0 or 1, so sum(x) = sum(x^2) = p * n."""
+    for key, count_key in outputs.items():
+        p, n = results.get(key), results.get(count_key)
+        interval = None
+        if isinstance(p, float) and math.isfinite(p) and isinstance(n, int):
+            right = Fraction(round(p * n))
+            interval = mean_interval(right, right, n, level)
+        if interval is None:
+            report.skipped[key] = "undefined on this data (fewer than two outcomes)"
+        else:
+            report.intervals[key] = interval
 
 
 def replicate_pass(
@@ -125,7 +148,8 @@ def _supported(suite: MetricSuite, replicates: int) -> tuple[list[StreamingMetri
         else:
             supported.append(metric)
     for metric in suite.corpus:
-        skipped[metric.name] = "a corpus metric: no interval yet"
+        skipped[metric.name] = ("a corpus metric whose statistic is not a sum over samples (ranks, document "
+                                "frequencies, an open label set): no interval")
     return supported, skipped
 
 

@@ -157,7 +157,13 @@ class StreamingMetric(Metric):
 
 
 class CorpusMetric(Metric):
-    """Computed from the whole spill in bounded-memory passes."""
+    """Computed from the whole spill in bounded-memory passes.
+
+    `binary_mean_outputs` names the outputs that are a mean of 0/1 outcomes over a count the metric also reports
+    (output -> count output): their confidence interval follows from the two numbers (`spilleval.intervals`).
+    """
+
+    binary_mean_outputs: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def compute(self, reader: "SpillReader") -> dict[str, float]: ...

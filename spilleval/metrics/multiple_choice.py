@@ -64,6 +64,7 @@ class MultipleChoiceAccuracy(CorpusMetric):
     docstring); needs keep_logprob=True."""
 
     needs_logprob = True
+    binary_mean_outputs = dict.fromkeys(NORMALISATIONS, "mc_questions")  # right or not, per question
 
     def __init__(
         self,
