@@ -267,3 +267,28 @@ def test_multiple_choice_accuracy_gets_the_interval_of_a_proportion(tmp_path):
     assert interval.method == "analytic"
     assert interval.standard_error == pytest.approx(statistics.stdev(outcomes) / math.sqrt(n), rel=1e-15)
     assert "mc_questions" not in report.intervals and "mc_accuracy" not in report.skipped
+
+
+def test_evaluator_stores_intervals_that_inspect_and_report_print(tmp_path):
+    import torch
+
+    from spilleval import Evaluator
+
+    generator = torch.Generator().manual_seed(0)
+    evaluator = Evaluator(tmp_path / "eval", ["token_accuracy", "sequence_exact_match"], confidence_resamples=200)
+    for start in range(0, 96, 16):
+        labels = torch.randint(0, 5, (16, 6), generator=generator)
+        logits = torch.randn(16, 6, 5, generator=generator) + 3 * torch.nn.functional.one_hot(labels, 5)
+        evaluator.update(logits, labels, sample_index=torch.arange(start, start + 16))
+    results = evaluator.finalize()
+    stored = json.loads((tmp_path / "eval" / "results.json").read_text())["intervals"]
+    assert stored == confidence_intervals(SpillReader(tmp_path / "eval"), resamples=200).to_json()
+    assert stored["token_accuracy"]["low"] < results["token_accuracy"] < stored["token_accuracy"]["high"]
+    runner = CliRunner()
+    inspected = runner.invoke(app, ["inspect", str(tmp_path / "eval")], terminal_width=200)
+    assert inspected.exit_code == 0 and "(95% CI)" in inspected.output
+    reported = runner.invoke(app, ["report", str(tmp_path / "eval"), "-o", str(tmp_path / "r.html")])
+    assert reported.exit_code == 0, reported.output
+    assert "95% CI" in (tmp_path / "r.html").read_text()
+    with pytest.raises(ValueError, match="confidence_resamples"):
+        Evaluator(tmp_path / "bad", confidence_resamples=-1)
