@@ -292,3 +292,18 @@ def test_evaluator_stores_intervals_that_inspect_and_report_print(tmp_path):
     assert "95% CI" in (tmp_path / "r.html").read_text()
     with pytest.raises(ValueError, match="confidence_resamples"):
         Evaluator(tmp_path / "bad", confidence_resamples=-1)
+
+
+def test_loss_percentile_replicates_equal_numpy_on_the_resampled_losses(spill, samples):
+    from spilleval.metrics.registry import build_metric
+
+    metric = build_metric({"name": "loss_percentiles", "params": {"percentiles": [0, 10, 50, 90, 99, 100]}})
+    weights = poisson_weights(6, np.arange(len(samples)), 25)
+    values = metric.bootstrap(SpillReader(spill), lambda index: poisson_weights(6, index, 25), 25)
+    losses = np.array([-math.fsum(np.float64(x) for x in s.logprob) / len(s.logprob) for s in samples])
+    for b in range(25):
+        resampled = np.repeat(losses, weights[b])
+        for q in (0, 10, 50, 90, 99, 100):
+            assert values[f"loss_p{q}"][b] == np.percentile(resampled, q), (b, q)
+    report = confidence_intervals(SpillReader(spill), ["loss_percentiles"], resamples=50)
+    assert set(report.intervals) == {"loss_p50", "loss_p90", "loss_p99"} and not report.skipped

@@ -73,6 +73,16 @@ def confidence_intervals(
         if metric.binary_mean_outputs and results is not None:
             report.skipped.pop(metric.name, None)
             _binary_mean_intervals(metric.binary_mean_outputs, results, level, report)
+            continue
+        replicate_values = metric.bootstrap(reader, lambda index: poisson_weights(seed, index, resamples), resamples)
+        if replicate_values is not None:
+            report.skipped.pop(metric.name, None)
+            for key, values in replicate_values.items():
+                interval = percentile_interval(values, level, resamples=resamples, seed=seed)
+                if interval is None:
+                    report.skipped[key] = "undefined on this data (no finite replicate)"
+                else:
+                    report.intervals[key] = interval
     for name, replicates in gathered.replicates.items():
         means = gathered.means.get(name)
         for key, values in replicates.values().items():

@@ -81,17 +81,29 @@ def paired_test(
 
     passes = [replicate_pass(r, specs, weights, trials + 1, progress=progress) for r in (reader_a, reader_b)]
     results: dict[str, PairedResult] = {}
+    skipped = {**passes[0].skipped, **passes[1].skipped}
     for name, replicates_a in passes[0].replicates.items():
         replicates_b = passes[1].replicates[name]
-        values = (_paired_bootstrap if test == "bootstrap" else _randomization)(replicates_a, replicates_b)
+        if test == "bootstrap":
+            values = _paired_bootstrap(replicates_a.values(), replicates_b.values())
+        else:
+            values = _randomization(replicates_a, replicates_b)
         for key, (observed_a, observed_b, statistic, deltas) in values.items():
             results[key] = _result(observed_a, observed_b, statistic, deltas, test, trials, seed, level)
-    return PairedReport(results, {**passes[0].skipped, **passes[1].skipped})
+    for metric_a, metric_b in zip(passes[0].suite.corpus, passes[1].suite.corpus):
+        values_a = metric_a.bootstrap(reader_a, weights, trials + 1) if test == "bootstrap" else None
+        if values_a is None:
+            continue
+        skipped.pop(metric_a.name, None)
+        paired = _paired_bootstrap(values_a, metric_b.bootstrap(reader_b, weights, trials + 1))
+        for key, (observed_a, observed_b, statistic, deltas) in paired.items():
+            results[key] = _result(observed_a, observed_b, statistic, deltas, test, trials, seed, level)
+    return PairedReport(results, skipped)
 
 
-def _paired_bootstrap(a: MetricReplicates, b: MetricReplicates) -> dict[str, tuple]:
-    """sacrebleu's paired bootstrap: |Δ| of each resample, centred on its mean, against the observed |Δ|."""
-    values_a, values_b = a.values(), b.values()
+def _paired_bootstrap(values_a: dict[str, np.ndarray], values_b: dict[str, np.ndarray]) -> dict[str, tuple]:
+    """sacrebleu's paired bootstrap: |Δ| of each resample, centred on its mean, against the observed |Δ|
+    (row 0 of the values: the observed systems)."""
     out = {}
     for key in values_a:
         deltas = values_b[key][1:] - values_a[key][1:]

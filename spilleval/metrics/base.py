@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -167,6 +167,12 @@ class CorpusMetric(Metric):
 
     @abstractmethod
     def compute(self, reader: "SpillReader") -> dict[str, float]: ...
+
+    def bootstrap(self, reader: "SpillReader", weights: Callable[[np.ndarray], np.ndarray],
+                  replicates: int) -> dict[str, np.ndarray] | None:
+        """Each output in `replicates` resampled corpora, sample i counted `weights(index)[b, i]` times in replicate
+        b ({output: (replicates,) float64}); None when the metric has no bootstrap (`spilleval.intervals`)."""
+        return None
 
 
 def safe_div(num: float, den: float) -> float:

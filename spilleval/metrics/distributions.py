@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import TYPE_CHECKING, Annotated, Any, Sequence
+from collections.abc import Callable, Sequence
+from itertools import islice
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from pydantic import Field
@@ -70,7 +72,7 @@ class LossPercentiles(CorpusMetric):
     def params(self) -> dict[str, Any]:
         return {"percentiles": self.percentiles, "batch_size": self.batch_size}
 
-    def compute(self, reader: "SpillReader") -> dict[str, float]:
+    def compute(self, reader: SpillReader) -> dict[str, float]:
         keys = [f"loss_p{q:g}" for q in self.percentiles]
         with ScratchStore(reader.path) as store:
             table = store.counter("losses", key="REAL")
@@ -87,6 +89,54 @@ class LossPercentiles(CorpusMetric):
             ranks = {q: percentile_ranks(n, q) for q in self.percentiles}
             at = _values_at_ranks(table, sorted({r for pair in ranks.values() for r in pair}))
         return {k: linear_percentile(at[ranks[q][0]], at[ranks[q][1]], n, q) for k, q in zip(keys, self.percentiles)}
+
+
+    def bootstrap(self, reader: SpillReader, weights: Callable[[np.ndarray], np.ndarray],
+                  replicates: int) -> dict[str, np.ndarray]:
+        """numpy.percentile of every replicate's resampled losses (sample i repeated w_i times), exactly: the
+        (loss, sample) rows sorted on disk, scanned once with each replicate's running count of drawn samples."""
+        with ScratchStore(reader.path) as store:
+            table = store.rows("losses", key=(("loss", "REAL"), ("sample", "INTEGER")), values=())
+            drawn = np.zeros(replicates, dtype=np.int64)
+            for batch in reader.iter_batches(self.batch_size, with_arrays=False):
+                supervised = batch.sample_index[batch.lengths > 0]
+                table.add(zip(sample_nll(batch).tolist(), supervised.tolist()))
+                drawn += weights(supervised).sum(axis=1, dtype=np.int64)
+            ranks = {q: _replicate_ranks(drawn, q) for q in self.percentiles}
+            targets = np.stack([rank for pair in ranks.values() for rank in pair])  # (2 x percentiles, replicates)
+            found = _weighted_order_statistics(table, weights, targets)
+        out = {}
+        for k, q in enumerate(self.percentiles):
+            lower, upper = found[2 * k], found[2 * k + 1]
+            out[f"loss_p{q:g}"] = np.array([linear_percentile(lo, up, int(n), q) if n else math.nan
+                                            for lo, up, n in zip(lower, upper, drawn)])
+        return out
+
+
+def _replicate_ranks(drawn: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
+    """`percentile_ranks` of every replicate's sample count."""
+    pairs = [percentile_ranks(int(n), q) if n else (0, 0) for n in drawn]
+    return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+def _weighted_order_statistics(table: Any, weights: Callable[[np.ndarray], np.ndarray], targets: np.ndarray,
+                               block_rows: int = 512) -> np.ndarray:
+    """The value at 0-based rank targets[t, b] of replicate b's sorted multiset (row i repeated w[b, i] times),
+    from one ascending scan: the first row whose running count exceeds the rank."""
+    found = np.full(targets.shape, np.nan)
+    pending = np.ones(targets.shape, dtype=bool)
+    before = np.zeros(targets.shape[1], dtype=np.int64)
+    rows = table.scan_rows()
+    while block := list(islice(rows, block_rows)):
+        values = np.array([r[0] for r in block], dtype=np.float64)
+        counts = before[:, None] + np.cumsum(weights(np.array([r[1] for r in block])), axis=1, dtype=np.int64)
+        for t in range(len(targets)):
+            beyond = counts > targets[t][:, None]
+            hit = pending[t] & beyond[:, -1]
+            found[t, hit] = values[beyond[hit].argmax(axis=1)]
+            pending[t] &= ~hit
+        before = counts[:, -1]
+    return found
 
 
 def _values_at_ranks(table: Any, ranks: list[int]) -> dict[int, float]:
@@ -122,7 +172,7 @@ class DistinctN(CorpusMetric):
     def params(self) -> dict[str, Any]:
         return {"orders": self.orders, "batch_size": self.batch_size}
 
-    def compute(self, reader: "SpillReader") -> dict[str, float]:
+    def compute(self, reader: SpillReader) -> dict[str, float]:
         with ScratchStore(reader.path) as store:
             tables = {n: store.counter(f"ngrams_{n}") for n in self.orders}
             totals = dict.fromkeys(self.orders, 0)
