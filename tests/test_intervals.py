@@ -307,3 +307,32 @@ def test_loss_percentile_replicates_equal_numpy_on_the_resampled_losses(spill, s
             assert values[f"loss_p{q}"][b] == np.percentile(resampled, q), (b, q)
     report = confidence_intervals(SpillReader(spill), ["loss_percentiles"], resamples=50)
     assert set(report.intervals) == {"loss_p50", "loss_p90", "loss_p99"} and not report.skipped
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_auroc_replicates_equal_the_metric_on_the_resampled_corpus(tmp_path, classes):
+    """Scores quantised to a few values (many ties, tie groups longer than a scan block) and two or three classes:
+    every replicate equals `auroc` computed on the corpus with sample i repeated w_i times, to the bit."""
+    from spilleval.metrics.registry import build_metric
+    from spilleval.metrics.scores import _weighted_auroc  # noqa: F401 - the path under test
+
+    rng = np.random.default_rng(classes)
+    names = VOCAB_WORDS[:classes]
+    n = 700
+    true = rng.integers(0, classes, size=n)
+    scores = rng.dirichlet(np.ones(classes), size=n)
+    scores[np.arange(n), true] += 0.3
+    scores = np.round(scores, 1).astype(np.float32)
+    samples = [Sample(pred=[names[t]], label=[names[t]], arrays={"class_scores": scores[i]})
+               for i, t in enumerate(true)]
+    spec = {"name": "auroc", "params": {"labels": names, "batch_size": 64}}
+    spill = write_samples(tmp_path / "s", samples, chunk_rows=50)
+    metric = build_metric(spec)
+    resamples = 8
+    values = metric.bootstrap(SpillReader(spill), lambda index: poisson_weights(3, index, resamples), resamples)
+    weights = poisson_weights(3, np.arange(n), resamples)
+    for b in range(resamples):
+        order = [i for i in range(n) for _ in range(weights[b, i])]
+        resampled = write_samples(tmp_path / f"r{b}", [samples[i] for i in order], chunk_rows=500, batch_size=500)
+        want = build_metric(spec).compute(SpillReader(resampled))["auroc"]
+        assert values["auroc"][b] == want, b

@@ -24,7 +24,9 @@ ECE = sum over bins of |bin| / N * |accuracy(bin) - mean confidence(bin)|. Its s
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Annotated, Any, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from pydantic import Field
@@ -73,11 +75,11 @@ class ClassScoreMetric(CorpusMetric):
             "batch_size": self.batch_size,
         }
 
-    def scored_batches(self, reader: "SpillReader") -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(scores float64 [B, C] with C >= 2, true class int64 [B]) for every batch of the spill."""
+    def scored_batches(self, reader: SpillReader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(scores float64 [B, C] with C >= 2, true class int64 [B], dataset index [B]) for every batch."""
         for batch in reader.iter_batches(self.batch_size, decode=self.needs_text, with_arrays=True):
             scores = self._scores(batch)
-            yield scores, self.target.true_classes(batch, scores.shape[1])
+            yield scores, self.target.true_classes(batch, scores.shape[1]), batch.sample_index
 
     def _scores(self, batch: SampleBatch) -> np.ndarray:
         if self.scores not in batch.arrays:
@@ -109,10 +111,10 @@ class RankingMetric(ClassScoreMetric):
 
     result_key = ""
 
-    def compute(self, reader: "SpillReader") -> dict[str, float]:
+    def compute(self, reader: SpillReader) -> dict[str, float]:
         with ScratchStore(reader.path) as store:
             tables: dict[int, Any] = {}
-            for scores, true in self.scored_batches(reader):
+            for scores, true, _ in self.scored_batches(reader):
                 binary = scores.shape[1] == 2
                 for c in [1] if binary else range(scores.shape[1]):
                     if c not in tables:
@@ -125,6 +127,44 @@ class RankingMetric(ClassScoreMetric):
 
     def from_sorted(self, table: Any) -> float:
         raise NotImplementedError
+
+
+def _weighted_auroc(table: Any, weights: Callable[[np.ndarray], np.ndarray], replicates: int,
+                    block_rows: int = 512) -> np.ndarray:
+    """`Auroc.from_sorted` of each replicate: twice the Mann-Whitney U in integers over groups of equal score. The
+    last group of a block stays open (its weighted counts carried) until a new score starts, so ties are never
+    split and memory stays one block whatever the number of tied samples."""
+    sums = {k: np.zeros(replicates, dtype=np.int64) for k in ("twice_u", "negatives", "positives")}
+    open_score, open_neg, open_pos = None, np.zeros(replicates, np.int64), np.zeros(replicates, np.int64)
+    rows = table.scan_rows()
+    while block := list(islice(rows, block_rows)):
+        scores = np.array([r[0] for r in block])
+        w = weights(np.array([r[1] for r in block])).astype(np.int64)
+        positive = np.array([r[2] for r in block], dtype=bool)
+        starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
+        neg = np.add.reduceat(np.where(positive, 0, w), starts, axis=1)
+        pos = np.add.reduceat(np.where(positive, w, 0), starts, axis=1)
+        if open_score is not None and scores[0] == open_score:
+            neg[:, 0] += open_neg
+            pos[:, 0] += open_pos
+        elif open_score is not None:
+            _add_groups(sums, open_neg[:, None], open_pos[:, None])
+        _add_groups(sums, neg[:, :-1], pos[:, :-1])
+        open_score, open_neg, open_pos = scores[-1], neg[:, -1], pos[:, -1]
+    if open_score is not None:
+        _add_groups(sums, open_neg[:, None], open_pos[:, None])
+    positives, negatives = sums["positives"], sums["negatives"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((positives > 0) & (negatives > 0), sums["twice_u"] / (2 * positives * negatives), math.nan)
+
+
+def _add_groups(sums: dict[str, np.ndarray], neg: np.ndarray, pos: np.ndarray) -> None:
+    """Finished score groups, ascending (replicates x groups): each positive beats the negatives below it and ties
+    the negatives of its own score (one half)."""
+    below = sums["negatives"][:, None] + np.cumsum(neg, axis=1) - neg
+    sums["twice_u"] += np.sum(pos * (2 * below + neg), axis=1)
+    sums["negatives"] += neg.sum(axis=1)
+    sums["positives"] += pos.sum(axis=1)
 
 
 def _score_counts(scores: np.ndarray, positive: np.ndarray) -> list[tuple[float, int, int]]:
@@ -140,6 +180,23 @@ class Auroc(RankingMetric):
     """Area under the ROC curve (binary, or one-vs-rest macro), equal to sklearn's roc_auc_score."""
 
     result_key = "auroc"
+
+    def bootstrap(self, reader: SpillReader, weights: Callable[[np.ndarray], np.ndarray],
+                  replicates: int) -> dict[str, np.ndarray]:
+        """AUROC of every resampled corpus (sample i counted w_i times), exactly: per class, the (score, sample,
+        positive) rows sorted on disk and scanned once with each replicate's weighted Mann-Whitney sums."""
+        with ScratchStore(reader.path) as store:
+            tables: dict[int, Any] = {}
+            for scores, true, index in self.scored_batches(reader):
+                for c in [1] if scores.shape[1] == 2 else range(scores.shape[1]):
+                    if c not in tables:
+                        tables[c] = store.rows(f"class_{c}", key=(("score", "REAL"), ("sample", "INTEGER")),
+                                               values=(("positive", "INTEGER"),))
+                    tables[c].add(zip(scores[:, c].tolist(), index.tolist(), (true == c).astype(int).tolist()))
+            if not tables:
+                return {self.result_key: np.full(replicates, math.nan)}
+            per_class = np.stack([_weighted_auroc(tables[c], weights, replicates) for c in sorted(tables)])
+        return {self.result_key: np.average(per_class, axis=0)}
 
     def from_sorted(self, table: Any) -> float:
         """Mann-Whitney U in integers: pairs (pos, neg) with pos scored higher, ties counted one half."""
@@ -196,13 +253,13 @@ class ExpectedCalibrationError(ClassScoreMetric):
     def params(self) -> dict[str, Any]:
         return {**super().params(), "n_bins": self.n_bins}
 
-    def compute(self, reader: "SpillReader") -> dict[str, float]:
+    def compute(self, reader: SpillReader) -> dict[str, float]:
         edges = np.linspace(0.0, 1.0, self.n_bins + 1)
         count = np.zeros(self.n_bins, dtype=np.int64)
         correct = np.zeros(self.n_bins, dtype=np.int64)
         confidence = [ExactSum() for _ in range(self.n_bins)]
         samples = 0
-        for scores, true in self.scored_batches(reader):
+        for scores, true, _ in self.scored_batches(reader):
             conf = scores.max(axis=1)
             if (conf < 0).any() or (conf > 1).any():
                 raise MetricInputError(f"metric 'ece': {self.scores!r} must hold probabilities in [0, 1]")
