@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import __version__
 from ..spill import SpillReader
+from .history import RunHistory, format_value, history_of_spill, point_label
 from .results import metric_results
 from .samples import DEFAULT_MAX_TOKENS, SampleView, ranked_views
 from .scan import ScoreHistogram, ScoreHistograms, WorstSamples, scan
@@ -38,6 +39,15 @@ class Plot:
 
 
 @dataclass
+class HistorySection:
+    """The run the spill belongs to: its metrics against the global step (`spilleval history`)."""
+
+    history: RunHistory
+    png_base64: str
+    current: str  # the reported spill, highlighted among the run's
+
+
+@dataclass
 class ReportData:
     spill: str
     manifest: dict[str, Any]
@@ -49,6 +59,7 @@ class ReportData:
     worst_by: SampleScore
     worst: list[SampleView]
     generated: str
+    history: HistorySection | None = None
 
 
 def build_report(
@@ -82,6 +93,7 @@ def build_report(
         worst_by=worst_score,
         worst=ranked_views(worst.result(), reader.tokenizer, max_tokens=max_tokens),
         generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        history=_history_section(reader),
     )
 
 
@@ -92,6 +104,8 @@ def render_html(data: ReportData) -> str:
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["score"] = format_score
     env.filters["metric"] = _format_metric
+    env.globals["format_value"] = format_value
+    env.globals["point_label"] = point_label
     env.globals["visible"] = visible
     return env.get_template("report.html.j2").render(
         data=data, manifest_json=json.dumps(data.manifest, indent=2, sort_keys=True), version=__version__
@@ -108,6 +122,17 @@ def _format_metric(value: Any) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.6f}"
     return str(value)
+
+
+def _history_section(reader: SpillReader) -> HistorySection | None:
+    """The history of the spill's run when the run evaluated at several steps (reads results.json files only)."""
+    from .history_plot import history_png
+
+    history = history_of_spill(reader.path)
+    if history is None or len(history.steps) < 2 or not history.metric_keys():
+        return None
+    return HistorySection(history, base64.b64encode(history_png(history)).decode("ascii"),
+                          current=str(reader.path.resolve()))
 
 
 def _overview(reader: SpillReader, lengths: ScoreHistogram) -> list[tuple[str, str]]:
