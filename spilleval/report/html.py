@@ -153,6 +153,20 @@ def _overview(reader: SpillReader, lengths: ScoreHistogram) -> list[tuple[str, s
 
 
 def _plot(histogram: ScoreHistogram) -> Plot:
+    import matplotlib.pyplot as plt
+
+    fig = histogram_figure(histogram)
+    try:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+    finally:
+        plt.close(fig)
+    return Plot(title=histogram.score.name, caption=histogram_caption(histogram),
+                png_base64=base64.b64encode(buffer.getvalue()).decode("ascii"))
+
+
+def histogram_figure(histogram: ScoreHistogram) -> Any:
+    """A matplotlib figure of one score's histogram (the caller closes it); also logged to W&B and TensorBoard."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,19 +181,22 @@ def _plot(histogram: ScoreHistogram) -> Plot:
             ax.bar(["0 (no)", "1 (yes)"], [counts[0] if len(counts) > 0 else 0, counts[1] if len(counts) > 1 else 0],
                    color=BAR_COLOUR, width=0.6)
         else:
-            ax.hist(values, bins=_edges(histogram), weights=counts, color=BAR_COLOUR, edgecolor="white", linewidth=0.5)
+            ax.hist(values, bins=_edges(histogram), weights=counts, color=BAR_COLOUR, edgecolor="white",
+                    linewidth=0.5)
         ax.set_xlabel(score.name)
         ax.set_ylabel("samples")
         ax.spines[["top", "right"]].set_visible(False)
         ax.grid(axis="y", alpha=0.3)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-    finally:
+    except BaseException:
         plt.close(fig)
+        raise
+    return fig
+
+
+def histogram_caption(histogram: ScoreHistogram) -> str:
     summary = histogram.summary()
-    caption = f"mean {format_score(summary['mean'])} · median {format_score(summary['median'])} · " \
-              f"{histogram.samples:,} samples"
-    return Plot(title=score.name, caption=caption, png_base64=base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return f"mean {format_score(summary['mean'])} · median {format_score(summary['median'])} · " \
+           f"{histogram.samples:,} samples"
 
 
 def _edges(histogram: ScoreHistogram) -> np.ndarray:
