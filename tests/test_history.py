@@ -80,6 +80,17 @@ def test_recompute_equals_the_stored_results(run):
         assert b.source == "recomputed" and b.metrics == a.metrics
 
 
+def test_history_reads_no_chunk(run, tmp_path):
+    """Flat memory, milliseconds per spill: without --recompute only results.json and the metadata are read, so a
+    run whose chunk data files are gone gives the same history."""
+    out, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("tokens.arrow", "*.zarr"))
+    assert not list(copy.rglob("tokens.arrow")) and list(out.rglob("tokens.arrow"))
+    assert [p.metrics for p in run_history(copy).series[0].points] == \
+        [p.metrics for p in run_history(out).series[0].points]
+
+
 def test_plot_file_is_written(run, tmp_path):
     out, _ = run
     path = tmp_path / "history.png"

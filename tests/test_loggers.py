@@ -14,7 +14,7 @@ from brute_force import make_args
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from spilleval.loggers import MissingLoggerError, SampleLoggingCallback, check_sample_logging, gather
+from spilleval.loggers import EvalSamples, MissingLoggerError, SampleLoggingCallback, check_sample_logging, gather
 from spilleval.testing import encode_qa, pad_batch, qa_examples, tiny_llama
 from spilleval.trainer import SpillingTrainer
 
@@ -97,6 +97,11 @@ def test_tensorboard_events_have_the_worst_samples_text_and_histogram_images(run
     assert set(images) == {f"eval/histogram_{score}" for score in SCORES}
     for by_step in images.values():
         assert sorted(by_step) == [2, 4] and all(e.width > 300 for e in by_step.values())
+
+
+def test_keys_follow_the_trainers_rewritten_metric_keys():
+    assert EvalSamples("eval", "token_accuracy", [], []).key("worst_samples") == "eval/worst_samples"
+    assert EvalSamples("eval_gen", "token_accuracy", [], []).key("histogram_length") == "eval/gen_histogram_length"
 
 
 def test_log_samples_needs_a_logger_in_report_to(tmp_path):
