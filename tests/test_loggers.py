@@ -14,17 +14,20 @@ from brute_force import make_args
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from spilleval import GenerationEval
 from spilleval.loggers import EvalSamples, MissingLoggerError, SampleLoggingCallback, check_sample_logging, gather
 from spilleval.testing import encode_qa, pad_batch, qa_examples, tiny_llama
 from spilleval.trainer import SpillingTrainer
 
 N = 3
 SCORES = ["token_accuracy", "exact_match", "token_f1", "length"]
+KEY_PREFIX = {"teacher_forced": "eval/", "generation": "eval/gen_"}  # each part's keys, as the trainer logs them
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tokenizer):
-    """Two evaluations during training (steps 2 and 4), reported to W&B (offline) and TensorBoard."""
+    """Two evaluations during training (steps 2 and 4), teacher-forced and generated, reported to W&B (offline)
+    and TensorBoard."""
     tmp = tmp_path_factory.mktemp("loggers")
     with pytest.MonkeyPatch.context() as env:
         for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp), "WANDB_SILENT": "true",
@@ -35,14 +38,18 @@ def run(tmp_path_factory, tokenizer):
         evals = [encode_qa(ex, tokenizer) for ex in qa_examples(10, seed=71)]
         args = make_args(tmp, eval_strategy="steps", eval_steps=2, max_steps=4, learning_rate=1e-2,
                          per_device_train_batch_size=8, report_to=["wandb", "tensorboard"])
+        if hasattr(args, "logging_dir"):  # transformers < 5 writes TensorBoard events there, not to the env's dir
+            args.logging_dir = str(tmp / "tb")
         trainer = SpillingTrainer(model=tiny_llama(len(tokenizer), seed=12), args=args, train_dataset=train,
                                   eval_dataset=evals, data_collator=pad_batch, processing_class=tokenizer,
+                                  generation=GenerationEval(["bleu"], references_column=None, max_new_tokens=4),
                                   log_samples=N)
         try:
             trainer.train()
         finally:
             wandb.finish()
-    spills = {step: Path(args.output_dir) / f"spill-eval-step-{step}" for step in (2, 4)}
+    spills = {(part, step): Path(args.output_dir) / f"spill-eval-step-{step}" / part
+              for part in KEY_PREFIX for step in (2, 4)}
     return tmp, spills
 
 
@@ -53,22 +60,24 @@ def expected_rows(spill: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_wandb_run_has_the_worst_samples_table_and_histograms_at_each_evaluation_step(run):
+@pytest.mark.parametrize("part", list(KEY_PREFIX))
+def test_wandb_run_has_the_worst_samples_table_and_histograms_at_each_evaluation_step(run, part):
     tmp, spills = run
+    prefix = KEY_PREFIX[part]
     [run_dir] = (tmp / "wandb").glob("offline-run-*")
-    history = [row for row in wandb_history(next(run_dir.glob("run-*.wandb"))) if "eval/worst_samples" in row]
+    history = [row for row in wandb_history(next(run_dir.glob("run-*.wandb"))) if f"{prefix}worst_samples" in row]
     assert [row["train/global_step"] for row in history] == [2, 4]
     for row, step in zip(history, (2, 4)):
-        table_file = run_dir / "files" / row["eval/worst_samples"]["path"]
+        table_file = run_dir / "files" / row[f"{prefix}worst_samples"]["path"]
         table = json.loads(table_file.read_text())
         assert table["columns"] == ["rank", "sample_index", *SCORES, "reference", "prediction"]
         logged = [dict(zip(table["columns"], values)) for values in table["data"]]
-        assert logged == expected_rows(spills[step])
+        assert logged == expected_rows(spills[part, step])
         assert [r["rank"] for r in logged] == [1, 2, 3]
         accuracies = [r["token_accuracy"] for r in logged]
         assert accuracies == sorted(accuracies)  # worst first
         for score in SCORES:
-            image = row[f"eval/histogram_{score}"]
+            image = row[f"{prefix}histogram_{score}"]
             with Image.open(run_dir / "files" / image["path"]) as png:
                 assert png.format == "PNG" and png.width > 300
 
@@ -81,20 +90,21 @@ def test_tensorboard_events_have_the_worst_samples_text_and_histogram_images(run
         accumulator = EventAccumulator(str(events), size_guidance={"tensors": 0, "images": 0})
         accumulator.Reload()
         tags = accumulator.Tags()
-        text_tag = "eval/worst_samples/text_summary"  # add_text's tag as the text plugin stores it
-        for event in accumulator.Tensors(text_tag) if text_tag in tags["tensors"] else []:
-            texts[event.step] = event.tensor_proto.string_val[0].decode()
+        for part, prefix in KEY_PREFIX.items():
+            text_tag = f"{prefix}worst_samples/text_summary"  # add_text's tag as the text plugin stores it
+            for event in accumulator.Tensors(text_tag) if text_tag in tags["tensors"] else []:
+                texts[part, event.step] = event.tensor_proto.string_val[0].decode()
         for tag in tags["images"]:
             images.setdefault(tag, {}).update({e.step: e for e in accumulator.Images(tag)})
-    assert sorted(texts) == [2, 4]
-    for step, text in texts.items():
+    assert sorted(texts) == sorted(spills)
+    for key, text in texts.items():
         lines = text.splitlines()
         assert lines[0] == f"worst {N} samples by token_accuracy"
         assert lines[2] == "| " + " | ".join(["rank", "sample_index", *SCORES, "reference", "prediction"]) + " |"
-        for line, row in zip(lines[4:], expected_rows(spills[step])):
+        for line, row in zip(lines[4:], expected_rows(spills[key]), strict=True):
             assert line.startswith(f"| {row['rank']} | {row['sample_index']} | {row['token_accuracy']:.4f} |")
             assert row["prediction"].replace("|", "\\|") in line
-    assert set(images) == {f"eval/histogram_{score}" for score in SCORES}
+    assert set(images) == {f"{prefix}histogram_{score}" for prefix in KEY_PREFIX.values() for score in SCORES}
     for by_step in images.values():
         assert sorted(by_step) == [2, 4] and all(e.width > 300 for e in by_step.values())
 
