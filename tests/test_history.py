@@ -12,7 +12,7 @@ from brute_force import make_args
 from PIL import Image
 from typer.testing import CliRunner
 
-from spilleval import cli
+from spilleval import GenerationEval, cli
 from spilleval.report.history import Interval, run_history
 from spilleval.spill.integrity import seal
 from spilleval.testing import encode_qa, pad_batch, qa_examples, tiny_llama
@@ -60,6 +60,26 @@ def test_history_lists_every_evaluation_in_step_order_with_the_logged_values(run
         assert set(point["metrics"]) == KEYS and point["source"] == "results.json"
         assert point["metrics"] == {key: entry[key] for key in KEYS}  # exactly what the trainer logged
     assert len({p["metrics"]["eval_loss"] for p in points[:3]}) == 3  # training moved the numbers
+
+
+def test_generation_parts_are_series_of_their_own(tmp_path, tokenizer):
+    train = [encode_qa(ex, tokenizer) for ex in qa_examples(16, seed=62)]
+    evals = [encode_qa(ex, tokenizer) for ex in qa_examples(6, seed=63)]
+    args = make_args(tmp_path, eval_strategy="steps", eval_steps=2, max_steps=4, per_device_train_batch_size=8)
+    trainer = SpillingTrainer(model=tiny_llama(len(tokenizer), seed=13), args=args, train_dataset=train,
+                              eval_dataset=evals, data_collator=pad_batch, processing_class=tokenizer,
+                              generation=GenerationEval(["bleu"], references_column=None, max_new_tokens=3))
+    trainer.train()
+    logged = {entry["step"]: entry for entry in trainer.state.log_history if "eval_loss" in entry}
+    history = run_history(args.output_dir)
+    assert [s.name for s in history.series] == ["eval/generation", "eval/teacher_forced"]
+    generation, teacher_forced = history.series
+    assert [p.spill.name for p in generation.points] == ["generation", "generation"]
+    for series, keys in ((generation, ["eval_gen_bleu"]), (teacher_forced, ["eval_loss", "eval_token_accuracy"])):
+        assert [p.step for p in series.points] == [2, 4]
+        for point in series.points:
+            assert {k: point.metrics[k] for k in keys} == {k: logged[point.step][k] for k in keys}
+    assert generation.short_name("eval_gen_bleu_precision_1") == "bleu_precision_1"
 
 
 def test_history_table_shows_the_steps_in_order(run):
