@@ -150,6 +150,26 @@ def test_damaged_and_missing_results_are_notes_not_failures(run, tmp_path):
     assert len(history.series[0].points) == 4
 
 
+def test_ill_typed_fields_of_a_sealed_results_json_are_ignored(run, tmp_path):
+    """results.json is untrusted: a well-formed file with fields of the wrong type (sealed, so it verifies) gives
+    a history without them, not a crash."""
+    out, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    spill = copy / "spill-eval-step-8"
+    record = json.loads((spill / "results.json").read_text())
+    record["provenance"]["checkpoint"] = {"global_step": "eight", "loaded_checkpoint": 5}
+    record["metrics"]["eval_note"] = {"nested": [1, 2]}
+    record["intervals"] = {"eval_loss": "wide", "eval_token_accuracy": {"low": 1.0, "high": 0.0},
+                           "eval_sequence_exact_match": {"low": True, "high": 1}}
+    (spill / "results.json").write_text(json.dumps(record))
+    seal(spill)
+    point = run_history(copy).series[0].points[1]
+    assert point.step == 8 and point.loaded_checkpoint is None and point.intervals == {}
+    assert "eval_note" not in point.numeric() and "eval_note" in invoke(str(copy), "--json")
+    invoke(str(copy), "--plot", str(tmp_path / "h.png"))
+
+
 def test_a_spill_or_an_empty_directory_is_a_clear_error(run, tmp_path):
     out, _ = run
     for path, words in ((out / "spill-eval-step-4", "is one spill"), (tmp_path, "holds no spill directories")):
