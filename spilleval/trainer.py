@@ -130,8 +130,9 @@ class SpillingTrainer(Trainer):
         log_samples: int = 0,
         **kwargs: Any,
     ) -> None:
+        # before Trainer builds the report_to callbacks, whose error for a missing library does not name the extra
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        check_sample_logging(getattr(training_args, "report_to", None), log_samples)  # before the model is set up
+        check_sample_logging(getattr(training_args, "report_to", None), log_samples)
         super().__init__(*args, **kwargs)
         if log_samples:
             self.add_callback(SampleLoggingCallback.for_trainer(self, log_samples))

@@ -181,8 +181,7 @@ def histogram_figure(histogram: ScoreHistogram) -> Any:
             ax.bar(["0 (no)", "1 (yes)"], [counts[0] if len(counts) > 0 else 0, counts[1] if len(counts) > 1 else 0],
                    color=BAR_COLOUR, width=0.6)
         else:
-            ax.hist(values, bins=_edges(histogram), weights=counts, color=BAR_COLOUR, edgecolor="white",
-                    linewidth=0.5)
+            ax.hist(values, bins=_edges(histogram), weights=counts, color=BAR_COLOUR, edgecolor="white", linewidth=0.5)
         ax.set_xlabel(score.name)
         ax.set_ylabel("samples")
         ax.spines[["top", "right"]].set_visible(False)
