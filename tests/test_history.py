@@ -13,7 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from spilleval import GenerationEval, cli
-from spilleval.report.history import Interval, run_history
+from spilleval.errors import USER_ERRORS
+from spilleval.report.history import HistoryError, Interval, run_history
 from spilleval.spill.integrity import seal
 from spilleval.testing import encode_qa, pad_batch, qa_examples, tiny_llama
 from spilleval.trainer import SpillingTrainer
@@ -170,11 +171,15 @@ def test_ill_typed_fields_of_a_sealed_results_json_are_ignored(run, tmp_path):
     invoke(str(copy), "--plot", str(tmp_path / "h.png"))
 
 
-def test_a_spill_or_an_empty_directory_is_a_clear_error(run, tmp_path):
+def test_a_spill_an_empty_directory_or_nothing_to_plot_is_a_clear_error(run, tmp_path):
     out, _ = run
-    for path, words in ((out / "spill-eval-step-4", "is one spill"), (tmp_path, "holds no spill directories")):
-        result = runner.invoke(cli.app, ["history", str(path)])
-        assert result.exit_code != 0 and words in str(result.exception)
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("results.json"))
+    for path, words in ((out / "spill-eval-step-4", "is one spill"), (tmp_path, "holds no spill directories"),
+                        (copy, "no metrics to plot")):
+        result = runner.invoke(cli.app, ["history", str(path), "--plot", str(tmp_path / "h.png")])
+        assert isinstance(result.exception, HistoryError) and words in str(result.exception)
+        assert isinstance(result.exception, USER_ERRORS)  # the command prints it as one line
 
 
 def test_interval_parse_refuses_malformed_entries():

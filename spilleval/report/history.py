@@ -27,7 +27,7 @@ PARTS = ("teacher_forced", "generation")  # `spilleval.generation`'s part direct
 
 
 class HistoryError(FileNotFoundError):
-    """A directory that holds no spills of a run."""
+    """A directory that holds no spills of a run, or spills without metrics to plot."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .history import HistoryPoint, RunHistory
+from .history import HistoryError, HistoryPoint, RunHistory
 
 COLUMNS = 3
 
@@ -27,8 +27,8 @@ def history_figure(history: RunHistory, keys: list[str] | None = None) -> Any:
 
     keys = keys if keys is not None else history.metric_keys()
     if not keys:
-        raise ValueError(f"no numeric metrics to plot in {history.run_dir}: no spill has a results.json "
-                         "(pass --recompute to recompute them from the spills)")
+        raise HistoryError(f"no metrics to plot in {history.run_dir}: no spill has a results.json that verifies "
+                           "(pass --recompute to recompute them from the spills)")
     columns = min(COLUMNS, len(keys))
     rows = math.ceil(len(keys) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.9 * rows), dpi=120, squeeze=False,
