@@ -418,6 +418,35 @@ def report(
     console.print(f"wrote {path} ({path.stat().st_size:,} bytes)", highlight=False)
 
 
+@app.command()
+def history(
+    run_dir: Path = typer.Argument(..., exists=True, file_okay=False,
+                                   help="A run's output directory, holding its spill-<prefix>-step-<N> spills."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write the metrics against the step as an image."),
+    recompute: bool = typer.Option(False, "--recompute", help="Recompute every spill's metrics from its chunks."),
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Every evaluation of a run, ordered by global step: metric against step, ± the CI's half-width when
+    results.json has one. Reads results.json and the manifests only, unless --recompute."""
+    from .report.history import history_tables, run_history
+    from .report.scan import show_progress
+
+    result = run_history(run_dir, recompute=recompute, progress_bar=show_progress(quiet) and not as_json)
+    written = None
+    if plot is not None:
+        from .report.history_plot import write_history_plot
+
+        written = write_history_plot(result, plot)
+    if as_json:
+        _print_json({**result.to_json(), "plot": str(written) if written else None})
+        return
+    for table in history_tables(result):
+        console.print(table)
+    if written:
+        console.print(f"wrote {written} ({written.stat().st_size:,} bytes)", highlight=False)
+
+
 def main() -> None:
     """Console entry point: errors print one clear line instead of a traceback."""
     from .errors import USER_ERRORS

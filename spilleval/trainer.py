@@ -43,6 +43,7 @@ from .generation import (
     prediction_part,
     spill_parts,
 )
+from .loggers import SampleLoggingCallback, check_sample_logging
 from .metrics.registry import build_metrics
 from .provenance import checkpoint_step, hf_dataset_fingerprint, model_record
 from .metrics.runner import MetricSpec, MetricSuite
@@ -103,6 +104,9 @@ class SpillingTrainer(Trainer):
             The metrics, `eval_loss` included, equal an uninterrupted run's. Not yet with `generation`.
         chunk_bytes, chunk_rows, commit_interval_s: how the spill is cut into chunks and how often it commits,
             as `Evaluator` takes them (a crash loses at most `commit_interval_s` of evaluation, default 60 s).
+        log_samples: after each evaluation, log its N worst samples (decoded, with per-sample scores) and the
+            per-sample score histograms to the W&B run / TensorBoard writer of `report_to` (`spilleval.loggers`).
+            0 (the default): off.
 
     `compute_metrics` still works: with `batch_eval_metrics=True` it is called per batch, as `Trainer` calls it;
     otherwise it is called once with the arrays `Trainer` would have built, read back from the spill: what
@@ -125,9 +129,15 @@ class SpillingTrainer(Trainer):
         chunk_rows: int | None = None,
         commit_interval_s: float | None = DEFAULT_COMMIT_INTERVAL_S,
         confidence_resamples: int = DEFAULT_RESAMPLES,
+        log_samples: int = 0,
         **kwargs: Any,
     ) -> None:
+        # before Trainer builds the report_to callbacks, whose error for a missing library does not name the extra
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        check_sample_logging(getattr(training_args, "report_to", None), log_samples)
         super().__init__(*args, **kwargs)
+        if log_samples:
+            self.add_callback(SampleLoggingCallback.for_trainer(self, log_samples))
         self.spill_resume = resume
         self.spill_options = {"chunk_bytes": chunk_bytes, "chunk_rows": chunk_rows,
                               "commit_interval_s": commit_interval_s, "confidence_resamples": confidence_resamples}

@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import __version__
 from ..spill import SpillReader
+from .history import RunHistory, format_value, history_of_spill, point_label
 from .results import metric_results
 from .samples import DEFAULT_MAX_TOKENS, SampleView, ranked_views
 from .scan import ScoreHistogram, ScoreHistograms, WorstSamples, scan
@@ -38,6 +39,15 @@ class Plot:
 
 
 @dataclass
+class HistorySection:
+    """The run the spill belongs to: its metrics against the global step (`spilleval history`)."""
+
+    history: RunHistory
+    png_base64: str
+    current: str  # the reported spill, highlighted among the run's
+
+
+@dataclass
 class ReportData:
     spill: str
     manifest: dict[str, Any]
@@ -50,6 +60,7 @@ class ReportData:
     worst_by: SampleScore
     worst: list[SampleView]
     generated: str
+    history: HistorySection | None = None
 
 
 def build_report(
@@ -84,6 +95,7 @@ def build_report(
         worst_by=worst_score,
         worst=ranked_views(worst.result(), reader.tokenizer, max_tokens=max_tokens),
         generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        history=_history_section(reader),
     )
 
 
@@ -95,6 +107,8 @@ def render_html(data: ReportData) -> str:
     env.filters["score"] = format_score
     env.filters["metric"] = _format_metric
     env.filters["interval"] = interval_text
+    env.globals["format_value"] = format_value
+    env.globals["point_label"] = point_label
     env.globals["visible"] = visible
     return env.get_template("report.html.j2").render(
         data=data, manifest_json=json.dumps(data.manifest, indent=2, sort_keys=True), version=__version__
@@ -111,6 +125,17 @@ def _format_metric(value: Any) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.6f}"
     return str(value)
+
+
+def _history_section(reader: SpillReader) -> HistorySection | None:
+    """The history of the spill's run when the run evaluated at several steps (reads results.json files only)."""
+    from .history_plot import history_png
+
+    history = history_of_spill(reader.path)
+    if history is None or len(history.steps) < 2 or not history.metric_keys():
+        return None
+    return HistorySection(history, base64.b64encode(history_png(history)).decode("ascii"),
+                          current=str(reader.path.resolve()))
 
 
 def _overview(reader: SpillReader, lengths: ScoreHistogram) -> list[tuple[str, str]]:
@@ -131,6 +156,20 @@ def _overview(reader: SpillReader, lengths: ScoreHistogram) -> list[tuple[str, s
 
 
 def _plot(histogram: ScoreHistogram) -> Plot:
+    import matplotlib.pyplot as plt
+
+    fig = histogram_figure(histogram)
+    try:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+    finally:
+        plt.close(fig)
+    return Plot(title=histogram.score.name, caption=histogram_caption(histogram),
+                png_base64=base64.b64encode(buffer.getvalue()).decode("ascii"))
+
+
+def histogram_figure(histogram: ScoreHistogram) -> Any:
+    """A matplotlib figure of one score's histogram (the caller closes it); also logged to W&B and TensorBoard."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,14 +189,16 @@ def _plot(histogram: ScoreHistogram) -> Plot:
         ax.set_ylabel("samples")
         ax.spines[["top", "right"]].set_visible(False)
         ax.grid(axis="y", alpha=0.3)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-    finally:
+    except BaseException:
         plt.close(fig)
+        raise
+    return fig
+
+
+def histogram_caption(histogram: ScoreHistogram) -> str:
     summary = histogram.summary()
-    caption = f"mean {format_score(summary['mean'])} · median {format_score(summary['median'])} · " \
-              f"{histogram.samples:,} samples"
-    return Plot(title=score.name, caption=caption, png_base64=base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return f"mean {format_score(summary['mean'])} · median {format_score(summary['median'])} · " \
+           f"{histogram.samples:,} samples"
 
 
 def _edges(histogram: ScoreHistogram) -> np.ndarray:
