@@ -8,7 +8,6 @@ import math
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -33,7 +32,7 @@ JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instea
 PluginOpt = typer.Option(None, "--plugin", help="Import this module first (it may register custom metrics).")
 
 
-def _load_plugins(plugins: Optional[list[str]]) -> None:
+def _load_plugins(plugins: list[str] | None) -> None:
     for module in plugins or []:
         importlib.import_module(module)
 
@@ -51,12 +50,12 @@ class PairedTestKind(str, Enum):
 @app.command()
 def compute(
     spill_dir: Path = SpillDir,
-    metrics: Optional[str] = typer.Option(
+    metrics: str | None = typer.Option(
         None, "--metrics", "-m", help="Comma-separated metric names (default: those recorded in the spill)."
     ),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Compute on a partial spill (after a crash)."),
     as_json: bool = JsonOpt,
-    plugin: Optional[list[str]] = PluginOpt,
+    plugin: list[str] | None = PluginOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     bootstrap: int = typer.Option(
         DEFAULT_RESAMPLES, "--bootstrap", min=0, max=MAX_RESAMPLES,
@@ -67,7 +66,7 @@ def compute(
 ) -> None:
     """Recompute metrics from the directory alone (tokenizer and metric settings are read from it), with 95%
     confidence intervals."""
-    from .intervals import confidence_intervals
+    from .intervals import compute_with_intervals
     from .metrics import compute_from_spill
     from .report.terminal import interval_text
     from .spill import SpillReader
@@ -75,12 +74,13 @@ def compute(
     _load_plugins(plugin)
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     show_progress = not quiet and not as_json and sys.stderr.isatty()
-    results = compute_from_spill(spill_dir, names, allow_partial=allow_partial, progress=show_progress)
     intervals = {}
-    if bootstrap:
+    if bootstrap:  # one pass: the streaming metrics' states are the sums of their per-sample states
         reader = SpillReader(spill_dir, allow_partial=allow_partial)
-        intervals = confidence_intervals(reader, names, results=results, resamples=bootstrap, seed=seed,
-                                         progress=show_progress).to_json()
+        results, report = compute_with_intervals(reader, names, resamples=bootstrap, seed=seed, progress=show_progress)
+        intervals = report.to_json()
+    else:
+        results = compute_from_spill(spill_dir, names, allow_partial=allow_partial, progress=show_progress)
     partial_note = None
     if allow_partial:
         completeness = SpillReader(spill_dir, allow_partial=True).completeness()
@@ -256,7 +256,7 @@ def _parse_indices(text: str) -> list[int]:
 def show(
     spill_dir: Path = SpillDir,
     n: int = typer.Option(5, "-n", min=1, help="How many samples (in stored order)."),
-    index: Optional[str] = typer.Option(None, "--index", "-i", help="Comma-separated sample indices, e.g. 3,17."),
+    index: str | None = typer.Option(None, "--index", "-i", help="Comma-separated sample indices, e.g. 3,17."),
     only_wrong: bool = typer.Option(False, "--only-wrong", help="Only samples with a wrong token."),
     max_tokens: int = MaxTokensOpt,
     as_json: bool = JsonOpt,
@@ -370,7 +370,7 @@ def diff(
 def export(
     spill_dir: Path = SpillDir,
     fmt: ExportFormat = typer.Option(ExportFormat.jsonl, "--format", "-f", help="Output format."),
-    output: Optional[str] = typer.Option(
+    output: str | None = typer.Option(
         None, "--output", "-o", help="File to write, or - for stdout (jsonl). Default: <spill dir name>.<format>."
     ),
     decode: bool = typer.Option(False, "--decode", help="Add decoded prediction / reference text columns."),
@@ -422,7 +422,7 @@ def report(
 def history(
     run_dir: Path = typer.Argument(..., exists=True, file_okay=False,
                                    help="A run's output directory, holding its spill-<prefix>-step-<N> spills."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write the metrics against the step as an image."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also write the metrics against the step as an image."),
     recompute: bool = typer.Option(False, "--recompute", help="Recompute every spill's metrics from its chunks."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,

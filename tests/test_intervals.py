@@ -336,3 +336,14 @@ def test_auroc_replicates_equal_the_metric_on_the_resampled_corpus(tmp_path, cla
         resampled = write_samples(tmp_path / f"r{b}", [samples[i] for i in order], chunk_rows=500, batch_size=500)
         want = build_metric(spec).compute(SpillReader(resampled))["auroc"]
         assert values["auroc"][b] == want, b
+
+
+def test_compute_with_intervals_gives_compute_from_spills_numbers_in_one_pass(spill):
+    from spilleval.intervals import compute_with_intervals
+    from spilleval.metrics import compute_from_spill
+
+    specs = [*SPECS, "loss_percentiles"]
+    results, report = compute_with_intervals(SpillReader(spill), specs, resamples=20, seed=1)
+    assert results == compute_from_spill(spill, specs)
+    assert list(results) == list(compute_from_spill(spill, specs))
+    assert report.to_json() == confidence_intervals(SpillReader(spill), specs, resamples=20, seed=1).to_json()

@@ -2,12 +2,13 @@
 
 from .bounds import DEFAULT_LEVEL, Interval
 from .estimate import (
-           DEFAULT_RESAMPLES,
-           DEFAULT_SEED,
-           IntervalReport,
-           confidence_intervals,
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    IntervalReport,
+    compute_with_intervals,
+    confidence_intervals,
 )
 from .weights import check_resamples
 
 __all__ = ["DEFAULT_LEVEL", "DEFAULT_RESAMPLES", "DEFAULT_SEED", "Interval", "IntervalReport", "check_resamples",
-           "confidence_intervals"]
+           "compute_with_intervals", "confidence_intervals"]

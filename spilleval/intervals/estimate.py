@@ -19,7 +19,12 @@ import numpy as np
 
 from ..decode import decode_batch
 from ..metrics.base import MAX_STATE_BYTES, State, StreamingMetric
-from ..metrics.runner import MetricSpec, MetricSuite, suite_for_spill
+from ..metrics.runner import (
+    MetricSpec,
+    MetricSuite,
+    compute_from_spill,
+    suite_for_spill,
+)
 from .bounds import DEFAULT_LEVEL, Interval, mean_interval, percentile_interval
 from .replicates import MetricReplicates, SampleMeanSums
 from .weights import poisson_weights
@@ -54,6 +59,30 @@ class ReplicatePass:
     sample_index: set[int] | None = None
 
 
+def compute_with_intervals(
+    reader: Any,
+    metrics: Iterable[MetricSpec] | None = None,
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    level: float = DEFAULT_LEVEL,
+    progress: bool = False,
+) -> tuple[dict[str, float], IntervalReport]:
+    """The metrics and their intervals, the streaming metrics from the same single pass (each metric's state is
+    the sum of its per-sample states): what `spilleval compute` runs."""
+    report, gathered = _intervals(reader, metrics, resamples, seed, level, progress)
+    results: dict[str, float] = {}
+    for metric in gathered.suite.streaming:
+        replicates = gathered.replicates.get(metric.name)
+        if replicates is not None:
+            results.update(replicates.observed.compute())
+        else:  # its replicate states would not fit: computed alone
+            results.update(compute_from_spill(reader.path, [metric], allow_partial=reader.allow_partial))
+    results.update(gathered.suite.compute_corpus(reader))
+    _corpus_intervals(gathered.suite, reader, results, resamples, seed, level, report)
+    return results, report
+
+
 def confidence_intervals(
     reader: Any,
     metrics: Iterable[MetricSpec] | None = None,
@@ -66,23 +95,17 @@ def confidence_intervals(
 ) -> IntervalReport:
     """Intervals of the metrics recorded in the spill (or `metrics`) at confidence `level`; `results` (the point
     estimates, unprefixed) give the intervals of corpus metrics that are means of 0/1 outcomes."""
+    report, gathered = _intervals(reader, metrics, resamples, seed, level, progress)
+    _corpus_intervals(gathered.suite, reader, results, resamples, seed, level, report)
+    return report
+
+
+def _intervals(reader: Any, metrics: Iterable[MetricSpec] | None, resamples: int, seed: int, level: float,
+               progress: bool) -> tuple[IntervalReport, ReplicatePass]:
+    """The streaming metrics' intervals from one replicate pass."""
     gathered = replicate_pass(reader, metrics, lambda index: poisson_weights(seed, index, resamples), resamples,
                               progress=progress)
     report = IntervalReport(skipped=dict(gathered.skipped))
-    for metric in gathered.suite.corpus:
-        if metric.binary_mean_outputs and results is not None:
-            report.skipped.pop(metric.name, None)
-            _binary_mean_intervals(metric.binary_mean_outputs, results, level, report)
-            continue
-        replicate_values = metric.bootstrap(reader, lambda index: poisson_weights(seed, index, resamples), resamples)
-        if replicate_values is not None:
-            report.skipped.pop(metric.name, None)
-            for key, values in replicate_values.items():
-                interval = percentile_interval(values, level, resamples=resamples, seed=seed)
-                if interval is None:
-                    report.skipped[key] = "undefined on this data (no finite replicate)"
-                else:
-                    report.intervals[key] = interval
     for name, replicates in gathered.replicates.items():
         means = gathered.means.get(name)
         for key, values in replicates.values().items():
@@ -96,7 +119,26 @@ def confidence_intervals(
                 report.skipped[key] = "undefined on this data (fewer than two samples, or not finite)"
             else:
                 report.intervals[key] = interval
-    return report
+    return report, gathered
+
+
+def _corpus_intervals(suite: MetricSuite, reader: Any, results: dict[str, Any] | None, resamples: int, seed: int,
+                      level: float, report: IntervalReport) -> None:
+    """Corpus metrics: a proportion's normal interval from its point estimate, or the metric's own bootstrap."""
+    for metric in suite.corpus:
+        if metric.binary_mean_outputs and results is not None:
+            report.skipped.pop(metric.name, None)
+            _binary_mean_intervals(metric.binary_mean_outputs, results, level, report)
+            continue
+        replicate_values = metric.bootstrap(reader, lambda index: poisson_weights(seed, index, resamples), resamples)
+        if replicate_values is not None:
+            report.skipped.pop(metric.name, None)
+            for key, values in replicate_values.items():
+                interval = percentile_interval(values, level, resamples=resamples, seed=seed)
+                if interval is None:
+                    report.skipped[key] = "undefined on this data (no finite replicate)"
+                else:
+                    report.intervals[key] = interval
 
 
 def _binary_mean_intervals(outputs: dict[str, str], results: dict[str, Any], level: float,

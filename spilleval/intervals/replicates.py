@@ -9,6 +9,7 @@ Memory: resamples x (the metric's state size), whatever the number of samples.
 
 from __future__ import annotations
 
+import copy
 from fractions import Fraction
 
 import numpy as np
@@ -26,9 +27,12 @@ class MetricReplicates:
         self.metric = metric
         self.states = {name: np.zeros((resamples, *shape), dtype=np.int64)
                        for name, shape in metric.state_shapes().items()}
+        self.observed = copy.copy(metric)  # the corpus itself: every sample once
+        self.observed.reset()
 
     def update(self, sample_states: State, weights: np.ndarray) -> None:
         """Add a window: `weights` is (resamples, n), each state (n, *shape)."""
+        self.observed.merge({name: per_sample.sum(axis=0) for name, per_sample in sample_states.items()})
         for name, per_sample in sample_states.items():
             flat = per_sample.reshape(len(per_sample), -1)
             added = weighted_sum(weights, flat).reshape(self.states[name].shape)
