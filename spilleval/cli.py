@@ -236,13 +236,14 @@ def show(
     quiet: bool = QuietOpt,
 ) -> None:
     """Decoded prediction against reference per sample, wrong tokens highlighted, with the sample's scores."""
-    from .report import default_scores, first_samples, sample_views, samples_by_index
+    from .report import first_samples, sample_views, samples_by_index
     from .report.scan import show_progress
+    from .report.spill_scores import scores_of
     from .report.terminal import print_sample
     from .spill import SpillReader
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
-    scores = default_scores(has_logprob=reader.manifest.has_logprob)
+    scores = scores_of(reader).defaults(corpus_pass=False)  # no pass over the whole spill for a few samples
     if index is not None:
         batch, values = samples_by_index(reader, _parse_indices(index), scores, only_wrong=only_wrong)
     else:
@@ -261,7 +262,9 @@ def show(
 @app.command()
 def worst(
     spill_dir: Path = SpillDir,
-    by: str = typer.Option("token_accuracy", "--by", help="Per-sample score to rank by (see --help for names)."),
+    by: Optional[str] = typer.Option(
+        None, "--by", help="Per-sample score to rank by (default: token_accuracy; squad_f1 on a generation spill)."
+    ),
     n: int = typer.Option(10, "-n", min=1, help="How many samples."),
     max_tokens: int = MaxTokensOpt,
     as_json: bool = JsonOpt,
@@ -271,19 +274,19 @@ def worst(
     """The N samples with the worst per-sample score, in one bounded pass (a heap of N samples).
 
     Scores: token_accuracy, exact_match, token_f1, nll (needs log-probs), length (worst = longest),
-    text_exact_match (decodes every sample).
+    text_exact_match (decodes every sample). Generation spills (text against every reference): squad_f1,
+    squad_exact_match, answer_exact_match, sentence_bleu, sentence_chrf, rougeL, cider (a corpus pass first).
     """
-    from .report import WorstSamples, default_scores, resolve_scores, scan
+    from .report import WorstSamples, scan
     from .report.samples import ranked_views
     from .report.scan import show_progress
+    from .report.spill_scores import scores_of
     from .report.terminal import format_score, print_sample
     from .spill import SpillReader
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
-    has_logprob = reader.manifest.has_logprob
-    score = resolve_scores([by], has_logprob=has_logprob, has_tokenizer=reader.tokenizer is not None)[0]
-    scores = default_scores(has_logprob=has_logprob)
-    scores += [score] if score not in scores else []
+    score, scores = scores_of(reader).with_defaults(by)
+    by = score.name
     heap = WorstSamples(score, n)
     scan(reader, scores, [heap], progress_bar=show_progress(quiet) and not as_json, desc=f"worst by {by}")
     views = ranked_views(heap.result(), reader.tokenizer, max_tokens=max_tokens)
@@ -342,13 +345,14 @@ def export(
     quiet: bool = QuietOpt,
 ) -> None:
     """Stream every sample out as JSON Lines or Parquet, one window at a time (stored order; see sample_index)."""
-    from .report import default_scores, export_spill
+    from .report import export_spill
     from .report.scan import show_progress
+    from .report.spill_scores import scores_of
     from .spill import SpillReader
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
     destination = output or f"{Path(spill_dir).resolve().name}.{fmt.value}"
-    scores = default_scores(has_logprob=reader.manifest.has_logprob) if with_scores else []
+    scores = scores_of(reader).defaults() if with_scores else []
     summary = export_spill(reader, destination, fmt.value, decode=decode, scores=scores, overwrite=force,
                            progress_bar=show_progress(quiet))
     size = f" ({summary.bytes:,} bytes)" if summary.bytes is not None else ""
@@ -361,7 +365,9 @@ def export(
 def report(
     spill_dir: Path = SpillDir,
     output: Path = typer.Option(Path("report.html"), "--output", "-o", help="The HTML file to write."),
-    by: str = typer.Option("token_accuracy", "--by", help="Per-sample score for the worst samples."),
+    by: Optional[str] = typer.Option(
+        None, "--by", help="Per-sample score for the worst samples (default: token_accuracy; squad_f1 on generation)."
+    ),
     n: int = typer.Option(20, "-n", min=1, help="How many worst samples to show."),
     recompute: bool = typer.Option(False, "--recompute", help="Recompute metrics instead of reading results.json."),
     max_tokens: int = MaxTokensOpt,

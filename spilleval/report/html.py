@@ -23,7 +23,8 @@ from ..spill import SpillReader
 from .results import metric_results
 from .samples import DEFAULT_MAX_TOKENS, SampleView, ranked_views
 from .scan import ScoreHistogram, ScoreHistograms, WorstSamples, scan
-from .scores import SampleScore, default_scores, resolve_scores
+from .scores import SampleScore
+from .spill_scores import scores_of
 from .terminal import format_score, visible
 
 BAR_COLOUR = "#3b6ea8"
@@ -54,18 +55,14 @@ class ReportData:
 def build_report(
     reader: SpillReader,
     *,
-    by: str = "token_accuracy",
+    by: str | None = None,
     n: int = 20,
     recompute: bool = False,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     progress_bar: bool = False,
 ) -> ReportData:
     """Everything the page shows, from one pass over the spill (plus a metrics recompute if asked)."""
-    has_logprob = reader.manifest.has_logprob
-    worst_score = resolve_scores([by], has_logprob=has_logprob, has_tokenizer=reader.tokenizer is not None)[0]
-    scores = default_scores(has_logprob=has_logprob)
-    if worst_score not in scores:
-        scores.append(worst_score)
+    worst_score, scores = scores_of(reader).with_defaults(by)  # `by` None: the spill's default ranking
     histograms = ScoreHistograms(scores)
     worst = WorstSamples(worst_score, n)
     scan(reader, scores, [histograms, worst], progress_bar=progress_bar, desc="report")
@@ -138,8 +135,9 @@ def _plot(histogram: ScoreHistogram) -> Plot:
     # small in inches, high dpi: the labels stay readable when the browser scales the image to its grid cell
     fig, ax = plt.subplots(figsize=(3.6, 2.2), dpi=170, layout="constrained")
     try:
-        if score.resolution >= 1.0 and score.upper <= 1.0:  # a yes/no score: two bars
-            ax.bar(["0 (no)", "1 (yes)"], [counts[0] if len(counts) > 0 else 0, counts[1] if len(counts) > 1 else 0],
+        if score.resolution >= score.upper:  # a yes/no score (0 or 1, or 0 or 100): two bars
+            ax.bar(["0 (no)", f"{score.upper:g} (yes)"],
+                   [counts[0] if len(counts) > 0 else 0, counts[1] if len(counts) > 1 else 0],
                    color=BAR_COLOUR, width=0.6)
         else:
             ax.hist(values, bins=_edges(histogram), weights=counts, color=BAR_COLOUR, edgecolor="white", linewidth=0.5)

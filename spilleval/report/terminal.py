@@ -18,7 +18,7 @@ from rich.text import Text
 from ..spill import SpillReader
 from .diff import SpillDiff
 from .samples import SampleView, sample_views, samples_by_index
-from .scores import default_scores
+from .spill_scores import scores_of
 
 REFERENCE_STYLE = "bold green"
 PREDICTION_STYLE = "bold red underline"
@@ -141,5 +141,5 @@ def print_diff(console: Console, result: SpillDiff, reader_a: SpillReader, reade
 
 
 def _views(reader: SpillReader, indices: list[int], max_tokens: int) -> list[SampleView]:
-    batch, scores = samples_by_index(reader, indices, default_scores(has_logprob=reader.manifest.has_logprob))
+    batch, scores = samples_by_index(reader, indices, scores_of(reader).defaults(corpus_pass=False))
     return sample_views(batch, scores, reader.tokenizer, max_tokens=max_tokens)
