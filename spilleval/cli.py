@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .cli_parts import per_part, per_part_pair
+
 app = typer.Typer(
     name="spilleval",
     help="Exact, memory-bounded evaluation: recompute and inspect spilled predictions.",
@@ -25,7 +27,8 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-SpillDir = typer.Argument(..., exists=True, file_okay=False, help="A spill directory written by spilleval.")
+SpillDir = typer.Argument(..., exists=True, file_okay=False, help="A spill directory written by spilleval, or an "
+                          "evaluation directory holding teacher_forced/ and generation/ (one section per part).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
 PluginOpt = typer.Option(None, "--plugin", help="Import this module first (it may register custom metrics).")
 
@@ -40,6 +43,7 @@ def _fmt(value) -> str:
 
 
 @app.command()
+@per_part(console)
 def compute(
     spill_dir: Path = SpillDir,
     metrics: Optional[str] = typer.Option(
@@ -97,6 +101,7 @@ def _results_payload(reader, results: dict) -> dict:
 
 
 @app.command()
+@per_part(console)
 def inspect(spill_dir: Path = SpillDir, as_json: bool = JsonOpt) -> None:
     """Manifest, sample and token counts, bytes per supervised token, chunks and completeness; on a damaged spill,
     what is intact, what is not and how to recover (then the exit code is 2)."""
@@ -225,6 +230,7 @@ def _parse_indices(text: str) -> list[int]:
 
 
 @app.command()
+@per_part(console)
 def show(
     spill_dir: Path = SpillDir,
     n: int = typer.Option(5, "-n", min=1, help="How many samples (in stored order)."),
@@ -260,6 +266,7 @@ def show(
 
 
 @app.command()
+@per_part(console)
 def worst(
     spill_dir: Path = SpillDir,
     by: Optional[str] = typer.Option(
@@ -305,6 +312,7 @@ def worst(
 
 
 @app.command()
+@per_part_pair(console)
 def diff(
     dir_a: Path = typer.Argument(..., exists=True, file_okay=False, help="Spill A (e.g. the older checkpoint)."),
     dir_b: Path = typer.Argument(..., exists=True, file_okay=False, help="Spill B of the same eval set."),
@@ -332,6 +340,7 @@ def diff(
 
 
 @app.command()
+@per_part(console, output="output")
 def export(
     spill_dir: Path = SpillDir,
     fmt: ExportFormat = typer.Option(ExportFormat.jsonl, "--format", "-f", help="Output format."),
@@ -362,6 +371,7 @@ def export(
 
 
 @app.command()
+@per_part(console, output="output")
 def report(
     spill_dir: Path = SpillDir,
     output: Path = typer.Option(Path("report.html"), "--output", "-o", help="The HTML file to write."),
