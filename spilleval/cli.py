@@ -246,6 +246,7 @@ def show(
     from .report.scan import show_progress
     from .report.spill_scores import scores_of
     from .report.terminal import print_sample
+    from .report.text_scores import references_column
     from .spill import SpillReader
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
@@ -255,7 +256,8 @@ def show(
     else:
         progress = show_progress(quiet) and not as_json
         batch, values = first_samples(reader, scores, n, only_wrong=only_wrong, progress_bar=progress)
-    views = sample_views(batch, values, reader.tokenizer, max_tokens=max_tokens) if batch is not None else []
+    views = sample_views(batch, values, reader.tokenizer, max_tokens=max_tokens,
+                         references_column=references_column(reader)) if batch is not None else []
     if as_json:
         _print_json({"spill": str(spill_dir), "samples": [v.to_json() for v in views]})
         return
@@ -289,6 +291,7 @@ def worst(
     from .report.scan import show_progress
     from .report.spill_scores import scores_of
     from .report.terminal import format_score, print_sample
+    from .report.text_scores import references_column
     from .spill import SpillReader
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
@@ -296,7 +299,8 @@ def worst(
     by = score.name
     heap = WorstSamples(score, n)
     scan(reader, scores, [heap], progress_bar=show_progress(quiet) and not as_json, desc=f"worst by {by}")
-    views = ranked_views(heap.result(), reader.tokenizer, max_tokens=max_tokens)
+    views = ranked_views(heap.result(), reader.tokenizer, max_tokens=max_tokens,
+                         references_column=references_column(reader))
     if as_json:
         samples = [{"rank": rank, **view.to_json()} for rank, view in enumerate(views, 1)]
         _print_json({"spill": str(spill_dir), "by": by, "higher_is_better": score.higher_is_better,

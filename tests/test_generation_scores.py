@@ -5,12 +5,16 @@ through the real CLI (`export --scores`, `worst`, `report`) from spills written 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+from html import unescape
 from pathlib import Path
 
 import numpy as np
 import pytest
 import sacrebleu
 from inspect_spills import caption_generation_rows, vqa_generation_rows, write_generation_spill
+from PIL import Image
 from pycocoevalcap.cider.cider import Cider
 from rouge_score.rouge_scorer import RougeScorer
 from typer.testing import CliRunner
@@ -19,6 +23,7 @@ from spilleval import SpillReader
 from spilleval.cli import app
 from spilleval.metrics import compute_from_spill
 from spilleval.metrics.squad import exact_match_score, f1_score
+from spilleval.report.text_scores import answer_matches
 
 runner = CliRunner()
 TEXT_SCORES = ["squad_f1", "squad_exact_match", "answer_exact_match", "sentence_bleu", "sentence_chrf", "rougeL",
@@ -105,6 +110,68 @@ def test_report_of_a_generation_spill_plots_the_text_scores(caption_spill, tmp_p
     result = runner.invoke(app, ["report", str(caption_spill), "-o", str(out), "-q", "-n", "5"])
     assert result.exit_code == 0, (result.output, result.exception)
     html = out.read_text()
-    plotted = set(__import__("re").findall(r'<img alt="histogram of (\w+)"', html))
+    plotted = set(re.findall(r'<img alt="histogram of (\w+)"', html))
     assert plotted == set(TEXT_SCORES) | {"length"}
     assert "The 5 worst samples by squad_f1" in html and "token_accuracy" not in html
+
+
+def chromium_dom_and_screenshot(page: Path, screenshot: Path, height: int) -> str:
+    """The DOM Chromium builds from the page, and a screenshot of it (headless, offline)."""
+    from test_report import CHROMIUM_FLAGS, chromium_binary
+
+    chromium = chromium_binary()
+    profile = screenshot.parent / "profile"
+    url = page.resolve().as_uri()
+    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=90, check=True).stdout
+    subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={screenshot}",
+                    f"--window-size=1280,{height}", url], capture_output=True, timeout=90, check=True)
+    return dom
+
+
+def rendered_samples(dom: str) -> dict[int, dict]:
+    """Per shown sample: its question (if any), prediction, references and the match marks, read from the DOM."""
+    out = {}
+    for index, body in re.findall(r'<div class="sample" id="sample-(\d+)">(.*?)</dl>', dom, flags=re.S):
+        question = re.search(r"<dt>question</dt><dd>(.*?)</dd>", body, flags=re.S)
+        prediction = re.search(r'<dt>prediction</dt><dd class="gen">(.*?)</dd>', body, flags=re.S)
+        items = re.findall(r"<li( class=\"matched\")?>(.*?)(?: <span class=\"match\">(.*?)</span>)?</li>", body,
+                           flags=re.S)
+        out[int(index)] = {"question": question and unescape(question.group(1)),
+                           "prediction": prediction and unescape(prediction.group(1)),
+                           "references": [unescape(text) for _, text, _ in items],
+                           "marks": [mark for _, _, mark in items]}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["caption", "vqa"])
+def test_generation_report_shows_text_references_and_matches_in_chromium(kind, caption_spill, vqa_spill, tokenizer,
+                                                                         tmp_path):
+    """Rendered by Chromium: each worst sample shows the generated text, every reference of the item (the VQA view
+    also the question) and which references the prediction matches; the screenshot is docs/report-<kind>.png."""
+    spill, column, n = (caption_spill, "captions", 4) if kind == "caption" else (vqa_spill, "answers", 12)
+    page = tmp_path / "report.html"
+    result = runner.invoke(app, ["report", str(spill), "-o", str(page), "-q", "-n", str(n)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    screenshot = tmp_path / f"report-{kind}.png"
+    samples = rendered_samples(chromium_dom_and_screenshot(page, screenshot, 3400))
+    assert len(samples) == n
+    table = SpillReader(spill).table().to_pylist()
+    matched_any = 0
+    for index, shown in samples.items():
+        row = table[index]
+        assert shown["prediction"] == tokenizer.decode(row["pred_ids"], skip_special_tokens=True)
+        assert shown["references"] == row[column]  # every reference, in order
+        want = ["✓ matches" if a else "✓ matches after normalisation" if exact_match_score(shown["prediction"], r)
+                else "" for r, a in zip(row[column], answer_matches(shown["prediction"], row[column]))]
+        assert shown["marks"] == want
+        matched_any += any(want)
+        assert shown["question"] == (row["question"] if kind == "vqa" else None)
+    if kind == "vqa":  # the page shows matched and unmatched samples
+        assert 0 < matched_any < n
+    else:  # the worst captions: several references each, none matched
+        assert min(len(s["references"]) for s in samples.values()) >= 2 and matched_any == 0
+    image = np.asarray(Image.open(screenshot).convert("RGB")).astype(int)
+    assert image.shape[:2] == (3400, 1280) and (image.std(axis=(0, 1)) > 10).all()  # painted, not blank
+    print(f"screenshot: {screenshot}")

@@ -25,6 +25,7 @@ from .samples import DEFAULT_MAX_TOKENS, SampleView, ranked_views
 from .scan import ScoreHistogram, ScoreHistograms, WorstSamples, scan
 from .scores import SampleScore
 from .spill_scores import scores_of
+from .text_scores import references_column
 from .terminal import format_score, visible
 
 BAR_COLOUR = "#3b6ea8"
@@ -77,7 +78,8 @@ def build_report(
                          for h in histograms.by_name.values()],
         plots=[_plot(h) for h in histograms.by_name.values() if h.samples],
         worst_by=worst_score,
-        worst=ranked_views(worst.result(), reader.tokenizer, max_tokens=max_tokens),
+        worst=ranked_views(worst.result(), reader.tokenizer, max_tokens=max_tokens,
+                           references_column=references_column(reader)),
         generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     )
 
