@@ -243,10 +243,10 @@ def show(
 ) -> None:
     """Decoded prediction against reference per sample, wrong tokens highlighted, with the sample's scores."""
     from .report import first_samples, sample_views, samples_by_index
+    from .report.samples import view_options
     from .report.scan import show_progress
     from .report.spill_scores import scores_of
     from .report.terminal import print_sample
-    from .report.text_scores import references_column
     from .spill import SpillReader
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
@@ -257,7 +257,7 @@ def show(
         progress = show_progress(quiet) and not as_json
         batch, values = first_samples(reader, scores, n, only_wrong=only_wrong, progress_bar=progress)
     views = sample_views(batch, values, reader.tokenizer, max_tokens=max_tokens,
-                         references_column=references_column(reader)) if batch is not None else []
+                         **view_options(reader)) if batch is not None else []
     if as_json:
         _print_json({"spill": str(spill_dir), "samples": [v.to_json() for v in views]})
         return
@@ -287,11 +287,10 @@ def worst(
     squad_exact_match, answer_exact_match, sentence_bleu, sentence_chrf, rougeL, cider (a corpus pass first).
     """
     from .report import WorstSamples, scan
-    from .report.samples import ranked_views
+    from .report.samples import ranked_views, view_options
     from .report.scan import show_progress
     from .report.spill_scores import scores_of
     from .report.terminal import format_score, print_sample
-    from .report.text_scores import references_column
     from .spill import SpillReader
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
@@ -300,7 +299,7 @@ def worst(
     heap = WorstSamples(score, n)
     scan(reader, scores, [heap], progress_bar=show_progress(quiet) and not as_json, desc=f"worst by {by}")
     views = ranked_views(heap.result(), reader.tokenizer, max_tokens=max_tokens,
-                         references_column=references_column(reader))
+                         **view_options(reader))
     if as_json:
         samples = [{"rank": rank, **view.to_json()} for rank, view in enumerate(views, 1)]
         _print_json({"spill": str(spill_dir), "by": by, "higher_is_better": score.higher_is_better,

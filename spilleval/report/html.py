@@ -21,11 +21,10 @@ import numpy as np
 from .. import __version__
 from ..spill import SpillReader
 from .results import metric_results
-from .samples import DEFAULT_MAX_TOKENS, SampleView, ranked_views
+from .samples import DEFAULT_MAX_TOKENS, SampleView, ranked_views, view_options
 from .scan import ScoreHistogram, ScoreHistograms, WorstSamples, scan
 from .scores import SampleScore
 from .spill_scores import scores_of
-from .text_scores import references_column
 from .terminal import format_score, visible
 
 BAR_COLOUR = "#3b6ea8"
@@ -79,7 +78,7 @@ def build_report(
         plots=[_plot(h) for h in histograms.by_name.values() if h.samples],
         worst_by=worst_score,
         worst=ranked_views(worst.result(), reader.tokenizer, max_tokens=max_tokens,
-                           references_column=references_column(reader)),
+                           **view_options(reader)),
         generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     )
 

@@ -120,9 +120,11 @@ def sample_views(
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     references_column: str | None = None,
+    text_view: bool = False,
 ) -> list[SampleView]:
-    """A view per row of `batch` (already chosen: this decodes, so call it on the few samples shown). Generated
-    rows (ragged) get their references: the `references_column` of the spill, else the decoded label."""
+    """A view per row of `batch` (already chosen: this decodes, so call it on the few samples shown). With
+    `text_view` (a generation spill, see `view_options`) each sample gets its references: the `references_column`
+    of the spill, else the decoded label."""
     views = []
     for row in range(len(batch)):
         pred, label = batch.row(row)
@@ -131,7 +133,7 @@ def sample_views(
         prediction, reference = _decode(tokenizer, pred), _decode(tokenizer, label)
         columns = {name: values[row] for name, values in batch.columns.items()}
         references = None
-        if not batch.aligned:
+        if text_view:
             refs = _as_list(columns.pop(references_column)) if references_column in columns else [reference]
             references = reference_views(prediction, refs)
         views.append(
@@ -153,6 +155,15 @@ def sample_views(
     return views
 
 
+def view_options(reader: SpillReader) -> dict[str, Any]:
+    """How `sample_views` shows this spill's samples: generated text with its references on a generation spill."""
+    from ..metrics.runner import GENERATION_TASK
+    from .text_scores import references_column
+
+    generation = reader.manifest.task == GENERATION_TASK
+    return {"text_view": generation, "references_column": references_column(reader) if generation else None}
+
+
 def _as_list(value: Any) -> list[str]:
     """A references cell (one string, or a list with None padding) as the list of its strings."""
     if isinstance(value, str):
@@ -169,13 +180,13 @@ def _wrong_positions(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
 
 
 def ranked_views(ranked: Sequence[RankedSample], tokenizer: Any, *, max_tokens: int = DEFAULT_MAX_TOKENS,
-                 references_column: str | None = None) -> list[SampleView]:
+                 **options: Any) -> list[SampleView]:
     """Views of `WorstSamples.result()`, in its order, with the scores computed during the pass."""
     if not ranked:
         return []
     rows = SampleBatch.concat([r.row for r in ranked])
     scores = {name: np.array([r.scores[name] for r in ranked]) for name in ranked[0].scores}
-    return sample_views(rows, scores, tokenizer, max_tokens=max_tokens, references_column=references_column)
+    return sample_views(rows, scores, tokenizer, max_tokens=max_tokens, **options)
 
 
 def _decode(tokenizer: Any, ids: np.ndarray) -> str:

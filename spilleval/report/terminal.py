@@ -18,9 +18,8 @@ from rich.text import Text
 
 from ..spill import SpillReader
 from .diff import SpillDiff
-from .samples import SampleView, sample_views, samples_by_index
+from .samples import SampleView, sample_views, samples_by_index, view_options
 from .spill_scores import scores_of
-from .text_scores import references_column
 
 REFERENCE_STYLE = "bold green"
 PREDICTION_STYLE = "bold red underline"
@@ -168,4 +167,4 @@ def print_diff(console: Console, result: SpillDiff, reader_a: SpillReader, reade
 def _views(reader: SpillReader, indices: list[int], max_tokens: int) -> list[SampleView]:
     batch, scores = samples_by_index(reader, indices, scores_of(reader).defaults(corpus_pass=False))
     return sample_views(batch, scores, reader.tokenizer, max_tokens=max_tokens,
-                        references_column=references_column(reader))
+                        **view_options(reader))
