@@ -96,9 +96,9 @@ def test_worst_ranks_generation_by_text_scores_and_refuses_position_scores(capti
     assert payload["by"] == "squad_f1"
     ranked = [s["scores"]["squad_f1"] for s in payload["samples"]]
     assert ranked == sorted(ranked) and set(payload["samples"][0]["scores"]) == set(TEXT_SCORES) | {"length"}
-    by_cider = json.loads(runner.invoke(app, ["worst", str(caption_spill), "--by", "cider", "-n", "3", "--json"]).output)
-    assert [s["scores"]["cider"] for s in by_cider["samples"]] == sorted(s["scores"]["cider"]
-                                                                          for s in by_cider["samples"])
+    by_cider = runner.invoke(app, ["worst", str(caption_spill), "--by", "cider", "-n", "3", "--json"]).output
+    ciders = [s["scores"]["cider"] for s in json.loads(by_cider)["samples"]]
+    assert ciders == sorted(ciders) and len(ciders) == 3
     for command in (["worst"], ["report", "-o", str(caption_spill.parent / "r.html")]):
         refused = runner.invoke(app, [*command, str(caption_spill), "--by", "token_accuracy"])
         assert refused.exit_code != 0 and "position by position" in str(refused.exception)
