@@ -108,12 +108,13 @@ def _edited(words: list[str], rng: np.random.Generator, rate: float) -> list[str
 
 def write_generation_spill(path: Path, tokenizer: Any, rows: SampleBatch, *, references_column: str,
                            metrics: list[str] = GENERATION_METRICS, chunk_rows: int | None = None,
-                           batch_size: int = 16) -> Path:
+                           batch_size: int = 16, store_tokenizer: bool = True) -> Path:
     """Spill generated rows as `GenerationRun` does: task "generation", the metrics reading `references_column`."""
     from spilleval.generation import _with_references
 
     specs = [_with_references(m, references_column) for m in metrics]
-    evaluator = Evaluator(path, specs, tokenizer=tokenizer, task="generation", keep_logprob=False,
+    evaluator = Evaluator(path, specs, tokenizer=tokenizer if store_tokenizer else None, task="generation",
+                          keep_logprob=False,
                           dataset_length=len(rows), chunk_rows=chunk_rows,
                           extra={"generation": {"references_column": references_column, "max_new_tokens": 32}})
     for start in range(0, len(rows), batch_size):

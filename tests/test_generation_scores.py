@@ -105,6 +105,19 @@ def test_worst_ranks_generation_by_text_scores_and_refuses_position_scores(capti
         assert "sentence_bleu" in str(refused.exception)  # the error names what to use instead
 
 
+def test_a_generation_spill_without_tokenizer_ranks_by_the_ids(tokenizer, tmp_path):
+    """Nothing to decode with: the scores of the ids that do not compare positions, ranked by token_f1."""
+    spill = write_generation_spill(tmp_path / "spill", tokenizer, vqa_generation_rows(tokenizer, 12, seed=1),
+                                   references_column="answers", metrics=[], store_tokenizer=False)
+    result = runner.invoke(app, ["worst", str(spill), "-n", "2", "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    payload = json.loads(result.output)
+    assert payload["by"] == "token_f1" and set(payload["samples"][0]["scores"]) == {"exact_match", "token_f1",
+                                                                                       "length"}
+    refused = runner.invoke(app, ["worst", str(spill), "--by", "sentence_bleu"])
+    assert refused.exit_code != 0 and "no tokenizer/ directory" in str(refused.exception)
+
+
 def test_report_of_a_generation_spill_plots_the_text_scores(caption_spill, tmp_path):
     out = tmp_path / "report.html"
     result = runner.invoke(app, ["report", str(caption_spill), "-o", str(out), "-q", "-n", "5"])

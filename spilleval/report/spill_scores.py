@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ..spill import SpillReader
 
 TEACHER_FORCED_RANKING = "token_accuracy"
+UNDECODED_GENERATION_SCORES = ("exact_match", "token_f1", "length")  # a generation spill without tokenizer/
 
 
 class SpillScores:
@@ -55,15 +56,25 @@ class SpillScores:
 
     def defaults(self, *, corpus_pass: bool = True) -> list[SampleScore]:
         """What every command shows. Generation: the text scores whose library is installed (`cider` only with
-        `corpus_pass`: it reads the whole spill first) and the reference length."""
+        `corpus_pass`: it reads the whole spill first) and the reference length; without a tokenizer to decode
+        with, the scores of the ids that do not compare positions."""
         if not self.generation:
             return default_scores(has_logprob=self.has_logprob)
+        if not self.decodes:
+            return [available_scores()[n] for n in UNDECODED_GENERATION_SCORES]
         names = [n for n in DEFAULT_TEXT_SCORES if corpus_pass or n != "cider"]
         return [s for s in (self.text[n] for n in names) if installed(s)] + [available_scores()["length"]]
 
     def ranking(self) -> str:
         """The score `worst` and `report` rank by when none is named."""
-        return DEFAULT_RANKING if self.generation else TEACHER_FORCED_RANKING
+        if not self.generation:
+            return TEACHER_FORCED_RANKING
+        return DEFAULT_RANKING if self.decodes else UNDECODED_GENERATION_SCORES[1]
+
+    @property
+    def decodes(self) -> bool:
+        """Whether the spill has a tokenizer to decode text with."""
+        return self.reader.tokenizer is not None
 
     def with_defaults(self, by: str | None, *, corpus_pass: bool = True) -> tuple[SampleScore, list[SampleScore]]:
         """(the ranking score, the defaults with it added)."""
