@@ -241,7 +241,8 @@ def show(
     allow_partial: bool = AllowPartialOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Decoded prediction against reference per sample, wrong tokens highlighted, with the sample's scores."""
+    """Decoded prediction against reference per sample, wrong tokens highlighted, with the sample's scores (a
+    generation spill: the generated text and every reference, the matched ones marked)."""
     from .report import first_samples, sample_views, samples_by_index
     from .report.samples import view_options
     from .report.scan import show_progress

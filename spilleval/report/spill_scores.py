@@ -7,7 +7,6 @@ position-by-position score (`token_accuracy`) is refused there, as `compute` ref
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING, Iterable
 
 from ..metrics.runner import GENERATION_TASK
@@ -22,8 +21,7 @@ UNDECODED_GENERATION_SCORES = ("exact_match", "token_f1", "length")  # a generat
 
 
 class SpillScores:
-    """The per-sample scores of one spill. One object per reader (`scores_of`), so that the CIDEr corpus pass
-    runs once however many commands' lists name it."""
+    """The per-sample scores of one spill; its text scores share one CIDEr corpus pass."""
 
     def __init__(self, reader: "SpillReader") -> None:
         self.reader = reader
@@ -103,11 +101,7 @@ class SpillScores:
             self.reader.require_tokenizer()
 
 
-_BY_READER: "weakref.WeakKeyDictionary[SpillReader, SpillScores]" = weakref.WeakKeyDictionary()
-
-
 def scores_of(reader: "SpillReader") -> SpillScores:
-    """The `SpillScores` of this reader (made once)."""
-    if reader not in _BY_READER:
-        _BY_READER[reader] = SpillScores(reader)
-    return _BY_READER[reader]
+    """The per-sample scores of this reader's spill. Take the ranking score and the defaults from one object
+    (`with_defaults`), so that the CIDEr corpus pass runs once."""
+    return SpillScores(reader)
