@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .cli_parts import per_part, per_part_pair
 from .intervals import DEFAULT_RESAMPLES, DEFAULT_SEED
 from .intervals.weights import MAX_RESAMPLES
 
@@ -27,7 +28,8 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-SpillDir = typer.Argument(..., exists=True, file_okay=False, help="A spill directory written by spilleval.")
+SpillDir = typer.Argument(..., exists=True, file_okay=False, help="A spill directory written by spilleval, or an "
+                          "evaluation directory holding teacher_forced/ and generation/ (one section per part).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
 PluginOpt = typer.Option(None, "--plugin", help="Import this module first (it may register custom metrics).")
 
@@ -48,6 +50,7 @@ class PairedTestKind(str, Enum):
 
 
 @app.command()
+@per_part(console)
 def compute(
     spill_dir: Path = SpillDir,
     metrics: str | None = typer.Option(
@@ -123,6 +126,7 @@ def _results_payload(reader, results: dict, intervals: dict) -> dict:
 
 
 @app.command()
+@per_part(console)
 def inspect(spill_dir: Path = SpillDir, as_json: bool = JsonOpt) -> None:
     """Manifest, sample and token counts, bytes per supervised token, chunks and completeness; on a damaged spill,
     what is intact, what is not and how to recover (then the exit code is 2)."""
@@ -253,6 +257,7 @@ def _parse_indices(text: str) -> list[int]:
 
 
 @app.command()
+@per_part(console)
 def show(
     spill_dir: Path = SpillDir,
     n: int = typer.Option(5, "-n", min=1, help="How many samples (in stored order)."),
@@ -263,20 +268,24 @@ def show(
     allow_partial: bool = AllowPartialOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Decoded prediction against reference per sample, wrong tokens highlighted, with the sample's scores."""
-    from .report import default_scores, first_samples, sample_views, samples_by_index
+    """Decoded prediction against reference per sample, wrong tokens highlighted, with the sample's scores (a
+    generation spill: the generated text and every reference, the matched ones marked)."""
+    from .report import first_samples, sample_views, samples_by_index
+    from .report.samples import view_options
     from .report.scan import show_progress
+    from .report.spill_scores import scores_of
     from .report.terminal import print_sample
     from .spill import SpillReader
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
-    scores = default_scores(has_logprob=reader.manifest.has_logprob)
+    scores = scores_of(reader).defaults(corpus_pass=False)  # no pass over the whole spill for a few samples
     if index is not None:
         batch, values = samples_by_index(reader, _parse_indices(index), scores, only_wrong=only_wrong)
     else:
         progress = show_progress(quiet) and not as_json
         batch, values = first_samples(reader, scores, n, only_wrong=only_wrong, progress_bar=progress)
-    views = sample_views(batch, values, reader.tokenizer, max_tokens=max_tokens) if batch is not None else []
+    views = sample_views(batch, values, reader.tokenizer, max_tokens=max_tokens,
+                         **view_options(reader)) if batch is not None else []
     if as_json:
         _print_json({"spill": str(spill_dir), "samples": [v.to_json() for v in views]})
         return
@@ -287,9 +296,12 @@ def show(
 
 
 @app.command()
+@per_part(console)
 def worst(
     spill_dir: Path = SpillDir,
-    by: str = typer.Option("token_accuracy", "--by", help="Per-sample score to rank by (see --help for names)."),
+    by: str | None = typer.Option(
+        None, "--by", help="Per-sample score to rank by (default: token_accuracy; squad_f1 on a generation spill)."
+    ),
     n: int = typer.Option(10, "-n", min=1, help="How many samples."),
     max_tokens: int = MaxTokensOpt,
     as_json: bool = JsonOpt,
@@ -299,22 +311,23 @@ def worst(
     """The N samples with the worst per-sample score, in one bounded pass (a heap of N samples).
 
     Scores: token_accuracy, exact_match, token_f1, nll (needs log-probs), length (worst = longest),
-    text_exact_match (decodes every sample).
+    text_exact_match (decodes every sample). Generation spills (text against every reference): squad_f1,
+    squad_exact_match, answer_exact_match, sentence_bleu, sentence_chrf, rougeL, cider (a corpus pass first).
     """
-    from .report import WorstSamples, default_scores, resolve_scores, scan
-    from .report.samples import ranked_views
+    from .report import WorstSamples, scan
+    from .report.samples import ranked_views, view_options
     from .report.scan import show_progress
+    from .report.spill_scores import scores_of
     from .report.terminal import format_score, print_sample
     from .spill import SpillReader
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
-    has_logprob = reader.manifest.has_logprob
-    score = resolve_scores([by], has_logprob=has_logprob, has_tokenizer=reader.tokenizer is not None)[0]
-    scores = default_scores(has_logprob=has_logprob)
-    scores += [score] if score not in scores else []
+    score, scores = scores_of(reader).with_defaults(by)
+    by = score.name
     heap = WorstSamples(score, n)
     scan(reader, scores, [heap], progress_bar=show_progress(quiet) and not as_json, desc=f"worst by {by}")
-    views = ranked_views(heap.result(), reader.tokenizer, max_tokens=max_tokens)
+    views = ranked_views(heap.result(), reader.tokenizer, max_tokens=max_tokens,
+                         **view_options(reader))
     if as_json:
         samples = [{"rank": rank, **view.to_json()} for rank, view in enumerate(views, 1)]
         _print_json({"spill": str(spill_dir), "by": by, "higher_is_better": score.higher_is_better,
@@ -330,6 +343,7 @@ def worst(
 
 
 @app.command()
+@per_part_pair(console)
 def diff(
     dir_a: Path = typer.Argument(..., exists=True, file_okay=False, help="Spill A (e.g. the older checkpoint)."),
     dir_b: Path = typer.Argument(..., exists=True, file_okay=False, help="Spill B of the same eval set."),
@@ -367,6 +381,7 @@ def diff(
 
 
 @app.command()
+@per_part(console, output="output")
 def export(
     spill_dir: Path = SpillDir,
     fmt: ExportFormat = typer.Option(ExportFormat.jsonl, "--format", "-f", help="Output format."),
@@ -380,13 +395,14 @@ def export(
     quiet: bool = QuietOpt,
 ) -> None:
     """Stream every sample out as JSON Lines or Parquet, one window at a time (stored order; see sample_index)."""
-    from .report import default_scores, export_spill
+    from .report import export_spill
     from .report.scan import show_progress
+    from .report.spill_scores import scores_of
     from .spill import SpillReader
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
     destination = output or f"{Path(spill_dir).resolve().name}.{fmt.value}"
-    scores = default_scores(has_logprob=reader.manifest.has_logprob) if with_scores else []
+    scores = scores_of(reader).defaults() if with_scores else []
     summary = export_spill(reader, destination, fmt.value, decode=decode, scores=scores, overwrite=force,
                            progress_bar=show_progress(quiet))
     size = f" ({summary.bytes:,} bytes)" if summary.bytes is not None else ""
@@ -396,10 +412,13 @@ def export(
 
 
 @app.command()
+@per_part(console, output="output")
 def report(
     spill_dir: Path = SpillDir,
     output: Path = typer.Option(Path("report.html"), "--output", "-o", help="The HTML file to write."),
-    by: str = typer.Option("token_accuracy", "--by", help="Per-sample score for the worst samples."),
+    by: str | None = typer.Option(
+        None, "--by", help="Per-sample score for the worst samples (default: token_accuracy; squad_f1 on generation)."
+    ),
     n: int = typer.Option(20, "-n", min=1, help="How many worst samples to show."),
     recompute: bool = typer.Option(False, "--recompute", help="Recompute metrics instead of reading results.json."),
     max_tokens: int = MaxTokensOpt,

@@ -35,9 +35,8 @@ from .batch import IGNORE_INDEX, SampleBatch, id_dtype_for_vocab
 from .evaluator import Evaluator
 from .metrics.registry import build_metric
 from .metrics.runner import GENERATION_TASK, MetricSpec, MetricSuite
+from .spill.parts import GENERATION_PART, TEACHER_FORCED_PART
 
-TEACHER_FORCED_PART = "teacher_forced"
-GENERATION_PART = GENERATION_TASK
 # batch keys that describe the teacher-forced target, never passed to generate
 TARGET_KEYS = ("labels", "decoder_input_ids", "decoder_attention_mask", "decoder_position_ids", "position_ids")
 

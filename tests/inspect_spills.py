@@ -54,3 +54,70 @@ def write_qa_spill(path: Path, tokenizer: Any, rows: SampleBatch, *, chunk_rows:
         evaluator.add(rows.take(np.arange(start, min(start + batch_size, len(rows)))), vocab_size=len(tokenizer))
     evaluator.finalize()
     return path
+
+
+# ----------------------------------------------------------------------------------------------- generation
+GENERATION_METRICS = ["bleu", "rouge", "squad", "cider"]
+
+
+def caption_generation_rows(tokenizer: Any, n: int, *, seed: int = 0) -> SampleBatch:
+    """n generated captions (ragged: words dropped, replaced, added) with 2-5 reference captions each, in a
+    "captions" column; the label ids are the first reference. Some predictions equal a reference."""
+    rng = np.random.default_rng(seed)
+    eos = tokenizer.convert_tokens_to_ids("</s>")
+    preds, labels, captions = [], [], []
+    for i in range(n):
+        base = [str(w) for w in rng.choice(CAPTION_WORDS, size=int(rng.integers(4, 12)))]
+        refs = [" ".join(base)] + [" ".join(_edited(base, rng, 0.3)) for _ in range(int(rng.integers(1, 5)))]
+        pred = base if i % 5 == 0 else _edited(base, rng, 0.4)
+        preds.append(tokenizer.convert_tokens_to_ids(pred) + [eos])
+        labels.append(tokenizer.convert_tokens_to_ids(base) + [eos])
+        captions.append([r.capitalize() if k == 1 else r for k, r in enumerate(refs)])
+    return SampleBatch.from_rows(range(n), preds, labels, vocab_size=len(tokenizer), aligned=False,
+                                 columns={"captions": captions})
+
+
+def vqa_generation_rows(tokenizer: Any, n: int, *, seed: int = 0) -> SampleBatch:
+    """n generated short answers with a "question" column and several "answers" (VQA-style, repeats included)."""
+    rng = np.random.default_rng(seed)
+    eos = tokenizer.convert_tokens_to_ids("</s>")
+    preds, labels, questions, answers = [], [], [], []
+    for i, example in enumerate(qa_examples(n, seed=seed)):
+        answer = example["answer"]
+        others = [str(w) for w in rng.choice(NUMBER_WORDS + COLOURS, size=int(rng.integers(1, 4)))]
+        pred = answer.split() if i % 3 else [str(rng.choice(NUMBER_WORDS + COLOURS))]
+        preds.append(tokenizer.convert_tokens_to_ids(pred) + [eos])
+        labels.append(tokenizer.convert_tokens_to_ids(answer.split()) + [eos])
+        questions.append(example["question"])
+        answers.append([answer, *others, f"the {answer}"])
+    return SampleBatch.from_rows(range(n), preds, labels, vocab_size=len(tokenizer), aligned=False,
+                                 columns={"question": questions, "answers": answers})
+
+
+def _edited(words: list[str], rng: np.random.Generator, rate: float) -> list[str]:
+    out = []
+    for word in words:
+        roll = rng.random()
+        if roll < rate / 3:
+            continue  # dropped
+        out.append(str(rng.choice(CAPTION_WORDS)) if roll < 2 * rate / 3 else word)
+        if roll > 1 - rate / 3:
+            out.append(str(rng.choice(CAPTION_WORDS)))  # an extra word
+    return out or words[:1]
+
+
+def write_generation_spill(path: Path, tokenizer: Any, rows: SampleBatch, *, references_column: str,
+                           metrics: list[str] = GENERATION_METRICS, chunk_rows: int | None = None,
+                           batch_size: int = 16, store_tokenizer: bool = True) -> Path:
+    """Spill generated rows as `GenerationRun` does: task "generation", the metrics reading `references_column`."""
+    from spilleval.generation import _with_references
+
+    specs = [_with_references(m, references_column) for m in metrics]
+    evaluator = Evaluator(path, specs, tokenizer=tokenizer if store_tokenizer else None, task="generation",
+                          keep_logprob=False,
+                          dataset_length=len(rows), chunk_rows=chunk_rows,
+                          extra={"generation": {"references_column": references_column, "max_new_tokens": 32}})
+    for start in range(0, len(rows), batch_size):
+        evaluator.add(rows.take(np.arange(start, min(start + batch_size, len(rows)))), vocab_size=len(tokenizer))
+    evaluator.finalize()
+    return path

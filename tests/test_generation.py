@@ -209,8 +209,9 @@ def check_cli_on_generation_spill(spill: Path, live: dict[str, Any]) -> None:
     assert "bleu" in (spill / "report.html").read_text()
     refused = runner.invoke(app, ["compute", str(spill / "generation"), "--metrics", "token_accuracy"])
     assert refused.exit_code != 0 and "position by position" in str(refused.exception)
-    parent = runner.invoke(app, ["compute", str(spill)])
-    assert parent.exit_code != 0 and "generation" in str(parent.exception)
+    parent = runner.invoke(app, ["compute", str(spill), "--json"])  # the evaluation directory: both parts
+    assert parent.exit_code == 0, parent.output
+    assert json.loads(parent.output)["parts"]["generation"]["metrics"] == pytest.approx(live, rel=1e-12)
 
 
 def test_generation_needs_labels_and_reference_column(tokenizer, tmp_path):

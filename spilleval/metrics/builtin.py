@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     asr,
     caption,
     classification,
+    coco_caption,
     distributions,
     multiple_choice,
     perplexity,

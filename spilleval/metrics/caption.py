@@ -76,30 +76,15 @@ class Cider(CorpusMetric):
         }
 
     def compute(self, reader: "SpillReader") -> dict[str, float]:
-        with ScratchStore(reader.path) as store:
-            document_frequency = store.counter("document_frequency")
-            images = 0
-            cook_refs = self.scorer_module.cook_refs
+        with CiderCorpus(reader.path, self.scorer_module, n=self.n, sigma=self.sigma) as corpus:
             for _, refs in self._captions(reader):
-                in_documents: Counter[str] = Counter()
-                for sample_refs in refs:
-                    in_documents.update({_key(g) for ref in cook_refs(sample_refs, self.n) for g in ref})
-                document_frequency.add(in_documents.items())
-                images += len(refs)
-            if not images:
+                corpus.count(refs)
+            if not corpus.images:
                 return {"cider": 0.0}
             total = ExactSum()
             for hyps, refs in self._captions(reader):
-                scorer = self.scorer_module.CiderScorer(n=self.n, sigma=self.sigma)
-                scorer.crefs = _CorpusSizedList(images)
-                for hyp, sample_refs in zip(hyps, refs):
-                    scorer += (hyp, sample_refs)
-                needed = {g for test in scorer.ctest for g in test} | {g for c in scorer.crefs for r in c for g in r}
-                ngram_of = {_key(g): g for g in needed}
-                counts = document_frequency.get(ngram_of)
-                scorer.document_frequency = defaultdict(float, {ngram_of[k]: float(c[0]) for k, c in counts.items()})
-                total.add(scorer.compute_cider())
-        return {"cider": total.value / images}
+                total.add(corpus.score(hyps, refs))
+            return {"cider": total.value / corpus.images}
 
     def _captions(self, reader: "SpillReader") -> Iterator[tuple[list[str], list[list[str]]]]:
         """(predictions, references) per batch, lowercased when asked."""
@@ -107,6 +92,50 @@ class Cider(CorpusMetric):
         for batch in reader.iter_batches(self.batch_size, decode=True, with_arrays=False):
             refs = references_of(batch, self.references_column, self.name)
             yield [fold(p) for p in batch.pred_text or []], [[fold(r) for r in rs] for rs in refs]
+
+
+class CiderCorpus:
+    """CIDEr-D document frequencies of a corpus, on disk, and the per-sample scores they give.
+
+    `count` every batch's references first (pass 1), then `score` batches (pass 2): each value is the per-image
+    score pycocoevalcap's `Cider().compute_score` returns for that sample on the whole corpus. Memory: one batch and
+    SQLite's page cache; the document frequencies live in a scratch table next to the spill.
+    """
+
+    def __init__(self, near: Any, scorer_module: Any, *, n: int = 4, sigma: float = 6.0) -> None:
+        self.scorer_module, self.n, self.sigma = scorer_module, n, sigma
+        self.store = ScratchStore(near)
+        self.document_frequency = self.store.counter("document_frequency")
+        self.images = 0
+
+    def count(self, refs: list[list[str]]) -> None:
+        """Pass 1: add one batch's references (one list per sample) to the document frequencies."""
+        in_documents: Counter[str] = Counter()
+        for sample_refs in refs:
+            in_documents.update({_key(g) for ref in self.scorer_module.cook_refs(sample_refs, self.n) for g in ref})
+        self.document_frequency.add(in_documents.items())
+        self.images += len(refs)
+
+    def score(self, hyps: list[str], refs: list[list[str]]) -> list[float]:
+        """Pass 2: the CIDEr-D of each sample of one batch, against the whole corpus's document frequencies."""
+        scorer = self.scorer_module.CiderScorer(n=self.n, sigma=self.sigma)
+        scorer.crefs = _CorpusSizedList(self.images)
+        for hyp, sample_refs in zip(hyps, refs):
+            scorer += (hyp, sample_refs)
+        needed = {g for test in scorer.ctest for g in test} | {g for c in scorer.crefs for r in c for g in r}
+        ngram_of = {_key(g): g for g in needed}
+        counts = self.document_frequency.get(ngram_of)
+        scorer.document_frequency = defaultdict(float, {ngram_of[k]: float(c[0]) for k, c in counts.items()})
+        return [float(x) for x in scorer.compute_cider()]
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "CiderCorpus":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _key(ngram: Ngram) -> str:

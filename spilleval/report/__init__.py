@@ -6,7 +6,14 @@ from .diff import SpillDiff, SpillsDifferError, diff_spills
 from .export import ExportError, export_spill
 from .samples import SampleView, first_samples, sample_views, samples_by_index
 from .scan import ScoreHistograms, WorstSamples, iter_scored, scan
-from .scores import SampleScore, ScoreError, available_scores, default_scores, per_sample, resolve_scores
+from .scores import (
+    SampleScore,
+    ScoreError,
+    available_scores,
+    default_scores,
+    per_sample,
+    resolve_scores,
+)
 
 __all__ = [
     "ExportError",

@@ -22,9 +22,10 @@ from .. import __version__
 from ..spill import SpillReader
 from .history import RunHistory, format_value, history_of_spill, point_label
 from .results import metric_results
-from .samples import DEFAULT_MAX_TOKENS, SampleView, ranked_views
+from .samples import DEFAULT_MAX_TOKENS, SampleView, ranked_views, view_options
 from .scan import ScoreHistogram, ScoreHistograms, WorstSamples, scan
-from .scores import SampleScore, default_scores, resolve_scores
+from .scores import SampleScore
+from .spill_scores import scores_of
 from .terminal import format_score, interval_text, visible
 
 BAR_COLOUR = "#3b6ea8"
@@ -66,18 +67,14 @@ class ReportData:
 def build_report(
     reader: SpillReader,
     *,
-    by: str = "token_accuracy",
+    by: str | None = None,
     n: int = 20,
     recompute: bool = False,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     progress_bar: bool = False,
 ) -> ReportData:
     """Everything the page shows, from one pass over the spill (plus a metrics recompute if asked)."""
-    has_logprob = reader.manifest.has_logprob
-    worst_score = resolve_scores([by], has_logprob=has_logprob, has_tokenizer=reader.tokenizer is not None)[0]
-    scores = default_scores(has_logprob=has_logprob)
-    if worst_score not in scores:
-        scores.append(worst_score)
+    worst_score, scores = scores_of(reader).with_defaults(by)  # `by` None: the spill's default ranking
     histograms = ScoreHistograms(scores)
     worst = WorstSamples(worst_score, n)
     scan(reader, scores, [histograms, worst], progress_bar=progress_bar, desc="report")
@@ -93,7 +90,8 @@ def build_report(
                          for h in histograms.by_name.values()],
         plots=[_plot(h) for h in histograms.by_name.values() if h.samples],
         worst_by=worst_score,
-        worst=ranked_views(worst.result(), reader.tokenizer, max_tokens=max_tokens),
+        worst=ranked_views(worst.result(), reader.tokenizer, max_tokens=max_tokens,
+                           **view_options(reader)),
         generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         history=_history_section(reader),
     )
@@ -180,8 +178,9 @@ def histogram_figure(histogram: ScoreHistogram) -> Any:
     # small in inches, high dpi: the labels stay readable when the browser scales the image to its grid cell
     fig, ax = plt.subplots(figsize=(3.6, 2.2), dpi=170, layout="constrained")
     try:
-        if score.resolution >= 1.0 and score.upper <= 1.0:  # a yes/no score: two bars
-            ax.bar(["0 (no)", "1 (yes)"], [counts[0] if len(counts) > 0 else 0, counts[1] if len(counts) > 1 else 0],
+        if score.resolution >= score.upper:  # a yes/no score (0 or 1, or 0 or 100): two bars
+            ax.bar(["0 (no)", f"{score.upper:g} (yes)"],
+                   [counts[0] if len(counts) > 0 else 0, counts[1] if len(counts) > 1 else 0],
                    color=BAR_COLOUR, width=0.6)
         else:
             ax.hist(values, bins=_edges(histogram), weights=counts, color=BAR_COLOUR, edgecolor="white", linewidth=0.5)

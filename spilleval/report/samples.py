@@ -2,7 +2,8 @@
 
 The token-level diff is positional: position i is wrong when pred_ids[i] != label_ids[i]. Teacher-forced
 predictions are aligned with the labels; a generated row may be shorter or longer than its reference, and a
-position only one side has is wrong.
+position only one side has is wrong. A generated sample is therefore shown as text instead: the prediction and
+every reference of the item (the spill's references column), each marked when the prediction matches it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class SampleView:
     length: int  # supervised (reference) tokens in the sample
     wrong_total: int  # wrong positions in the whole sample
     columns: dict[str, Any]
+    references: list["ReferenceView"] | None = None  # generated samples: every reference, matched or not
 
     @property
     def truncated(self) -> bool:
@@ -64,7 +66,28 @@ class SampleView:
             "length": self.length,
             "truncated": self.truncated,
             "columns": self.columns,
+            **({"references": [r.to_json() for r in self.references]} if self.references is not None else {}),
         }
+
+
+@dataclass
+class ReferenceView:
+    text: str
+    match: str  # "exact" (equal but for surrounding spaces), "normalized" (equal after SQuAD normalisation) or ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"text": self.text, "match": self.match or None}
+
+
+def reference_views(prediction: str, references: list[str]) -> list[ReferenceView]:
+    """Each reference with whether the prediction matches it (what answer_exact_match and squad_exact_match
+    count)."""
+    from ..metrics.squad import exact_match_score
+    from .text_scores import answer_matches
+
+    exact = answer_matches(prediction, references)
+    return [ReferenceView(r, "exact" if same else "normalized" if exact_match_score(prediction, r) else "")
+            for r, same in zip(references, exact)]
 
 
 def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
@@ -96,29 +119,56 @@ def sample_views(
     tokenizer: Any,
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    references_column: str | None = None,
+    text_view: bool = False,
 ) -> list[SampleView]:
-    """A view per row of `batch` (already chosen: this decodes, so call it on the few samples shown)."""
+    """A view per row of `batch` (already chosen: this decodes, so call it on the few samples shown). With
+    `text_view` (a generation spill, see `view_options`) each sample gets its references: the `references_column`
+    of the spill, else the decoded label."""
     views = []
     for row in range(len(batch)):
         pred, label = batch.row(row)
         shown = slice(0, max_tokens)
         wrong_mask = _wrong_positions(pred, label)
+        prediction, reference = _decode(tokenizer, pred), _decode(tokenizer, label)
+        columns = {name: values[row] for name, values in batch.columns.items()}
+        references = None
+        if text_view:
+            refs = _as_list(columns.pop(references_column)) if references_column in columns else [reference]
+            references = reference_views(prediction, refs)
         views.append(
             SampleView(
                 sample_index=int(batch.sample_index[row]),
                 scores={name: float(values[row]) for name, values in scores.items()},
-                prediction=_decode(tokenizer, pred),
-                reference=_decode(tokenizer, label),
+                prediction=prediction,
+                reference=reference,
                 pred_pieces=token_pieces(tokenizer, pred[shown]),
                 label_pieces=token_pieces(tokenizer, label[shown]),
                 wrong=np.flatnonzero(wrong_mask[shown]).tolist(),
                 pred_length=len(pred),
                 length=len(label),
                 wrong_total=int(wrong_mask.sum()),
-                columns={name: values[row] for name, values in batch.columns.items()},
+                columns=columns,
+                references=references,
             )
         )
     return views
+
+
+def view_options(reader: SpillReader) -> dict[str, Any]:
+    """How `sample_views` shows this spill's samples: generated text with its references on a generation spill."""
+    from ..metrics.runner import GENERATION_TASK
+    from .text_scores import references_column
+
+    generation = reader.manifest.task == GENERATION_TASK
+    return {"text_view": generation, "references_column": references_column(reader) if generation else None}
+
+
+def _as_list(value: Any) -> list[str]:
+    """A references cell (one string, or a list with None padding) as the list of its strings."""
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value if v is not None]
 
 
 def _wrong_positions(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -129,14 +179,14 @@ def _wrong_positions(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
     return wrong
 
 
-def ranked_views(ranked: Sequence[RankedSample], tokenizer: Any, *, max_tokens: int = DEFAULT_MAX_TOKENS
-                 ) -> list[SampleView]:
+def ranked_views(ranked: Sequence[RankedSample], tokenizer: Any, *, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 **options: Any) -> list[SampleView]:
     """Views of `WorstSamples.result()`, in its order, with the scores computed during the pass."""
     if not ranked:
         return []
     rows = SampleBatch.concat([r.row for r in ranked])
     scores = {name: np.array([r.scores[name] for r in ranked]) for name in ranked[0].scores}
-    return sample_views(rows, scores, tokenizer, max_tokens=max_tokens)
+    return sample_views(rows, scores, tokenizer, max_tokens=max_tokens, **options)
 
 
 def _decode(tokenizer: Any, ids: np.ndarray) -> str:

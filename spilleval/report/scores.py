@@ -27,6 +27,7 @@ class SampleScore:
     description: str
     needs_logprob: bool = False
     needs_text: bool = False
+    positional: bool = False  # compares ids position by position: meaningless on generated rows
     resolution: float = 1e-3  # histogram bin width in `report` (values are quantized to it)
     upper: float = 1.0  # values above are clipped into the last histogram bin
 
@@ -115,7 +116,7 @@ def _ragged_matches_per_row(batch: SampleBatch) -> np.ndarray:
     return np.bincount(row, weights=(pred == label).astype(np.float64), minlength=len(batch))
 
 
-@per_sample("token_accuracy", higher_is_better=True,
+@per_sample("token_accuracy", higher_is_better=True, positional=True,
             description="fraction of the sample's supervised tokens predicted right (1 for an empty sample)")
 def token_accuracy(batch: SampleBatch) -> np.ndarray:
     lengths = _compared_per_row(batch)

@@ -1,7 +1,8 @@
 """Rich rendering of samples and spill comparisons for the terminal.
 
 Wrong positions are coloured (reference: green, prediction: red, underlined); every sample also gets a plain
-`wrong` line naming them, so the diff survives a colourless terminal, a log file or a pipe.
+`wrong` line naming them, so the diff survives a colourless terminal, a log file or a pipe. A generated sample is
+shown as text with every reference, the matched ones marked in words ("✓ matches").
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from rich.text import Text
 
 from ..spill import SpillReader
 from .diff import SpillDiff
-from .samples import SampleView, sample_views, samples_by_index
-from .scores import default_scores
+from .samples import SampleView, sample_views, samples_by_index, view_options
+from .spill_scores import scores_of
 
 REFERENCE_STYLE = "bold green"
 PREDICTION_STYLE = "bold red underline"
@@ -30,8 +31,8 @@ MAX_COLUMN_CHARS = 300
 def format_score(value: float) -> str:
     if isinstance(value, float) and math.isnan(value):
         return "-"
-    if float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value))
+    if abs(value) < 1e15 and abs(value - round(value)) < 1e-9:  # 100.00000000000004 (sentence BLEU) reads 100
+        return str(round(value))
     return f"{value:.4f}"
 
 
@@ -78,6 +79,22 @@ def wrong_summary(view: SampleView) -> Text:
     return Text(" ".join(parts))
 
 
+MATCH_MARKS = {"exact": "✓ matches", "normalized": "✓ matches after normalisation"}
+
+
+def reference_lines(view: SampleView) -> Text:
+    """Every reference of a generated sample, one a line, the ones the prediction matches marked."""
+    text = Text()
+    for i, ref in enumerate(view.references or []):
+        if i:
+            text.append("\n")
+        text.append(f"{i + 1}. ", style="dim")
+        text.append(_short(ref.text), style=REFERENCE_STYLE if ref.match else None)
+        if ref.match:
+            text.append(f"  {MATCH_MARKS[ref.match]}", style="green")
+    return text
+
+
 def score_line(scores: dict[str, float], highlight: str | None = None) -> Text:
     line = Text()
     for i, (name, value) in enumerate(scores.items()):
@@ -98,8 +115,15 @@ def print_sample(console: Console, view: SampleView, *, title: str | None = None
     grid.add_row("scores", score_line(view.scores, highlight))
     for name, value in view.columns.items():
         grid.add_row(Text(name), Text(_short(value)))
-    grid.add_row("reference", token_line(view, side="reference"))
     others = list(predictions) or [("prediction", view)]
+    if view.references is not None:  # generated text: no position-by-position diff
+        for label, other in others:
+            grid.add_row(label, Text(other.prediction))
+        for label, other in others:
+            grid.add_row("references" if len(others) == 1 else f"references ({label})", reference_lines(other))
+        console.print(grid)
+        return
+    grid.add_row("reference", token_line(view, side="reference"))
     for label, other in others:
         grid.add_row(label, token_line(other, side="prediction"))
     for label, other in others:
@@ -170,5 +194,6 @@ def print_diff(console: Console, result: SpillDiff, reader_a: SpillReader, reade
 
 
 def _views(reader: SpillReader, indices: list[int], max_tokens: int) -> list[SampleView]:
-    batch, scores = samples_by_index(reader, indices, default_scores(has_logprob=reader.manifest.has_logprob))
-    return sample_views(batch, scores, reader.tokenizer, max_tokens=max_tokens)
+    batch, scores = samples_by_index(reader, indices, scores_of(reader).defaults(corpus_pass=False))
+    return sample_views(batch, scores, reader.tokenizer, max_tokens=max_tokens,
+                        **view_options(reader))
