@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import sys
@@ -15,49 +14,102 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 unexpected error (one line, the full traceback written to a temporary file: please "
+    "report it); 2 bad usage or bad input (an unknown option or metric, a damaged or partial spill, a file that "
+    "exists): the one-line message names the problem and the fix."
+)
 app = typer.Typer(
     name="spilleval",
     help="Exact, memory-bounded evaluation: recompute and inspect spilled predictions.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain --help: no padded boxes (trailing spaces when piped), no <bool> metavars
 )
 console = Console()
 err_console = Console(stderr=True)
 
-SpillDir = typer.Argument(..., exists=True, file_okay=False, help="A spill directory written by spilleval.")
-JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
-PluginOpt = typer.Option(None, "--plugin", help="Import this module first (it may register custom metrics).")
+
+
+# ----------------------------------------------------------------------------------------------- shared options
+def flag(*names: str, help: str, **options) -> bool:
+    """A --flag without a value: no `<bool>` metavar in the help."""
+    return typer.Option(False, *names, help=help, metavar="", **options)
+
+
+SpillDir = typer.Argument(..., exists=True, file_okay=False, metavar="SPILL_DIR",
+                          help="A spill directory written by spilleval.")
+JsonOpt = flag("--json", help="Print machine-readable JSON instead of a table.")
+AllowPartialOpt = flag("--allow-partial", help="Read a partial spill (after a crash).")
+QuietOpt = flag("--quiet", "-q", help="No progress bars.")
+ForceOpt = flag("--force", help="Replace the output file if it exists.")
+MaxTokensOpt = typer.Option(256, "--max-tokens", min=1, metavar="N", help="Tokens shown per sample (scores cover all).")
+PluginOpt = typer.Option(
+    None, "--plugin", metavar="MODULE|FILE.py",
+    help="Import this module (from the current directory or the Python path) or .py file first: it may register "
+    "custom metrics. Repeatable.",
+)
 
 
 def _load_plugins(plugins: Optional[list[str]]) -> None:
-    for module in plugins or []:
-        importlib.import_module(module)
+    from .plugins import load_plugin
+
+    for plugin in plugins or []:
+        load_plugin(plugin)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"spilleval {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app(
+    version: bool = flag("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Exact, memory-bounded evaluation: recompute and inspect spilled predictions."""
 
 
 def _fmt(value) -> str:
     return f"{value:.6f}" if isinstance(value, float) else str(value)
 
 
+MetricsOpt = typer.Option(
+    None, "--metrics", "-m", metavar="NAME[,NAME(key=value,...)]",
+    help="Comma-separated metrics (default: those recorded in the spill). A name or a result key (perplexity = "
+    "nll, eval_bleu_precision_1 = bleu); parameters in parentheses, e.g. 'f1(labels=yes,no,maybe)' (values are "
+    "JSON, or comma lists); a name alone keeps the parameters it was evaluated with. `spilleval metrics` lists them.",
+)
+MetricsFileOpt = typer.Option(
+    None, "--metrics-file", exists=True, dir_okay=False, metavar="FILE",
+    help="JSON or YAML file of metrics: a list of names or {name, params} specs, or a mapping name -> params.",
+)
+
+
 @app.command()
 def compute(
     spill_dir: Path = SpillDir,
-    metrics: Optional[str] = typer.Option(
-        None, "--metrics", "-m", help="Comma-separated metric names (default: those recorded in the spill)."
-    ),
-    allow_partial: bool = typer.Option(False, "--allow-partial", help="Compute on a partial spill (after a crash)."),
+    metrics: Optional[str] = MetricsOpt,
+    metrics_file: Optional[Path] = MetricsFileOpt,
+    allow_partial: bool = AllowPartialOpt,
     as_json: bool = JsonOpt,
     plugin: Optional[list[str]] = PluginOpt,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Recompute metrics from the directory alone (tokenizer and metric settings are read from it)."""
     from .metrics import compute_from_spill
+    from .metrics.names import parse_metrics, scale_of
     from .spill import SpillReader
 
     _load_plugins(plugin)
-    names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    specs = parse_metrics(metrics, metrics_file)
     show_progress = not quiet and not as_json and sys.stderr.isatty()
-    results = compute_from_spill(spill_dir, names, allow_partial=allow_partial, progress=show_progress)
+    results = compute_from_spill(spill_dir, specs, allow_partial=allow_partial, progress=show_progress)
     partial_note = None
     if allow_partial:
         completeness = SpillReader(spill_dir, allow_partial=True).completeness()
@@ -75,9 +127,35 @@ def compute(
         return
     if partial_note:
         console.print(f"[bold yellow]{partial_note}[/]")
-    table = Table("metric", "value", title=escape(str(spill_dir)))
+    table = Table("metric", "value", "scale", title=escape(str(spill_dir)))
     for key, value in results.items():
-        table.add_row(escape(key), escape(_fmt(value)))
+        table.add_row(escape(key), escape(_fmt(value)), escape(scale_of(key)))
+    console.print(table)
+
+
+@app.command("metrics")
+def list_metrics(
+    plugin: Optional[list[str]] = PluginOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """The metrics that can be named: their result keys, scale and kind (streaming or corpus), and what they are."""
+    from .metrics import CorpusMetric, available_metrics
+
+    _load_plugins(plugin)
+    rows = []
+    for name, cls in available_metrics().items():
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        rows.append({"name": name, "result_keys": list(cls.result_keys()),
+                     "scales": {key: cls.scale_of(key) for key in cls.result_keys()},
+                     "kind": "corpus" if issubclass(cls, CorpusMetric) else "streaming", "description": summary})
+    if as_json:
+        _print_json({"metrics": rows})
+        return
+    table = Table("name", "result keys", "scale", "kind", "what it is", title="metrics")
+    for row in rows:
+        scales = dict.fromkeys(row["scales"].values())
+        table.add_row(escape(row["name"]), escape(", ".join(row["result_keys"])),
+                      escape("; ".join(s for s in scales if s) or "-"), row["kind"], escape(row["description"]))
     console.print(table)
 
 
@@ -189,9 +267,6 @@ def _missing_text(completeness) -> str:
 
 
 # ---------------------------------------------------------------------------------- inspecting predictions
-AllowPartialOpt = typer.Option(False, "--allow-partial", help="Read a partial spill (after a crash).")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
-MaxTokensOpt = typer.Option(256, "--max-tokens", min=1, help="Tokens shown per sample (scores cover all).")
 
 
 class ExportFormat(str, Enum):
@@ -227,9 +302,9 @@ def _parse_indices(text: str) -> list[int]:
 @app.command()
 def show(
     spill_dir: Path = SpillDir,
-    n: int = typer.Option(5, "-n", min=1, help="How many samples (in stored order)."),
-    index: Optional[str] = typer.Option(None, "--index", "-i", help="Comma-separated sample indices, e.g. 3,17."),
-    only_wrong: bool = typer.Option(False, "--only-wrong", help="Only samples with a wrong token."),
+    n: int = typer.Option(5, "-n", min=1, metavar="N", help="How many samples (in stored order)."),
+    index: Optional[str] = typer.Option(None, "--index", "-i", metavar="I,J,...", help="Comma-separated sample indices, e.g. 3,17."),
+    only_wrong: bool = flag("--only-wrong", help="Only samples with a wrong token."),
     max_tokens: int = MaxTokensOpt,
     as_json: bool = JsonOpt,
     allow_partial: bool = AllowPartialOpt,
@@ -261,8 +336,8 @@ def show(
 @app.command()
 def worst(
     spill_dir: Path = SpillDir,
-    by: str = typer.Option("token_accuracy", "--by", help="Per-sample score to rank by (see --help for names)."),
-    n: int = typer.Option(10, "-n", min=1, help="How many samples."),
+    by: str = typer.Option("token_accuracy", "--by", metavar="SCORE", help="Per-sample score to rank by (see --help for names)."),
+    n: int = typer.Option(10, "-n", min=1, metavar="N", help="How many samples."),
     max_tokens: int = MaxTokensOpt,
     as_json: bool = JsonOpt,
     allow_partial: bool = AllowPartialOpt,
@@ -303,10 +378,12 @@ def worst(
 
 @app.command()
 def diff(
-    dir_a: Path = typer.Argument(..., exists=True, file_okay=False, help="Spill A (e.g. the older checkpoint)."),
-    dir_b: Path = typer.Argument(..., exists=True, file_okay=False, help="Spill B of the same eval set."),
-    limit: int = typer.Option(5, "--limit", min=0, help="Flipped samples listed per direction."),
-    recompute: bool = typer.Option(False, "--recompute", help="Recompute metrics instead of reading results.json."),
+    dir_a: Path = typer.Argument(..., exists=True, file_okay=False, metavar="SPILL_A",
+                                 help="Spill A (e.g. the older checkpoint)."),
+    dir_b: Path = typer.Argument(..., exists=True, file_okay=False, metavar="SPILL_B",
+                                 help="Spill B of the same eval set."),
+    limit: int = typer.Option(5, "--limit", min=0, metavar="N", help="Flipped samples listed per direction."),
+    recompute: bool = flag("--recompute", help="Recompute metrics instead of reading results.json."),
     max_tokens: int = MaxTokensOpt,
     as_json: bool = JsonOpt,
     allow_partial: bool = AllowPartialOpt,
@@ -333,11 +410,11 @@ def export(
     spill_dir: Path = SpillDir,
     fmt: ExportFormat = typer.Option(ExportFormat.jsonl, "--format", "-f", help="Output format."),
     output: Optional[str] = typer.Option(
-        None, "--output", "-o", help="File to write, or - for stdout (jsonl). Default: <spill dir name>.<format>."
+        None, "--output", "-o", metavar="PATH", help="File to write, or - for stdout (jsonl). Default: <spill dir name>.<format>."
     ),
-    decode: bool = typer.Option(False, "--decode", help="Add decoded prediction / reference text columns."),
-    with_scores: bool = typer.Option(False, "--scores", help="Add per-sample score columns."),
-    force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
+    decode: bool = flag("--decode", help="Add decoded prediction / reference text columns."),
+    with_scores: bool = flag("--scores", help="Add per-sample score columns."),
+    force: bool = ForceOpt,
     allow_partial: bool = AllowPartialOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -360,19 +437,23 @@ def export(
 @app.command()
 def report(
     spill_dir: Path = SpillDir,
-    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="The HTML file to write."),
-    by: str = typer.Option("token_accuracy", "--by", help="Per-sample score for the worst samples."),
-    n: int = typer.Option(20, "-n", min=1, help="How many worst samples to show."),
-    recompute: bool = typer.Option(False, "--recompute", help="Recompute metrics instead of reading results.json."),
+    output: Path = typer.Option(Path("report.html"), "--output", "-o", metavar="PATH", help="The HTML file to write."),
+    by: str = typer.Option("token_accuracy", "--by", metavar="SCORE", help="Per-sample score for the worst samples."),
+    n: int = typer.Option(20, "-n", min=1, metavar="N", help="How many worst samples to show."),
+    recompute: bool = flag("--recompute", help="Recompute metrics instead of reading results.json."),
     max_tokens: int = MaxTokensOpt,
+    force: bool = ForceOpt,
     allow_partial: bool = AllowPartialOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """A self-contained static HTML page: metrics, per-sample score histograms, worst samples, manifest."""
+    from .report import ExportError
     from .report.html import build_report, write_report
     from .report.scan import show_progress
     from .spill import SpillReader
 
+    if output.exists() and not force:  # before the pass over the spill, not after it
+        raise ExportError(f"{output} already exists: choose another -o path, or pass --force to replace it")
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
     data = build_report(reader, by=by, n=n, recompute=recompute, max_tokens=max_tokens,
                         progress_bar=show_progress(quiet))
@@ -381,15 +462,28 @@ def report(
 
 
 def main() -> None:
-    """Console entry point: errors print one clear line instead of a traceback."""
+    """Console entry point: every error is one line on stderr, never a traceback; the exit code says which kind
+    (`EXIT_CODES`)."""
+    from .crash import EXIT_BAD_INPUT, EXIT_UNEXPECTED, error_message, write_traceback
     from .errors import USER_ERRORS
 
     try:
         app()
     except USER_ERRORS as e:
-        # one line whatever the terminal width; the message is plain text, never rich markup
-        err_console.print("[bold red]error:[/]", escape(str(e)), soft_wrap=True)
-        raise SystemExit(2) from None
+        _error_line(error_message(e))
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as e:  # noqa: BLE001 - a bug (ours or a plugin's): say where the traceback is
+        path = write_traceback(e)
+        _error_line(f"unexpected {type(e).__name__}: {error_message(e)} (full traceback in {path}; please "
+                    "include it when you report this)")
+        raise SystemExit(EXIT_UNEXPECTED) from None
+
+
+def _error_line(message: str) -> None:
+    # one line whatever the terminal width; the message is plain text, never rich markup
+    err_console.print("[bold red]error:[/]", escape(message), soft_wrap=True)
 
 
 if __name__ == "__main__":

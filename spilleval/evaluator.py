@@ -358,9 +358,10 @@ class Evaluator:
         reader = SpillReader(self.spill_dir)
         if self.suite.corpus:
             results.update(self.suite.compute_corpus(reader))
+        results = self.suite.in_order(results)
         record = {"metrics": prefixed(results, self.metric_key_prefix), "provenance": self._provenance(reader)}
         try:
-            write_json_atomic(self.spill_dir / RESULTS_NAME, record)
+            write_json_atomic(self.spill_dir / RESULTS_NAME, record, sort_keys=False)  # metrics in spec order
             seal(self.spill_dir)  # the seal (integrity.json) now covers the results too
         except OSError as e:
             raise SpillWriteError(

@@ -81,6 +81,8 @@ class Accuracy(ConfusionMetric):
     stripped decoded label (or the `target_column` value); the state is then two counts.
     """
 
+    scale = "0–1"
+
     needs_labels = False
 
     def __init__(self, labels: Sequence[str | int] | None = None, target_column: str | None = None) -> None:
@@ -110,6 +112,9 @@ class Accuracy(ConfusionMetric):
 class Precision(ConfusionMetric):
     """precision_micro / _macro / _weighted over the declared labels."""
 
+    outputs = ("precision_micro", "precision_macro", "precision_weighted")
+    scale = "0–1"
+
     def compute(self) -> dict[str, float]:
         return self.averages("precision")
 
@@ -118,6 +123,9 @@ class Precision(ConfusionMetric):
 class Recall(ConfusionMetric):
     """recall_micro / _macro / _weighted over the declared labels."""
 
+    outputs = ("recall_micro", "recall_macro", "recall_weighted")
+    scale = "0–1"
+
     def compute(self) -> dict[str, float]:
         return self.averages("recall")
 
@@ -125,6 +133,9 @@ class Recall(ConfusionMetric):
 @register("f1")
 class F1(ConfusionMetric):
     """f1_micro / _macro / _weighted over the declared labels."""
+
+    outputs = ("f1_micro", "f1_macro", "f1_weighted")
+    scale = "0–1"
 
     def compute(self) -> dict[str, float]:
         return self.averages("f1")

@@ -139,6 +139,8 @@ def _score_counts(scores: np.ndarray, positive: np.ndarray) -> list[tuple[float,
 class Auroc(RankingMetric):
     """Area under the ROC curve (binary, or one-vs-rest macro), equal to sklearn's roc_auc_score."""
 
+    scale = "0–1"
+
     result_key = "auroc"
 
     def from_sorted(self, table: Any) -> float:
@@ -160,6 +162,8 @@ class Auroc(RankingMetric):
 class AveragePrecision(RankingMetric):
     """Average precision (binary, or one-vs-rest macro), equal to sklearn's average_precision_score."""
 
+    scale = "0–1"
+
     result_key = "average_precision"
 
     def from_sorted(self, table: Any) -> float:
@@ -179,6 +183,8 @@ class AveragePrecision(RankingMetric):
 @register("ece")
 class ExpectedCalibrationError(ClassScoreMetric):
     """Expected calibration error with equal-width bins (see the module docstring)."""
+
+    scale = "0–1, lower is better"
 
     def __init__(
         self,

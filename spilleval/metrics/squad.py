@@ -58,6 +58,9 @@ def exact_match_score(prediction: str, ground_truth: str) -> bool:
 class Squad(StreamingMetric):
     """squad_exact_match and squad_f1 (0-100), max over each sample's references."""
 
+    outputs = ("squad_exact_match", "squad_f1")
+    scale = "0–100"
+
     needs_text = True
 
     def __init__(self, references_column: str | None = None) -> None:

@@ -80,13 +80,14 @@ def score_line(scores: dict[str, float], highlight: str | None = None) -> Text:
 
 
 def print_sample(console: Console, view: SampleView, *, title: str | None = None,
-                 highlight: str | None = None, predictions: Iterable[tuple[str, SampleView]] = ()) -> None:
+                 highlight: str | None = None, predictions: Iterable[tuple[str, SampleView]] = (),
+                 scores_label: str = "scores") -> None:
     """One sample: its scores, dataset columns, reference, prediction(s) and the list of wrong positions."""
     console.print(Rule(title or f"sample {view.sample_index}", align="left", style="blue"))
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="dim", no_wrap=True)
     grid.add_column(overflow="fold")
-    grid.add_row("scores", score_line(view.scores, highlight))
+    grid.add_row(scores_label, score_line(view.scores, highlight))
     for name, value in view.columns.items():
         grid.add_row(Text(name), Text(_short(value)))
     grid.add_row("reference", token_line(view, side="reference"))
@@ -136,7 +137,7 @@ def print_diff(console: Console, result: SpillDiff, reader_a: SpillReader, reade
             continue
         views = {side: _views(reader, indices, max_tokens) for side, reader in (("A", reader_a), ("B", reader_b))}
         for view_a, view_b in zip(views["A"], views["B"]):
-            print_sample(console, view_b if wrong_side == "B" else view_a,
+            print_sample(console, view_b if wrong_side == "B" else view_a, scores_label=f"scores ({wrong_side})",
                          title=f"sample {view_a.sample_index}: {label}", predictions=[("A", view_a), ("B", view_b)])
 
 

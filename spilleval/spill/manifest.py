@@ -229,13 +229,14 @@ def create_temp_file(path: Path) -> tuple[int, Path]:
             continue  # another writer drew the same name (2^-48): draw again
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file, fsync, rename over `path`, fsync the directory."""
+def write_json_atomic(path: Path, data: Any, *, sort_keys: bool = True) -> None:
+    """Write JSON to a temp file, fsync, rename over `path`, fsync the directory (keys sorted unless their order
+    means something, as the metrics' order in results.json does)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = create_temp_file(path)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+            json.dump(data, f, indent=2, sort_keys=sort_keys)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -165,6 +165,7 @@ class SpillReader:
         self.chunks: list[ChunkRecord] = []
         self._shard_done: dict[int, bool] = {}
         self._index_cache: dict[tuple[int, int], np.ndarray] = {}
+        self.progress: Any = None  # a spilleval.progress.PassProgress: bars for iter_batches passes
         if self.seal is not None:
             self.seal.verify_shards()
         for shard in shard_dirs(self.path):
@@ -299,7 +300,15 @@ class SpillReader:
         with_arrays: bool = True,
         with_logprob: bool = True,
     ) -> Iterator[SampleBatch]:
-        """Samples in batches of `batch_size` (re-cut across chunks); with decode=True, text is attached."""
+        """Samples in batches of `batch_size` (re-cut across chunks); with decode=True, text is attached.
+
+        With `progress` set (a `spilleval.progress.PassProgress`), the pass draws a bar."""
+        batches = self._batches(batch_size, decode=decode, columns=columns, with_arrays=with_arrays,
+                                with_logprob=with_logprob)
+        return self.progress.track(batches) if self.progress is not None else batches
+
+    def _batches(self, batch_size: int, *, decode: bool, columns: Sequence[str] | None, with_arrays: bool,
+                 with_logprob: bool) -> Iterator[SampleBatch]:
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         pending: list[SampleBatch] = []
