@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .stdout import TrimmedStdout
+
 EXIT_CODES = (
     "Exit codes: 0 success; 1 unexpected error (one line, the full traceback written to a temporary file: please "
     "report it); 2 bad usage or bad input (an unknown option or metric, a damaged or partial spill, a file that "
@@ -28,7 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain --help: no padded boxes (trailing spaces when piped), no <bool> metavars
 )
-console = Console()
+console = Console(file=TrimmedStdout())
 err_console = Console(stderr=True)
 
 
@@ -248,9 +250,11 @@ def _print_state(spill_dir: Path, state, info: dict) -> None:
         table.add_row(key, str(value))
     console.print(table)
     if state.results:
-        results = Table("metric", "live value", title="results of the run")
+        from .metrics.names import scale_of
+
+        results = Table("metric", "live value", "scale", title="results of the run")
         for key, value in state.results.items():
-            results.add_row(escape(key), escape(_fmt(value)))
+            results.add_row(escape(key), escape(_fmt(value)), escape(scale_of(key)))
         console.print(results)
     for note in state.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
@@ -323,7 +327,8 @@ def show(
     else:
         progress = show_progress(quiet) and not as_json
         batch, values = first_samples(reader, scores, n, only_wrong=only_wrong, progress_bar=progress)
-    views = sample_views(batch, values, reader.tokenizer, max_tokens=max_tokens) if batch is not None else []
+    tokenizer = reader.display_tokenizer
+    views = sample_views(batch, values, tokenizer, max_tokens=max_tokens) if batch is not None else []
     if as_json:
         _print_json({"spill": str(spill_dir), "samples": [v.to_json() for v in views]})
         return
@@ -356,12 +361,13 @@ def worst(
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
     has_logprob = reader.manifest.has_logprob
-    score = resolve_scores([by], has_logprob=has_logprob, has_tokenizer=reader.tokenizer is not None)[0]
+    has_tokenizer = reader.display_tokenizer is not None
+    score = resolve_scores([by], has_logprob=has_logprob, has_tokenizer=has_tokenizer)[0]
     scores = default_scores(has_logprob=has_logprob)
     scores += [score] if score not in scores else []
     heap = WorstSamples(score, n)
     scan(reader, scores, [heap], progress_bar=show_progress(quiet) and not as_json, desc=f"worst by {by}")
-    views = ranked_views(heap.result(), reader.tokenizer, max_tokens=max_tokens)
+    views = ranked_views(heap.result(), reader.display_tokenizer, max_tokens=max_tokens)
     if as_json:
         samples = [{"rank": rank, **view.to_json()} for rank, view in enumerate(views, 1)]
         _print_json({"spill": str(spill_dir), "by": by, "higher_is_better": score.higher_is_better,

@@ -28,7 +28,7 @@ def sample_bar(total: int | None, desc: str, *, enabled: bool) -> Iterator[Calla
         return
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc=desc, unit=" samples", unit_scale=True, leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=total, desc=desc, unit=" samples", leave=False, dynamic_ncols=True) as bar:
         yield bar.update
         if total is not None and bar.n < total:
             bar.update(total - bar.n)

@@ -210,6 +210,8 @@ def test_the_compute_table_marks_scales(spill):
     cell = r"[\s│]+"
     assert re.search(rf"bleu{cell}[\d.]+{cell}0–100", out) and re.search(rf"token_accuracy{cell}[\d.]+{cell}0–1 ", out)
     assert re.search(rf"perplexity{cell}[\d.]+{cell}≥ 1, lower is better", out)
+    assert re.search(rf"bleu{cell}[\d.]+{cell}0–100", run("inspect", spill))
+    assert re.search(rf"bleu{cell}[\d.]+{cell}[\d.]+{cell}[-+\d.]+{cell}0–100", run("diff", spill, spill))
 
 
 # ----------------------------------------------------------------------------------------------- one order
@@ -254,3 +256,30 @@ def test_report_refuses_to_overwrite_without_force(spill, tmp_path, monkeypatch,
     assert out.read_text() == "keep me"
     run("report", spill, "-o", out, "-q", "--force")
     assert out.read_text().startswith("<!DOCTYPE html>")
+
+
+# ----------------------------------------------------------------------------------------------- progress
+def test_progress_counts_samples_of_the_spill_total_one_bar_per_corpus_pass(spill, capsys):
+    compute_from_spill(spill, ["token_accuracy", "text_match", "answer_macro_f1", "distinct_n"], progress=True)
+    err = capsys.readouterr().err
+    for desc in ("token_accuracy, text_match", "answer_macro_f1", "distinct_n"):
+        assert re.search(rf"{re.escape(desc)}: +\d+%\|.*\| *\d+/{N} \[", err), (desc, err)
+    assert "samples/s" in err and "batch" not in err
+
+
+def test_worst_and_report_progress_counts_samples_not_chunks(spill, capsys):
+    from spilleval.report import default_scores, iter_scored
+    from spilleval.spill import SpillReader
+
+    reader = SpillReader(spill)
+    for _ in iter_scored(reader, default_scores(has_logprob=True), progress_bar=True, desc="worst by nll"):
+        pass
+    err = capsys.readouterr().err
+    assert re.search(rf"worst by nll: +\d+%\|.*\| *\d+/{N} \[", err) and "chunk" not in err
+
+
+def test_no_progress_when_stderr_is_not_a_terminal(spill):
+    done = script("compute", spill)
+    assert done.returncode == 0 and done.stderr == ""
+    done = script("worst", spill, "--by", "nll", "-n", "2")
+    assert done.returncode == 0 and done.stderr == ""

@@ -62,7 +62,8 @@ def build_report(
 ) -> ReportData:
     """Everything the page shows, from one pass over the spill (plus a metrics recompute if asked)."""
     has_logprob = reader.manifest.has_logprob
-    worst_score = resolve_scores([by], has_logprob=has_logprob, has_tokenizer=reader.tokenizer is not None)[0]
+    has_tokenizer = reader.display_tokenizer is not None
+    worst_score = resolve_scores([by], has_logprob=has_logprob, has_tokenizer=has_tokenizer)[0]
     scores = default_scores(has_logprob=has_logprob)
     if worst_score not in scores:
         scores.append(worst_score)
@@ -80,7 +81,7 @@ def build_report(
                          for h in histograms.by_name.values()],
         plots=[_plot(h) for h in histograms.by_name.values() if h.samples],
         worst_by=worst_score,
-        worst=ranked_views(worst.result(), reader.tokenizer, max_tokens=max_tokens),
+        worst=ranked_views(worst.result(), reader.display_tokenizer, max_tokens=max_tokens),
         generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     )
 

@@ -7,6 +7,7 @@ Wrong positions are coloured (reference: green, prediction: red, underlined); ev
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Iterable
 
 from rich.console import Console
@@ -20,6 +21,9 @@ from .diff import SpillDiff
 from .samples import SampleView, sample_views, samples_by_index
 from .scores import default_scores
 
+_CONTROLS = [c for c in range(0x20) if chr(c) not in "\n\t"] + list(range(0x7F, 0xA0))
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in _CONTROLS}
+_HAS_CONTROL = re.compile("[" + "".join(re.escape(chr(c)) for c in _CONTROLS) + "]")
 REFERENCE_STYLE = "bold green"
 PREDICTION_STYLE = "bold red underline"
 MAX_WRONG_LISTED = 8
@@ -34,8 +38,15 @@ def format_score(value: float) -> str:
     return f"{value:.4f}"
 
 
+def printable(text: str) -> str:
+    """Stored text without terminal control characters: model output and dataset columns are untrusted, and an
+    escape sequence in them would move the cursor or recolour the terminal. Each becomes a visible `\\x1b`."""
+    return text.translate(_CONTROL_ESCAPES) if _HAS_CONTROL.search(text) else text
+
+
 def visible(piece: str) -> tuple[str, str]:
     """(leading whitespace, body) of a decoded piece; a whitespace-only token gets a visible body."""
+    piece = printable(piece)
     body = piece.lstrip()
     lead = piece[: len(piece) - len(body)]
     if not body:
@@ -100,16 +111,19 @@ def print_sample(console: Console, view: SampleView, *, title: str | None = None
 
 
 def _short(value: Any) -> str:
-    text = str(value)
+    text = printable(str(value))
     return text if len(text) <= MAX_COLUMN_CHARS else text[:MAX_COLUMN_CHARS] + "…"
 
 
 def metric_delta_table(title: str, metrics: dict[str, dict[str, Any]]) -> Table:
-    table = Table("metric", "A", "B", "B − A", title=title)
+    from ..metrics.names import scale_of
+
+    table = Table("metric", "A", "B", "B − A", "scale", title=title)
     for name, row in metrics.items():
         delta = row["delta"]
         shown = "-" if delta is None else f"{delta:+.6f}" if isinstance(delta, float) else f"{delta:+d}"
-        table.add_row(escape(name), escape(_value(row["a"])), escape(_value(row["b"])), shown)  # from the spills
+        table.add_row(escape(name), escape(_value(row["a"])), escape(_value(row["b"])), shown,  # from the spills
+                      escape(scale_of(name)))
     return table
 
 
@@ -143,4 +157,4 @@ def print_diff(console: Console, result: SpillDiff, reader_a: SpillReader, reade
 
 def _views(reader: SpillReader, indices: list[int], max_tokens: int) -> list[SampleView]:
     batch, scores = samples_by_index(reader, indices, default_scores(has_logprob=reader.manifest.has_logprob))
-    return sample_views(batch, scores, reader.tokenizer, max_tokens=max_tokens)
+    return sample_views(batch, scores, reader.display_tokenizer, max_tokens=max_tokens)

@@ -10,7 +10,6 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import zarr
 
 from ..batch import SampleBatch
 from .ipc_layout import IpcLayout, IpcLayoutError, read_ipc_layout
@@ -318,6 +317,8 @@ def _list_values(array: pa.ListArray) -> np.ndarray:
 
 
 def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    import zarr  # here, not at the top: most chunks have no arrays, and importing zarr costs a second
+
     group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
     for name, values in arrays.items():
         values = np.ascontiguousarray(values)
@@ -331,6 +332,7 @@ def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def _read_arrays(payloads: dict[str, bytes]) -> dict[str, np.ndarray]:
     """Decode the zarr group from the verified bytes (an in-memory store): zarr reads nothing else from disk."""
+    import zarr
     from zarr.core.buffer import default_buffer_prototype
     from zarr.storage import MemoryStore
 

@@ -267,6 +267,20 @@ class SpillReader:
                 "ids only."
             ) from e
 
+    @functools.cached_property
+    def display_tokenizer(self) -> Any:
+        """The saved tokenizer for showing decoded text: loaded with the `tokenizers` library alone (no torch
+        import) when that decodes exactly as transformers does (`spill.light_tokenizer`), else `tokenizer`."""
+        path = self.path / TOKENIZER_DIR
+        if "tokenizer" in self.__dict__ or not path.is_dir():
+            return self.tokenizer
+        if self.seal is not None:
+            self.seal.verify_tokenizer()
+        check_tokenizer_files(path)
+        from .light_tokenizer import load_light_tokenizer
+
+        return load_light_tokenizer(path) or self.tokenizer
+
     def completeness(self) -> Completeness:
         seen = SampleSet()
         for record in self.chunks:
