@@ -183,6 +183,7 @@ def inspect(spill_dir: Path = SpillDir, as_json: bool = JsonOpt) -> None:
     from .spill import SpillFormatError
     from .spill.survey import survey
 
+    _require_spill(spill_dir)
     state = survey(spill_dir)
     completeness, tokens, m = state.completeness, state.num_tokens, state.manifest
     info = {
@@ -214,6 +215,15 @@ def inspect(spill_dir: Path = SpillDir, as_json: bool = JsonOpt) -> None:
         )
 
 
+def _require_spill(spill_dir: Path) -> None:
+    """A directory with neither a manifest nor shards is no spill (not a damaged one): say so, naming the latest
+    spill it holds when it is a directory of spills (a trainer's output_dir)."""
+    from .spill.manifest import MANIFEST_NAME, SHARDS_DIR, load_manifest
+
+    if not (spill_dir / MANIFEST_NAME).exists() and not (spill_dir / SHARDS_DIR).exists():
+        load_manifest(spill_dir)  # raises SpillFormatError: not a spill directory; it holds the spills ...
+
+
 def _print_state(spill_dir: Path, state, info: dict) -> None:
     completeness, tokens, m = state.completeness, state.num_tokens, state.manifest
     status = "complete" if completeness.complete else "[bold yellow]PARTIAL[/]"
@@ -242,6 +252,7 @@ def _print_state(spill_dir: Path, state, info: dict) -> None:
     if m is not None:
         rows += [
             ("label log-probs", "yes" if m.has_logprob else "no"),
+            ("dataset columns", escape(", ".join(m.columns)) or "-"),
             ("metrics", escape(", ".join(s["name"] for s in m.metrics)) or "-"),
             ("versions", escape(", ".join(f"{k} {v}" for k, v in m.versions.items()))),
         ]

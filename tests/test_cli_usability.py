@@ -283,3 +283,18 @@ def test_no_progress_when_stderr_is_not_a_terminal(spill):
     assert done.returncode == 0 and done.stderr == ""
     done = script("worst", spill, "--by", "nll", "-n", "2")
     assert done.returncode == 0 and done.stderr == ""
+
+
+# ----------------------------------------------------------------------------------------------- a parent directory
+def test_inspect_on_a_directory_of_spills_names_the_latest_step(spill, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    for name in ("spill-eval-step-200", "spill-eval-step-1000", "spill-eval-step-90", "spill-eval-step-1000-1"):
+        shutil.copytree(spill, tmp_path / name)
+    (tmp_path / "checkpoint-1000").mkdir()
+    for command in ("inspect", "show", "compute"):
+        code, _, err = main(monkeypatch, capsys, command, tmp_path)
+        line = error_line(err)
+        assert code == 2 and "it is not a spill directory" in line and "DAMAGED" not in err, command
+        assert line.endswith(f"the latest is {tmp_path / 'spill-eval-step-1000-1'}"), line
+        assert "(spill-eval-step-90, spill-eval-step-200, spill-eval-step-1000, spill-eval-step-1000-1)" in line
