@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -34,7 +33,6 @@ console = Console(file=TrimmedStdout())
 err_console = Console(stderr=True)
 
 
-
 # ----------------------------------------------------------------------------------------------- shared options
 def flag(*names: str, help: str, **options) -> bool:
     """A --flag without a value: no `<bool>` metavar in the help."""
@@ -48,6 +46,16 @@ AllowPartialOpt = flag("--allow-partial", help="Read a partial spill (after a cr
 QuietOpt = flag("--quiet", "-q", help="No progress bars.")
 ForceOpt = flag("--force", help="Replace the output file if it exists.")
 MaxTokensOpt = typer.Option(256, "--max-tokens", min=1, metavar="N", help="Tokens shown per sample (scores cover all).")
+MetricsOpt = typer.Option(
+    None, "--metrics", "-m", metavar="NAME[,NAME(key=value,...)]",
+    help="Comma-separated metrics (default: those recorded in the spill). A name or a result key (perplexity = "
+    "nll, eval_bleu_precision_1 = bleu); parameters in parentheses, e.g. 'f1(labels=yes,no,maybe)' (values are "
+    "JSON, or comma lists); a name alone keeps the parameters it was evaluated with. `spilleval metrics` lists them.",
+)
+MetricsFileOpt = typer.Option(
+    None, "--metrics-file", exists=True, dir_okay=False, metavar="FILE",
+    help="JSON or YAML file of metrics: a list of names or {name, params} specs, or a mapping name -> params.",
+)
 PluginOpt = typer.Option(
     None, "--plugin", metavar="MODULE|FILE.py",
     help="Import this module (from the current directory or the Python path) or .py file first: it may register "
@@ -70,27 +78,15 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _fmt(value) -> str:
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
 @app.callback()
 def _app(
     version: bool = flag("--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """Exact, memory-bounded evaluation: recompute and inspect spilled predictions."""
-
-
-def _fmt(value) -> str:
-    return f"{value:.6f}" if isinstance(value, float) else str(value)
-
-
-MetricsOpt = typer.Option(
-    None, "--metrics", "-m", metavar="NAME[,NAME(key=value,...)]",
-    help="Comma-separated metrics (default: those recorded in the spill). A name or a result key (perplexity = "
-    "nll, eval_bleu_precision_1 = bleu); parameters in parentheses, e.g. 'f1(labels=yes,no,maybe)' (values are "
-    "JSON, or comma lists); a name alone keeps the parameters it was evaluated with. `spilleval metrics` lists them.",
-)
-MetricsFileOpt = typer.Option(
-    None, "--metrics-file", exists=True, dir_okay=False, metavar="FILE",
-    help="JSON or YAML file of metrics: a list of names or {name, params} specs, or a mapping name -> params.",
-)
 
 
 @app.command()
@@ -106,12 +102,13 @@ def compute(
     """Recompute metrics from the directory alone (tokenizer and metric settings are read from it)."""
     from .metrics import compute_from_spill
     from .metrics.names import parse_metrics, scale_of
+    from .progress import wanted
     from .spill import SpillReader
 
     _load_plugins(plugin)
     specs = parse_metrics(metrics, metrics_file)
-    show_progress = not quiet and not as_json and sys.stderr.isatty()
-    results = compute_from_spill(spill_dir, specs, allow_partial=allow_partial, progress=show_progress)
+    progress = wanted(quiet) and not as_json
+    results = compute_from_spill(spill_dir, specs, allow_partial=allow_partial, progress=progress)
     partial_note = None
     if allow_partial:
         completeness = SpillReader(spill_dir, allow_partial=True).completeness()
@@ -318,7 +315,8 @@ def _parse_indices(text: str) -> list[int]:
 def show(
     spill_dir: Path = SpillDir,
     n: int = typer.Option(5, "-n", min=1, metavar="N", help="How many samples (in stored order)."),
-    index: Optional[str] = typer.Option(None, "--index", "-i", metavar="I,J,...", help="Comma-separated sample indices, e.g. 3,17."),
+    index: Optional[str] = typer.Option(None, "--index", "-i", metavar="I,J,...",
+                                        help="Comma-separated sample indices, e.g. 3,17."),
     only_wrong: bool = flag("--only-wrong", help="Only samples with a wrong token."),
     max_tokens: int = MaxTokensOpt,
     as_json: bool = JsonOpt,
@@ -352,7 +350,8 @@ def show(
 @app.command()
 def worst(
     spill_dir: Path = SpillDir,
-    by: str = typer.Option("token_accuracy", "--by", metavar="SCORE", help="Per-sample score to rank by (see --help for names)."),
+    by: str = typer.Option("token_accuracy", "--by", metavar="SCORE",
+                           help="Per-sample score to rank by (see --help for names)."),
     n: int = typer.Option(10, "-n", min=1, metavar="N", help="How many samples."),
     max_tokens: int = MaxTokensOpt,
     as_json: bool = JsonOpt,
@@ -427,7 +426,8 @@ def export(
     spill_dir: Path = SpillDir,
     fmt: ExportFormat = typer.Option(ExportFormat.jsonl, "--format", "-f", help="Output format."),
     output: Optional[str] = typer.Option(
-        None, "--output", "-o", metavar="PATH", help="File to write, or - for stdout (jsonl). Default: <spill dir name>.<format>."
+        None, "--output", "-o", metavar="PATH",
+        help="File to write, or - for stdout (jsonl). Default: <spill dir name>.<format>.",
     ),
     decode: bool = flag("--decode", help="Add decoded prediction / reference text columns."),
     with_scores: bool = flag("--scores", help="Add per-sample score columns."),
