@@ -197,7 +197,7 @@ def inspect(spill_dir: Path = SpillDir, as_json: bool = JsonOpt) -> None:
         "bytes_on_disk": state.bytes_on_disk,
         "bytes_per_token": state.bytes_on_disk / tokens if tokens else None,
         "sealed": state.sealed,
-        "results": state.results,
+        "results": _in_spec_order(state.results, m),
         "problems": state.problems,
         "notes": state.notes,
     }
@@ -219,6 +219,14 @@ def _require_spill(spill_dir: Path) -> None:
 
     if not (spill_dir / MANIFEST_NAME).exists() and not (spill_dir / SHARDS_DIR).exists():
         load_manifest(spill_dir)  # raises SpillFormatError: not a spill directory; it holds the spills ...
+
+
+def _in_spec_order(results: dict | None, manifest) -> dict | None:
+    from .metrics.names import in_spec_order
+
+    if not results or manifest is None:
+        return results
+    return in_spec_order(results, [spec["name"] for spec in manifest.metrics])
 
 
 def _print_state(spill_dir: Path, state, info: dict) -> None:
@@ -257,11 +265,11 @@ def _print_state(spill_dir: Path, state, info: dict) -> None:
     for key, value in rows:
         table.add_row(key, str(value))
     console.print(table)
-    if state.results:
+    if info["results"]:
         from .metrics.names import scale_of
 
         results = Table("metric", "live value", "scale", title="results of the run")
-        for key, value in state.results.items():
+        for key, value in info["results"].items():
             results.add_row(escape(key), escape(_fmt(value)), escape(scale_of(key)))
         console.print(results)
     for note in state.notes:

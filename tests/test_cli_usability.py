@@ -142,6 +142,22 @@ def test_result_keys_name_their_metric(typed, name):
     assert resolve_name(typed) == name
 
 
+def test_declared_result_keys_are_what_the_metrics_report(spill, rows, tokenizer):
+    """`outputs` (what the CLI accepts as names, and the order it lists) against the keys a real compute returns."""
+    from spilleval.metrics import available_metrics
+
+    answers = sorted({tokenizer.decode(rows.row(i)[1], skip_special_tokens=True) for i in range(N)})
+    names = ["token_accuracy", "sequence_exact_match", "text_match", "nll", "loss", "bits_per_byte", "squad", "bleu",
+             "chrf", "ter", "rouge", "wer", "cer", "mer", "wil", "wip", "answer_macro_f1", "loss_percentiles",
+             "distinct_n", "accuracy", "precision", "recall", "f1"]
+    specs = [{"name": n, "params": {"labels": answers}} if n in ("accuracy", "precision", "recall", "f1") else n
+             for n in names]
+    results = compute_from_spill(spill, specs)
+    metrics = available_metrics()
+    assert list(results) == [key for name in names for key in metrics[name].result_keys()]
+    assert all(metrics[name].scale for name in names)
+
+
 def test_a_typo_suggests_the_closest_names_without_stray_quotes(spill, monkeypatch, capsys):
     with pytest.raises(UnknownMetricError) as raised:
         resolve_name("tokn_accuracy")
@@ -234,6 +250,23 @@ def test_one_metric_order_everywhere(spill, tmp_path):
     run("report", spill, "-o", tmp_path / "r.html", "-q")
     page = (tmp_path / "r.html").read_text()
     assert order(page[page.index("nll"):]) == want
+
+
+def test_results_json_with_sorted_keys_is_listed_in_spec_order(spill, tmp_path):
+    """A results.json written before the order was kept (keys sorted) reads in the order of the metric specs."""
+    import shutil
+
+    from spilleval.spill.integrity import seal
+
+    old = tmp_path / "old"
+    shutil.copytree(spill, old)
+    record = json.loads((old / "results.json").read_text())
+    (old / "results.json").write_text(json.dumps(record, sort_keys=True))
+    seal(old)
+    assert list(json.loads((old / "results.json").read_text())["metrics"])[0] == "answer_macro_f1"
+    want = list(json.loads((spill / "results.json").read_text())["metrics"])
+    assert list(json.loads(run("inspect", old, "--json"))["results"]) == want
+    assert list(json.loads(run("diff", old, old, "--json"))["metrics"]) == want
 
 
 # ----------------------------------------------------------------------------------------------- diff, report

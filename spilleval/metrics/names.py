@@ -157,3 +157,18 @@ def scale_of(key: str) -> str:
     plain = RESULT_PREFIX.sub("", key)
     owner = owners.get(key) or owners.get(plain)
     return available_metrics()[owner].scale_of(plain if plain in owners else key) if owner else ""
+
+
+def in_spec_order(results: dict[str, Any], metric_names: list[str]) -> dict[str, Any]:
+    """Stored results in the order of the spill's metric specs, each metric's keys in its own order: how
+    `compute` lists them, also for a results.json written with sorted keys (before the order was kept)."""
+    owners = result_key_owners()
+    rank = {name: i for i, name in enumerate(metric_names)}
+
+    def position(item: tuple[str, Any]) -> tuple[int, int]:
+        key = RESULT_PREFIX.sub("", item[0])
+        owner = owners.get(key) or owners.get(item[0])
+        keys = available_metrics()[owner].result_keys() if owner else ()
+        return rank.get(owner, len(rank)), keys.index(key) if key in keys else len(keys)
+
+    return dict(sorted(results.items(), key=position))

@@ -164,7 +164,8 @@ def compute_from_spill(
         from ..progress import PassProgress
 
         reader.progress = PassProgress(reader.num_rows)
-        reader.progress.label = ", ".join(m.name for m in suite.streaming)
+        names = ", ".join(m.name for m in suite.streaming)
+        reader.progress.label = names if len(names) <= 40 else f"{len(suite.streaming)} streaming metrics"
     if suite.streaming:
         for batch in reader.iter_batches(batch_size, **suite.reads()):
             suite.update(batch)

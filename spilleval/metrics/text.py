@@ -26,7 +26,7 @@ class TextMatch(StreamingMetric):
     `dataset.samples`.)
     """
 
-    outputs = ("exact_match_accuracy", "bit_match_accuracy")
+    outputs = ("bit_match_accuracy", "exact_match_accuracy")
     scale = "0–1"
 
     needs_text = True
