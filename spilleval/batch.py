@@ -44,6 +44,9 @@ class SampleBatch:
     label_text: list[str] | None = None
     label_offsets: np.ndarray | None = None  # int64 [B+1] for ragged label rows (generation); None: `offsets`
     sample_nll: np.ndarray | None = None  # float64 [B]: -sum of each sample's label log-probs (natural log)
+    # int32 [N] (aligned rows only): the position in the model's sequence (the logits' axis) of each supervised
+    # token, so a prediction can be placed back in its context; None when unknown (older spills, `from_rows`)
+    label_positions: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         index = np.asarray(self.sample_index)
@@ -65,6 +68,10 @@ class SampleBatch:
                 raise ValueError("label_ids must hold as many ids as label_offsets spans")
             if self.label_logprob is not None:
                 raise ValueError("label_logprob needs aligned rows; a batch with label_offsets carries none")
+        if self.label_positions is not None:
+            self.label_positions = np.asarray(self.label_positions, dtype=np.int32)
+            if self.label_offsets is not None or len(self.label_positions) != len(self.pred_ids):
+                raise ValueError("label_positions needs aligned rows and one position per supervised token")
         if self.sample_nll is not None:
             self.sample_nll = np.asarray(self.sample_nll, dtype=np.float64)
             if len(self.sample_nll) != n:
@@ -134,6 +141,8 @@ class SampleBatch:
             total += self.label_logprob.nbytes
         if self.sample_nll is not None:
             total += self.sample_nll.nbytes
+        if self.label_positions is not None:
+            total += self.label_positions.nbytes
         total += sum(a.nbytes for a in self.arrays.values())
         total += sum(_column_bytes(v) for v in self.columns.values())
         return total
@@ -154,6 +163,7 @@ class SampleBatch:
             label_ids=self.label_ids[label_pos],
             label_logprob=None if self.label_logprob is None else self.label_logprob[token_pos],
             sample_nll=None if self.sample_nll is None else self.sample_nll[rows],
+            label_positions=None if self.label_positions is None else self.label_positions[token_pos],
             columns={k: [v[i] for i in rows] for k, v in self.columns.items()},
             arrays={k: v[rows] for k, v in self.arrays.items()},
             pred_text=None if self.pred_text is None else [self.pred_text[i] for i in rows],
@@ -176,6 +186,7 @@ class SampleBatch:
             label_ids=self.label_ids[label_lo:label_hi],
             label_logprob=None if self.label_logprob is None else self.label_logprob[lo:hi],
             sample_nll=None if self.sample_nll is None else self.sample_nll[start:stop],
+            label_positions=None if self.label_positions is None else self.label_positions[lo:hi],
             columns={k: v[start:stop] for k, v in self.columns.items()},
             arrays={k: v[start:stop] for k, v in self.arrays.items()},
             pred_text=None if self.pred_text is None else self.pred_text[start:stop],
@@ -208,6 +219,11 @@ class SampleBatch:
             sample_nll=(
                 np.concatenate([b.sample_nll for b in batches])  # type: ignore[misc]
                 if all(b.sample_nll is not None for b in batches)
+                else None
+            ),
+            label_positions=(
+                np.concatenate([b.label_positions for b in batches])  # type: ignore[misc]
+                if all(b.label_positions is not None for b in batches)
                 else None
             ),
             columns={k: [x for b in batches for x in b.columns[k]] for k in first.columns},

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
 from enum import Enum
 from pathlib import Path
 
@@ -17,26 +15,70 @@ from rich.table import Table
 from .cli_parts import per_part, per_part_pair
 from .intervals import DEFAULT_RESAMPLES, DEFAULT_SEED
 from .intervals.weights import MAX_RESAMPLES
+from .stdout import TrimmedStdout
 
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 unexpected error (one line, the full traceback written to a temporary file: please "
+    "report it); 2 bad usage or bad input (an unknown option or metric, a damaged or partial spill, a file that "
+    "exists): the one-line message names the problem and the fix."
+)
 app = typer.Typer(
     name="spilleval",
     help="Exact, memory-bounded evaluation: recompute and inspect spilled predictions.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain --help: no padded boxes (trailing spaces when piped), no <bool> metavars
 )
-console = Console()
+console = Console(file=TrimmedStdout())
 err_console = Console(stderr=True)
 
-SpillDir = typer.Argument(..., exists=True, file_okay=False, help="A spill directory written by spilleval, or an "
-                          "evaluation directory holding teacher_forced/ and generation/ (one section per part).")
-JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
-PluginOpt = typer.Option(None, "--plugin", help="Import this module first (it may register custom metrics).")
+
+# ----------------------------------------------------------------------------------------------- shared options
+def flag(*names: str, help: str, **options) -> bool:
+    """A --flag without a value: no `<bool>` metavar in the help."""
+    return typer.Option(False, *names, help=help, metavar="", **options)
+
+
+SpillDir = typer.Argument(..., exists=True, file_okay=False, metavar="SPILL_DIR",
+                          help="A spill directory written by spilleval, or an evaluation directory holding "
+                          "teacher_forced/ and generation/ (one section per part).")
+JsonOpt = flag("--json", help="Print machine-readable JSON instead of a table.")
+AllowPartialOpt = flag("--allow-partial", help="Read a partial spill (after a crash).")
+QuietOpt = flag("--quiet", "-q", help="No progress bars.")
+ForceOpt = flag("--force", help="Replace the output file if it exists.")
+MaxTokensOpt = typer.Option(256, "--max-tokens", min=1, metavar="N", help="Tokens shown per sample (scores cover all).")
+MetricsOpt = typer.Option(
+    None, "--metrics", "-m", metavar="NAME[,NAME(key=value,...)]",
+    help="Comma-separated metrics (default: those recorded in the spill). A name or a result key (perplexity = "
+    "nll, eval_bleu_precision_1 = bleu); parameters in parentheses, e.g. 'f1(labels=yes,no,maybe)' (values are "
+    "JSON, or comma lists); a name alone keeps the parameters it was evaluated with. `spilleval metrics` lists them.",
+)
+MetricsFileOpt = typer.Option(
+    None, "--metrics-file", exists=True, dir_okay=False, metavar="FILE",
+    help="JSON or YAML file of metrics: a list of names or {name, params} specs, or a mapping name -> params.",
+)
+PluginOpt = typer.Option(
+    None, "--plugin", metavar="MODULE|FILE.py",
+    help="Import this module (from the current directory or the Python path) or .py file first: it may register "
+    "custom metrics. Repeatable.",
+)
 
 
 def _load_plugins(plugins: list[str] | None) -> None:
-    for module in plugins or []:
-        importlib.import_module(module)
+    from .plugins import load_plugin
+
+    for plugin in plugins or []:
+        load_plugin(plugin)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"spilleval {__version__}")
+        raise typer.Exit()
 
 
 def _fmt(value) -> str:
@@ -49,41 +91,49 @@ class PairedTestKind(str, Enum):
     none = "none"
 
 
+@app.callback()
+def _app(
+    version: bool = flag("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Exact, memory-bounded evaluation: recompute and inspect spilled predictions."""
+
+
 @app.command()
 @per_part(console)
 def compute(
     spill_dir: Path = SpillDir,
-    metrics: str | None = typer.Option(
-        None, "--metrics", "-m", help="Comma-separated metric names (default: those recorded in the spill)."
-    ),
-    allow_partial: bool = typer.Option(False, "--allow-partial", help="Compute on a partial spill (after a crash)."),
+    metrics: str | None = MetricsOpt,
+    metrics_file: Path | None = MetricsFileOpt,
+    allow_partial: bool = AllowPartialOpt,
     as_json: bool = JsonOpt,
     plugin: list[str] | None = PluginOpt,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = QuietOpt,
     bootstrap: int = typer.Option(
-        DEFAULT_RESAMPLES, "--bootstrap", min=0, max=MAX_RESAMPLES,
+        DEFAULT_RESAMPLES, "--bootstrap", min=0, max=MAX_RESAMPLES, metavar="N",
         help="Bootstrap resamples for the 95% confidence intervals (0: none). Per-sample means use the analytic "
              "standard error instead.",
     ),
-    seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the bootstrap weights."),
+    seed: int = typer.Option(DEFAULT_SEED, "--seed", metavar="N", help="Seed of the bootstrap weights."),
 ) -> None:
     """Recompute metrics from the directory alone (tokenizer and metric settings are read from it), with 95%
     confidence intervals."""
     from .intervals import compute_with_intervals
     from .metrics import compute_from_spill
+    from .metrics.names import parse_metrics, scale_of
+    from .progress import wanted
     from .report.terminal import interval_text
     from .spill import SpillReader
 
     _load_plugins(plugin)
-    names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
-    show_progress = not quiet and not as_json and sys.stderr.isatty()
+    specs = parse_metrics(metrics, metrics_file)
+    progress = wanted(quiet) and not as_json
     intervals = {}
     if bootstrap:  # one pass: the streaming metrics' states are the sums of their per-sample states
         reader = SpillReader(spill_dir, allow_partial=allow_partial)
-        results, report = compute_with_intervals(reader, names, resamples=bootstrap, seed=seed, progress=show_progress)
+        results, report = compute_with_intervals(reader, specs, resamples=bootstrap, seed=seed, progress=progress)
         intervals = report.to_json()
     else:
-        results = compute_from_spill(spill_dir, names, allow_partial=allow_partial, progress=show_progress)
+        results = compute_from_spill(spill_dir, specs, allow_partial=allow_partial, progress=progress)
     partial_note = None
     if allow_partial:
         completeness = SpillReader(spill_dir, allow_partial=True).completeness()
@@ -101,9 +151,36 @@ def compute(
         return
     if partial_note:
         console.print(f"[bold yellow]{partial_note}[/]")
-    table = Table("metric", "value", "95% CI" if intervals else "", title=escape(str(spill_dir)))
+    table = Table("metric", "value", *(["95% CI"] if intervals else []), "scale", title=escape(str(spill_dir)))
     for key, value in results.items():
-        table.add_row(escape(key), escape(_fmt(value)), interval_text(intervals.get(key)))
+        table.add_row(escape(key), escape(_fmt(value)), *([interval_text(intervals.get(key))] if intervals else []),
+                      escape(scale_of(key)))
+    console.print(table)
+
+
+@app.command("metrics")
+def list_metrics(
+    plugin: list[str] | None = PluginOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """The metrics that can be named: their result keys, scale and kind (streaming or corpus), and what they are."""
+    from .metrics import CorpusMetric, available_metrics
+
+    _load_plugins(plugin)
+    rows = []
+    for name, cls in available_metrics().items():
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        rows.append({"name": name, "result_keys": list(cls.result_keys()),
+                     "scales": {key: cls.scale_of(key) for key in cls.result_keys()},
+                     "kind": "corpus" if issubclass(cls, CorpusMetric) else "streaming", "description": summary})
+    if as_json:
+        _print_json({"metrics": rows})
+        return
+    table = Table("name", "result keys", "scale", "kind", "what it is", title="metrics")
+    for row in rows:
+        scales = dict.fromkeys(row["scales"].values())
+        table.add_row(escape(row["name"]), escape(", ".join(row["result_keys"])),
+                      escape("; ".join(s for s in scales if s) or "-"), row["kind"], escape(row["description"]))
     console.print(table)
 
 
@@ -133,6 +210,7 @@ def inspect(spill_dir: Path = SpillDir, as_json: bool = JsonOpt) -> None:
     from .spill import SpillFormatError
     from .spill.survey import survey
 
+    _require_spill(spill_dir)
     state = survey(spill_dir)
     completeness, tokens, m = state.completeness, state.num_tokens, state.manifest
     info = {
@@ -149,7 +227,7 @@ def inspect(spill_dir: Path = SpillDir, as_json: bool = JsonOpt) -> None:
         "bytes_on_disk": state.bytes_on_disk,
         "bytes_per_token": state.bytes_on_disk / tokens if tokens else None,
         "sealed": state.sealed,
-        "results": state.results,
+        "results": _in_spec_order(state.results, m),
         "problems": state.problems,
         "notes": state.notes,
     }
@@ -162,6 +240,23 @@ def inspect(spill_dir: Path = SpillDir, as_json: bool = JsonOpt) -> None:
             f"{spill_dir} is damaged: {len(state.problems)} problem(s), listed "
             f"{'in the JSON above' if as_json else 'above'} with how to recover"
         )
+
+
+def _require_spill(spill_dir: Path) -> None:
+    """A directory with neither a manifest nor shards is no spill (not a damaged one): say so, naming the latest
+    spill it holds when it is a directory of spills (a trainer's output_dir)."""
+    from .spill.manifest import MANIFEST_NAME, SHARDS_DIR, load_manifest
+
+    if not (spill_dir / MANIFEST_NAME).exists() and not (spill_dir / SHARDS_DIR).exists():
+        load_manifest(spill_dir)  # raises SpillFormatError: not a spill directory; it holds the spills ...
+
+
+def _in_spec_order(results: dict | None, manifest) -> dict | None:
+    from .metrics.names import in_spec_order
+
+    if not results or manifest is None:
+        return results
+    return in_spec_order(results, [spec["name"] for spec in manifest.metrics])
 
 
 def _print_state(spill_dir: Path, state, info: dict) -> None:
@@ -192,6 +287,7 @@ def _print_state(spill_dir: Path, state, info: dict) -> None:
     if m is not None:
         rows += [
             ("label log-probs", "yes" if m.has_logprob else "no"),
+            ("dataset columns", escape(", ".join(m.columns)) or "-"),
             ("metrics", escape(", ".join(s["name"] for s in m.metrics)) or "-"),
             ("versions", escape(", ".join(f"{k} {v}" for k, v in m.versions.items()))),
         ]
@@ -200,11 +296,14 @@ def _print_state(spill_dir: Path, state, info: dict) -> None:
         table.add_row(key, str(value))
     console.print(table)
     if state.results:
+        from .metrics.names import scale_of
         from .report.terminal import interval_text
 
-        results = Table("metric", "live value", "95% CI" if state.intervals else "", title="results of the run")
+        ci = ["95% CI"] if state.intervals else []
+        results = Table("metric", "live value", *ci, "scale", title="results of the run")
         for key, value in state.results.items():
-            results.add_row(escape(key), escape(_fmt(value)), interval_text(state.intervals.get(key)))
+            results.add_row(escape(key), escape(_fmt(value)), *([interval_text(state.intervals.get(key))] if ci else []),
+                            escape(scale_of(key)))
         console.print(results)
     for note in state.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
@@ -221,9 +320,6 @@ def _missing_text(completeness) -> str:
 
 
 # ---------------------------------------------------------------------------------- inspecting predictions
-AllowPartialOpt = typer.Option(False, "--allow-partial", help="Read a partial spill (after a crash).")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
-MaxTokensOpt = typer.Option(256, "--max-tokens", min=1, help="Tokens shown per sample (scores cover all).")
 
 
 class ExportFormat(str, Enum):
@@ -260,9 +356,10 @@ def _parse_indices(text: str) -> list[int]:
 @per_part(console)
 def show(
     spill_dir: Path = SpillDir,
-    n: int = typer.Option(5, "-n", min=1, help="How many samples (in stored order)."),
-    index: str | None = typer.Option(None, "--index", "-i", help="Comma-separated sample indices, e.g. 3,17."),
-    only_wrong: bool = typer.Option(False, "--only-wrong", help="Only samples with a wrong token."),
+    n: int = typer.Option(5, "-n", min=1, metavar="N", help="How many samples (in stored order)."),
+    index: str | None = typer.Option(None, "--index", "-i", metavar="I,J,...",
+                                        help="Comma-separated sample indices, e.g. 3,17."),
+    only_wrong: bool = flag("--only-wrong", help="Only samples with a wrong token."),
     max_tokens: int = MaxTokensOpt,
     as_json: bool = JsonOpt,
     allow_partial: bool = AllowPartialOpt,
@@ -284,7 +381,7 @@ def show(
     else:
         progress = show_progress(quiet) and not as_json
         batch, values = first_samples(reader, scores, n, only_wrong=only_wrong, progress_bar=progress)
-    views = sample_views(batch, values, reader.tokenizer, max_tokens=max_tokens,
+    views = sample_views(batch, values, reader.display_tokenizer, max_tokens=max_tokens,
                          **view_options(reader)) if batch is not None else []
     if as_json:
         _print_json({"spill": str(spill_dir), "samples": [v.to_json() for v in views]})
@@ -300,9 +397,10 @@ def show(
 def worst(
     spill_dir: Path = SpillDir,
     by: str | None = typer.Option(
-        None, "--by", help="Per-sample score to rank by (default: token_accuracy; squad_f1 on a generation spill)."
+        None, "--by", metavar="SCORE",
+        help="Per-sample score to rank by (default: token_accuracy; squad_f1 on a generation spill).",
     ),
-    n: int = typer.Option(10, "-n", min=1, help="How many samples."),
+    n: int = typer.Option(10, "-n", min=1, metavar="N", help="How many samples."),
     max_tokens: int = MaxTokensOpt,
     as_json: bool = JsonOpt,
     allow_partial: bool = AllowPartialOpt,
@@ -326,7 +424,7 @@ def worst(
     by = score.name
     heap = WorstSamples(score, n)
     scan(reader, scores, [heap], progress_bar=show_progress(quiet) and not as_json, desc=f"worst by {by}")
-    views = ranked_views(heap.result(), reader.tokenizer, max_tokens=max_tokens,
+    views = ranked_views(heap.result(), reader.display_tokenizer, max_tokens=max_tokens,
                          **view_options(reader))
     if as_json:
         samples = [{"rank": rank, **view.to_json()} for rank, view in enumerate(views, 1)]
@@ -345,22 +443,24 @@ def worst(
 @app.command()
 @per_part_pair(console)
 def diff(
-    dir_a: Path = typer.Argument(..., exists=True, file_okay=False, help="Spill A (e.g. the older checkpoint)."),
-    dir_b: Path = typer.Argument(..., exists=True, file_okay=False, help="Spill B of the same eval set."),
-    limit: int = typer.Option(5, "--limit", min=0, help="Flipped samples listed per direction."),
-    recompute: bool = typer.Option(False, "--recompute", help="Recompute metrics instead of reading results.json."),
+    dir_a: Path = typer.Argument(..., exists=True, file_okay=False, metavar="SPILL_A",
+                                 help="Spill A (e.g. the older checkpoint)."),
+    dir_b: Path = typer.Argument(..., exists=True, file_okay=False, metavar="SPILL_B",
+                                 help="Spill B of the same eval set."),
+    limit: int = typer.Option(5, "--limit", min=0, metavar="N", help="Flipped samples listed per direction."),
+    recompute: bool = flag("--recompute", help="Recompute metrics instead of reading results.json."),
     max_tokens: int = MaxTokensOpt,
     as_json: bool = JsonOpt,
     allow_partial: bool = AllowPartialOpt,
     quiet: bool = QuietOpt,
     test: PairedTestKind = typer.Option(
-        PairedTestKind.bootstrap, "--test",
+        PairedTestKind.bootstrap, "--test", metavar="bootstrap|randomization|none",
         help="Paired significance test of B − A: bootstrap (as sacrebleu --paired-bs), randomization (approximate "
              "randomization, as sacrebleu --paired-ar) or none.",
     ),
-    trials: int = typer.Option(DEFAULT_RESAMPLES, "--trials", min=1, max=MAX_RESAMPLES,
+    trials: int = typer.Option(DEFAULT_RESAMPLES, "--trials", min=1, max=MAX_RESAMPLES, metavar="N",
                                help="Resamples (bootstrap) or shuffles (randomization) of the paired test."),
-    seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the paired test's draws."),
+    seed: int = typer.Option(DEFAULT_SEED, "--seed", metavar="N", help="Seed of the paired test's draws."),
 ) -> None:
     """Two spills of the same eval set: metric deltas (B − A) with a paired significance test, and samples that
     flipped right↔wrong."""
@@ -386,11 +486,12 @@ def export(
     spill_dir: Path = SpillDir,
     fmt: ExportFormat = typer.Option(ExportFormat.jsonl, "--format", "-f", help="Output format."),
     output: str | None = typer.Option(
-        None, "--output", "-o", help="File to write, or - for stdout (jsonl). Default: <spill dir name>.<format>."
+        None, "--output", "-o", metavar="PATH",
+        help="File to write, or - for stdout (jsonl). Default: <spill dir name>.<format>.",
     ),
-    decode: bool = typer.Option(False, "--decode", help="Add decoded prediction / reference text columns."),
-    with_scores: bool = typer.Option(False, "--scores", help="Add per-sample score columns."),
-    force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
+    decode: bool = flag("--decode", help="Add decoded prediction / reference text columns."),
+    with_scores: bool = flag("--scores", help="Add per-sample score columns."),
+    force: bool = ForceOpt,
     allow_partial: bool = AllowPartialOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -415,21 +516,26 @@ def export(
 @per_part(console, output="output")
 def report(
     spill_dir: Path = SpillDir,
-    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="The HTML file to write."),
+    output: Path = typer.Option(Path("report.html"), "--output", "-o", metavar="PATH", help="The HTML file to write."),
     by: str | None = typer.Option(
-        None, "--by", help="Per-sample score for the worst samples (default: token_accuracy; squad_f1 on generation)."
+        None, "--by", metavar="SCORE",
+        help="Per-sample score for the worst samples (default: token_accuracy; squad_f1 on generation).",
     ),
-    n: int = typer.Option(20, "-n", min=1, help="How many worst samples to show."),
-    recompute: bool = typer.Option(False, "--recompute", help="Recompute metrics instead of reading results.json."),
+    n: int = typer.Option(20, "-n", min=1, metavar="N", help="How many worst samples to show."),
+    recompute: bool = flag("--recompute", help="Recompute metrics instead of reading results.json."),
     max_tokens: int = MaxTokensOpt,
+    force: bool = ForceOpt,
     allow_partial: bool = AllowPartialOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """A self-contained static HTML page: metrics, per-sample score histograms, worst samples, manifest."""
+    from .report import ExportError
     from .report.html import build_report, write_report
     from .report.scan import show_progress
     from .spill import SpillReader
 
+    if output.exists() and not force:  # before the pass over the spill, not after it
+        raise ExportError(f"{output} already exists: choose another -o path, or pass --force to replace it")
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
     data = build_report(reader, by=by, n=n, recompute=recompute, max_tokens=max_tokens,
                         progress_bar=show_progress(quiet))
@@ -439,10 +545,11 @@ def report(
 
 @app.command()
 def history(
-    run_dir: Path = typer.Argument(..., exists=True, file_okay=False,
+    run_dir: Path = typer.Argument(..., exists=True, file_okay=False, metavar="RUN_DIR",
                                    help="A run's output directory, holding its spill-<prefix>-step-<N> spills."),
-    plot: Path | None = typer.Option(None, "--plot", help="Also write the metrics against the step as an image."),
-    recompute: bool = typer.Option(False, "--recompute", help="Recompute every spill's metrics from its chunks."),
+    plot: Path | None = typer.Option(None, "--plot", metavar="PATH",
+                                     help="Also write the metrics against the step as an image."),
+    recompute: bool = flag("--recompute", help="Recompute every spill's metrics from its chunks."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -467,15 +574,28 @@ def history(
 
 
 def main() -> None:
-    """Console entry point: errors print one clear line instead of a traceback."""
+    """Console entry point: every error is one line on stderr, never a traceback; the exit code says which kind
+    (`EXIT_CODES`)."""
+    from .crash import EXIT_BAD_INPUT, EXIT_UNEXPECTED, error_message, write_traceback
     from .errors import USER_ERRORS
 
     try:
         app()
     except USER_ERRORS as e:
-        # one line whatever the terminal width; the message is plain text, never rich markup
-        err_console.print("[bold red]error:[/]", escape(str(e)), soft_wrap=True)
-        raise SystemExit(2) from None
+        _error_line(error_message(e))
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as e:  # noqa: BLE001 - a bug (ours or a plugin's): say where the traceback is
+        path = write_traceback(e)
+        _error_line(f"unexpected {type(e).__name__}: {error_message(e)} (full traceback in {path}; please "
+                    "include it when you report this)")
+        raise SystemExit(EXIT_UNEXPECTED) from None
+
+
+def _error_line(message: str) -> None:
+    # one line whatever the terminal width; the message is plain text, never rich markup
+    err_console.print("[bold red]error:[/]", escape(message), soft_wrap=True)
 
 
 if __name__ == "__main__":

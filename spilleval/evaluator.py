@@ -44,7 +44,12 @@ from .distributed import (
     DistributedEvaluationError,
     process_group,
 )
-from .intervals import DEFAULT_RESAMPLES, DEFAULT_SEED, check_resamples, confidence_intervals
+from .intervals import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    check_resamples,
+    confidence_intervals,
+)
 from .metrics.runner import MetricSpec, MetricSuite
 from .provenance import RunClock, eval_set_fingerprint, git_record
 from .reduce import DEFAULT_CHUNK_BYTES as DEFAULT_REDUCE_CHUNK_BYTES
@@ -364,12 +369,13 @@ class Evaluator:
         reader = SpillReader(self.spill_dir)
         if self.suite.corpus:
             results.update(self.suite.compute_corpus(reader))
+        results = self.suite.in_order(results)
         record = {"metrics": prefixed(results, self.metric_key_prefix), "provenance": self._provenance(reader)}
         intervals = self._intervals(reader, results)
         if intervals:
             record["intervals"] = prefixed(intervals, self.metric_key_prefix)
         try:
-            write_json_atomic(self.spill_dir / RESULTS_NAME, record)
+            write_json_atomic(self.spill_dir / RESULTS_NAME, record, sort_keys=False)  # metrics in spec order
             seal(self.spill_dir)  # the seal (integrity.json) now covers the results too
         except OSError as e:
             raise SpillWriteError(

@@ -180,6 +180,7 @@ class PendingHostCopy:
             label_ids=labels[mask].astype(dtype),
             label_logprob=None if logprob is None else logprob[mask].astype(np.float32, copy=False),
             sample_nll=t["row_nll"].astype(np.float64, copy=False) if self.has_nll else None,
+            label_positions=np.nonzero(mask)[1].astype(np.int32),  # row-major: the order of the ids
         )
 
     @property

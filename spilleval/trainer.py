@@ -34,7 +34,6 @@ from . import compat
 from .batch import IGNORE_INDEX
 from .capture import LabelFn, LossCapture, find_logits, reduce_aligned, resolve_labels
 from .evaluator import Evaluator
-from .intervals import DEFAULT_RESAMPLES
 from .generation import (
     GENERATION_PART,
     TEACHER_FORCED_PART,
@@ -43,12 +42,17 @@ from .generation import (
     prediction_part,
     spill_parts,
 )
+from .intervals import DEFAULT_RESAMPLES
 from .loggers import SampleLoggingCallback, check_sample_logging
 from .metrics.registry import build_metrics
-from .provenance import checkpoint_step, hf_dataset_fingerprint, model_record
 from .metrics.runner import MetricSpec, MetricSuite
+from .provenance import checkpoint_step, hf_dataset_fingerprint, model_record
 from .spill import SpillReader
-from .spill.writer import DEFAULT_CHUNK_BYTES, DEFAULT_COMMIT_INTERVAL_S, SpillExistsError
+from .spill.writer import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_COMMIT_INTERVAL_S,
+    SpillExistsError,
+)
 
 logger = logging.getLogger(__name__)
 

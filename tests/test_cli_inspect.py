@@ -343,7 +343,7 @@ def test_export_to_stdout_and_fixed_shape_arrays(spill_builder, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- the README query
 def test_readme_arrow_query_runs_on_a_spill(spill_a, rows):
-    """The duckdb / polars snippet of the README section 'Inspecting predictions', run as written."""
+    """The duckdb / polars / pandas snippet of the README section 'Inspecting predictions', run as written."""
     readme = (REPO_ROOT / "README.md").read_text()
     section = readme.split("## Inspecting predictions", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
@@ -353,6 +353,7 @@ def test_readme_arrow_query_runs_on_a_spill(spill_a, rows):
     per_sample = namespace["per_sample"]  # duckdb: one row per sample
     assert len(per_sample) == N and int(per_sample["exact_match"].sum()) == expected_right
     assert namespace["wrong"]["sample_index"].to_list() == [i for i in range(N) if not np.array_equal(*rows.row(i))]
+    assert int(namespace["df"]["exact_match"].sum()) == expected_right  # pandas, with array cells
 
 
 # ----------------------------------------------------------------------------------------------- CLI plumbing

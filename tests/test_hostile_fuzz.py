@@ -89,7 +89,7 @@ def reading_commands(spill: Path, other: Path, out: Path, *, partial: bool) -> l
         ["worst", spill, "--by", "nll", "-n", "3", *flag],
         ["diff", spill, other, *flag],
         ["export", spill, "-o", out / "export.jsonl", "--force", "--decode", "--scores", *flag],
-        ["report", spill, "-o", out / "report.html", *flag],
+        ["report", spill, "-o", out / "report.html", "--force", *flag],
     ]
 
 

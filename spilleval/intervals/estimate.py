@@ -71,16 +71,18 @@ def compute_with_intervals(
     """The metrics and their intervals, the streaming metrics from the same single pass (each metric's state is
     the sum of its per-sample states): what `spilleval compute` runs."""
     report, gathered = _intervals(reader, metrics, resamples, seed, level, progress)
-    results: dict[str, float] = {}
-    for metric in gathered.suite.streaming:
-        replicates = gathered.replicates.get(metric.name)
-        if replicates is not None:
-            results.update(replicates.observed.compute())
-        else:  # its replicate states would not fit: computed alone
-            results.update(compute_from_spill(reader.path, [metric], allow_partial=reader.allow_partial))
-    results.update(gathered.suite.compute_corpus(reader))
-    _corpus_intervals(gathered.suite, reader, results, resamples, seed, level, report)
-    return results, report
+    suite = gathered.suite
+    alone = [m for m in suite.streaming if m.name not in gathered.replicates]  # replicates too large to keep
+    for metric in suite.streaming:
+        if metric not in alone:
+            metric.merge(gathered.replicates[metric.name].observed.state())
+    for batch in _windows(reader, suite, alone, progress=False) if alone else ():
+        for metric in alone:
+            metric.update(batch)
+    results = suite.compute_streaming()
+    results.update(suite.compute_corpus(reader))
+    _corpus_intervals(suite, reader, results, resamples, seed, level, report)
+    return suite.in_order(results), report
 
 
 def confidence_intervals(

@@ -25,6 +25,8 @@ class AnswerMacroF1(CorpusMetric):
     sorted order, as sklearn does: 8 bytes per distinct answer, at the end only.
     """
 
+    scale = "0–1"
+
     needs_text = True
 
     def __init__(self, batch_size: BatchSize = 4096) -> None:

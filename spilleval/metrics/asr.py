@@ -89,6 +89,8 @@ def word_information_preserved(hits: int, subs: int, dels: int, ins: int) -> flo
 class WordErrorRate(EditCountMetric):
     """Corpus word error rate, equal to `jiwer.wer(references, hypotheses)`."""
 
+    scale = "≥ 0, lower is better"
+
     def measure(self, hits: int, subs: int, dels: int, ins: int) -> float:
         return error_rate(hits, subs, dels, ins)
 
@@ -96,6 +98,8 @@ class WordErrorRate(EditCountMetric):
 @register("cer")
 class CharacterErrorRate(EditCountMetric):
     """Corpus character error rate, equal to `jiwer.cer(references, hypotheses)`."""
+
+    scale = "≥ 0, lower is better"
 
     alignment = "process_characters"
 
@@ -107,6 +111,8 @@ class CharacterErrorRate(EditCountMetric):
 class MatchErrorRate(EditCountMetric):
     """Corpus match error rate, equal to `jiwer.mer(references, hypotheses)`."""
 
+    scale = "0–1, lower is better"
+
     def measure(self, hits: int, subs: int, dels: int, ins: int) -> float:
         if hits + subs + dels == 0:
             return 0.0 if ins == 0 else 1.0
@@ -117,6 +123,8 @@ class MatchErrorRate(EditCountMetric):
 class WordInformationPreserved(EditCountMetric):
     """Corpus word information preserved, equal to `jiwer.wip(references, hypotheses)`."""
 
+    scale = "0–1"
+
     def measure(self, hits: int, subs: int, dels: int, ins: int) -> float:
         return word_information_preserved(hits, subs, dels, ins)
 
@@ -124,6 +132,8 @@ class WordInformationPreserved(EditCountMetric):
 @register("wil")
 class WordInformationLost(EditCountMetric):
     """Corpus word information lost (1 - WIP), equal to `jiwer.wil(references, hypotheses)`."""
+
+    scale = "0–1, lower is better"
 
     def measure(self, hits: int, subs: int, dels: int, ins: int) -> float:
         return 1 - word_information_preserved(hits, subs, dels, ins)

@@ -38,6 +38,13 @@ class MetricConfigError(ValueError):
     """The chosen metrics cannot run with what this evaluation provides."""
 
 
+class UnknownMetricError(MetricConfigError, KeyError):
+    """A metric name that is not registered."""
+
+    def __str__(self) -> str:  # the message, not KeyError's repr of it
+        return str(self.args[0]) if self.args else ""
+
+
 class Metric(ABC):
     """Common part: a registry name, what the metric needs from a batch, and its constructor parameters."""
 
@@ -48,6 +55,20 @@ class Metric(ABC):
     needs_columns: ClassVar[tuple[str, ...]] = ()  # dataset columns stored next to the predictions
     needs_arrays: ClassVar[tuple[str, ...]] = ()  # fixed-shape per-sample arrays (zarr)
     needs_aligned_ids: ClassVar[bool] = False  # compares pred and label ids position by position (not generation)
+    # What the results mean, for people (`spilleval metrics`, the scale column of `compute`): the result keys under
+    # the default parameters when they are not just `name` (the CLI accepts them as names), and their scale.
+    outputs: ClassVar[tuple[str, ...]] = ()
+    scale: ClassVar[str] = ""  # e.g. "0–1", "0–100, lower is better"; "" when unknown (a custom metric)
+    scales: ClassVar[dict[str, str]] = {}  # a result key whose scale differs from `scale`
+
+    @classmethod
+    def result_keys(cls) -> tuple[str, ...]:
+        """The keys of `compute()`'s dict under the default parameters."""
+        return cls.outputs or (cls.name,)
+
+    @classmethod
+    def scale_of(cls, key: str) -> str:
+        return cls.scales.get(key, cls.scale)
 
     def params(self) -> dict[str, Any]:
         """JSON-able constructor arguments, stored in the manifest so `spilleval compute` rebuilds the metric."""

@@ -48,6 +48,8 @@ class _CorpusSizedList(list):
 class Cider(CorpusMetric):
     """CIDEr-D (pycocoevalcap's scale, about 0-10) over decoded predictions and their references."""
 
+    scale = "0–10 (pycocoevalcap; papers print ×100)"
+
     needs_text = True
 
     def __init__(

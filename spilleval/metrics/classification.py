@@ -92,6 +92,8 @@ class Accuracy(ConfusionMetric):
     stripped decoded label (or the `target_column` value); the state is then two counts.
     """
 
+    scale = "0–1"
+
     needs_labels = False
     sample_mean_outputs = ("accuracy",)
 
@@ -122,6 +124,9 @@ class Accuracy(ConfusionMetric):
 class Precision(ConfusionMetric):
     """precision_micro / _macro / _weighted over the declared labels."""
 
+    outputs = ("precision_micro", "precision_macro", "precision_weighted")
+    scale = "0–1"
+
     def compute(self) -> dict[str, float]:
         return self.averages("precision")
 
@@ -130,6 +135,9 @@ class Precision(ConfusionMetric):
 class Recall(ConfusionMetric):
     """recall_micro / _macro / _weighted over the declared labels."""
 
+    outputs = ("recall_micro", "recall_macro", "recall_weighted")
+    scale = "0–1"
+
     def compute(self) -> dict[str, float]:
         return self.averages("recall")
 
@@ -137,6 +145,9 @@ class Recall(ConfusionMetric):
 @register("f1")
 class F1(ConfusionMetric):
     """f1_micro / _macro / _weighted over the declared labels."""
+
+    outputs = ("f1_micro", "f1_macro", "f1_weighted")
+    scale = "0–1"
 
     def compute(self) -> dict[str, float]:
         return self.averages("f1")

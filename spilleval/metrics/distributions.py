@@ -60,6 +60,9 @@ def percentile_ranks(n: int, q: float) -> tuple[int, int]:
 class LossPercentiles(CorpusMetric):
     """loss_p50 / loss_p90 / loss_p99 of per-sample NLL, equal to `numpy.percentile(nll, q)` on the whole array."""
 
+    outputs = ("loss_p50", "loss_p90", "loss_p99")
+    scale = "nats/token, lower is better"
+
     needs_logprob = True
 
     def __init__(self, percentiles: Annotated[Sequence[float], Field(max_length=1000)] = (50, 90, 99),
@@ -159,6 +162,9 @@ def _values_at_ranks(table: Any, ranks: list[int]) -> dict[int, float]:
 @register("distinct_n")
 class DistinctN(CorpusMetric):
     """distinct_1, distinct_2, ...: distinct n-grams / all n-grams over every prediction (whitespace tokens)."""
+
+    outputs = ("distinct_1", "distinct_2")
+    scale = "0–1"
 
     needs_text = True
 

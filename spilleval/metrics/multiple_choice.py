@@ -63,6 +63,10 @@ class MultipleChoiceAccuracy(CorpusMetric):
     """mc_accuracy, mc_accuracy_norm, mc_accuracy_bytes, mc_accuracy_token_norm and mc_questions (see the module
     docstring); needs keep_logprob=True."""
 
+    outputs = ("mc_accuracy", "mc_accuracy_norm", "mc_accuracy_bytes", "mc_accuracy_token_norm", "mc_questions")
+    scale = "0–1"
+    scales = {"mc_questions": "count"}
+
     needs_logprob = True
     binary_mean_outputs = dict.fromkeys(NORMALISATIONS, "mc_questions")  # right or not, per question
 

@@ -38,6 +38,10 @@ def count_bytes(text: str) -> int:
 class BitsPerByte(StreamingMetric):
     """bits_per_byte, byte_perplexity and word_perplexity of the supervised text; needs keep_logprob=True."""
 
+    outputs = ("bits_per_byte", "byte_perplexity", "word_perplexity")
+    scale = "bits/byte, lower is better"
+    scales = {"byte_perplexity": "≥ 1, lower is better", "word_perplexity": "≥ 1, lower is better"}
+
     needs_logprob = True
 
     def __init__(self, references_column: str | None = None) -> None:

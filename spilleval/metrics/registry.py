@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from pydantic import ConfigDict, ValidationError, validate_call
 
-from .base import Metric, MetricConfigError
+from .base import Metric, MetricConfigError, UnknownMetricError
 
 _REGISTRY: dict[str, type[Metric]] = {}
 M = TypeVar("M", bound=type[Metric])
@@ -44,14 +44,13 @@ def build_metric(spec: str | dict[str, Any] | Metric) -> Metric:
     if isinstance(spec, dict) and not (isinstance(spec.get("name"), str) and isinstance(spec.get("params", {}), dict)):
         raise MetricConfigError(f"a metric is given by its name or {{'name': str, 'params': dict}}, not {spec!r:.200}")
     name, params = (spec, {}) if isinstance(spec, str) else (spec["name"], spec.get("params", {}))
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(
-            f"unknown metric {name!r}. Known metrics: {known}. A custom metric must be registered with "
-            "@spilleval.metrics.register before it is used (for the CLI: --plugin your_module)."
-        ) from None
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        from .names import resolve_name
+
+        resolve_name(name)  # raises UnknownMetricError with the closest names, unless `name` is a result key
+        raise UnknownMetricError(f"unknown metric {name}: it is a result key of metric {resolve_name(name)}; "
+                                 f"name that metric instead")
     return _construct(cls, name, params)
 
 
@@ -70,12 +69,12 @@ def _construct(cls: type[Metric], name: str, params: dict[str, Any]) -> Metric:
         first = e.errors(include_url=False)[0]
         where = ".".join(str(part) for part in first["loc"])
         raise MetricConfigError(
-            f"metric {name!r}: parameter {where or '?'} is invalid: {first['msg']} (got {first['input']!r:.80})"
+            f"metric {name}: parameter {where or '?'} is invalid: {first['msg']} (got {first['input']!r:.80})"
         ) from None
     except MetricConfigError:
         raise
     except (TypeError, ValueError, OverflowError, KeyError) as e:
-        raise MetricConfigError(f"metric {name!r} cannot be built from the parameters {params!r:.200}: {e}") from e
+        raise MetricConfigError(f"metric {name} cannot be built from the parameters {params!r:.200}: {e}") from e
     return metric
 
 

@@ -26,6 +26,9 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 class Rouge(StreamingMetric):
     """Mean F-measure per ROUGE type (0-1), keys rouge1, rouge2, rougeL, rougeLsum."""
 
+    outputs = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+    scale = "0–1"
+
     needs_text = True
 
     def __init__(

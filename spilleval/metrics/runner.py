@@ -27,6 +27,7 @@ class MetricSuite:
         self.corpus = [m for m in self.metrics if isinstance(m, CorpusMetric)]
         self._streaming_needs_text = any(m.needs_text for m in self.streaming)
         self._inputs_checked = False
+        self._owner: dict[str, Metric] = {}  # computed result key -> the metric that reported it
 
     @property
     def needs_logprob(self) -> bool:
@@ -97,10 +98,32 @@ class MetricSuite:
             metric.merge(state)
 
     def compute_streaming(self) -> dict[str, float]:
-        return _merge_results(m.compute() for m in self.streaming)
+        return _merge_results(self._computed(m, m.compute()) for m in self.streaming)
 
     def compute_corpus(self, reader: Any) -> dict[str, float]:
-        return _merge_results(m.compute(reader) for m in self.corpus)
+        return _merge_results(self._computed(m, _compute_corpus_metric(m, reader)) for m in self.corpus)
+
+    def _computed(self, metric: Metric, results: dict[str, float]) -> dict[str, float]:
+        self._owner.update(dict.fromkeys(results, metric))
+        return results
+
+    def in_order(self, results: dict[str, Any]) -> dict[str, Any]:
+        """`results` with the metrics' keys in the order the metrics were given (each metric's keys in its own
+        order), the one order of results.json, `compute`, `inspect`, `report` and `diff`; other keys follow."""
+        rank = {id(m): i for i, m in enumerate(self.metrics)}
+        position = {key: rank[id(metric)] for key, metric in self._owner.items()}
+        return dict(sorted(results.items(), key=lambda item: position.get(item[0], len(rank))))
+
+    def scale_of(self, key: str) -> str:
+        """The scale of a computed result key ("0–1", "0–100", ...), "" when its metric does not say."""
+        metric = self._owner.get(key)
+        return metric.scale_of(key) if metric is not None else ""
+
+
+def _compute_corpus_metric(metric: CorpusMetric, reader: Any) -> dict[str, float]:
+    if getattr(reader, "progress", None) is not None:
+        reader.progress.label = metric.name  # its passes over the spill are named after it
+    return metric.compute(reader)
 
 
 def check_batch_inputs(metrics: Iterable[Metric], batch: SampleBatch) -> None:
@@ -131,17 +154,18 @@ def compute_from_spill(
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
     suite = suite_for_spill(reader, metrics)
-    if suite.streaming:
-        batches = reader.iter_batches(batch_size, **suite.reads())
-        if progress:
-            from tqdm.auto import tqdm
+    if progress:
+        from ..progress import PassProgress
 
-            batches = tqdm(batches, desc="streaming metrics", unit="batch", leave=False)
-        for batch in batches:
+        reader.progress = PassProgress(reader.num_rows)
+        names = ", ".join(m.name for m in suite.streaming)
+        reader.progress.label = names if len(names) <= 40 else f"{len(suite.streaming)} streaming metrics"
+    if suite.streaming:
+        for batch in reader.iter_batches(batch_size, **suite.reads()):
             suite.update(batch)
     results = suite.compute_streaming()
     results.update(suite.compute_corpus(reader))
-    return results
+    return suite.in_order(results)
 
 
 def suite_for_spill(reader: Any, metrics: Iterable[MetricSpec] | None = None) -> MetricSuite:

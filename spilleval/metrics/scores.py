@@ -179,6 +179,8 @@ def _score_counts(scores: np.ndarray, positive: np.ndarray) -> list[tuple[float,
 class Auroc(RankingMetric):
     """Area under the ROC curve (binary, or one-vs-rest macro), equal to sklearn's roc_auc_score."""
 
+    scale = "0–1"
+
     result_key = "auroc"
 
     def bootstrap(self, reader: SpillReader, weights: Callable[[np.ndarray], np.ndarray],
@@ -217,6 +219,8 @@ class Auroc(RankingMetric):
 class AveragePrecision(RankingMetric):
     """Average precision (binary, or one-vs-rest macro), equal to sklearn's average_precision_score."""
 
+    scale = "0–1"
+
     result_key = "average_precision"
 
     def from_sorted(self, table: Any) -> float:
@@ -236,6 +240,8 @@ class AveragePrecision(RankingMetric):
 @register("ece")
 class ExpectedCalibrationError(ClassScoreMetric):
     """Expected calibration error with equal-width bins (see the module docstring)."""
+
+    scale = "0–1, lower is better"
 
     def __init__(
         self,

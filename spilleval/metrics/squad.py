@@ -59,6 +59,8 @@ class Squad(StreamingMetric):
     """squad_exact_match and squad_f1 (0-100), max over each sample's references."""
 
     sample_mean_outputs = ("squad_exact_match", "squad_f1")
+    outputs = ("squad_exact_match", "squad_f1")
+    scale = "0–100"
 
     needs_text = True
 

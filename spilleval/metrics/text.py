@@ -14,14 +14,21 @@ def char_agreement(pred: str, label: str) -> int:
 
 @register("text_match")
 class TextMatch(StreamingMetric):
-    """The streaming closure of the motivating example, built in.
+    """Decoded-text agreement: exact_match_accuracy (whole string) and bit_match_accuracy (character by position).
 
-    exact_match_accuracy: decoded prediction == decoded label. bit_match_accuracy: character agreement by
-    position over the label string's length, summed over the corpus. (The closure's `num_samples` is not a metric
-    to chart: the sample count is in results.json's provenance, `dataset.samples`.)
+    The streaming closure of the motivating example, built in, under its key names (so existing charts continue):
+    - exact_match_accuracy: decoded prediction == decoded label (`skip_special_tokens=True`). Not the same number
+      as `sequence_exact_match`, which compares token ids: two id sequences can decode to the same text (special
+      tokens, another tokenization of the same string), and it has no tokenizer to need.
+    - bit_match_accuracy: despite its name, no bits are compared: the characters of the decoded prediction that
+      equal the decoded label's character at the same position, over the labels' length, summed over the corpus.
+    (The closure's `num_samples` is not a metric to chart: the sample count is in results.json's provenance,
+    `dataset.samples`.)
     """
 
     sample_mean_outputs = ("exact_match_accuracy",)
+    outputs = ("bit_match_accuracy", "exact_match_accuracy")
+    scale = "0–1"
 
     needs_text = True
 

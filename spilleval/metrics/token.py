@@ -16,6 +16,8 @@ from .registry import register
 class TokenAccuracy(StreamingMetric):
     """Fraction of supervised tokens whose argmax equals the label."""
 
+    scale = "0–1"
+
     needs_aligned_ids = True
 
     def __init__(self) -> None:
@@ -40,6 +42,7 @@ class SequenceExactMatch(StreamingMetric):
     """Fraction of samples whose every supervised token is right (a sample with none counts as right)."""
 
     sample_mean_outputs = ("sequence_exact_match",)
+    scale = "0–1"
 
     needs_aligned_ids = True
 
@@ -66,6 +69,10 @@ class SequenceExactMatch(StreamingMetric):
 @register("nll")
 class NegativeLogLikelihood(StreamingMetric):
     """Mean negative log-likelihood per supervised token and its perplexity (needs keep_logprob=True)."""
+
+    outputs = ("nll", "perplexity")
+    scale = "nats/token, lower is better"
+    scales = {"perplexity": "≥ 1, lower is better"}
 
     needs_logprob = True
 
@@ -100,6 +107,8 @@ class TokenWeightedLoss(StreamingMetric):
     the padding of the last batch or the world size, where transformers' own `eval_loss` (a mean of per-batch means,
     scaled by the number of processes under DDP with `average_tokens_across_devices`) does.
     """
+
+    scale = "nats/token, lower is better"
 
     needs_sample_nll = True
 

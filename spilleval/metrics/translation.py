@@ -90,6 +90,9 @@ class Bleu(SacrebleuStatsMetric):
     its n-gram precisions `bleu_precision_1` .. `_4` (0-100, smoothed) as sacrebleu reports them
     (`BLEUScore.precisions`)."""
 
+    outputs = ("bleu", "bleu_precision_1", "bleu_precision_2", "bleu_precision_3", "bleu_precision_4")
+    scale = "0–100"
+
     scorer_class = "BLEU"
 
     def __init__(
@@ -119,6 +122,8 @@ class Bleu(SacrebleuStatsMetric):
 @register("chrf")
 class Chrf(SacrebleuStatsMetric):
     """Corpus chrF (0-100; chrF++ with word_order=2), equal to `sacrebleu.corpus_chrf` with the same options."""
+
+    scale = "0–100"
 
     scorer_class = "CHRF"
 
@@ -150,6 +155,8 @@ class Ter(SacrebleuStatsMetric):
     sacrebleu's segment statistics are the fewest edits to any reference (an integer) and the average length of the
     references (a float): the state is the integer sum of the edits and the exact float sum of the lengths.
     """
+
+    scale = "0–100+, lower is better"
 
     scorer_class = "TER"
 

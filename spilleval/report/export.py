@@ -17,10 +17,11 @@ import numpy as np
 import pyarrow as pa
 
 from ..batch import SampleBatch
+from ..progress import sample_bar
 from ..spill import SpillReader
 from ..spill.chunk import batch_to_table
 from ..spill.manifest import create_temp_file
-from .scan import SCORE_WINDOW_TOKENS, progress, windows
+from .scan import SCORE_WINDOW_TOKENS, windows
 from .scores import SampleScore, score_batch
 
 FORMATS = ("jsonl", "parquet")
@@ -73,10 +74,11 @@ def _tables(
 ) -> Iterator[pa.Table]:
     """One Arrow table per window: token columns, dataset columns, [decoded text], [scores], [arrays]."""
     with_arrays = bool(reader.manifest.arrays)
-    chunks = reader.iter_chunks(with_arrays=with_arrays)
-    for chunk in progress(chunks, total=len(reader.chunks), desc="exporting", enabled=progress_bar):
-        for window in windows(chunk, rows=WINDOW_ROWS, tokens=SCORE_WINDOW_TOKENS):
-            yield _window_table(reader, window, scores, decode=decode)
+    with sample_bar(reader.num_rows, "exporting", enabled=progress_bar) as advance:
+        for chunk in reader.iter_chunks(with_arrays=with_arrays):
+            for window in windows(chunk, rows=WINDOW_ROWS, tokens=SCORE_WINDOW_TOKENS):
+                yield _window_table(reader, window, scores, decode=decode)
+                advance(len(window))
 
 
 def _window_table(reader: SpillReader, batch: SampleBatch, scores: list[SampleScore], *, decode: bool) -> pa.Table:

@@ -90,7 +90,7 @@ def build_report(
                          for h in histograms.by_name.values()],
         plots=[_plot(h) for h in histograms.by_name.values() if h.samples],
         worst_by=worst_score,
-        worst=ranked_views(worst.result(), reader.tokenizer, max_tokens=max_tokens,
+        worst=ranked_views(worst.result(), reader.display_tokenizer, max_tokens=max_tokens,
                            **view_options(reader)),
         generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         history=_history_section(reader),

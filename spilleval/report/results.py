@@ -16,7 +16,9 @@ def metric_results(reader: SpillReader, *, recompute: bool, progress_bar: bool) 
     except IntegrityError:
         stored, source = None, "recomputed (results.json failed its integrity check)"
     if stored is not None:
-        return stored, "results.json"
+        from ..metrics.names import in_spec_order
+
+        return in_spec_order(stored, [spec["name"] for spec in reader.manifest.metrics]), "results.json"
     from ..metrics import compute_from_spill
 
     return compute_from_spill(reader.path, allow_partial=reader.allow_partial, progress=progress_bar), source

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import heapq
 import math
-import sys
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol, TypeVar
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
 from ..batch import SampleBatch
+from ..progress import sample_bar, wanted
 from ..spill import SpillReader
 from .scores import SampleScore, score_batch
 
 DECODE_WINDOW = 2048  # rows decoded at a time, so decoded strings stay small even for a 64 MiB chunk
 SCORE_WINDOW_TOKENS = 2**20  # ids scored at a time: the scorers' temporaries stay ~50 MiB whatever the chunk size
-
-T = TypeVar("T")
-
 
 class Accumulator(Protocol):
     def update(self, batch: SampleBatch, scores: dict[str, np.ndarray]) -> None: ...
@@ -30,15 +27,7 @@ class Accumulator(Protocol):
 
 def show_progress(quiet: bool) -> bool:
     """Progress bars only for a person watching: not with --quiet, not when stderr is a pipe or a file."""
-    return not quiet and sys.stderr.isatty()
-
-
-def progress(items: Iterable[T], *, total: int | None, desc: str, enabled: bool) -> Iterator[T]:
-    if not enabled:
-        return iter(items)
-    from tqdm.auto import tqdm
-
-    return iter(tqdm(items, total=total, desc=desc, unit="chunk", leave=False))
+    return wanted(quiet)
 
 
 def iter_scored(
@@ -51,12 +40,13 @@ def iter_scored(
 ) -> Iterator[tuple[SampleBatch, dict[str, np.ndarray]]]:
     """(batch, {score name: values}) for every unique sample, in windows of a chunk (decoded when asked)."""
     decode = decode or any(s.needs_text for s in scores)
-    chunks = reader.iter_chunks(with_arrays=False)
-    for chunk in progress(chunks, total=len(reader.chunks), desc=desc, enabled=progress_bar):
-        for batch in windows(chunk, rows=DECODE_WINDOW if decode else None, tokens=SCORE_WINDOW_TOKENS):
-            if decode:
-                reader.decode(batch)
-            yield batch, score_batch(batch, scores)
+    with sample_bar(reader.num_rows, desc, enabled=progress_bar) as advance:
+        for chunk in reader.iter_chunks(with_arrays=False):
+            for batch in windows(chunk, rows=DECODE_WINDOW if decode else None, tokens=SCORE_WINDOW_TOKENS):
+                if decode:
+                    reader.decode(batch)
+                yield batch, score_batch(batch, scores)
+                advance(len(batch))
 
 
 def scan(reader: SpillReader, scores: list[SampleScore], accumulators: Iterable[Accumulator], **options) -> None:

@@ -8,6 +8,7 @@ shown as text with every reference, the matched ones marked in words ("✓ match
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,6 +23,9 @@ from .diff import SpillDiff
 from .samples import SampleView, sample_views, samples_by_index, view_options
 from .spill_scores import scores_of
 
+_CONTROLS = [c for c in range(0x20) if chr(c) not in "\n\t"] + list(range(0x7F, 0xA0))
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in _CONTROLS}
+_HAS_CONTROL = re.compile("[" + "".join(re.escape(chr(c)) for c in _CONTROLS) + "]")
 REFERENCE_STYLE = "bold green"
 PREDICTION_STYLE = "bold red underline"
 MAX_WRONG_LISTED = 8
@@ -44,8 +48,15 @@ def interval_text(interval: dict[str, Any] | None) -> str:
     return f"± {half_width:.3g} ({interval['level']:.0%} CI)"
 
 
+def printable(text: str) -> str:
+    """Stored text without terminal control characters: model output and dataset columns are untrusted, and an
+    escape sequence in them would move the cursor or recolour the terminal. Each becomes a visible `\\x1b`."""
+    return text.translate(_CONTROL_ESCAPES) if _HAS_CONTROL.search(text) else text
+
+
 def visible(piece: str) -> tuple[str, str]:
     """(leading whitespace, body) of a decoded piece; a whitespace-only token gets a visible body."""
+    piece = printable(piece)
     body = piece.lstrip()
     lead = piece[: len(piece) - len(body)]
     if not body:
@@ -106,13 +117,14 @@ def score_line(scores: dict[str, float], highlight: str | None = None) -> Text:
 
 
 def print_sample(console: Console, view: SampleView, *, title: str | None = None,
-                 highlight: str | None = None, predictions: Iterable[tuple[str, SampleView]] = ()) -> None:
+                 highlight: str | None = None, predictions: Iterable[tuple[str, SampleView]] = (),
+                 scores_label: str = "scores") -> None:
     """One sample: its scores, dataset columns, reference, prediction(s) and the list of wrong positions."""
     console.print(Rule(title or f"sample {view.sample_index}", align="left", style="blue"))
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="dim", no_wrap=True)
     grid.add_column(overflow="fold")
-    grid.add_row("scores", score_line(view.scores, highlight))
+    grid.add_row(scores_label, score_line(view.scores, highlight))
     for name, value in view.columns.items():
         grid.add_row(Text(name), Text(_short(value)))
     others = list(predictions) or [("prediction", view)]
@@ -132,16 +144,18 @@ def print_sample(console: Console, view: SampleView, *, title: str | None = None
 
 
 def _short(value: Any) -> str:
-    text = str(value)
+    text = printable(str(value))
     return text if len(text) <= MAX_COLUMN_CHARS else text[:MAX_COLUMN_CHARS] + "…"
 
 
 def metric_delta_table(title: str, metrics: dict[str, dict[str, Any]],
                        significance: dict[str, dict[str, Any]] | None = None) -> Table:
-    """A, B and B − A per metric; with a paired test, the delta's interval and the p-value too."""
+    """A, B, B − A and the scale per metric; with a paired test, the delta's interval and the p-value too."""
+    from ..metrics.names import scale_of
+
     significance = significance or {}
     columns = ["metric", "A", "B", "B − A"] + ([f"{_level(significance)} CI of B − A", "p"] if significance else [])
-    table = Table(*columns, title=title)
+    table = Table(*columns, "scale", title=title)
     for name, row in metrics.items():
         delta = row["delta"]
         shown = "-" if delta is None else f"{delta:+.6f}" if isinstance(delta, float) else f"{delta:+d}"
@@ -150,7 +164,7 @@ def metric_delta_table(title: str, metrics: dict[str, dict[str, Any]],
             test = significance.get(name)
             cells += [f"[{test['delta_low']:+.4g}, {test['delta_high']:+.4g}]", f"{test['p_value']:.3g}"] if test \
                 else ["", ""]
-        table.add_row(*cells)
+        table.add_row(*cells, escape(scale_of(name)))
     return table
 
 
@@ -189,11 +203,11 @@ def print_diff(console: Console, result: SpillDiff, reader_a: SpillReader, reade
             continue
         views = {side: _views(reader, indices, max_tokens) for side, reader in (("A", reader_a), ("B", reader_b))}
         for view_a, view_b in zip(views["A"], views["B"]):
-            print_sample(console, view_b if wrong_side == "B" else view_a,
+            print_sample(console, view_b if wrong_side == "B" else view_a, scores_label=f"scores ({wrong_side})",
                          title=f"sample {view_a.sample_index}: {label}", predictions=[("A", view_a), ("B", view_b)])
 
 
 def _views(reader: SpillReader, indices: list[int], max_tokens: int) -> list[SampleView]:
     batch, scores = samples_by_index(reader, indices, scores_of(reader).defaults(corpus_pass=False))
-    return sample_views(batch, scores, reader.tokenizer, max_tokens=max_tokens,
+    return sample_views(batch, scores, reader.display_tokenizer, max_tokens=max_tokens,
                         **view_options(reader))

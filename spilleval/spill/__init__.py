@@ -2,9 +2,28 @@
 
 from .chunk import ChunkCorruptError
 from .integrity import IntegrityError
-from .manifest import SCHEMA_VERSION, ChunkRecordError, Manifest, ManifestError, SpillFormatError, load_manifest
-from .reader import Completeness, IncompleteSpillError, MissingChunkError, ShardRecordError, SpillReader
-from .writer import SpillExistsError, SpillLockedError, SpillWriteError, SpillWriter, mark_spill_complete
+from .manifest import (
+    SCHEMA_VERSION,
+    ChunkRecordError,
+    Manifest,
+    ManifestError,
+    SpillFormatError,
+    load_manifest,
+)
+from .reader import (
+    Completeness,
+    IncompleteSpillError,
+    MissingChunkError,
+    ShardRecordError,
+    SpillReader,
+)
+from .writer import (
+    SpillExistsError,
+    SpillLockedError,
+    SpillWriteError,
+    SpillWriter,
+    mark_spill_complete,
+)
 
 __all__ = [
     "SCHEMA_VERSION",

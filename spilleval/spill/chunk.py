@@ -10,16 +10,44 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import zarr
 
 from ..batch import SampleBatch
 from .ipc_layout import IpcLayout, IpcLayoutError, read_ipc_layout
 from .limits import chunk_decode_budget
-from .manifest import ARRAYS_DIR, RECOVER_CHUNK, TOKENS_FILE, ChunkRecord, SpillFormatError, safe_join
+from .manifest import (
+    ARRAYS_DIR,
+    RECOVER_CHUNK,
+    TOKENS_FILE,
+    ChunkRecord,
+    SpillFormatError,
+    safe_join,
+)
 from .zarr_layout import ZarrLayoutError, check_arrays
 
-TOKEN_COLUMNS = ("sample_index", "pred_ids", "label_ids", "label_logprob", "sample_nll")
+TOKEN_COLUMNS = ("sample_index", "pred_ids", "label_ids", "label_logprob", "sample_nll", "label_positions")
+PER_TOKEN_COLUMNS = ("label_logprob", "label_positions")  # one value per pred_ids value, same offsets
 RAGGED_LABELS_KEY = b"spilleval.ragged_labels"  # schema metadata: label rows have their own lengths (generation)
+DESCRIPTION_KEY = b"description"  # field metadata: what a column holds, for whoever opens tokens.arrow
+COLUMN_DESCRIPTIONS = {
+    "sample_index": "the sample's dataset row index (int64); a multi-GPU spill may store a sample twice (sampler "
+                    "padding): the first occurrence counts",
+    "pred_ids": "the model's argmax token id at each supervised position, already aligned with the labels: "
+                "pred_ids[j] is the prediction for label_ids[j] (a causal LM's logits were shifted: the logits at "
+                "position t predict the token at t+1)",
+    "label_ids": "the supervised label token ids as the loss saw them (positions labelled -100 dropped)",
+    "label_logprob": "log p(label_ids[j]) under the model, natural log (nats): log_softmax of the logits in "
+                     "float32, gathered at the label",
+    "sample_nll": "minus the sum of the sample's label log-probabilities, natural log (nats), float64: the "
+                  "sample's summed cross-entropy",
+    "label_positions": "the position t on the model's sequence axis of the logits that predicted pred_ids[j] "
+                       "(after any image-token expansion); for a causal LM label_ids[j] is the token at t+1 of the "
+                       "sequence, for an encoder-decoder the decoder token at t",
+}
+RAGGED_DESCRIPTIONS = {
+    "pred_ids": "the generated token ids of the sample (prompt stripped, cut after the first end-of-sequence id); "
+                "not aligned with label_ids",
+    "label_ids": "the reference token ids (the labels' supervised ids); rows have their own lengths",
+}
 ZARR_CHUNK_BYTES = 4 * 2**20
 
 
@@ -75,11 +103,22 @@ def batch_to_table(batch: SampleBatch) -> pa.Table:
         columns["label_logprob"] = pa.ListArray.from_arrays(offsets, pa.array(batch.label_logprob))
     if batch.sample_nll is not None:
         columns["sample_nll"] = pa.array(batch.sample_nll, type=pa.float64())
+    if batch.label_positions is not None:
+        columns["label_positions"] = pa.ListArray.from_arrays(offsets, pa.array(batch.label_positions))
     for name, values in batch.columns.items():
         if name in TOKEN_COLUMNS:
             raise ValueError(f"column name {name!r} is reserved; rename the dataset column")
         columns[name] = _column_array(values)
-    return pa.table(columns, metadata=None if batch.aligned else {RAGGED_LABELS_KEY: b"1"})
+    descriptions = COLUMN_DESCRIPTIONS if batch.aligned else {**COLUMN_DESCRIPTIONS, **RAGGED_DESCRIPTIONS}
+    schema = pa.schema(
+        [pa.field(name, array.type, metadata=_description(descriptions.get(name))) for name, array in columns.items()],
+        metadata=None if batch.aligned else {RAGGED_LABELS_KEY: b"1"},
+    )
+    return pa.Table.from_arrays(list(columns.values()), schema=schema)
+
+
+def _description(text: str | None) -> dict[bytes, bytes] | None:
+    return None if text is None else {DESCRIPTION_KEY: text.encode()}
 
 
 def _column_array(values: list[Any]) -> pa.Array:
@@ -172,7 +211,7 @@ def check_tokens(data: bytes, record: ChunkRecord) -> IpcLayout:
     if layout.rows != record.rows:
         raise IpcLayoutError(f"{TOKENS_FILE} declares {layout.rows} rows; chunk.json records {record.rows}")
     ragged = RAGGED_LABELS_KEY in (schema.metadata or {})
-    per_token = ["pred_ids"] + ([] if ragged else ["label_ids"]) + [n for n in ["label_logprob"] if n in schema.names]
+    per_token = ["pred_ids"] + ([] if ragged else ["label_ids"]) + [n for n in PER_TOKEN_COLUMNS if n in schema.names]
     for name in per_token:
         declared = layout.child_length(name)
         if declared != record.tokens:
@@ -191,6 +230,7 @@ def _check_token_schema(schema: pa.Schema) -> None:
         "label_ids": ids,
         "label_logprob": pa.list_(pa.float32()),
         "sample_nll": pa.float64(),
+        "label_positions": pa.list_(pa.int32()),
     }
     if not pa.types.is_list(ids) or ids.value_type not in (pa.uint16(), pa.uint32()):
         raise IpcLayoutError(f"{TOKENS_FILE}: pred_ids has the type {ids}, not a list of uint16/uint32 ids")
@@ -293,6 +333,9 @@ def table_to_batch(table: pa.Table, *, columns: Iterable[str] | None = None) -> 
     if "label_logprob" in table.column_names:
         logprob = _list_values(table.column("label_logprob").chunk(0))
     sample_nll = table.column("sample_nll").to_numpy() if "sample_nll" in table.column_names else None
+    positions = None
+    if "label_positions" in table.column_names and not ragged:  # spills written before it have none
+        positions = _list_values(table.column("label_positions").chunk(0))
     wanted = [c for c in table.column_names if c not in TOKEN_COLUMNS]
     if columns is not None:
         wanted = [c for c in wanted if c in set(columns)]
@@ -304,6 +347,7 @@ def table_to_batch(table: pa.Table, *, columns: Iterable[str] | None = None) -> 
         label_ids=_list_values(label),
         label_logprob=logprob,
         sample_nll=sample_nll,
+        label_positions=positions,
         columns={c: _column_values(table.column(c).chunk(0)) for c in wanted},
     )
 
@@ -318,6 +362,8 @@ def _list_values(array: pa.ListArray) -> np.ndarray:
 
 
 def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    import zarr  # here, not at the top: most chunks have no arrays, and importing zarr costs a second
+
     group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
     for name, values in arrays.items():
         values = np.ascontiguousarray(values)
@@ -331,6 +377,7 @@ def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def _read_arrays(payloads: dict[str, bytes]) -> dict[str, np.ndarray]:
     """Decode the zarr group from the verified bytes (an in-memory store): zarr reads nothing else from disk."""
+    import zarr
     from zarr.core.buffer import default_buffer_prototype
     from zarr.storage import MemoryStore
 

@@ -7,7 +7,9 @@ Layout of a spill directory::
     results.json                   the live metrics of the run that wrote it, once it finished
     integrity.json                 the seal of a finished spill (`spill.integrity`), written last
     shards/rank-00000/chunk-000000/
-        tokens.arrow               Arrow IPC: sample_index, pred_ids, label_ids, [label_logprob], [columns...]
+        tokens.arrow               Arrow IPC: sample_index, pred_ids, label_ids, [label_logprob], [sample_nll],
+                                   [label_positions], [dataset columns...]; each field's metadata says what it
+                                   holds (`description`)
         arrays.zarr/               zarr v3 group: fixed-shape per-sample arrays, chunked along the sample axis
         chunk.json                 rows, tokens, sample index range, byte length and CRC-32 of every file
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -29,10 +32,22 @@ from pydantic import Field, JsonValue, TypeAdapter
 from typing_extensions import NotRequired, TypedDict
 
 from . import limits
-from .schema import STRICT, Count, FileEntry, Name, Rank, SampleIndex, Text, parse, parse_object, read_bounded
+from .schema import (
+    STRICT,
+    Count,
+    FileEntry,
+    Name,
+    Rank,
+    SampleIndex,
+    Text,
+    parse,
+    parse_object,
+    read_bounded,
+)
 
 SCHEMA_VERSION = 3  # 2: integrity.json seals a finished spill (manifest, results, shard records, tokenizer)
-# 3: results.json holds {"metrics" (keys as reported), "provenance", "intervals"}; chunks may hold sample_nll
+# 3: results.json holds {"metrics" (keys as reported), "provenance", "intervals"}; chunks may hold sample_nll,
+# and label_positions (added without a new version: a reader that predates it sees an extra list column)
 MANIFEST_NAME = "manifest.json"
 RESULTS_NAME = "results.json"
 TOKENIZER_DIR = "tokenizer"
@@ -229,13 +244,14 @@ def create_temp_file(path: Path) -> tuple[int, Path]:
             continue  # another writer drew the same name (2^-48): draw again
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file, fsync, rename over `path`, fsync the directory."""
+def write_json_atomic(path: Path, data: Any, *, sort_keys: bool = True) -> None:
+    """Write JSON to a temp file, fsync, rename over `path`, fsync the directory (keys sorted unless their order
+    means something, as the metrics' order in results.json does)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = create_temp_file(path)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+            json.dump(data, f, indent=2, sort_keys=sort_keys)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -263,9 +279,8 @@ def load_manifest(spill_dir: Path) -> Manifest:
     """The validated manifest of `spill_dir`, checked against `integrity.json` when the spill is sealed."""
     path = Path(spill_dir) / MANIFEST_NAME
     if not path.exists():
-        parts = sorted(p.parent.name for p in Path(spill_dir).glob(f"*/{MANIFEST_NAME}"))
-        hint = f"; it holds the spills {', '.join(parts)}: pass {Path(spill_dir) / parts[0]}" if parts else ""
-        raise SpillFormatError(f"{spill_dir} has no {MANIFEST_NAME}: it is not a spill directory{hint}")
+        raise SpillFormatError(f"{spill_dir} has no {MANIFEST_NAME}: it is not a spill directory"
+                               f"{spills_inside(Path(spill_dir))}")
     raw = read_bounded(path, ManifestError, kind=MANIFEST_NAME)
     _check_schema_version(raw, path)  # first: a newer spilleval's spill may also be sealed differently
     from .integrity import load_seal
@@ -274,6 +289,24 @@ def load_manifest(spill_dir: Path) -> Manifest:
     if seal is not None:
         seal.verify(MANIFEST_NAME, raw)
     return _validate_manifest(raw, path)
+
+
+def spills_inside(directory: Path) -> str:
+    """"; it holds the spills ...: the latest is DIR/spill-eval-step-N" for a directory of spills (a trainer's
+    output_dir), steps in numeric order (step 1000 after step 200); "" when it holds none."""
+    names = sorted((p.parent.name for p in directory.glob(f"*/{MANIFEST_NAME}")), key=_spill_order)
+    if not names:
+        return ""
+    shown = ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:2])}, ..., {', '.join(names[-3:])}"
+    return f"; it holds {len(names)} spill(s) ({shown}): the latest is {directory / names[-1]}"
+
+
+def _spill_order(name: str) -> tuple[str, int, int]:
+    """spill-eval-step-200 < spill-eval-step-1000 < spill-eval-step-1000-1 (a second evaluation at that step)."""
+    match = re.fullmatch(r"(.*?)(\d+)(?:-(\d+))?", name)
+    if match is None:
+        return name, -1, 0
+    return match.group(1), int(match.group(2)), int(match.group(3) or 0)
 
 
 def _check_schema_version(raw: bytes, path: Path) -> None:

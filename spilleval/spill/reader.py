@@ -165,6 +165,7 @@ class SpillReader:
         self.chunks: list[ChunkRecord] = []
         self._shard_done: dict[int, bool] = {}
         self._index_cache: dict[tuple[int, int], np.ndarray] = {}
+        self.progress: Any = None  # a spilleval.progress.PassProgress: bars for iter_batches passes
         if self.seal is not None:
             self.seal.verify_shards()
         for shard in shard_dirs(self.path):
@@ -271,6 +272,20 @@ class SpillReader:
                 "ids only."
             ) from e
 
+    @functools.cached_property
+    def display_tokenizer(self) -> Any:
+        """The saved tokenizer for showing decoded text: loaded with the `tokenizers` library alone (no torch
+        import) when that decodes exactly as transformers does (`spill.light_tokenizer`), else `tokenizer`."""
+        path = self.path / TOKENIZER_DIR
+        if "tokenizer" in self.__dict__ or not path.is_dir():
+            return self.tokenizer
+        if self.seal is not None:
+            self.seal.verify_tokenizer()
+        check_tokenizer_files(path)
+        from .light_tokenizer import load_light_tokenizer
+
+        return load_light_tokenizer(path) or self.tokenizer
+
     def completeness(self) -> Completeness:
         seen = SampleSet()
         for record in self.chunks:
@@ -304,7 +319,15 @@ class SpillReader:
         with_arrays: bool = True,
         with_logprob: bool = True,
     ) -> Iterator[SampleBatch]:
-        """Samples in batches of `batch_size` (re-cut across chunks); with decode=True, text is attached."""
+        """Samples in batches of `batch_size` (re-cut across chunks); with decode=True, text is attached.
+
+        With `progress` set (a `spilleval.progress.PassProgress`), the pass draws a bar."""
+        batches = self._batches(batch_size, decode=decode, columns=columns, with_arrays=with_arrays,
+                                with_logprob=with_logprob)
+        return self.progress.track(batches) if self.progress is not None else batches
+
+    def _batches(self, batch_size: int, *, decode: bool, columns: Sequence[str] | None, with_arrays: bool,
+                 with_logprob: bool) -> Iterator[SampleBatch]:
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         pending: list[SampleBatch] = []
@@ -380,8 +403,8 @@ class SpillReader:
         return self._index_cache[key]
 
     def _empty_table(self) -> pa.Table:
-        from .chunk import batch_to_table
         from ..batch import id_dtype_for_vocab
+        from .chunk import batch_to_table
 
         dtype = id_dtype_for_vocab(self.manifest.vocab_size)
         empty = SampleBatch(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, dtype), np.zeros(0, dtype))
