@@ -196,5 +196,5 @@ def test_text_metric_without_tokenizer_and_nll_without_logprobs_fail_early():
         MetricSuite(["text_match"]).check(has_logprob=False)
     with pytest.raises(MetricConfigError, match="keep_logprob=True"):
         MetricSuite(["nll"]).check(has_logprob=False)
-    with pytest.raises(KeyError, match="unknown metric 'bleu_typo'"):
+    with pytest.raises(KeyError, match="unknown metric bleu_typo. Did you mean bleu"):
         MetricSuite(["bleu_typo"])

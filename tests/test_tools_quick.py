@@ -27,7 +27,7 @@ def test_bench_compute_quick(tmp_path):
     from spilleval.metrics.registry import available_metrics
 
     table = per_metric_table(done.stdout)
-    assert sorted(table) == sorted(available_metrics())
+    assert sorted(table) == sorted(set(available_metrics()) - {"coco_caption"})  # Java jars: its own test
     for name, row in table.items():
         for column in ("supervised tokens/s", "samples/s", "vs token_accuracy"):
             value = float(row[column].replace(",", ""))
