@@ -103,3 +103,14 @@ def test_bench_hostile_runs_and_every_crafted_spill_is_refused_in_little_memory(
     for cells in rows:
         exit_code, peak_gb, outcome = int(cells[3]), float(cells[4]), cells[6].strip()
         assert (exit_code, outcome) in ((2, "error line"), (0, "")) and peak_gb < 1, cells
+
+
+def test_bench_intervals_quick(tmp_path):
+    out = tmp_path / "intervals.json"
+    done = subprocess.run([sys.executable, "tools/bench_intervals.py", "--samples", "300", "--repeats", "1",
+                           "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    raw = json.loads(out.read_text())
+    assert raw["samples"] == 300 and "--bootstrap 1000" in done.stdout
+    assert raw["runs"]["1000"]["intervals"]["bleu"]["method"] == "bootstrap"
+    assert raw["runs"]["1000"]["intervals"]["sequence_exact_match"]["method"] == "analytic"
