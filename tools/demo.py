@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from spilleval import Evaluator, SpillReader
+from spilleval.spill.results import metrics_by_name
 from spilleval.testing import (
     IMAGE_TOKEN,
     build_tokenizer,
@@ -138,7 +139,8 @@ def spilleval_command(*args: str) -> subprocess.CompletedProcess:
 
 def recompute_and_compare(spill_dir: Path, live: dict[str, float]) -> None:
     """`spilleval compute <dir> --json` must print exactly the live numbers; print both side by side."""
-    recomputed = json.loads(spilleval_command("compute", str(spill_dir), "--json").stdout)["metrics"]
+    payload = json.loads(spilleval_command("compute", str(spill_dir), "--json").stdout)
+    recomputed = metrics_by_name(payload)  # compute --json keys the metrics as the run logged them (eval_...)
     print(f"{'metric':<24}{'live (finalize)':>22}{'spilleval compute':>22}   same")
     mismatches = []
     for key in sorted(set(live) | set(recomputed)):
