@@ -82,6 +82,10 @@ class MetricSuite:
         if not self._inputs_checked and len(batch):
             check_batch_inputs(self.metrics, batch)
             self._inputs_checked = True
+        self.update_streaming(batch)
+
+    def update_streaming(self, batch: SampleBatch) -> None:
+        """`update` without the check of every metric's inputs (a sweep checks those of the metrics it runs)."""
         if not self.streaming:
             return
         if self._streaming_needs_text:
@@ -97,10 +101,17 @@ class MetricSuite:
             metric.merge(state)
 
     def compute_streaming(self) -> dict[str, float]:
-        return _merge_results(m.compute() for m in self.streaming)
+        return merge_results(m.compute() for m in self.streaming)
 
-    def compute_corpus(self, reader: Any) -> dict[str, float]:
-        return _merge_results(m.compute(reader) for m in self.corpus)
+    def compute_corpus(self, reader: Any, *, workers: int = 1) -> dict[str, float]:
+        """The corpus metrics over the spill, their passes in `workers` processes (`parallel.py`)."""
+        from .parallel import compute_corpus_metrics, default_executor, shutdown
+
+        executor, workers = default_executor(workers)
+        try:
+            return compute_corpus_metrics(reader, self.corpus, executor=executor, workers=workers)
+        finally:
+            shutdown(executor)
 
 
 def check_batch_inputs(metrics: Iterable[Metric], batch: SampleBatch) -> None:
@@ -125,9 +136,16 @@ def compute_from_spill(
     allow_partial: bool = False,
     batch_size: int = 4096,
     progress: bool = False,
+    workers: int | None = 1,
+    executor: Any = None,
 ) -> dict[str, float]:
-    """Recompute metrics from a spill directory alone (tokenizer and metric config read from it)."""
+    """Recompute metrics from a spill directory alone (tokenizer and metric config read from it).
+
+    `workers` processes read and score parts of the spill (None: every usable core); the results are the same bits
+    for any number. `executor`: run the tasks elsewhere instead (anything with `submit`, e.g. a Dask client), with
+    `workers` the number of tasks to keep in flight per worker pair."""
     from ..spill import SpillReader
+    from .parallel import compute_in_parallel, default_executor, shutdown
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
     recorded = reader.manifest.metrics
@@ -137,17 +155,15 @@ def compute_from_spill(
         reader.require_tokenizer()
     suite.check(has_logprob=reader.manifest.has_logprob, vocab_size=reader.manifest.vocab_size,
                 task=reader.manifest.task)
-    if suite.streaming:
-        batches = reader.iter_batches(batch_size, **suite.reads())
-        if progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc="streaming metrics", unit="batch", leave=False)
-        for batch in batches:
-            suite.update(batch)
-    results = suite.compute_streaming()
-    results.update(suite.compute_corpus(reader))
-    return results
+    owned = executor is None
+    if owned:
+        executor, workers = default_executor(workers)
+    try:
+        return compute_in_parallel(reader, suite, executor=executor, workers=workers or 1, batch_size=batch_size,
+                                   progress=progress)
+    finally:
+        if owned:
+            shutdown(executor)
 
 
 def _with_recorded_params(names: Iterable[MetricSpec], recorded: list[dict[str, Any]]) -> list[MetricSpec]:
@@ -160,7 +176,7 @@ def _any_text(specs: list[MetricSpec]) -> bool:
     return any(m.needs_text for m in build_metrics(specs))
 
 
-def _merge_results(parts: Iterable[dict[str, float]]) -> dict[str, float]:
+def merge_results(parts: Iterable[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for part in parts:
         clash = set(out) & set(part)
