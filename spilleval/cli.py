@@ -49,15 +49,31 @@ def compute(
     as_json: bool = JsonOpt,
     plugin: Optional[list[str]] = PluginOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", "-w", min=1, help="Worker processes (default: every usable core). Same results for any."
+    ),
+    dask: Optional[str] = typer.Option(
+        None, "--dask", help="Run on a Dask cluster: its scheduler address, or 'local' for a local one of --workers "
+        "processes (pip install 'spilleval[dask]'). The spill must be at the same path on every worker."
+    ),
 ) -> None:
     """Recompute metrics from the directory alone (tokenizer and metric settings are read from it)."""
     from .metrics import compute_from_spill
+    from .metrics.parallel import usable_cores
     from .spill import SpillReader
 
     _load_plugins(plugin)
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     show_progress = not quiet and not as_json and sys.stderr.isatty()
-    results = compute_from_spill(spill_dir, names, allow_partial=allow_partial, progress=show_progress)
+    if dask is not None:
+        from .metrics.cluster import DaskExecutor
+
+        with DaskExecutor(dask, local_workers=workers or usable_cores()) as executor:
+            results = compute_from_spill(spill_dir, names, allow_partial=allow_partial, progress=show_progress,
+                                         executor=executor, workers=executor.workers)
+    else:
+        results = compute_from_spill(spill_dir, names, allow_partial=allow_partial, progress=show_progress,
+                                     workers=workers)
     partial_note = None
     if allow_partial:
         completeness = SpillReader(spill_dir, allow_partial=True).completeness()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..batch import SampleBatch
 from .base import CorpusMetric
-from .ondisk import SCRATCH_PREFIX, _writable_or_none
+from .ondisk import SCRATCH_PREFIX, ScratchStore, _writable_or_none
 
 if TYPE_CHECKING:
     from ..spill import SpillReader
@@ -30,6 +30,7 @@ class MapMergeMetric(CorpusMetric):
     then `finish()`, and `close()` in any case. `map(k, batch, context)` runs wherever the batch is read."""
 
     passes: ClassVar[int] = 1
+    _store: ScratchStore | None = None
 
     def start(self, near: Path) -> None:
         """Set up the parent's state; `near` is where scratch files may go (the spill directory)."""
@@ -49,8 +50,16 @@ class MapMergeMetric(CorpusMetric):
     @abstractmethod
     def finish(self) -> dict[str, float]: ...
 
+    def scratch(self, near: Path) -> ScratchStore:
+        """An on-disk scratch store (`ondisk.py`) for the parent's merged state, closed by `close`."""
+        self._store = ScratchStore(near)
+        return self._store
+
     def close(self) -> None:
         """Release scratch files (after `finish`, or on an error)."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     def compute(self, reader: "SpillReader") -> dict[str, float]:
         from .parallel import compute_corpus_metrics

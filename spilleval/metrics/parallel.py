@@ -92,8 +92,8 @@ def run_task(sweep: Sweep, task: Task) -> tuple[list[State], list[Any]]:
     metrics = [suite.metrics[position] for position, _, _ in sweep.passes]
     checked = False
     for batch in _task_batches(reader, sweep, task):
-        if not checked:
-            check_batch_inputs([*metrics, *(suite.streaming if sweep.streaming else [])], batch)
+        if not checked and sweep.streaming:  # corpus metrics name what they miss themselves
+            check_batch_inputs(suite.streaming, batch)
             checked = True
         if sweep.streaming:
             suite.update_streaming(batch)
