@@ -52,7 +52,8 @@ def cook(captions: Sequence[str], orders: int = COOKED_ORDERS) -> CookedCaptions
     owner = np.repeat(np.arange(len(words), dtype=np.int64), lengths)
     room = starts[1:][owner] - np.arange(len(flat_words))  # words from each position to its caption's end
 
-    occ_gram, occ_caption, occ_order, occ_position, texts, gram_order = [], [], [], [], [], []
+    word_hash = text_hashes(interned.dictionary)[word_ids]
+    occ_gram, occ_caption, occ_order, occ_position, texts, gram_order, hashes = [], [], [], [], [], [], []
     prefix = word_ids
     offset = 0
     for k in range(orders):
@@ -68,6 +69,7 @@ def cook(captions: Sequence[str], orders: int = COOKED_ORDERS) -> CookedCaptions
         occ_order.append(np.full(len(where), k, dtype=np.int64))
         occ_position.append(where)
         texts.append(_joined(flat_words, first, k + 1))
+        hashes.append(_chained(word_hash, first, k + 1))
         gram_order.append(np.full(len(first), k, dtype=np.int64))
         offset += len(first)
 
@@ -82,13 +84,22 @@ def cook(captions: Sequence[str], orders: int = COOKED_ORDERS) -> CookedCaptions
     gram_text = pa.concat_arrays(texts) if texts else pa.array([], pa.large_string())
     return CookedCaptions(pair_caption=pairs // grams, pair_gram=pairs % grams, pair_count=counts,
                           gram_order=np.concatenate(gram_order) if gram_order else np.zeros(0, np.int64),
-                          gram_hash=text_hashes(gram_text), gram_text=gram_text, length=np.maximum(lengths - 1, 0))
+                          gram_hash=np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
+                          gram_text=gram_text, length=np.maximum(lengths - 1, 0))
 
 
 def _joined(words: pa.Array, start: np.ndarray, k: int) -> pa.Array:
     """The k words from each start position, joined by spaces (pycocoevalcap's tuple, as one string)."""
     columns = [words.take(pa.array(start + j)) for j in range(k)]
     return columns[0] if k == 1 else pc.binary_join_element_wise(*columns, pa.scalar(" ", pa.large_string()))
+
+
+def _chained(word_hash: np.ndarray, start: np.ndarray, k: int) -> np.ndarray:
+    """A 64-bit hash of the k words from each start position: their hashes chained through a mixer."""
+    h = np.zeros(len(start), dtype=np.uint64)
+    for j in range(k):
+        h = _mix(h ^ word_hash[start + j])
+    return h
 
 
 def text_hashes(texts: pa.Array) -> np.ndarray:

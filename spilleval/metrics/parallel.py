@@ -75,6 +75,7 @@ class Sweep:
     batch_size: int
     reads: dict[str, Any] = field(default_factory=dict)
     local_suite: Any = None  # in-process only: copies of the parent's metric objects, used instead of the specs
+    local_reader: Any = None  # in-process only: the parent's reader (its tokenizer is loaded already)
 
 
 # ----------------------------------------------------------------------------------------------- the worker side
@@ -105,6 +106,8 @@ def run_task(sweep: Sweep, task: Task) -> tuple[list[State], list[Any]]:
 def _reader(sweep: Sweep) -> "SpillReader":
     from ..spill import SpillReader
 
+    if sweep.local_reader is not None:
+        return sweep.local_reader
     key = ("reader", sweep.spill_dir, sweep.allow_partial)
     if key not in _WORKER:
         _WORKER[key] = SpillReader(sweep.spill_dir, allow_partial=sweep.allow_partial)
@@ -236,6 +239,7 @@ def _sweep(reader: "SpillReader", suite: "MetricSuite", *, streaming: bool, pass
         specs=tuple(m.spec() for m in suite.metrics),
         modules=tuple(sorted({type(m).__module__ for m in suite.metrics} - {"__main__", "__mp_main__"})),
         streaming=streaming, passes=passes, batch_size=min([batch_size, *sizes]), local_suite=local_suite,
+        local_reader=reader if local_suite is not None else None,
         reads={"columns": sorted({c for m in taking_part for c in m.needs_columns}),
                "with_arrays": any(m.needs_arrays for m in taking_part),
                "with_logprob": any(m.needs_logprob for m in taking_part)},
