@@ -13,6 +13,7 @@ A count is the sum of the key's counts in every run.
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 from typing import Sequence
@@ -21,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-BUFFER_ROWS = 1 << 20
-MAX_RUNS = 8
+BUFFER_ROWS = 1 << 16  # about 4 MB of rows buffered before they are sorted into a run
+MAX_RUNS = 16
 MERGE_BLOCK_ROWS = 1 << 18
 _FILES = ("hash.u64", "count.i64", "offsets.i64", "text.utf8")
 
@@ -65,12 +66,20 @@ class Run:
         self.path = Path(path)
         self.hashes = _map(self.path / _FILES[0], np.uint64)
         self.counts = _map(self.path / _FILES[1], np.int64)
-        offsets = _map(self.path / _FILES[2], np.int64)
-        data = _map(self.path / _FILES[3], np.uint8)
-        self.texts = pa.LargeStringArray.from_buffers(len(self.hashes), pa.py_buffer(offsets), pa.py_buffer(data))
+        self._offsets = _map(self.path / _FILES[2], np.int64)
+        self._data = _map(self.path / _FILES[3], np.uint8)
+        self.texts = pa.LargeStringArray.from_buffers(len(self.hashes), pa.py_buffer(self._offsets),
+                                                      pa.py_buffer(self._data))
 
     def __len__(self) -> int:
         return len(self.hashes)
+
+    def release(self) -> None:
+        """Unmap the pages a lookup touched (they stay in the page cache), so the process's memory stays flat."""
+        for array in (self.hashes, self.counts, self._offsets, self._data):
+            mapping = getattr(array, "_mmap", None)
+            if mapping is not None:
+                mapping.madvise(mmap.MADV_DONTNEED)
 
     def lookup(self, hashes: np.ndarray, texts: pa.Array) -> np.ndarray:
         """Count of each (hash, text) key in this run, 0 when absent."""
@@ -199,4 +208,5 @@ class NgramCounts:
         total = np.zeros(len(hashes), dtype=np.int64)
         for run in self.runs:
             total += run.lookup(hashes, texts)
+            run.release()
         return total
