@@ -131,7 +131,7 @@ def document_frequencies(refs: Sequence[Sequence[str]]) -> tuple[np.ndarray, pa.
     owner = np.repeat(np.arange(len(refs), dtype=np.int64), [len(r) for r in refs])
     cooked = cook([ref for sample_refs in refs for ref in sample_refs])
     grams = max(len(cooked.gram_order), 1)
-    in_sample = np.unique(owner[cooked.pair_caption] * grams + cooked.pair_gram) % grams
+    in_sample = _distinct(owner[cooked.pair_caption] * grams + cooked.pair_gram) % grams
     ids, samples = np.unique(in_sample, return_counts=True)
     return cooked.gram_hash[ids], cooked.gram_text.take(pa.array(ids)), samples
 
@@ -176,6 +176,12 @@ def cider_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], document_fr
     summed[:, :orders] = _sums((ref_owner[:, None] * orders + np.arange(orders)).ravel(), dot.ravel(),
                                samples * orders).reshape(samples, orders)
     return summed.mean(axis=1) / np.array([len(r) for r in refs], dtype=np.float64) * 10.0
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The distinct values, sorted (a sort: faster here than numpy's hash-based `np.unique`)."""
+    values = np.sort(values)
+    return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) else values
 
 
 def _sums(index: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:

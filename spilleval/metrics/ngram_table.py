@@ -86,7 +86,9 @@ class Run:
         found = np.zeros(len(hashes), dtype=np.int64)
         if not len(self) or not len(hashes):
             return found
-        position = np.searchsorted(self.hashes, hashes, side="left")
+        in_order = np.argsort(hashes)  # sorted needles: the search walks the run's pages in order
+        position = np.empty(len(hashes), dtype=np.int64)
+        position[in_order] = np.searchsorted(self.hashes, hashes[in_order], side="left")
         pending = np.flatnonzero(position < len(self))
         while len(pending):  # usually one round: a second only where different n-grams share a hash
             at = position[pending]
@@ -130,8 +132,10 @@ class NgramCountWriter:
             self._flush()
 
     def finish(self) -> list[Path]:
-        """Write what is buffered; the runs to read with `NgramCounts`."""
+        """Write what is buffered and merge the runs into one; the runs to read with `NgramCounts`."""
         self._flush()
+        if len(self._runs) > 1:
+            self._runs = [self._merge(self._runs)]
         return list(self._runs)
 
     def _flush(self) -> None:
