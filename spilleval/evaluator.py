@@ -94,6 +94,8 @@ class Evaluator:
             `results.json` next to what the evaluator records itself (`spilleval.provenance`).
         extra: free-form values for the manifest.
         dist_timeout: seconds a rank waits for the others before naming the ones that did not finish.
+        corpus_workers: processes for the corpus metrics' passes over the spill in `finalize()` (the map/merge of
+            `spilleval compute --workers`; the same bits for any number).
     """
 
     def __init__(
@@ -117,8 +119,10 @@ class Evaluator:
         allow_repeats: bool = False,
         metric_key_prefix: str | None = None,
         provenance: dict[str, Any] | None = None,
+        corpus_workers: int = 1,
     ) -> None:
         self.clock = RunClock()
+        self.corpus_workers = corpus_workers
         self.spill_dir = Path(spill_dir)
         self.suite = MetricSuite(metrics, tokenizer=tokenizer)
         self.suite.reset()  # metric objects may be reused across evaluations; a resume replays into fresh states
@@ -357,7 +361,7 @@ class Evaluator:
         results = self.suite.compute_streaming()
         reader = SpillReader(self.spill_dir)
         if self.suite.corpus:
-            results.update(self.suite.compute_corpus(reader))
+            results.update(self.suite.compute_corpus(reader, workers=self.corpus_workers))
         record = {"metrics": prefixed(results, self.metric_key_prefix), "provenance": self._provenance(reader)}
         try:
             write_json_atomic(self.spill_dir / RESULTS_NAME, record)

@@ -12,6 +12,7 @@ from metric_data import batches_of, tokenizer
 from test_metrics_corpus import CORPUS_SPECS, seeded_corpus
 from typer.testing import CliRunner
 
+from spilleval import Evaluator
 from spilleval.cli import app
 from spilleval.metrics import build_metric, compute_from_spill
 from spilleval.metrics import parallel
@@ -70,3 +71,12 @@ def test_cli_workers_and_a_local_dask_cluster_give_the_same_numbers(spill):
         assert out.exit_code == 0, out.output
     metrics = [json.loads(out.output)["metrics"] for out in outputs]
     assert metrics[0] == metrics[1] == metrics[2]
+
+
+def test_evaluator_finalize_runs_its_corpus_passes_in_workers(tmp_path):
+    samples = seeded_corpus(30, seed=5)
+    evaluator = Evaluator(tmp_path / "run", metrics=["token_accuracy", *CORPUS_SPECS], tokenizer=tokenizer(),
+                          keep_logprob=True, chunk_rows=7, dataset_length=len(samples), corpus_workers=2)
+    for batch in batches_of(samples, 4):
+        evaluator.add(batch, vocab_size=len(tokenizer()))
+    assert same(evaluator.finalize(), compute_from_spill(tmp_path / "run", workers=1))
