@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-BUFFER_ROWS = 1 << 16  # about 4 MB of rows buffered before they are sorted into a run
+BUFFER_ROWS = 1 << 15  # about 2 MB of rows buffered before they are sorted into a run
 MAX_RUNS = 16
-MERGE_BLOCK_ROWS = 1 << 18
+LOOKUP_GROUP = 1024  # keys looked up between two releases of the mapped pages
 _FILES = ("hash.u64", "count.i64", "offsets.i64", "text.utf8")
 
 
@@ -86,9 +86,7 @@ class Run:
         found = np.zeros(len(hashes), dtype=np.int64)
         if not len(self) or not len(hashes):
             return found
-        in_order = np.argsort(hashes)  # sorted needles: the search walks the run's pages in order
-        position = np.empty(len(hashes), dtype=np.int64)
-        position[in_order] = np.searchsorted(self.hashes, hashes[in_order], side="left")
+        position = np.searchsorted(self.hashes, hashes, side="left")
         pending = np.flatnonzero(position < len(self))
         while len(pending):  # usually one round: a second only where different n-grams share a hash
             at = position[pending]
@@ -159,6 +157,7 @@ class NgramCountWriter:
         """Streaming merge: each round takes, from every run, the rows whose hash is below the smallest of the
         hashes that end the runs' next blocks, so equal keys always meet in one round."""
         opened = [Run(p) for p in runs]
+        block_rows = max(1024, self.buffer_rows // len(opened))  # a round holds about one buffer of rows
         cursor = [0] * len(opened)
         out = self._new_run_path()
         out.mkdir(parents=True)
@@ -167,8 +166,8 @@ class NgramCountWriter:
         files[2].write(np.zeros(1, np.int64).tobytes())
         try:
             while any(c < len(r) for c, r in zip(cursor, opened)):
-                ends = [r.hashes[min(c + MERGE_BLOCK_ROWS, len(r)) - 1] for c, r in zip(cursor, opened)
-                        if c + MERGE_BLOCK_ROWS < len(r)]
+                ends = [r.hashes[min(c + block_rows, len(r)) - 1] for c, r in zip(cursor, opened)
+                        if c + block_rows < len(r)]
                 bound = min(ends) if ends else None
                 parts = []
                 for i, run in enumerate(opened):
@@ -192,6 +191,8 @@ class NgramCountWriter:
                 files[2].write((offset_values[1:] - offset_values[0] + text_bytes).tobytes())
                 files[3].write(memoryview(data)[int(offset_values[0]) : int(offset_values[-1])] if data else b"")
                 text_bytes += int(offset_values[-1] - offset_values[0])
+                for run in opened:
+                    run.release()
         finally:
             for f in files:
                 f.close()
@@ -209,8 +210,13 @@ class NgramCounts:
         self.runs = [Run(Path(p)) for p in runs]
 
     def get(self, hashes: np.ndarray, texts: pa.Array) -> np.ndarray:
+        """Counts of the keys, 0 for absent ones. Keys are looked up in hash order, LOOKUP_GROUP at a time, and the
+        pages a group touched are given back before the next: memory does not grow with the table."""
         total = np.zeros(len(hashes), dtype=np.int64)
-        for run in self.runs:
-            total += run.lookup(hashes, texts)
-            run.release()
+        in_order = np.argsort(hashes)
+        for start in range(0, len(hashes), LOOKUP_GROUP):
+            group = in_order[start : start + LOOKUP_GROUP]
+            for run in self.runs:
+                total[group] += run.lookup(hashes[group], texts.take(pa.array(group)))
+                run.release()
         return total
