@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import machine_info, markdown_table  # noqa: E402
 from bench_compute import CLASS_WORDS, PrefixSpills, caption_tokenizer, metric_specs  # noqa: E402
 
-from spilleval.metrics import build_metric, compute_from_spill  # noqa: E402
+from spilleval.metrics import compute_from_spill  # noqa: E402
 from spilleval.metrics.inputs import references_of  # noqa: E402
 from spilleval.metrics.ondisk import ScratchStore  # noqa: E402
 from spilleval.metrics.parallel import local_executor, shutdown, usable_cores  # noqa: E402
