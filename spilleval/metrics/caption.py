@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
 from ..batch import SampleBatch
 from . import exact_sum
 from .base import BatchSize, NgramOrder
