@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .runner import MetricSuite
 
 TASKS_PER_WORKER = 8  # tasks per worker and sweep when chunks are large: keeps every worker busy to the end
-MIN_TASK_ROWS = 512
+MIN_TASK_ROWS = 64  # a task costs a pickled round trip: a few hundred microseconds
 
 
 def usable_cores() -> int:
