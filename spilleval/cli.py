@@ -111,15 +111,26 @@ def compute(
     bootstrap: int = typer.Option(
         DEFAULT_RESAMPLES, "--bootstrap", min=0, max=MAX_RESAMPLES, metavar="N",
         help="Bootstrap resamples for the 95% confidence intervals (0: none). Per-sample means use the analytic "
-             "standard error instead.",
+             "standard error instead. The streaming metrics and their intervals then come from one pass in this "
+             "process (--workers runs the corpus metrics); --bootstrap 0 spreads every metric over the workers.",
     ),
     seed: int = typer.Option(DEFAULT_SEED, "--seed", metavar="N", help="Seed of the bootstrap weights."),
+    workers: int | None = typer.Option(
+        None, "--workers", "-w", min=1, metavar="N",
+        help="Worker processes (default: every usable core). Same results for any number.",
+    ),
+    dask: str | None = typer.Option(
+        None, "--dask", metavar="ADDRESS|local",
+        help="Run on a Dask cluster: its scheduler address, or 'local' for a local one of --workers processes "
+        "(pip install 'spilleval[dask]'). The spill must be at the same path on every worker.",
+    ),
 ) -> None:
     """Recompute metrics from the directory alone (tokenizer and metric settings are read from it), with 95%
     confidence intervals."""
-    from .intervals import compute_with_intervals
+    from .intervals import compute_with_intervals, confidence_intervals
     from .metrics import compute_from_spill
     from .metrics.names import parse_metrics, scale_of
+    from .metrics.parallel import usable_cores
     from .progress import wanted
     from .report.terminal import interval_text
     from .spill import SpillReader
@@ -128,12 +139,24 @@ def compute(
     specs = parse_metrics(metrics, metrics_file)
     progress = wanted(quiet) and not as_json
     intervals = {}
-    if bootstrap:  # one pass: the streaming metrics' states are the sums of their per-sample states
+    if bootstrap and dask is None:  # one pass: the streaming metrics' states are sums of per-sample states
         reader = SpillReader(spill_dir, allow_partial=allow_partial)
-        results, report = compute_with_intervals(reader, specs, resamples=bootstrap, seed=seed, progress=progress)
+        results, report = compute_with_intervals(reader, specs, resamples=bootstrap, seed=seed, progress=progress,
+                                                 corpus_workers=workers)
         intervals = report.to_json()
+    elif dask is not None:
+        from .metrics.cluster import DaskExecutor
+
+        with DaskExecutor(dask, local_workers=workers or usable_cores()) as executor:
+            results = compute_from_spill(spill_dir, specs, allow_partial=allow_partial, progress=progress,
+                                         executor=executor, workers=executor.workers)
+        if bootstrap:  # the interval pass runs here, in one process
+            reader = SpillReader(spill_dir, allow_partial=allow_partial)
+            intervals = confidence_intervals(reader, specs, results=results, resamples=bootstrap, seed=seed,
+                                             progress=progress).to_json()
     else:
-        results = compute_from_spill(spill_dir, specs, allow_partial=allow_partial, progress=progress)
+        results = compute_from_spill(spill_dir, specs, allow_partial=allow_partial, progress=progress,
+                                     workers=workers)
     partial_note = None
     if allow_partial:
         completeness = SpillReader(spill_dir, allow_partial=True).completeness()

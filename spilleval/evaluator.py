@@ -101,6 +101,8 @@ class Evaluator:
             `results.json` next to what the evaluator records itself (`spilleval.provenance`).
         extra: free-form values for the manifest.
         dist_timeout: seconds a rank waits for the others before naming the ones that did not finish.
+        corpus_workers: processes for the corpus metrics' passes over the spill in `finalize()` (the map/merge of
+            `spilleval compute --workers`; the same bits for any number).
     """
 
     def __init__(
@@ -126,8 +128,10 @@ class Evaluator:
         provenance: dict[str, Any] | None = None,
         confidence_resamples: int = DEFAULT_RESAMPLES,
         confidence_seed: int = DEFAULT_SEED,
+        corpus_workers: int = 1,
     ) -> None:
         self.clock = RunClock()
+        self.corpus_workers = corpus_workers
         self.spill_dir = Path(spill_dir)
         self.suite = MetricSuite(metrics, tokenizer=tokenizer)
         self.suite.reset()  # metric objects may be reused across evaluations; a resume replays into fresh states
@@ -368,7 +372,7 @@ class Evaluator:
         results = self.suite.compute_streaming()
         reader = SpillReader(self.spill_dir)
         if self.suite.corpus:
-            results.update(self.suite.compute_corpus(reader))
+            results.update(self.suite.compute_corpus(reader, workers=self.corpus_workers))
         results = self.suite.in_order(results)
         record = {"metrics": prefixed(results, self.metric_key_prefix), "provenance": self._provenance(reader)}
         intervals = self._intervals(reader, results)

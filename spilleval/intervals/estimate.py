@@ -67,6 +67,7 @@ def compute_with_intervals(
     seed: int = DEFAULT_SEED,
     level: float = DEFAULT_LEVEL,
     progress: bool = False,
+    corpus_workers: int | None = 1,
 ) -> tuple[dict[str, float], IntervalReport]:
     """The metrics and their intervals, the streaming metrics from the same single pass (each metric's state is
     the sum of its per-sample states): what `spilleval compute` runs."""
@@ -80,7 +81,7 @@ def compute_with_intervals(
         for metric in alone:
             metric.update(batch)
     results = suite.compute_streaming()
-    results.update(suite.compute_corpus(reader))
+    results.update(suite.compute_corpus(reader, workers=corpus_workers))
     _corpus_intervals(suite, reader, results, resamples, seed, level, report)
     return suite.in_order(results), report
 

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .base import BatchSize, CorpusMetric
-from .ondisk import ScratchStore
+from ..batch import SampleBatch
+from .base import BatchSize
+from .mapmerge import MapMergeMetric
 from .registry import register
-
-if TYPE_CHECKING:
-    from ..spill import SpillReader
 
 
 @register("answer_macro_f1")
-class AnswerMacroF1(CorpusMetric):
+class AnswerMacroF1(MapMergeMetric):
     """Macro-F1 over decoded answers, classes = every answer seen as label or prediction.
 
     Equals `sklearn.metrics.f1_score(labels, preds, average="macro")` on the whole data, to the bit. One pass over
@@ -35,13 +34,18 @@ class AnswerMacroF1(CorpusMetric):
     def params(self) -> dict[str, int]:
         return {"batch_size": self.batch_size}
 
-    def compute(self, reader: "SpillReader") -> dict[str, float]:
-        with ScratchStore(reader.path) as store:
-            table = store.counter("answers", counts=("tp", "fp", "fn"))
-            for batch in reader.iter_batches(self.batch_size, decode=True, with_arrays=False):
-                table.add(_answer_counts(batch.pred_text or [], batch.label_text or []))
-            # SQLite orders TEXT by UTF-8 bytes, which is code point order: the order of sklearn's sorted classes
-            f1 = np.concatenate([_f1(rows) for rows in table.scan()] or [np.zeros(0)])
+    def start(self, near: Path) -> None:
+        self._table = self.scratch(near).counter("answers", counts=("tp", "fp", "fn"))
+
+    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> list[tuple[str, int, int, int]]:
+        return _answer_counts(batch.pred_text or [], batch.label_text or [])
+
+    def merge(self, pass_index: int, partial: list[tuple[str, int, int, int]]) -> None:
+        self._table.add(partial)
+
+    def finish(self) -> dict[str, float]:
+        # SQLite orders TEXT by UTF-8 bytes, which is code point order: the order of sklearn's sorted classes
+        f1 = np.concatenate([_f1(rows) for rows in self._table.scan()] or [np.zeros(0)])
         return {"answer_macro_f1": float(np.mean(f1)) if len(f1) else 0.0}
 
 

@@ -1,56 +1,43 @@
 """CIDEr-D, a corpus metric: document frequencies over every reference of the corpus first, then the scores.
 
-Both passes reuse pycocoevalcap's `CiderScorer` (the CIDEr-D of the COCO caption evaluation: clipped tf-idf
-n-gram cosine, Gaussian length penalty, sigma 6). Pass 1 counts, for each n-gram, the samples whose references
-contain it, in an on-disk table (`ondisk.py`), so memory does not grow with the corpus. Pass 2 scores one batch
-at a time with a `CiderScorer` given those corpus document frequencies and the corpus size, so each per-sample
-score is the one pycocoevalcap computes on the whole corpus, and the result equals
-`pycocoevalcap.cider.cider.Cider().compute_score(gts, res)[0]`.
+It equals pycocoevalcap's `Cider().compute_score(gts, res)[0]` (the CIDEr-D of the COCO caption evaluation:
+clipped tf-idf n-gram cosine, Gaussian length penalty, sigma 6): each sample's score is the one pycocoevalcap's
+`CiderScorer` computes for it on the whole corpus, to the bit (`cider_vectors.py` does its arithmetic in numpy, in
+its order), and the corpus score is their exactly rounded mean. Two map/merge passes (`mapmerge.py`): pass 1
+counts, for each n-gram, the samples whose references contain it, into an on-disk table (`ngram_table.py`), so
+memory does not grow with the corpus; pass 2 scores each batch with the corpus document frequencies and the corpus
+size, read from that table, in any process.
 
 Tokenization: pycocoevalcap splits captions on whitespace; its `PTBTokenizer` (which needs Java) is not applied.
 Captions are lowercased (`lowercase=True`) and split on whitespace on both sides; to reproduce the number, pass
-the same lowercased strings to `Cider().compute_score`.
-
-pycocoevalcap is an optional extra (`pip install 'spilleval[cider]'`), imported when the metric is built.
+the same lowercased strings to `Cider().compute_score`. Like pycocoevalcap, it counts 1- to 4-grams; `n` above 4
+averages over `n` orders of which those above 4 score 0, as `CiderScorer(n=n)` does.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from typing import TYPE_CHECKING, Any, Iterator
+from pathlib import Path
+from typing import Any
 
-from .base import BatchSize, CorpusMetric, NgramOrder
-from .deps import require
+from ..batch import SampleBatch
+from . import exact_sum
+from .base import BatchSize, NgramOrder
+from .cider_vectors import cider_scores, document_frequencies
 from .inputs import references_of
-from .ondisk import ScratchStore
+from .mapmerge import MapMergeMetric, scratch_dir
+from .ngram_table import NgramCounts, NgramCountWriter
 from .registry import register
-from .sums import ExactSum
 
-if TYPE_CHECKING:
-    from ..spill import SpillReader
-
-Ngram = tuple[str, ...]
-
-
-class _CorpusSizedList(list):
-    """`CiderScorer.compute_cider` sets its idf offset to log(len(crefs)), the number of images. Scoring one batch
-    needs the corpus's number, so the batch's reference list reports the corpus size as its length."""
-
-    def __init__(self, corpus_size: int) -> None:
-        super().__init__()
-        self.corpus_size = corpus_size
-
-    def __len__(self) -> int:
-        return self.corpus_size
+DOCUMENT_FREQUENCY, SCORES = 0, 1  # the two passes
 
 
 @register("cider")
-class Cider(CorpusMetric):
+class Cider(MapMergeMetric):
     """CIDEr-D (pycocoevalcap's scale, about 0-10) over decoded predictions and their references."""
 
     scale = "0–10 (pycocoevalcap; papers print ×100)"
-
     needs_text = True
+    passes = 2
 
     def __init__(
         self,
@@ -66,7 +53,7 @@ class Cider(CorpusMetric):
         self.n = n
         self.sigma = sigma
         self.batch_size = batch_size
-        self.scorer_module = require("pycocoevalcap.cider.cider_scorer", self.name)
+        self._scratch: Any = None
 
     def params(self) -> dict[str, Any]:
         return {
@@ -77,69 +64,92 @@ class Cider(CorpusMetric):
             "batch_size": self.batch_size,
         }
 
-    def compute(self, reader: "SpillReader") -> dict[str, float]:
-        with CiderCorpus(reader.path, self.scorer_module, n=self.n, sigma=self.sigma) as corpus:
-            for _, refs in self._captions(reader):
-                corpus.count(refs)
-            if not corpus.images:
-                return {"cider": 0.0}
-            total = ExactSum()
-            for hyps, refs in self._captions(reader):
-                total.add(corpus.score(hyps, refs))
-            return {"cider": total.value / corpus.images}
+    # ------------------------------------------------------------------------------------------- parent
+    def start(self, near: Path) -> None:
+        self._scratch = scratch_dir(near)
+        self._writer = NgramCountWriter(Path(self._scratch.name) / "document_frequency")
+        self._images = 0
+        self._total = exact_sum.zeros()
 
-    def _captions(self, reader: "SpillReader") -> Iterator[tuple[list[str], list[list[str]]]]:
-        """(predictions, references) per batch, lowercased when asked."""
+    def context(self, pass_index: int) -> Any:
+        if pass_index == SCORES:
+            return {"runs": [str(p) for p in self._writer.finish()], "corpus_size": self._images}
+        return None
+
+    def merge(self, pass_index: int, partial: Any) -> None:
+        if pass_index == DOCUMENT_FREQUENCY:
+            images, hashes, texts, counts = partial
+            self._images += images
+            self._writer.add(hashes, texts, counts)
+        else:
+            self._total = exact_sum.merge(self._total, partial)
+
+    def finish(self) -> dict[str, float]:
+        if not self._images:
+            return {"cider": 0.0}
+        return {"cider": exact_sum.value(self._total) / self._images}
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+
+    # ------------------------------------------------------------------------------------------- any process
+    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> Any:
+        hyps, refs = self._captions(batch)
+        if pass_index == DOCUMENT_FREQUENCY:
+            return (len(refs), *document_frequencies(refs))
+        if not len(hyps):
+            return exact_sum.zeros()
+        table = _open_table(context["runs"])
+        scores = cider_scores(hyps, refs, table.get, corpus_size=context["corpus_size"], n=self.n, sigma=self.sigma)
+        return exact_sum.add(exact_sum.zeros(), scores)
+
+    def _captions(self, batch: SampleBatch) -> tuple[list[str], list[list[str]]]:
+        """(predictions, references) of a batch, lowercased when asked."""
         fold = str.lower if self.lowercase else (lambda s: s)
-        for batch in reader.iter_batches(self.batch_size, decode=True, with_arrays=False):
-            refs = references_of(batch, self.references_column, self.name)
-            yield [fold(p) for p in batch.pred_text or []], [[fold(r) for r in rs] for rs in refs]
+        refs = references_of(batch, self.references_column, self.name)
+        return [fold(p) for p in batch.pred_text or []], [[fold(r) for r in rs] for rs in refs]
+
+
+_OPEN: dict[tuple[str, ...], NgramCounts] = {}
+
+
+def _open_table(runs: list[str]) -> NgramCounts:
+    """The document-frequency table of a pass, memory-mapped once per process (the last one only)."""
+    key = tuple(runs)
+    if key not in _OPEN:
+        _OPEN.clear()
+        _OPEN[key] = NgramCounts(runs)
+    return _OPEN[key]
 
 
 class CiderCorpus:
-    """CIDEr-D document frequencies of a corpus, on disk, and the per-sample scores they give.
+    """CIDEr-D document frequencies of a whole spill and the per-sample scores they give, for the per-sample `cider`
+    score of `spilleval worst/report` (`report/text_scores.py`): `count` every batch's references first, then
+    `score` batches; each value is the per-image score pycocoevalcap's `Cider().compute_score` gives that sample on
+    the whole corpus (the same arithmetic as the `cider` metric). Memory: one batch; the document frequencies live
+    in memory-mapped sorted runs in a scratch directory next to the spill."""
 
-    `count` every batch's references first (pass 1), then `score` batches (pass 2): each value is the per-image
-    score pycocoevalcap's `Cider().compute_score` returns for that sample on the whole corpus. Memory: one batch and
-    SQLite's page cache; the document frequencies live in a scratch table next to the spill.
-    """
-
-    def __init__(self, near: Any, scorer_module: Any, *, n: int = 4, sigma: float = 6.0) -> None:
-        self.scorer_module, self.n, self.sigma = scorer_module, n, sigma
-        self.store = ScratchStore(near)
-        self.document_frequency = self.store.counter("document_frequency")
+    def __init__(self, near: Any, *, n: int = 4, sigma: float = 6.0) -> None:
+        self.n, self.sigma = n, sigma
+        self._scratch = scratch_dir(near)
+        self._writer = NgramCountWriter(Path(self._scratch.name) / "document_frequency")
+        self._table: NgramCounts | None = None
         self.images = 0
 
     def count(self, refs: list[list[str]]) -> None:
         """Pass 1: add one batch's references (one list per sample) to the document frequencies."""
-        in_documents: Counter[str] = Counter()
-        for sample_refs in refs:
-            in_documents.update({_key(g) for ref in self.scorer_module.cook_refs(sample_refs, self.n) for g in ref})
-        self.document_frequency.add(in_documents.items())
+        self._writer.add(*document_frequencies(refs))
         self.images += len(refs)
 
     def score(self, hyps: list[str], refs: list[list[str]]) -> list[float]:
         """Pass 2: the CIDEr-D of each sample of one batch, against the whole corpus's document frequencies."""
-        scorer = self.scorer_module.CiderScorer(n=self.n, sigma=self.sigma)
-        scorer.crefs = _CorpusSizedList(self.images)
-        for hyp, sample_refs in zip(hyps, refs):
-            scorer += (hyp, sample_refs)
-        needed = {g for test in scorer.ctest for g in test} | {g for c in scorer.crefs for r in c for g in r}
-        ngram_of = {_key(g): g for g in needed}
-        counts = self.document_frequency.get(ngram_of)
-        scorer.document_frequency = defaultdict(float, {ngram_of[k]: float(c[0]) for k, c in counts.items()})
-        return [float(x) for x in scorer.compute_cider()]
+        if self._table is None:
+            self._table = NgramCounts([str(p) for p in self._writer.finish()])
+        scores = cider_scores(hyps, refs, self._table.get, corpus_size=self.images, n=self.n, sigma=self.sigma)
+        return [float(x) for x in scores]
 
     def close(self) -> None:
-        self.store.close()
-
-    def __enter__(self) -> "CiderCorpus":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _key(ngram: Ngram) -> str:
-    """An n-gram as one string: words come from str.split(), so none contains a space and the join is unique."""
-    return " ".join(ngram)
+        self._table = None
+        self._scratch.cleanup()

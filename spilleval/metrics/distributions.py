@@ -10,14 +10,16 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from itertools import islice
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from pydantic import Field
 
 from ..batch import SampleBatch
-from .base import BatchSize, CorpusMetric, NgramOrder
+from .base import BatchSize, NgramOrder
 from .inputs import MetricInputError
+from .mapmerge import MapMergeMetric
 from .ondisk import ScratchStore
 from .registry import register
 
@@ -57,7 +59,7 @@ def percentile_ranks(n: int, q: float) -> tuple[int, int]:
 
 
 @register("loss_percentiles")
-class LossPercentiles(CorpusMetric):
+class LossPercentiles(MapMergeMetric):
     """loss_p50 / loss_p90 / loss_p99 of per-sample NLL, equal to `numpy.percentile(nll, q)` on the whole array."""
 
     outputs = ("loss_p50", "loss_p90", "loss_p99")
@@ -75,23 +77,30 @@ class LossPercentiles(CorpusMetric):
     def params(self) -> dict[str, Any]:
         return {"percentiles": self.percentiles, "batch_size": self.batch_size}
 
-    def compute(self, reader: SpillReader) -> dict[str, float]:
+    def start(self, near: Path) -> None:
+        self._table = self.scratch(near).counter("losses", key="REAL")
+        self._n = 0
+
+    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> tuple[list[float], list[int]]:
+        losses = sample_nll(batch)
+        if np.isnan(losses).any():
+            raise MetricInputError("loss_percentiles: a sample's label log-probabilities contain NaN")
+        values, counts = np.unique(losses, return_counts=True)
+        return values.tolist(), counts.tolist()
+
+    def merge(self, pass_index: int, partial: tuple[list[float], list[int]]) -> None:
+        values, counts = partial
+        self._table.add(zip(values, counts))
+        self._n += sum(counts)
+
+    def finish(self) -> dict[str, float]:
         keys = [f"loss_p{q:g}" for q in self.percentiles]
-        with ScratchStore(reader.path) as store:
-            table = store.counter("losses", key="REAL")
-            n = 0
-            for batch in reader.iter_batches(self.batch_size, with_arrays=False):
-                losses = sample_nll(batch)
-                if np.isnan(losses).any():
-                    raise MetricInputError("loss_percentiles: a sample's label log-probabilities contain NaN")
-                values, counts = np.unique(losses, return_counts=True)
-                table.add(zip(values.tolist(), counts.tolist()))
-                n += len(losses)
-            if n == 0:
-                return {k: math.nan for k in keys}
-            ranks = {q: percentile_ranks(n, q) for q in self.percentiles}
-            at = _values_at_ranks(table, sorted({r for pair in ranks.values() for r in pair}))
-        return {k: linear_percentile(at[ranks[q][0]], at[ranks[q][1]], n, q) for k, q in zip(keys, self.percentiles)}
+        if self._n == 0:
+            return {k: math.nan for k in keys}
+        ranks = {q: percentile_ranks(self._n, q) for q in self.percentiles}
+        at = _values_at_ranks(self._table, sorted({r for pair in ranks.values() for r in pair}))
+        return {k: linear_percentile(at[ranks[q][0]], at[ranks[q][1]], self._n, q)
+                for k, q in zip(keys, self.percentiles)}
 
 
     def bootstrap(self, reader: SpillReader, weights: Callable[[np.ndarray], np.ndarray],
@@ -160,7 +169,7 @@ def _values_at_ranks(table: Any, ranks: list[int]) -> dict[int, float]:
 
 
 @register("distinct_n")
-class DistinctN(CorpusMetric):
+class DistinctN(MapMergeMetric):
     """distinct_1, distinct_2, ...: distinct n-grams / all n-grams over every prediction (whitespace tokens)."""
 
     outputs = ("distinct_1", "distinct_2")
@@ -178,14 +187,21 @@ class DistinctN(CorpusMetric):
     def params(self) -> dict[str, Any]:
         return {"orders": self.orders, "batch_size": self.batch_size}
 
-    def compute(self, reader: SpillReader) -> dict[str, float]:
-        with ScratchStore(reader.path) as store:
-            tables = {n: store.counter(f"ngrams_{n}") for n in self.orders}
-            totals = dict.fromkeys(self.orders, 0)
-            for batch in reader.iter_batches(self.batch_size, decode=True, with_arrays=False):
-                words = [p.split() for p in batch.pred_text or []]
-                for n in self.orders:
-                    grams = Counter(" ".join(w[i : i + n]) for w in words for i in range(len(w) - n + 1))
-                    totals[n] += sum(grams.values())
-                    tables[n].add(grams.items())
-            return {f"distinct_{n}": len(tables[n]) / totals[n] if totals[n] else 0.0 for n in self.orders}
+    def start(self, near: Path) -> None:
+        store = self.scratch(near)
+        self._tables = {n: store.counter(f"ngrams_{n}") for n in self.orders}
+        self._totals = dict.fromkeys(self.orders, 0)
+
+    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> dict[int, list[tuple[str, int]]]:
+        words = [p.split() for p in batch.pred_text or []]
+        return {n: list(Counter(" ".join(w[i : i + n]) for w in words for i in range(len(w) - n + 1)).items())
+                for n in self.orders}
+
+    def merge(self, pass_index: int, partial: dict[int, list[tuple[str, int]]]) -> None:
+        for n, grams in partial.items():
+            self._totals[n] += sum(count for _, count in grams)
+            self._tables[n].add(grams)
+
+    def finish(self) -> dict[str, float]:
+        return {f"distinct_{n}": len(self._tables[n]) / self._totals[n] if self._totals[n] else 0.0
+                for n in self.orders}

@@ -32,18 +32,16 @@ from __future__ import annotations
 import json
 import math
 from itertools import groupby
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from ..batch import SampleBatch
-from .base import BatchSize, CorpusMetric
+from .base import BatchSize
 from .inputs import MetricInputError, column_of
-from .ondisk import ScratchStore
+from .mapmerge import MapMergeMetric
 from .registry import register
-
-if TYPE_CHECKING:
-    from ..spill import SpillReader
 
 # result key -> the length the log-likelihood is divided by (None: not normalised)
 NORMALISATIONS = {
@@ -59,7 +57,7 @@ Row = tuple[str, int, float, int, int, int, int]
 
 
 @register("mc_accuracy")
-class MultipleChoiceAccuracy(CorpusMetric):
+class MultipleChoiceAccuracy(MapMergeMetric):
     """mc_accuracy, mc_accuracy_norm, mc_accuracy_bytes, mc_accuracy_token_norm and mc_questions (see the module
     docstring); needs keep_logprob=True."""
 
@@ -92,14 +90,17 @@ class MultipleChoiceAccuracy(CorpusMetric):
             "batch_size": self.batch_size,
         }
 
-    def compute(self, reader: "SpillReader") -> dict[str, float]:
-        with ScratchStore(reader.path) as store:
-            table = store.rows("choices", key=KEY, values=VALUES)
-            batches = reader.iter_batches(self.batch_size, decode=self.needs_text, columns=self.needs_columns,
-                                          with_arrays=False)
-            for batch in batches:
-                table.add(self.choice_rows(batch))
-            right, questions = score_questions(table.scan_rows(), self._question_without_answer)
+    def start(self, near: Path) -> None:
+        self._table = self.scratch(near).rows("choices", key=KEY, values=VALUES)
+
+    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> list[Row]:
+        return self.choice_rows(batch)
+
+    def merge(self, pass_index: int, partial: list[Row]) -> None:
+        self._table.add(partial)
+
+    def finish(self) -> dict[str, float]:
+        right, questions = score_questions(self._table.scan_rows(), self._question_without_answer)
         if questions == 0:
             return {**{key: math.nan for key in NORMALISATIONS}, "mc_questions": 0}
         return {**{key: right[key] / questions for key in NORMALISATIONS}, "mc_questions": questions}

@@ -83,6 +83,10 @@ class MetricSuite:
         if not self._inputs_checked and len(batch):
             check_batch_inputs(self.metrics, batch)
             self._inputs_checked = True
+        self.update_streaming(batch)
+
+    def update_streaming(self, batch: SampleBatch) -> None:
+        """`update` without the check of every metric's inputs (a sweep checks those of the metrics it runs)."""
         if not self.streaming:
             return
         if self._streaming_needs_text:
@@ -98,12 +102,23 @@ class MetricSuite:
             metric.merge(state)
 
     def compute_streaming(self) -> dict[str, float]:
-        return _merge_results(self._computed(m, m.compute()) for m in self.streaming)
+        return merge_results(self.computed(m, m.compute()) for m in self.streaming)
 
-    def compute_corpus(self, reader: Any) -> dict[str, float]:
-        return _merge_results(self._computed(m, _compute_corpus_metric(m, reader)) for m in self.corpus)
+    def compute_corpus(self, reader: Any, *, workers: int = 1) -> dict[str, float]:
+        """The corpus metrics over the spill, their passes in `workers` processes (`parallel.py`)."""
+        from .parallel import compute_in_parallel, default_executor, shutdown
 
-    def _computed(self, metric: Metric, results: dict[str, float]) -> dict[str, float]:
+        corpus = MetricSuite(self.corpus, tokenizer=_tokenizer_for(self.corpus, reader))
+        executor, workers = default_executor(workers)
+        try:
+            results = compute_in_parallel(reader, corpus, executor=executor, workers=workers)
+        finally:
+            shutdown(executor)
+        self._owner.update(corpus._owner)
+        return results
+
+    def computed(self, metric: Metric, results: dict[str, float]) -> dict[str, float]:
+        """Note which metric reported these keys (for `in_order` and `scale_of`); returns them."""
         self._owner.update(dict.fromkeys(results, metric))
         return results
 
@@ -111,7 +126,7 @@ class MetricSuite:
         """`results` with the metrics' keys in the order the metrics were given (each metric's keys in its own
         order), the one order of results.json, `compute`, `inspect`, `report` and `diff`; other keys follow."""
         rank = {id(m): i for i, m in enumerate(self.metrics)}
-        position = {key: rank[id(metric)] for key, metric in self._owner.items()}
+        position = {key: rank[id(metric)] for key, metric in self._owner.items() if id(metric) in rank}
         return dict(sorted(results.items(), key=lambda item: position.get(item[0], len(rank))))
 
     def scale_of(self, key: str) -> str:
@@ -120,10 +135,8 @@ class MetricSuite:
         return metric.scale_of(key) if metric is not None else ""
 
 
-def _compute_corpus_metric(metric: CorpusMetric, reader: Any) -> dict[str, float]:
-    if getattr(reader, "progress", None) is not None:
-        reader.progress.label = metric.name  # its passes over the spill are named after it
-    return metric.compute(reader)
+def _tokenizer_for(metrics: list[CorpusMetric], reader: Any) -> Any:
+    return reader.tokenizer if any(m.needs_text for m in metrics) else None
 
 
 def check_batch_inputs(metrics: Iterable[Metric], batch: SampleBatch) -> None:
@@ -148,23 +161,28 @@ def compute_from_spill(
     allow_partial: bool = False,
     batch_size: int = 4096,
     progress: bool = False,
+    workers: int | None = 1,
+    executor: Any = None,
 ) -> dict[str, float]:
-    """Recompute metrics from a spill directory alone (tokenizer and metric config read from it)."""
+    """Recompute metrics from a spill directory alone (tokenizer and metric config read from it).
+
+    `workers` processes read and score parts of the spill (None: every usable core); the results are the same bits
+    for any number. `executor`: run the tasks elsewhere instead (anything with `submit`, e.g. a Dask client), with
+    `workers` the number of tasks to keep in flight per worker pair."""
     from ..spill import SpillReader
+    from .parallel import compute_in_parallel, default_executor, shutdown
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
     suite = suite_for_spill(reader, metrics)
-    if progress:
-        from ..progress import PassProgress
-
-        reader.progress = PassProgress(reader.num_rows)
-        names = ", ".join(m.name for m in suite.streaming)
-        reader.progress.label = names if len(names) <= 40 else f"{len(suite.streaming)} streaming metrics"
-    if suite.streaming:
-        for batch in reader.iter_batches(batch_size, **suite.reads()):
-            suite.update(batch)
-    results = suite.compute_streaming()
-    results.update(suite.compute_corpus(reader))
+    owned = executor is None
+    if owned:
+        executor, workers = default_executor(workers)
+    try:
+        results = compute_in_parallel(reader, suite, executor=executor, workers=workers or 1, batch_size=batch_size,
+                                      progress=progress)
+    finally:
+        if owned:
+            shutdown(executor)
     return suite.in_order(results)
 
 
@@ -190,7 +208,7 @@ def _any_text(specs: list[MetricSpec]) -> bool:
     return any(m.needs_text for m in build_metrics(specs))
 
 
-def _merge_results(parts: Iterable[dict[str, float]]) -> dict[str, float]:
+def merge_results(parts: Iterable[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for part in parts:
         clash = set(out) & set(part)

@@ -24,16 +24,19 @@ ECE = sum over bins of |bin| / N * |accuracy(bin) - mean confidence(bin)|. Its s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from itertools import islice
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from pydantic import Field
 
 from ..batch import SampleBatch
-from .base import BatchSize, CorpusMetric
+from . import exact_sum
+from .base import BatchSize
 from .inputs import ClassTarget, MetricInputError
+from .mapmerge import MapMergeMetric
 from .ondisk import ScratchStore
 from .registry import register
 from .runner import MetricConfigError
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
 DEFAULT_SCORES = "class_scores"
 
 
-class ClassScoreMetric(CorpusMetric):
+class ClassScoreMetric(MapMergeMetric):
     """Reads (class scores [B, C], true class [B]) batch by batch from the spill."""
 
     def __init__(
@@ -75,11 +78,10 @@ class ClassScoreMetric(CorpusMetric):
             "batch_size": self.batch_size,
         }
 
-    def scored_batches(self, reader: SpillReader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(scores float64 [B, C] with C >= 2, true class int64 [B], dataset index [B]) for every batch."""
-        for batch in reader.iter_batches(self.batch_size, decode=self.needs_text, with_arrays=True):
-            scores = self._scores(batch)
-            yield scores, self.target.true_classes(batch, scores.shape[1]), batch.sample_index
+    def scored(self, batch: SampleBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(scores float64 [B, C] with C >= 2, true class int64 [B]) of a batch."""
+        scores = self._scores(batch)
+        return scores, self.target.true_classes(batch, scores.shape[1])
 
     def _scores(self, batch: SampleBatch) -> np.ndarray:
         if self.scores not in batch.arrays:
@@ -111,18 +113,25 @@ class RankingMetric(ClassScoreMetric):
 
     result_key = ""
 
-    def compute(self, reader: SpillReader) -> dict[str, float]:
-        with ScratchStore(reader.path) as store:
-            tables: dict[int, Any] = {}
-            for scores, true, _ in self.scored_batches(reader):
-                binary = scores.shape[1] == 2
-                for c in [1] if binary else range(scores.shape[1]):
-                    if c not in tables:
-                        tables[c] = store.counter(f"class_{c}", key="REAL", counts=("pos", "neg"))
-                    tables[c].add(_score_counts(scores[:, c], true == c))
-            if not tables:
-                return {self.result_key: math.nan}
-            per_class = [self.from_sorted(tables[c]) for c in sorted(tables)]
+    def start(self, near: Path) -> None:
+        self._scratch_store = self.scratch(near)
+        self._tables: dict[int, Any] = {}
+
+    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> dict[int, list[tuple[float, int, int]]]:
+        scores, true = self.scored(batch)
+        binary = scores.shape[1] == 2
+        return {c: _score_counts(scores[:, c], true == c) for c in ([1] if binary else range(scores.shape[1]))}
+
+    def merge(self, pass_index: int, partial: dict[int, list[tuple[float, int, int]]]) -> None:
+        for c, rows in partial.items():
+            if c not in self._tables:
+                self._tables[c] = self._scratch_store.counter(f"class_{c}", key="REAL", counts=("pos", "neg"))
+            self._tables[c].add(rows)
+
+    def finish(self) -> dict[str, float]:
+        if not self._tables:
+            return {self.result_key: math.nan}
+        per_class = [self.from_sorted(self._tables[c]) for c in sorted(self._tables)]
         return {self.result_key: float(np.average(per_class))}
 
     def from_sorted(self, table: Any) -> float:
@@ -179,9 +188,8 @@ def _score_counts(scores: np.ndarray, positive: np.ndarray) -> list[tuple[float,
 class Auroc(RankingMetric):
     """Area under the ROC curve (binary, or one-vs-rest macro), equal to sklearn's roc_auc_score."""
 
-    scale = "0–1"
-
     result_key = "auroc"
+    scale = "0–1"
 
     def bootstrap(self, reader: SpillReader, weights: Callable[[np.ndarray], np.ndarray],
                   replicates: int) -> dict[str, np.ndarray]:
@@ -189,12 +197,14 @@ class Auroc(RankingMetric):
         positive) rows sorted on disk and scanned once with each replicate's weighted Mann-Whitney sums."""
         with ScratchStore(reader.path) as store:
             tables: dict[int, Any] = {}
-            for scores, true, index in self.scored_batches(reader):
+            for batch in reader.iter_batches(self.batch_size, decode=self.needs_text, with_arrays=True):
+                scores, true = self.scored(batch)
                 for c in [1] if scores.shape[1] == 2 else range(scores.shape[1]):
                     if c not in tables:
                         tables[c] = store.rows(f"class_{c}", key=(("score", "REAL"), ("sample", "INTEGER")),
                                                values=(("positive", "INTEGER"),))
-                    tables[c].add(zip(scores[:, c].tolist(), index.tolist(), (true == c).astype(int).tolist()))
+                    tables[c].add(zip(scores[:, c].tolist(), batch.sample_index.tolist(),
+                                      (true == c).astype(int).tolist()))
             if not tables:
                 return {self.result_key: np.full(replicates, math.nan)}
             per_class = np.stack([_weighted_auroc(tables[c], weights, replicates) for c in sorted(tables)])
@@ -219,9 +229,8 @@ class Auroc(RankingMetric):
 class AveragePrecision(RankingMetric):
     """Average precision (binary, or one-vs-rest macro), equal to sklearn's average_precision_score."""
 
-    scale = "0–1"
-
     result_key = "average_precision"
+    scale = "0–1"
 
     def from_sorted(self, table: Any) -> float:
         """sum over distinct thresholds (highest first) of recall increase x precision, as sklearn."""
@@ -259,28 +268,45 @@ class ExpectedCalibrationError(ClassScoreMetric):
     def params(self) -> dict[str, Any]:
         return {**super().params(), "n_bins": self.n_bins}
 
-    def compute(self, reader: SpillReader) -> dict[str, float]:
+    def start(self, near: Path) -> None:
+        self._count = np.zeros(self.n_bins, dtype=np.int64)
+        self._correct = np.zeros(self.n_bins, dtype=np.int64)
+        self._confidence = np.zeros((self.n_bins, exact_sum.STATE_SIZE), dtype=np.int64)
+        self._samples = 0
+
+    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Per-bin sample counts, right answers and exact confidence sums of the batch."""
+        scores, true = self.scored(batch)
         edges = np.linspace(0.0, 1.0, self.n_bins + 1)
+        conf = scores.max(axis=1)
+        if (conf < 0).any() or (conf > 1).any():
+            raise MetricInputError(f"metric 'ece': {self.scores!r} must hold probabilities in [0, 1]")
+        bins = np.searchsorted(edges, conf, side="left") - 1  # bin k holds (edges[k], edges[k+1]]
+        hit = scores.argmax(axis=1) == true
         count = np.zeros(self.n_bins, dtype=np.int64)
         correct = np.zeros(self.n_bins, dtype=np.int64)
-        confidence = [ExactSum() for _ in range(self.n_bins)]
-        samples = 0
-        for scores, true, _ in self.scored_batches(reader):
-            conf = scores.max(axis=1)
-            if (conf < 0).any() or (conf > 1).any():
-                raise MetricInputError(f"metric 'ece': {self.scores!r} must hold probabilities in [0, 1]")
-            bins = np.searchsorted(edges, conf, side="left") - 1  # bin k holds (edges[k], edges[k+1]]
-            hit = scores.argmax(axis=1) == true
-            for k in np.unique(bins[bins >= 0]).tolist():
-                in_bin = bins == k
-                count[k] += int(in_bin.sum())
-                correct[k] += int(hit[in_bin].sum())
-                confidence[k].add(conf[in_bin])
-            samples += len(true)
-        if samples == 0:
+        confidence = np.zeros((self.n_bins, exact_sum.STATE_SIZE), dtype=np.int64)
+        for k in np.unique(bins[bins >= 0]).tolist():
+            in_bin = bins == k
+            count[k] = int(in_bin.sum())
+            correct[k] = int(hit[in_bin].sum())
+            confidence[k] = exact_sum.add(confidence[k], conf[in_bin])
+        return count, correct, confidence, len(true)
+
+    def merge(self, pass_index: int, partial: tuple[np.ndarray, np.ndarray, np.ndarray, int]) -> None:
+        count, correct, confidence, samples = partial
+        self._count += count
+        self._correct += correct
+        for k in np.flatnonzero(count).tolist():
+            self._confidence[k] = exact_sum.merge(self._confidence[k], confidence[k])
+        self._samples += samples
+
+    def finish(self) -> dict[str, float]:
+        if self._samples == 0:
             return {"ece": math.nan}
+        count, correct = self._count, self._correct
         gaps = [
-            abs(correct[k] / count[k] - confidence[k].value / count[k]) * (count[k] / samples)
+            abs(correct[k] / count[k] - exact_sum.value(self._confidence[k]) / count[k]) * (count[k] / self._samples)
             for k in range(self.n_bins)
             if count[k]
         ]

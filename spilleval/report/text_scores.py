@@ -10,7 +10,7 @@ prediction, skip_special_tokens=True, and the references: the spill's references
 - `answer_exact_match` (0/1): the prediction equals one of the references, surrounding whitespace stripped.
 - `cider` (about 0-10): pycocoevalcap's per-image CIDEr-D, lowercased and split on whitespace like the `cider`
   metric. Its idf needs the whole corpus's document frequencies: the first batch it scores starts a pass over the
-  spill that counts them into an on-disk table (`CiderCorpus`), so memory stays one batch plus SQLite's cache.
+  spill that counts them into on-disk sorted runs (`CiderCorpus`), so memory stays one batch.
 
 Memory: a decode window, CIDEr's scratch table on disk and SQLite's cache, and sacrebleu's tokenizer caches
 (`lru_cache(maxsize=2**16)` lines each: a fixed bound of tens of MiB). Measured: peak RSS of `worst --by cider` 513
@@ -107,8 +107,7 @@ class TextScores:
         """Pass 1 of CIDEr-D: the document frequencies of every reference of the spill, in a scratch table."""
         from ..metrics.caption import CiderCorpus
 
-        module = require("pycocoevalcap.cider.cider_scorer", "cider")
-        corpus = CiderCorpus(self.reader.path, module)
+        corpus = CiderCorpus(self.reader.path)
         weakref.finalize(self, corpus.close)  # the scratch table lives as long as these scores
         columns = [self.column] if self.column else []
         for batch in self.reader.iter_batches(CIDER_PASS_BATCH, decode=True, columns=columns, with_arrays=False,
@@ -119,7 +118,7 @@ class TextScores:
 
 def check_available(score: SampleScore) -> None:
     """Import the reference library a text score needs, or raise the error naming the extra to install."""
-    module = {"rougeL": "rouge_score.rouge_scorer", "cider": "pycocoevalcap.cider.cider_scorer"}.get(score.name)
+    module = {"rougeL": "rouge_score.rouge_scorer"}.get(score.name)
     if module is not None:
         require(module, score.name)
 

@@ -1,0 +1,298 @@
+"""Recompute metrics over a spill in many processes, exactly: map row ranges of chunks to workers, merge in order.
+
+The parent cuts the spill into tasks (a row range of one chunk, with the rows that repeat an earlier sample
+dropped, as `SpillReader.iter_chunks` drops them) and runs them as sweeps: the first sweep updates the streaming
+metrics and runs the first pass of every map/merge corpus metric (`mapmerge.py`); later sweeps run later passes
+(CIDEr's scores need the document frequencies of the whole corpus, which the first sweep made). A worker opens its
+own `SpillReader`, reads a task's chunk (keeping the last one it read: memory is one chunk per worker), decodes
+once per batch, and returns the streaming metrics' states and each corpus metric's partial for its rows. The parent
+merges them in task order. States are integer counts and exact float sums, so the results are the same bits
+whatever the number of workers or the task boundaries. A corpus metric that only implements `compute(reader)`
+(a user's own) runs in the parent after the sweeps.
+
+Executors: in-process (one worker), a local process pool (`concurrent.futures`, forkserver), or anything with
+`submit(fn, *args) -> future` such as a Dask `Client` (`spilleval.metrics.cluster`). At most `2 x workers` tasks are in
+flight, so the parent holds a bounded number of partials.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ..batch import SampleBatch
+from ..sampleset import SampleSet
+from .base import CorpusMetric, Metric, State
+from ..progress import sample_bar
+from .mapmerge import MapMergeMetric
+
+if TYPE_CHECKING:
+    from ..spill import SpillReader
+    from .runner import MetricSuite
+
+TASKS_PER_WORKER = 8  # tasks per worker and sweep when chunks are large: keeps every worker busy to the end
+MIN_TASK_ROWS = 64  # a task costs a pickled round trip: a few hundred microseconds
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), the default number of workers."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------------------------- what travels
+@dataclass(frozen=True)
+class Task:
+    """Rows [start, stop) of chunk `chunk` (an index into `SpillReader.chunks`); `keep`: the rows of that range
+    to use when some repeat an earlier sample (positions in the chunk), None for all."""
+
+    chunk: int
+    start: int
+    stop: int
+    keep: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What every task of one sweep does; picklable, sent with each task."""
+
+    spill_dir: str
+    allow_partial: bool
+    specs: tuple[dict[str, Any], ...]  # every metric of the suite, rebuilt in the worker
+    modules: tuple[str, ...]  # modules that register them (custom metrics), imported first in the worker
+    streaming: bool  # update the streaming metrics (the first sweep)
+    passes: tuple[tuple[int, int, Any], ...]  # (metric position in specs, pass index, context)
+    batch_size: int
+    reads: dict[str, Any] = field(default_factory=dict)
+    local_suite: Any = None  # in-process only: copies of the parent's metric objects, used instead of the specs
+    local_reader: Any = None  # in-process only: the parent's reader (its tokenizer is loaded already)
+
+
+# ----------------------------------------------------------------------------------------------- the worker side
+_WORKER: dict[str, Any] = {}  # per process: readers and suites by sweep, the last chunk read
+
+
+def run_task(sweep: Sweep, task: Task) -> tuple[list[State], list[Any]]:
+    """Streaming states and corpus partials of one task's rows (in a worker, or in-process)."""
+    from .runner import check_batch_inputs
+
+    reader = _reader(sweep)
+    suite = _suite(sweep, reader)
+    suite.reset()
+    partials: list[list[Any]] = [[] for _ in sweep.passes]
+    metrics = [suite.metrics[position] for position, _, _ in sweep.passes]
+    checked = False
+    for batch in _task_batches(reader, sweep, task):
+        if not checked and sweep.streaming:  # corpus metrics name what they miss themselves
+            check_batch_inputs(suite.streaming, batch)
+            checked = True
+        if sweep.streaming:
+            suite.update_streaming(batch)
+        for i, (metric, (_, pass_index, context)) in enumerate(zip(metrics, sweep.passes)):
+            partials[i].append(metric.map(pass_index, batch, context))
+    return (suite.states() if sweep.streaming else []), partials
+
+
+def _reader(sweep: Sweep) -> "SpillReader":
+    from ..spill import SpillReader
+
+    if sweep.local_reader is not None:
+        return sweep.local_reader
+    key = ("reader", sweep.spill_dir, sweep.allow_partial)
+    if key not in _WORKER:
+        _WORKER[key] = SpillReader(sweep.spill_dir, allow_partial=sweep.allow_partial)
+    return _WORKER[key]
+
+
+def _suite(sweep: Sweep, reader: "SpillReader") -> "MetricSuite":
+    from .runner import MetricSuite
+
+    if sweep.local_suite is not None:
+        return sweep.local_suite
+    key = ("suite", sweep.spill_dir, repr(sweep.specs))
+    if key not in _WORKER:
+        for module in sweep.modules:
+            importlib.import_module(module)
+        suite = MetricSuite(list(sweep.specs))
+        suite.tokenizer = reader.require_tokenizer() if suite.needs_text else None
+        _WORKER[key] = suite
+    return _WORKER[key]
+
+
+def _task_batches(reader: "SpillReader", sweep: Sweep, task: Task) -> Iterator[SampleBatch]:
+    """The task's rows in batches of `sweep.batch_size`, decoded when a metric of the sweep reads text."""
+    from ..spill.chunk import read_chunk
+
+    record = reader.chunks[task.chunk]
+    key = ("chunk", sweep.spill_dir, record.rank, record.seq, repr(sorted(sweep.reads.items())))
+    cached = _WORKER.get("chunk")
+    if cached is None or cached[0] != key:
+        _WORKER.pop("chunk", None)  # drop the last chunk before reading the next: one chunk per worker
+        batch = read_chunk(reader.chunk_path(record), record, verify=reader.verify, **sweep.reads)
+        _WORKER["chunk"] = cached = (key, batch)
+    rows = cached[1].slice(task.start, task.stop)
+    if task.keep is not None:
+        rows = rows.take(task.keep - task.start)
+    decode = any(m.needs_text for m in _suite(sweep, reader).metrics)
+    for start in range(0, len(rows), sweep.batch_size):
+        batch = rows.slice(start, min(start + sweep.batch_size, len(rows)))
+        yield reader.decode(batch) if decode else batch
+
+
+# ----------------------------------------------------------------------------------------------- the parent side
+class InlineExecutor(Executor):
+    """Runs each task when it is submitted, in this process: one worker, no pickling."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:  # noqa: BLE001 - re-raised by result(), as a pool would
+            future.set_exception(error)
+        return future
+
+
+def local_executor(workers: int) -> Executor:
+    """`workers` processes (forkserver where there is one: workers start from a clean parent), or in-process."""
+    if workers <= 1:
+        return InlineExecutor()
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        context.set_forkserver_preload(["spilleval.metrics.parallel", "spilleval.metrics.builtin"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+
+def compute_in_parallel(reader: "SpillReader", suite: "MetricSuite", *, executor: Executor, workers: int,
+                        batch_size: int = 4096, progress: bool = False) -> dict[str, float]:
+    """Every metric of `suite` over the spill (streaming and corpus), tasks run by `executor`."""
+    from .runner import merge_results
+
+    suite.reset()
+    corpus = [m for m in suite.corpus if isinstance(m, MapMergeMetric)]
+    parent_only = [m for m in suite.corpus if not isinstance(m, MapMergeMetric)]
+    planner = TaskPlanner(reader, workers)
+    local = _local_copy(suite) if isinstance(executor, InlineExecutor) else None
+    try:
+        for metric in corpus:
+            metric.start(reader.path)
+        rounds = max([m.passes for m in corpus], default=0)
+        for sweep_index in range(max(rounds, 1 if suite.streaming else 0)):
+            taking_part = [(suite.metrics.index(m), m) for m in corpus if m.passes > sweep_index]
+            sweep = _sweep(reader, suite, streaming=sweep_index == 0 and bool(suite.streaming),
+                           passes=tuple((pos, sweep_index, m.context(sweep_index)) for pos, m in taking_part),
+                           batch_size=batch_size, local_suite=local)
+            tasks = list(planner.tasks())
+            names = [m.name for m in suite.streaming] if sweep.streaming else []
+            names += [m.name for _, m in taking_part]
+            label = ", ".join(names) + (f" (pass {sweep_index + 1})" if sweep_index else "")
+            with sample_bar(reader.num_rows, label, enabled=progress) as advance:
+                for task, (states, partials) in zip(tasks, _ordered(executor, sweep, tasks, workers)):
+                    if sweep.streaming:
+                        suite.merge(states)
+                    for (_, metric), metric_partials in zip(taking_part, partials):
+                        for partial in metric_partials:
+                            metric.merge(sweep_index, partial)
+                    advance(task.stop - task.start if task.keep is None else len(task.keep))
+        out = suite.compute_streaming()
+        return merge_results([out, *(suite.computed(m, m.finish()) for m in corpus),
+                              *(suite.computed(m, m.compute(reader)) for m in parent_only)])
+    finally:
+        for metric in corpus:
+            metric.close()
+
+
+def compute_corpus_metrics(reader: "SpillReader", metrics: Sequence[CorpusMetric], *,
+                           executor: Executor | None = None, workers: int = 1) -> dict[str, float]:
+    """Only corpus metrics (the streaming ones were updated live): `MetricSuite.compute_corpus`."""
+    from .runner import MetricSuite
+
+    suite = MetricSuite(list(metrics), tokenizer=reader.tokenizer if any(m.needs_text for m in metrics) else None)
+    return compute_in_parallel(reader, suite, executor=executor or InlineExecutor(), workers=workers)
+
+
+def _local_copy(suite: "MetricSuite") -> "MetricSuite":
+    """The suite's metrics copied before the parent starts them, for in-process tasks (no spec round trip, so a
+    metric object that is not registered by name works too)."""
+    from .runner import MetricSuite
+
+    return MetricSuite([copy.deepcopy(m) for m in suite.metrics], tokenizer=suite.tokenizer)
+
+
+def _sweep(reader: "SpillReader", suite: "MetricSuite", *, streaming: bool, passes: tuple, batch_size: int,
+           local_suite: "MetricSuite | None") -> Sweep:
+    taking_part: list[Metric] = [suite.metrics[pos] for pos, _, _ in passes]
+    if streaming:
+        taking_part += suite.streaming
+    sizes = [getattr(m, "batch_size", batch_size) for m in taking_part]
+    return Sweep(
+        spill_dir=os.fspath(reader.path), allow_partial=reader.allow_partial,
+        specs=tuple(m.spec() for m in suite.metrics),
+        modules=tuple(sorted({type(m).__module__ for m in suite.metrics} - {"__main__", "__mp_main__"})),
+        streaming=streaming, passes=passes, batch_size=min([batch_size, *sizes]), local_suite=local_suite,
+        local_reader=reader if local_suite is not None else None,
+        reads={"columns": sorted({c for m in taking_part for c in m.needs_columns}),
+               "with_arrays": any(m.needs_arrays for m in taking_part),
+               "with_logprob": any(m.needs_logprob for m in taking_part)},
+    )
+
+
+def _ordered(executor: Executor, sweep: Sweep, tasks: Iterable[Task], workers: int) -> Iterator[Any]:
+    """Results of `run_task` for each task, in task order, with at most 2 x workers tasks in flight."""
+    in_flight: deque[Any] = deque()
+    for task in tasks:
+        in_flight.append(executor.submit(run_task, sweep, task))
+        if len(in_flight) >= 2 * max(workers, 1):
+            yield in_flight.popleft().result()
+    while in_flight:
+        yield in_flight.popleft().result()
+
+
+class TaskPlanner:
+    """Cuts the spill into tasks: row ranges of chunks, with the rows that repeat an earlier sample left out."""
+
+    def __init__(self, reader: "SpillReader", workers: int) -> None:
+        self.reader = reader
+        rows = reader.num_rows
+        self.task_rows = (max(MIN_TASK_ROWS, math.ceil(rows / (workers * TASKS_PER_WORKER))) if workers > 1
+                          else max(rows, 1))
+        self.count = sum(math.ceil(r.rows / self.task_rows) for r in reader.chunks)
+
+    def tasks(self) -> Iterator[Task]:
+        from ..spill.chunk import read_sample_index
+
+        seen = SampleSet()
+        for position, record in enumerate(self.reader.chunks):
+            index = read_sample_index(self.reader.chunk_path(record), record, verify=self.reader.verify)
+            keep = seen.first_occurrences(index)
+            kept = None if keep is None else np.flatnonzero(keep)
+            for start in range(0, record.rows, self.task_rows):
+                stop = min(start + self.task_rows, record.rows)
+                rows = None if kept is None else kept[(kept >= start) & (kept < stop)]
+                if rows is None or len(rows):
+                    yield Task(position, start, stop, rows)
+
+
+def default_executor(workers: int | None) -> tuple[Executor, int]:
+    """(executor, workers) for `workers` local processes (None: every usable core)."""
+    count = usable_cores() if workers is None else workers
+    if count < 1:
+        raise ValueError(f"workers must be at least 1, got {count}")
+    return local_executor(count), count
+
+
+def shutdown(executor: Executor) -> None:
+    if not isinstance(executor, InlineExecutor):
+        executor.shutdown(wait=True, cancel_futures=True)
+

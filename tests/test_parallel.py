@@ -1,0 +1,82 @@
+"""Recompute in worker processes (`spilleval.metrics.parallel`) and on a local Dask cluster: every built-in metric
+gives the same bits as one in-process worker, on a spill of several chunks cut into tasks inside chunks, with
+samples repeated across chunks (dropped as `SpillReader` drops them)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from metric_data import batches_of, tokenizer
+from test_metrics_corpus import CORPUS_SPECS, seeded_corpus
+from typer.testing import CliRunner
+
+from spilleval import Evaluator
+from spilleval.cli import app
+from spilleval.metrics import build_metric, compute_from_spill
+from spilleval.metrics import parallel
+from spilleval.spill import Manifest, SpillReader, SpillWriter
+from spilleval.spill.manifest import library_versions
+
+REFS = {"references_column": "references"}
+LABELS = {"labels": ["red", "green", "blue"], "target_column": "colour"}
+EVERY_METRIC = [
+    "token_accuracy", "sequence_exact_match", "text_match", "nll", "loss", "wer", "cer", "mer", "wil", "wip",
+    {"name": "bits_per_byte", "params": {"references_column": "transcript"}}, "mc_accuracy",
+    *({"name": name, "params": REFS} for name in ("ter", "bleu", "chrf", "rouge", "squad")),
+    *({"name": name, "params": LABELS} for name in ("accuracy", "precision", "recall", "f1")),
+    *CORPUS_SPECS,
+]
+
+
+@pytest.fixture(scope="module")
+def spill(tmp_path_factory):
+    """60 samples in chunks of 9 rows; samples 3..7 written a second time in the last chunk (a padded rank)."""
+    samples = seeded_corpus(60, seed=3)
+    order = [*range(60), *range(3, 8)]
+    directory = tmp_path_factory.mktemp("parallel") / "spill"
+    tok = tokenizer()
+    manifest = Manifest(task="causal_lm", vocab_size=len(tok), id_dtype="uint16", metrics=[build_metric(m).spec() for m in EVERY_METRIC],
+                        has_logprob=True, dataset_length=60, versions=library_versions(),
+                        columns=sorted(samples[0].columns), arrays={"class_scores": {"shape": [3], "dtype": "float32"}})
+    with SpillWriter(directory, manifest, tokenizer=tok, chunk_rows=9) as writer:
+        for batch in batches_of(samples, 4, order):
+            writer.write(batch)
+    return directory
+
+
+def same(a: dict[str, float], b: dict[str, float]) -> bool:
+    return a.keys() == b.keys() and all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+
+
+def test_workers_give_the_bits_of_one_worker(spill, monkeypatch):
+    monkeypatch.setattr(parallel, "MIN_TASK_ROWS", 2)  # tasks of a few rows: chunks are cut between workers
+    one = compute_from_spill(spill, workers=1)
+    assert len(one) > 40 and one["cider"] > 0
+    for workers in (2, 3):
+        assert same(compute_from_spill(spill, workers=workers), one), workers
+    planner = parallel.TaskPlanner(SpillReader(spill), 3)
+    tasks = list(planner.tasks())
+    assert len(tasks) > len(planner.reader.chunks)  # chunks were cut
+    assert any(t.keep is not None for t in tasks)  # and the repeated samples left out
+
+
+def test_cli_workers_and_a_local_dask_cluster_give_the_same_numbers(spill):
+    pytest.importorskip("distributed")
+    runner = CliRunner()
+    outputs = [runner.invoke(app, ["compute", str(spill), "--json", *args]) for args in
+               (["--workers", "1"], ["--workers", "2"], ["--dask", "local", "--workers", "2"])]
+    for out in outputs:
+        assert out.exit_code == 0, out.output
+    metrics = [json.loads(out.output)["metrics"] for out in outputs]
+    assert metrics[0] == metrics[1] == metrics[2]
+
+
+def test_evaluator_finalize_runs_its_corpus_passes_in_workers(tmp_path):
+    samples = seeded_corpus(30, seed=5)
+    evaluator = Evaluator(tmp_path / "run", metrics=["token_accuracy", *CORPUS_SPECS], tokenizer=tokenizer(),
+                          keep_logprob=True, chunk_rows=7, dataset_length=len(samples), corpus_workers=2)
+    for batch in batches_of(samples, 4):
+        evaluator.add(batch, vocab_size=len(tokenizer()))
+    assert same(evaluator.finalize(), compute_from_spill(tmp_path / "run", workers=1))

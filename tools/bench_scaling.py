@@ -1,0 +1,213 @@
+"""Recompute throughput of the text metrics and CIDEr with 1, 2, 4, 8, 16 worker processes, and CIDEr before/after.
+
+    .venv/bin/python tools/bench_scaling.py                       # 200k-token caption spill, workers up to the cores
+    .venv/bin/python tools/bench_scaling.py --tokens 50000 --workers 1 2 --cider-tokens 20000   # a quick look
+
+The spill is bench_compute's caption spill (`CaptionData`: a real word-level tokenizer saved in the spill, 5-30
+word answers, 1-5 references per sample in a "references" column). For each worker count, one process pool
+(`spilleval.metrics.parallel.local_executor`) is started and warmed up (every worker imports the metrics and
+loads the spill's tokenizer: a one-off cost, reported as "pool start"), then each metric is timed alone,
+`compute_from_spill(dir, [spec], executor=pool)`, best of --repeats. Every metric's result must be the same bits
+for every worker count. Speed-up = time with 1 worker / time with N; efficiency = speed-up / N.
+
+CIDEr before/after (--cider-tokens, 0 to skip; needs pycocoevalcap): the implementation before issue 16 (two
+passes with pycocoevalcap's `CiderScorer` per batch and the document frequencies in SQLite, kept below as the
+baseline) against `compute_from_spill(dir, ["cider"], workers=1)`, on the same spill in the same run; the two
+results must agree to 1e-12 relative.
+
+Writes a JSON file and a plot (speed-up vs workers per metric, with the linear and 0.8 x linear lines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import machine_info, markdown_table  # noqa: E402
+from bench_compute import CLASS_WORDS, PrefixSpills, caption_tokenizer, metric_specs  # noqa: E402
+
+from spilleval.metrics import compute_from_spill  # noqa: E402
+from spilleval.metrics.inputs import references_of  # noqa: E402
+from spilleval.metrics.ondisk import ScratchStore  # noqa: E402
+from spilleval.metrics.parallel import local_executor, shutdown, usable_cores  # noqa: E402
+from spilleval.metrics.sums import ExactSum  # noqa: E402
+from spilleval.spill import SpillReader  # noqa: E402
+
+TEXT_METRICS = ["text_match", "bleu", "chrf", "ter", "rouge", "squad", "wer", "cer", "answer_macro_f1", "distinct_n",
+                "cider"]
+
+
+def time_metrics(spill: Path, specs: dict[str, dict[str, Any]], workers: int, repeats: int) -> dict[str, Any]:
+    warm_up = {"name": "text_match", "params": {}}
+    start = time.perf_counter()
+    pool = local_executor(workers)
+    try:
+        compute_from_spill(spill, [warm_up], executor=pool, workers=workers)  # every worker loads the tokenizer
+        out: dict[str, Any] = {"pool_start_s": time.perf_counter() - start, "metrics": {}}
+        for name in specs:
+            best, result = float("inf"), None
+            for _ in range(repeats):
+                t = time.perf_counter()
+                result = compute_from_spill(spill, [specs[name]], executor=pool, workers=workers)
+                best = min(best, time.perf_counter() - t)
+            out["metrics"][name] = {"seconds": best, "result": result}
+            print(f"  workers {workers:2d}  {name:16s} {best:8.2f} s", flush=True)
+        return out
+    finally:
+        shutdown(pool)
+
+
+def cider_before(spill: Path, spec: dict[str, Any]) -> float:
+    """CIDEr as spilleval computed it before issue 16 (commit c125feb's caption.py): pycocoevalcap's CiderScorer per
+    batch, document frequencies in SQLite."""
+    from pycocoevalcap.cider import cider_scorer
+
+    class CorpusSizedList(list):
+        def __init__(self, corpus_size: int) -> None:
+            super().__init__()
+            self.corpus_size = corpus_size
+
+        def __len__(self) -> int:
+            return self.corpus_size
+
+    reader = SpillReader(spill)
+    column, n = spec["params"]["references_column"], spec["params"]["n"]
+
+    def captions():
+        for batch in reader.iter_batches(spec["params"]["batch_size"], decode=True, with_arrays=False):
+            refs = references_of(batch, column, "cider")
+            yield [p.lower() for p in batch.pred_text], [[r.lower() for r in rs] for rs in refs]
+
+    with ScratchStore(reader.path) as store:
+        document_frequency = store.counter("document_frequency")
+        images = 0
+        for _, refs in captions():
+            in_documents: Counter[str] = Counter()
+            for sample_refs in refs:
+                in_documents.update({" ".join(g) for ref in cider_scorer.cook_refs(sample_refs, n) for g in ref})
+            document_frequency.add(in_documents.items())
+            images += len(refs)
+        total = ExactSum()
+        for hyps, refs in captions():
+            scorer = cider_scorer.CiderScorer(n=n, sigma=spec["params"]["sigma"])
+            scorer.crefs = CorpusSizedList(images)
+            for hyp, sample_refs in zip(hyps, refs):
+                scorer += (hyp, sample_refs)
+            needed = {g for test in scorer.ctest for g in test} | {g for c in scorer.crefs for r in c for g in r}
+            ngram_of = {" ".join(g): g for g in needed}
+            counts = document_frequency.get(ngram_of)
+            scorer.document_frequency = defaultdict(float, {ngram_of[k]: float(c[0]) for k, c in counts.items()})
+            total.add(scorer.compute_cider())
+    return total.value / images
+
+
+def cider_before_after(spills: PrefixSpills, tokens: int, spec: dict[str, Any], repeats: int) -> dict[str, Any]:
+    spill = spills.get(tokens)
+    SpillReader(spill.path).tokenizer  # noqa: B018 - loaded once, outside both timings
+    before_s, after_s, before, after = float("inf"), float("inf"), None, None
+    for _ in range(repeats):  # interleaved, so both see the same machine load
+        t = time.perf_counter()
+        before = cider_before(spill.path, spec)
+        before_s = min(before_s, time.perf_counter() - t)
+        t = time.perf_counter()
+        after = compute_from_spill(spill.path, [spec], workers=1)["cider"]
+        after_s = min(after_s, time.perf_counter() - t)
+    assert abs(after - before) <= 1e-12 * abs(before), (before, after)
+    return {"tokens": spill.tokens, "samples": spill.samples, "before_s": before_s, "after_s": after_s,
+            "before": before, "after": after, "speedup": before_s / after_s}
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = sorted(int(w) for w in out["runs"])
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name in out["metrics"]:
+        base = out["runs"][str(counts[0])]["metrics"][name]["seconds"]
+        ax.plot(counts, [base / out["runs"][str(w)]["metrics"][name]["seconds"] for w in counts], marker="o",
+                label=name)
+    ax.plot(counts, counts, "k--", label="linear")
+    ax.plot(counts, [0.8 * w for w in counts], "k:", label="0.8 x linear")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(counts, [str(w) for w in counts])
+    ax.set_xlabel("worker processes")
+    ax.set_ylabel("speed-up over 1 worker")
+    ax.set_title(f"spilleval compute --workers N, {out['samples']:,} caption samples\n{out['machine']['cpu']}",
+                 fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(out: dict[str, Any]) -> str:
+    counts = sorted(int(w) for w in out["runs"])
+    rows = []
+    for name in out["metrics"]:
+        base = out["runs"][str(counts[0])]["metrics"][name]["seconds"]
+        cells = [f"{out['samples'] / base:,.0f}"]
+        for w in counts[1:]:
+            s = out["runs"][str(w)]["metrics"][name]["seconds"]
+            cells.append(f"{base / s:.2f} ({base / s / w:.2f})")
+        rows.append([name, *cells])
+    rows.append(["pool start (s)", *[f"{out['runs'][str(w)]['pool_start_s']:.1f}" for w in counts]])
+    header = ["metric", "1 worker: samples/s", *[f"{w} workers: speed-up (efficiency)" for w in counts[1:]]]
+    text = markdown_table(header, rows)
+    if out.get("cider"):
+        c = out["cider"]
+        text += (f"\n\nCIDEr on {c['samples']:,} samples, one process: before {c['before_s']:.2f} s, after "
+                 f"{c['after_s']:.2f} s: **{c['speedup']:.1f}x**; results {c['before']!r} / {c['after']!r}")
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=200_000, help="supervised tokens of the caption spill")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--metrics", nargs="+", default=TEXT_METRICS)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--cider-tokens", type=int, default=100_000, help="spill for CIDEr before/after (0: skip)")
+    parser.add_argument("--out", type=Path, default=Path("bench-scaling"))
+    args = parser.parse_args()
+    cores = usable_cores()
+    counts = sorted({w for w in args.workers if w <= cores} | {1})
+    tokenizer = caption_tokenizer()
+    all_specs = metric_specs(tokenizer.convert_tokens_to_ids(list(CLASS_WORDS)))
+    specs = {name: all_specs[name] for name in args.metrics}
+    root = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
+    spills = PrefixSpills(root, max(args.tokens, args.cider_tokens), tokenizer, all_specs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        spill = spills.get(args.tokens)
+        out: dict[str, Any] = {"machine": machine_info(), "usable_cores": cores, "tokens": spill.tokens,
+                               "samples": spill.samples, "metrics": list(specs), "runs": {}}
+        if args.cider_tokens:
+            out["cider"] = cider_before_after(spills, args.cider_tokens, all_specs["cider"], args.repeats)
+            print(f"cider before/after: {out['cider']}", flush=True)
+        for w in counts:
+            out["runs"][str(w)] = time_metrics(spill.path, specs, w, args.repeats)
+            (args.out / "scaling.json").write_text(json.dumps(out, indent=1))  # kept if a later count is cut off
+        for name in specs:  # the same bits for every worker count
+            results = {json.dumps(out["runs"][str(w)]["metrics"][name]["result"]) for w in counts}
+            assert len(results) == 1, (name, results)
+        (args.out / "scaling.json").write_text(json.dumps(out, indent=1))
+        plot(out, args.out / "scaling.png")
+        print(report(out))
+    finally:
+        spills.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
