@@ -22,7 +22,6 @@ from ..metrics.base import MAX_STATE_BYTES, State, StreamingMetric
 from ..metrics.runner import (
     MetricSpec,
     MetricSuite,
-    compute_from_spill,
     suite_for_spill,
 )
 from .bounds import DEFAULT_LEVEL, Interval, mean_interval, percentile_interval
