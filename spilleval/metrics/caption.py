@@ -153,3 +153,9 @@ class CiderCorpus:
     def close(self) -> None:
         self._table = None
         self._scratch.cleanup()
+
+    def __enter__(self) -> "CiderCorpus":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -27,11 +27,13 @@ the metric is built. Keys: coco_bleu_1 .. coco_bleu_4, coco_meteor, coco_rouge_l
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -48,6 +50,12 @@ if TYPE_CHECKING:
     from ..spill import SpillReader
 
 BLEU_ORDER = 4
+PYCOCOEVALCAP_MODULES = {
+    "ptb": "pycocoevalcap.tokenizer.ptbtokenizer",
+    "bleu": "pycocoevalcap.bleu.bleu_scorer",
+    "rouge": "pycocoevalcap.rouge.rouge",
+    "meteor": "pycocoevalcap.meteor.meteor",
+}
 MAX_METEOR_SAMPLES = 1_000_000  # one EVAL line of ~75 bytes per sample in METEOR's JVM (-Xmx2G)
 PTB_CLASS = "edu.stanford.nlp.process.PTBTokenizer"
 
@@ -75,11 +83,14 @@ class CocoCaption(CorpusMetric):
         self.needs_columns = (references_column,) if references_column else ()
         self.batch_size = batch_size
         require_java(self.name)
-        self.ptb = require("pycocoevalcap.tokenizer.ptbtokenizer", self.name)
-        self.bleu_scorer = require("pycocoevalcap.bleu.bleu_scorer", self.name)
-        self.rouge = require("pycocoevalcap.rouge.rouge", self.name).Rouge()
-        self.cider_scorer = require("pycocoevalcap.cider.cider_scorer", self.name)
-        self.meteor_module = require("pycocoevalcap.meteor.meteor", self.name)
+        for module in PYCOCOEVALCAP_MODULES.values():  # fail here, naming the extra, not mid-evaluation
+            require(module, self.name)
+        self.rouge = require(PYCOCOEVALCAP_MODULES["rouge"], self.name).Rouge()
+
+    @staticmethod
+    def _module(part: str) -> ModuleType:
+        """A pycocoevalcap module, imported on use: the metric holds none (it is copied and pickled to workers)."""
+        return importlib.import_module(PYCOCOEVALCAP_MODULES[part])
 
     def params(self) -> dict[str, Any]:
         return {"references_column": self.references_column, "batch_size": self.batch_size}
@@ -94,13 +105,13 @@ class CocoCaption(CorpusMetric):
             )
         bleu = BleuSums()
         rouge = ExactSum()
-        meteor = self.meteor_module.Meteor()
+        meteor = self._module("meteor").Meteor()
         samples = 0
-        with ScratchStore(reader.path) as store, CiderCorpus(reader.path, self.cider_scorer) as cider:
+        with ScratchStore(reader.path) as store, CiderCorpus(reader.path) as cider:
             tokenized = store.rows("tokenized", key=(("position", "INTEGER"),),
                                    values=(("hypothesis", "TEXT"), ("refs", "TEXT"), ("meteor", "TEXT")))
             for hyps, refs in self._tokenized_batches(reader):
-                bleu.add(self.bleu_scorer, hyps, refs)
+                bleu.add(self._module("bleu"), hyps, refs)
                 rouge.add([self.rouge.calc_score([h], rs) for h, rs in zip(hyps, refs)])
                 cider.count(refs)
                 with meteor.lock:
@@ -116,7 +127,7 @@ class CocoCaption(CorpusMetric):
                 cider_total.add(cider.score(hyps, refs))
             meteor_score = meteor_corpus_score(meteor, (row[3] for row in tokenized.scan_rows()), samples)
         return {
-            **{f"coco_bleu_{k + 1}": score for k, score in enumerate(bleu.scores(self.bleu_scorer))},
+            **{f"coco_bleu_{k + 1}": score for k, score in enumerate(bleu.scores(self._module("bleu")))},
             "coco_meteor": meteor_score,
             "coco_rouge_l": rouge.value / samples,
             "coco_cider": cider_total.value / samples,
@@ -128,7 +139,7 @@ class CocoCaption(CorpusMetric):
         for batch in reader.iter_batches(self.batch_size, decode=True, columns=columns, with_arrays=False,
                                          with_logprob=False):
             refs = references_of(batch, self.references_column, self.name)
-            lines = ptb_tokenize(self.ptb, list(batch.pred_text or []) + [r for rs in refs for r in rs],
+            lines = ptb_tokenize(self._module("ptb"), list(batch.pred_text or []) + [r for rs in refs for r in rs],
                                  near=reader.path)
             hyps, rest = lines[: len(batch)], iter(lines[len(batch):])
             yield hyps, [[next(rest) for _ in rs] for rs in refs]
