@@ -563,7 +563,7 @@ def report(
     data = build_report(reader, by=by, n=n, recompute=recompute, max_tokens=max_tokens,
                         progress_bar=show_progress(quiet))
     path = write_report(data, output)
-    console.print(f"wrote {path} ({path.stat().st_size:,} bytes)", highlight=False)
+    console.print(f"wrote {path} ({path.stat().st_size:,} bytes)", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -593,7 +593,7 @@ def history(
     for table in history_tables(result):
         console.print(table)
     if written:
-        console.print(f"wrote {written} ({written.stat().st_size:,} bytes)", highlight=False)
+        console.print(f"wrote {written} ({written.stat().st_size:,} bytes)", highlight=False, soft_wrap=True)
 
 
 def main() -> None:
