@@ -55,9 +55,13 @@ def write_history_plot(history: RunHistory, path: str | Path) -> Path:
 
 
 def history_png(history: RunHistory) -> bytes:
+    return figure_png(history_figure(history))
+
+
+def figure_png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed (pyplot keeps every open figure alive)."""
     import matplotlib.pyplot as plt
 
-    fig = history_figure(history)
     try:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -154,16 +153,10 @@ def _overview(reader: SpillReader, lengths: ScoreHistogram) -> list[tuple[str, s
 
 
 def _plot(histogram: ScoreHistogram) -> Plot:
-    import matplotlib.pyplot as plt
+    from .history_plot import figure_png
 
-    fig = histogram_figure(histogram)
-    try:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-    finally:
-        plt.close(fig)
     return Plot(title=histogram.score.name, caption=histogram_caption(histogram),
-                png_base64=base64.b64encode(buffer.getvalue()).decode("ascii"))
+                png_base64=base64.b64encode(figure_png(histogram_figure(histogram))).decode("ascii"))
 
 
 def histogram_figure(histogram: ScoreHistogram) -> Any:
