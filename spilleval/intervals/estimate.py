@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..decode import decode_batch
-from ..metrics.base import MAX_STATE_BYTES, State, StreamingMetric
+from ..metrics.base import MAX_STATE_BYTES, StreamingMetric
 from ..metrics.runner import (
     MetricSpec,
     MetricSuite,
@@ -55,7 +55,6 @@ class ReplicatePass:
     replicates: dict[str, MetricReplicates]
     means: dict[str, SampleMeanSums]
     skipped: dict[str, str]
-    sample_index: set[int] | None = None
 
 
 def compute_with_intervals(
@@ -165,7 +164,6 @@ def replicate_pass(
     replicates: int,
     *,
     progress: bool = False,
-    track_samples: bool = False,
 ) -> ReplicatePass:
     """One pass over the spill: every supported metric's weighted states under `weights`."""
     suite = suite_for_spill(reader, metrics)
@@ -175,7 +173,6 @@ def replicate_pass(
         replicates={m.name: MetricReplicates(m, replicates) for m in supported},
         means={m.name: SampleMeanSums(m) for m in supported if m.sample_mean_outputs},
         skipped=skipped,
-        sample_index=set() if track_samples else None,
     )
     if not supported:
         return gathered
@@ -186,8 +183,6 @@ def replicate_pass(
             gathered.replicates[metric.name].update(states, batch_weights)
             if metric.name in gathered.means:
                 gathered.means[metric.name].update(states)
-        if gathered.sample_index is not None:
-            gathered.sample_index.update(batch.sample_index.tolist())
     return gathered
 
 
@@ -223,7 +218,3 @@ def _windows(reader: Any, suite: MetricSuite, metrics: list[StreamingMetric], *,
     needs_text = any(m.needs_text for m in metrics)
     for batch in batches:
         yield decode_batch(batch, suite.tokenizer) if needs_text else batch
-
-
-def states_of(replicates: MetricReplicates, row: int) -> State:
-    return {name: values[row] for name, values in replicates.states.items()}
