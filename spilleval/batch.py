@@ -13,7 +13,7 @@ metrics decode each side on its own and work on both.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -40,8 +40,10 @@ class SampleBatch:
     label_logprob: np.ndarray | None = None  # float32 [N]
     columns: dict[str, list[Any]] = field(default_factory=dict)  # per-sample python values (e.g. references)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # fixed-shape per-sample arrays [B, ...]
-    pred_text: list[str] | None = None  # filled by `decode_batch` when a metric needs text
-    label_text: list[str] | None = None
+    # the decoded text, attached by `decode_batch` when a metric needs it and decoded on its first read (see
+    # `pred_text`, `label_text`); a list of str, a `LazyText` not read yet, or None when not attached
+    _pred_text: "list[str] | LazyText | None" = field(default=None, repr=False)
+    _label_text: "list[str] | LazyText | None" = field(default=None, repr=False)
     label_offsets: np.ndarray | None = None  # int64 [B+1] for ragged label rows (generation); None: `offsets`
     sample_nll: np.ndarray | None = None  # float64 [B]: -sum of each sample's label log-probs (natural log)
     # int32 [N] (aligned rows only): the position in the model's sequence (the logits' axis) of each supervised
@@ -82,6 +84,27 @@ class SampleBatch:
         for name, values in self.arrays.items():
             if len(values) != n:
                 raise ValueError(f"array {name!r} has {len(values)} rows for {n} samples")
+
+    @property
+    def pred_text(self) -> list[str] | None:
+        """The decoded predictions (skip_special_tokens=True), None when no text is attached."""
+        if isinstance(self._pred_text, LazyText):
+            self._pred_text = self._pred_text.texts()
+        return self._pred_text
+
+    @property
+    def label_text(self) -> list[str] | None:
+        """The decoded labels (skip_special_tokens=True), None when no text is attached."""
+        if isinstance(self._label_text, LazyText):
+            self._label_text = self._label_text.texts()
+        return self._label_text
+
+    @property
+    def has_text(self) -> bool:
+        return self._pred_text is not None and self._label_text is not None
+
+    def attach_text(self, pred: "list[str] | LazyText", label: "list[str] | LazyText") -> None:
+        self._pred_text, self._label_text = pred, label
 
     def __len__(self) -> int:
         return len(self.sample_index)
@@ -166,8 +189,8 @@ class SampleBatch:
             label_positions=None if self.label_positions is None else self.label_positions[token_pos],
             columns={k: [v[i] for i in rows] for k, v in self.columns.items()},
             arrays={k: v[rows] for k, v in self.arrays.items()},
-            pred_text=None if self.pred_text is None else [self.pred_text[i] for i in rows],
-            label_text=None if self.label_text is None else [self.label_text[i] for i in rows],
+            _pred_text=_take_text(self._pred_text, rows),
+            _label_text=_take_text(self._label_text, rows),
         )
 
     def slice(self, start: int, stop: int) -> "SampleBatch":
@@ -189,8 +212,8 @@ class SampleBatch:
             label_positions=None if self.label_positions is None else self.label_positions[lo:hi],
             columns={k: v[start:stop] for k, v in self.columns.items()},
             arrays={k: v[start:stop] for k, v in self.arrays.items()},
-            pred_text=None if self.pred_text is None else self.pred_text[start:stop],
-            label_text=None if self.label_text is None else self.label_text[start:stop],
+            _pred_text=None if self._pred_text is None else self._pred_text[start:stop],
+            _label_text=None if self._label_text is None else self._label_text[start:stop],
         )
 
     @staticmethod
@@ -204,7 +227,7 @@ class SampleBatch:
         offsets = _offsets_of(np.concatenate([b.lengths for b in batches]))
         ragged = any(b.label_offsets is not None for b in batches)
         label_offsets = _offsets_of(np.concatenate([b.label_lengths for b in batches])) if ragged else None
-        with_text = all(b.pred_text is not None for b in batches)
+        with_text = all(b.has_text for b in batches)
         return SampleBatch(
             sample_index=np.concatenate([b.sample_index for b in batches]),
             offsets=offsets,
@@ -228,8 +251,8 @@ class SampleBatch:
             ),
             columns={k: [x for b in batches for x in b.columns[k]] for k in first.columns},
             arrays={k: np.concatenate([b.arrays[k] for b in batches]) for k in first.arrays},
-            pred_text=[t for b in batches for t in b.pred_text] if with_text else None,  # type: ignore[union-attr]
-            label_text=[t for b in batches for t in b.label_text] if with_text else None,  # type: ignore[union-attr]
+            _pred_text=[t for b in batches for t in b.pred_text] if with_text else None,  # type: ignore[union-attr]
+            _label_text=[t for b in batches for t in b.label_text] if with_text else None,  # type: ignore[union-attr]
         )
 
     @staticmethod
@@ -266,6 +289,42 @@ class SampleBatch:
             columns=dict(columns or {}),
             arrays=dict(arrays or {}),
         )
+
+
+class LazyText:
+    """Ragged id rows that become strings on the first read (`SampleBatch.pred_text`): slicing or taking rows
+    before that keeps them undecoded, so only the rows that are read get decoded, once."""
+
+    def __init__(self, decode: Callable[[list[list[int]]], list[str]], ids: np.ndarray, offsets: np.ndarray) -> None:
+        self._decode, self._ids, self._offsets = decode, ids, offsets
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def texts(self) -> list[str]:
+        return self._decode(split_rows(self._ids, self._offsets))
+
+    def __getitem__(self, rows: slice) -> "LazyText":
+        start, stop, _ = rows.indices(len(self))
+        lo, hi = int(self._offsets[start]), int(self._offsets[max(start, stop)])
+        return LazyText(self._decode, self._ids[lo:hi], self._offsets[start : max(start, stop) + 1] - lo)
+
+    def take(self, rows: np.ndarray) -> "LazyText":
+        positions, offsets = _take_rows(self._offsets, rows)
+        return LazyText(self._decode, self._ids[positions], offsets)
+
+
+def _take_text(text: "list[str] | LazyText | None", rows: np.ndarray) -> "list[str] | LazyText | None":
+    if text is None or isinstance(text, LazyText):
+        return text if text is None else text.take(rows)
+    return [text[i] for i in rows]
+
+
+def split_rows(ids: np.ndarray, offsets: np.ndarray) -> list[list[int]]:
+    """Ragged rows as lists of ints: one conversion of the whole array, then list slices."""
+    values = ids.tolist()
+    bounds = (offsets - offsets[0]).tolist()
+    return [values[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
 
 
 def _offsets_of(lengths: np.ndarray) -> np.ndarray:

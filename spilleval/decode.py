@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .batch import SampleBatch
+from .batch import LazyText, SampleBatch
 
 Decoder = Callable[[list[list[int]]], list[str]]
 _OWN_DECODING = ("decode", "batch_decode", "_decode")
@@ -28,19 +28,13 @@ class TokenizerMismatchError(ValueError):
 
 
 def decode_batch(batch: SampleBatch, tokenizer: Any) -> SampleBatch:
-    """Fill `pred_text` / `label_text` (skip_special_tokens=True) once per batch; later calls reuse them."""
-    if batch.pred_text is None or batch.label_text is None:
+    """Attach `pred_text` / `label_text` (skip_special_tokens=True), each decoded on its first read: a metric that
+    takes its references from a dataset column never pays for decoding the labels. Later calls reuse them."""
+    if not batch.has_text:
         decode = batch_decoder(tokenizer)
-        batch.pred_text = decode(split_rows(batch.pred_ids, batch.offsets))
-        batch.label_text = decode(split_rows(batch.label_ids, batch.label_row_offsets))
+        batch.attach_text(LazyText(decode, batch.pred_ids, batch.offsets),
+                          LazyText(decode, batch.label_ids, batch.label_row_offsets))
     return batch
-
-
-def split_rows(ids: np.ndarray, offsets: np.ndarray) -> list[list[int]]:
-    """Ragged rows as lists of ints: one conversion of the whole array, then list slices."""
-    values = ids.tolist()
-    bounds = (offsets - offsets[0]).tolist()
-    return [values[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
 
 
 def batch_decoder(tokenizer: Any) -> Decoder:

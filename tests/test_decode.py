@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from spilleval.batch import SampleBatch
-from spilleval.decode import _rust_backend, batch_decoder, decode_batch, split_rows
+from spilleval.batch import SampleBatch, split_rows
+from spilleval.decode import _rust_backend, batch_decoder, decode_batch
 from spilleval.testing import build_tokenizer
 
 CORPUS = ["the cat sat on the mat .", "it's a café , isn't it ?", "日本語 😀 naïve ÉCOLE", "don't stop , we're here !",
@@ -129,3 +129,28 @@ def test_decode_batch_fills_both_sides_of_aligned_and_ragged_batches():
     assert split_rows(part.pred_ids, part.offsets) == rows[3:6]
     assert decode_batch(SampleBatch.from_rows([], [], [], vocab_size=len(tok)), tok).pred_text == []
     assert split_rows(np.zeros(0, dtype=np.uint16), np.zeros(1, dtype=np.int64)) == []
+
+
+def test_text_is_decoded_on_first_read_and_only_the_rows_read(monkeypatch: pytest.MonkeyPatch):
+    """decode_batch attaches text that decodes when it is first read: a metric with references in a column never
+    pays for decoding the labels, and rows sliced or taken before the read decode only themselves, once."""
+    tok = get("byte-level BPE")
+    rows = rows_of(tok)[:8]
+    decoded: list[int] = []
+    reference = batch_decoder(tok)
+
+    def counting(batch_rows: list[list[int]]) -> list[str]:
+        decoded.append(len(batch_rows))
+        return reference(batch_rows)
+
+    batch = SampleBatch.from_rows(range(8), rows, rows[::-1], vocab_size=len(tok), aligned=False)
+    monkeypatch.setattr("spilleval.decode.batch_decoder", lambda _: counting)
+    decode_batch(batch, tok)
+    assert decoded == [] and batch.has_text
+    part, picked = batch.slice(2, 5), batch.take(np.array([6, 0]))
+    assert part.pred_text == reference(rows[2:5]) and decoded == [3]
+    assert picked.label_text == reference([rows[::-1][6], rows[::-1][0]]) and decoded == [3, 2]
+    assert batch.pred_text == reference(rows) and batch.pred_text is batch.pred_text and decoded == [3, 2, 8]
+    assert batch.label_text == reference(rows[::-1]) and decoded == [3, 2, 8, 8]
+    decode_batch(batch, tok)  # already attached: nothing decoded again
+    assert decoded == [3, 2, 8, 8]

@@ -1,14 +1,18 @@
 """Recompute throughput of the text metrics and CIDEr with 1, 2, 4, 8, 16 worker processes, and CIDEr before/after.
 
-    .venv/bin/python tools/bench_scaling.py                       # 200k-token caption spill, workers up to the cores
-    .venv/bin/python tools/bench_scaling.py --tokens 50000 --workers 1 2 --cider-tokens 20000   # a quick look
+    .venv/bin/python tools/bench_scaling.py                  # each metric ~8 s on 1 worker, workers up to the cores
+    .venv/bin/python tools/bench_scaling.py --seconds 1 --workers 1 2 --cider-tokens 20000   # a quick look
 
-The spill is bench_compute's caption spill (`CaptionData`: a real word-level tokenizer saved in the spill, 5-30
-word answers, 1-5 references per sample in a "references" column). For each worker count, one process pool
-(`spilleval.metrics.parallel.local_executor`) is started and warmed up (every worker imports the metrics and
-loads the spill's tokenizer: a one-off cost, reported as "pool start"), then each metric is timed alone,
-`compute_from_spill(dir, [spec], executor=pool)`, best of --repeats. Every metric's result must be the same bits
-for every worker count. Speed-up = time with 1 worker / time with N; efficiency = speed-up / N.
+The spills are bench_compute's caption spill (`CaptionData`: a real word-level tokenizer saved in the spill, 5-30
+word answers, 1-5 references per sample in a "references" column), one prefix of it per metric: its rate on a
+--probe-tokens prefix (one process) sets the prefix that takes about --seconds with one worker (prefixes are probe
+x 2^k tokens, at most --max-tokens), so a fast metric is not timed on a spill that leaves its workers idle and a
+slow one does not take minutes. For each worker count, one process pool
+(`spilleval.metrics.parallel.local_executor`) is started (its start, until every worker has loaded the tokenizer,
+is "pool start"), then each metric is timed alone, `compute_from_spill(dir, [spec], executor=pool)`, best of
+--repeats: the first repeat also pays each worker's first use of the metric (importing its reference library:
+rouge-score's nltk takes about 2 s), reported as "first run". Every metric's result must be the same bits for every
+worker count. Speed-up = time with 1 worker / time with N; efficiency = speed-up / N.
 
 CIDEr before/after (--cider-tokens, 0 to skip; needs pycocoevalcap): the implementation before issue 16 (two
 passes with pycocoevalcap's `CiderScorer` per batch and the document frequencies in SQLite, kept below as the
@@ -45,24 +49,44 @@ TEXT_METRICS = ["text_match", "bleu", "chrf", "ter", "rouge", "squad", "wer", "c
                 "cider"]
 
 
-def time_metrics(spill: Path, specs: dict[str, dict[str, Any]], workers: int, repeats: int) -> dict[str, Any]:
+def time_metrics(spill_of: dict[str, Path], specs: dict[str, dict[str, Any]], workers: int, repeats: int,
+                 warm_up_spill: Path) -> dict[str, Any]:
     warm_up = {"name": "text_match", "params": {}}
     start = time.perf_counter()
     pool = local_executor(workers)
     try:
-        compute_from_spill(spill, [warm_up], executor=pool, workers=workers)  # every worker loads the tokenizer
+        compute_from_spill(warm_up_spill, [warm_up], executor=pool, workers=workers)  # loads the tokenizer
         out: dict[str, Any] = {"pool_start_s": time.perf_counter() - start, "metrics": {}}
         for name in specs:
-            best, result = float("inf"), None
+            times, result = [], None
             for _ in range(repeats):
                 t = time.perf_counter()
-                result = compute_from_spill(spill, [specs[name]], executor=pool, workers=workers)
-                best = min(best, time.perf_counter() - t)
-            out["metrics"][name] = {"seconds": best, "result": result}
-            print(f"  workers {workers:2d}  {name:16s} {best:8.2f} s", flush=True)
+                result = compute_from_spill(spill_of[name], [specs[name]], executor=pool, workers=workers)
+                times.append(time.perf_counter() - t)
+            out["metrics"][name] = {"seconds": min(times), "first_run_s": times[0], "result": result}
+            print(f"  workers {workers:2d}  {name:16s} {min(times):8.2f} s  (first run {times[0]:.2f} s)", flush=True)
         return out
     finally:
         shutdown(pool)
+
+
+def spill_per_metric(spills: PrefixSpills, specs: dict[str, dict[str, Any]], probe: int, seconds: float,
+                     max_tokens: int) -> dict[str, Any]:
+    """The prefix each metric is timed on: about `seconds` of one worker, from its rate on the probe prefix."""
+    probe_spill = spills.get(probe)
+    sizes = {}
+    for name, spec in specs.items():
+        compute_from_spill(probe_spill.path, [spec], workers=1)  # imports, caches
+        t = time.perf_counter()
+        compute_from_spill(probe_spill.path, [spec], workers=1)
+        rate = probe_spill.tokens / (time.perf_counter() - t)
+        tokens = probe
+        while tokens * 2 <= max_tokens and tokens / rate < seconds / 1.5:
+            tokens *= 2
+        sizes[name] = spills.get(tokens)
+        print(f"  {name:16s} {rate:12,.0f} tokens/s on the probe -> timed on {sizes[name].tokens:,} tokens "
+              f"({sizes[name].samples:,} samples)", flush=True)
+    return sizes
 
 
 def cider_before(spill: Path, spec: dict[str, Any]) -> float:
@@ -144,7 +168,8 @@ def plot(out: dict[str, Any], path: Path) -> None:
     ax.set_xticks(counts, [str(w) for w in counts])
     ax.set_xlabel("worker processes")
     ax.set_ylabel("speed-up over 1 worker")
-    ax.set_title(f"spilleval compute --workers N, {out['samples']:,} caption samples\n{out['machine']['cpu']}",
+    ax.set_title(f"spilleval compute --workers N, caption spills of ~{out['seconds']:g} s on 1 worker\n"
+                 f"{out['machine']['cpu']}",
                  fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -156,13 +181,17 @@ def report(out: dict[str, Any]) -> str:
     rows = []
     for name in out["metrics"]:
         base = out["runs"][str(counts[0])]["metrics"][name]["seconds"]
-        cells = [f"{out['samples'] / base:,.0f}"]
+        samples = out["spills"][name]["samples"]
+        cells = [f"{samples:,}", f"{base:.2f} s ({samples / base:,.0f}/s)"]
         for w in counts[1:]:
             s = out["runs"][str(w)]["metrics"][name]["seconds"]
             cells.append(f"{base / s:.2f} ({base / s / w:.2f})")
-        rows.append([name, *cells])
-    rows.append(["pool start (s)", *[f"{out['runs'][str(w)]['pool_start_s']:.1f}" for w in counts]])
-    header = ["metric", "1 worker: samples/s", *[f"{w} workers: speed-up (efficiency)" for w in counts[1:]]]
+        runs = [out["runs"][str(w)]["metrics"][name] for w in counts]
+        first = max(run["first_run_s"] - run["seconds"] for run in runs)
+        rows.append([name, *cells, f"{first:.1f}"])
+    rows.append(["pool start (s)", "", *[f"{out['runs'][str(w)]['pool_start_s']:.1f}" for w in counts], ""])
+    header = ["metric", "samples", "1 worker", *[f"{w} workers: speed-up (efficiency)" for w in counts[1:]],
+              "first-run extra, max (s)"]
     text = markdown_table(header, rows)
     if out.get("cider"):
         c = out["cider"]
@@ -173,10 +202,12 @@ def report(out: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=200_000, help="supervised tokens of the caption spill")
+    parser.add_argument("--seconds", type=float, default=8.0, help="target time of each metric on 1 worker")
+    parser.add_argument("--probe-tokens", type=int, default=20_000, help="prefix that measures each metric's rate")
+    parser.add_argument("--max-tokens", type=int, default=4_000_000, help="largest prefix a metric is timed on")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--metrics", nargs="+", default=TEXT_METRICS)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="best of; the first also pays first use")
     parser.add_argument("--cider-tokens", type=int, default=100_000, help="spill for CIDEr before/after (0: skip)")
     parser.add_argument("--out", type=Path, default=Path("bench-scaling"))
     args = parser.parse_args()
@@ -186,17 +217,22 @@ def main() -> None:
     all_specs = metric_specs(tokenizer.convert_tokens_to_ids(list(CLASS_WORDS)))
     specs = {name: all_specs[name] for name in args.metrics}
     root = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
-    spills = PrefixSpills(root, max(args.tokens, args.cider_tokens), tokenizer, all_specs)
+    spills = PrefixSpills(root, max(args.max_tokens, args.cider_tokens), tokenizer, all_specs)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        spill = spills.get(args.tokens)
-        out: dict[str, Any] = {"machine": machine_info(), "usable_cores": cores, "tokens": spill.tokens,
-                               "samples": spill.samples, "metrics": list(specs), "runs": {}}
+        out: dict[str, Any] = {"machine": machine_info(), "usable_cores": cores, "seconds": args.seconds,
+                               "repeats": args.repeats, "metrics": list(specs), "runs": {}}
         if args.cider_tokens:
             out["cider"] = cider_before_after(spills, args.cider_tokens, all_specs["cider"], args.repeats)
             print(f"cider before/after: {out['cider']}", flush=True)
+        if not specs:
+            print(report(out) if out.get("cider") else "no metrics to time")
+            return
+        spill_of = spill_per_metric(spills, specs, args.probe_tokens, args.seconds, args.max_tokens)
+        out["spills"] = {name: {"tokens": s.tokens, "samples": s.samples} for name, s in spill_of.items()}
+        paths = {name: s.path for name, s in spill_of.items()}
         for w in counts:
-            out["runs"][str(w)] = time_metrics(spill.path, specs, w, args.repeats)
+            out["runs"][str(w)] = time_metrics(paths, specs, w, args.repeats, spills.get(args.probe_tokens).path)
             (args.out / "scaling.json").write_text(json.dumps(out, indent=1))  # kept if a later count is cut off
         for name in specs:  # the same bits for every worker count
             results = {json.dumps(out["runs"][str(w)]["metrics"][name]["result"]) for w in counts}

@@ -96,20 +96,22 @@ class Cider(MapMergeMetric):
 
     # ------------------------------------------------------------------------------------------- any process
     def map(self, pass_index: int, batch: SampleBatch, context: Any) -> Any:
-        hyps, refs = self._captions(batch)
-        if pass_index == DOCUMENT_FREQUENCY:
+        if pass_index == DOCUMENT_FREQUENCY:  # the references alone: the predictions are not decoded
+            refs = self._references(batch)
             return (len(refs), *document_frequencies(refs))
+        hyps, refs = self._predictions(batch), self._references(batch)
         if not len(hyps):
             return exact_sum.zeros()
         table = _open_table(context["runs"])
         scores = cider_scores(hyps, refs, table.get, corpus_size=context["corpus_size"], n=self.n, sigma=self.sigma)
         return exact_sum.add(exact_sum.zeros(), scores)
 
-    def _captions(self, batch: SampleBatch) -> tuple[list[str], list[list[str]]]:
-        """(predictions, references) of a batch, lowercased when asked."""
-        fold = str.lower if self.lowercase else (lambda s: s)
+    def _predictions(self, batch: SampleBatch) -> list[str]:
+        return [p.lower() for p in batch.pred_text or []] if self.lowercase else list(batch.pred_text or [])
+
+    def _references(self, batch: SampleBatch) -> list[list[str]]:
         refs = references_of(batch, self.references_column, self.name)
-        return [fold(p) for p in batch.pred_text or []], [[fold(r) for r in rs] for rs in refs]
+        return [[r.lower() for r in rs] for rs in refs] if self.lowercase else refs
 
 
 _OPEN: dict[tuple[str, ...], NgramCounts] = {}

@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..batch import concat_ranges
+
 DocumentFrequency = Callable[[np.ndarray, pa.Array], np.ndarray]  # (hashes, texts) -> corpus counts
 COOKED_ORDERS = 4  # pycocoevalcap's CiderScorer cooks 1- to 4-grams whatever its `n` (cook_refs(refs) uses n=4)
 
@@ -40,7 +42,11 @@ class CookedCaptions:
 
 
 def cook(captions: Sequence[str], orders: int = COOKED_ORDERS) -> CookedCaptions:
-    """Split on whitespace (as `precook`), intern the words and count every n-gram of order 1..`orders`."""
+    """Split on whitespace (as `precook`), intern the words and count every n-gram of order 1..`orders`.
+
+    No sort: words and n-grams are interned by hash (Arrow's dictionary encoding numbers them in order of first
+    appearance), each occurrence is put at its place in pycocoevalcap's dict order directly, and the (caption,
+    n-gram) pairs come out of one more interning in that order."""
     words = [caption.split() for caption in captions]
     lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
     flat_words = pa.array([word for caption in words for word in caption], pa.large_string())
@@ -50,42 +56,67 @@ def cook(captions: Sequence[str], orders: int = COOKED_ORDERS) -> CookedCaptions
     starts = np.zeros(len(words) + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
     owner = np.repeat(np.arange(len(words), dtype=np.int64), lengths)
-    room = starts[1:][owner] - np.arange(len(flat_words))  # words from each position to its caption's end
+    in_caption = np.arange(len(flat_words), dtype=np.int64) - starts[owner]
+    room = lengths[owner] - in_caption  # words from each position to its caption's end
+    block_start, per_caption = _dict_order_blocks(lengths, orders)
 
     word_hash = text_hashes(interned.dictionary)[word_ids]
-    occ_gram, occ_caption, occ_order, occ_position, texts, gram_order, hashes = [], [], [], [], [], [], []
+    occurrence_gram = np.empty(int(per_caption.sum()), dtype=np.int64)
+    texts, gram_order, hashes = [], [], []
     prefix = word_ids
     offset = 0
     for k in range(orders):
         where = np.flatnonzero(room > k)
         keys = word_ids if k == 0 else prefix[where] * vocab_size + word_ids[where + k]
-        _, first, ids = np.unique(keys, return_index=True, return_inverse=True)
+        ids, _, first = first_appearance(keys)
         first = where[first]
         gram = np.full(len(flat_words), -1, dtype=np.int64)
-        gram[where] = ids.reshape(-1)
+        gram[where] = ids
         prefix = gram
-        occ_gram.append(offset + gram[where])
-        occ_caption.append(owner[where])
-        occ_order.append(np.full(len(where), k, dtype=np.int64))
-        occ_position.append(where)
+        occurrence_gram[block_start[owner[where], k] + in_caption[where]] = offset + ids
         texts.append(_joined(flat_words, first, k + 1))
         hashes.append(_chained(word_hash, first, k + 1))
         gram_order.append(np.full(len(first), k, dtype=np.int64))
         offset += len(first)
 
-    gram = np.concatenate(occ_gram)
-    caption = np.concatenate(occ_caption)
-    in_dict_order = np.lexsort((np.concatenate(occ_position), np.concatenate(occ_order), caption))
-    gram, caption = gram[in_dict_order], caption[in_dict_order]
     grams = max(offset, 1)
-    pairs, first, counts = np.unique(caption * grams + gram, return_index=True, return_counts=True)
-    by_first = np.argsort(first, kind="stable")
-    pairs, counts = pairs[by_first], counts[by_first]
+    occurrence_caption = np.repeat(np.arange(len(words), dtype=np.int64), per_caption)
+    codes, pairs, _ = first_appearance(occurrence_caption * grams + occurrence_gram)
+    counts = np.bincount(codes, minlength=len(pairs)).astype(np.int64)
     gram_text = pa.concat_arrays(texts) if texts else pa.array([], pa.large_string())
     return CookedCaptions(pair_caption=pairs // grams, pair_gram=pairs % grams, pair_count=counts,
                           gram_order=np.concatenate(gram_order) if gram_order else np.zeros(0, np.int64),
                           gram_hash=np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
                           gram_text=gram_text, length=np.maximum(lengths - 1, 0))
+
+
+def _dict_order_blocks(lengths: np.ndarray, orders: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each caption's n-grams of each order start in pycocoevalcap's dict order (caption by caption, then
+    order by order, then position), [C, orders], and each caption's number of n-gram occurrences."""
+    per_order = np.maximum(lengths[:, None] - np.arange(orders)[None, :], 0)
+    per_caption = per_order.sum(axis=1)
+    caption_start = np.concatenate(([0], np.cumsum(per_caption)[:-1])) if len(lengths) else np.zeros(0, np.int64)
+    within = np.cumsum(per_order, axis=1) - per_order
+    return caption_start[:, None] + within, per_caption
+
+
+def first_appearance(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes, distinct values, first positions): each key's number among the distinct keys, numbered in order of
+    first appearance (a hash table, no sort), the distinct keys in that order and where each first appears."""
+    encoded = pa.array(keys, pa.int64()).dictionary_encode()
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    values = encoded.dictionary.to_numpy(zero_copy_only=False)
+    is_first = np.ones(len(codes), dtype=bool)
+    if len(codes) > 1:
+        is_first[1:] = codes[1:] > np.maximum.accumulate(codes)[:-1]  # a code first seen exceeds all before it
+    first = np.flatnonzero(is_first)
+    if len(first) != len(values):  # Arrow numbered the keys in another order: number them by sorting instead
+        values, first, codes = np.unique(keys, return_index=True, return_inverse=True)
+        by_first = np.argsort(first, kind="stable")
+        rank = np.empty_like(by_first)
+        rank[by_first] = np.arange(len(by_first))
+        values, first, codes = values[by_first], first[by_first], rank[codes.reshape(-1)]
+    return codes, values, first
 
 
 def _joined(words: pa.Array, start: np.ndarray, k: int) -> pa.Array:
@@ -131,9 +162,10 @@ def document_frequencies(refs: Sequence[Sequence[str]]) -> tuple[np.ndarray, pa.
     owner = np.repeat(np.arange(len(refs), dtype=np.int64), [len(r) for r in refs])
     cooked = cook([ref for sample_refs in refs for ref in sample_refs])
     grams = max(len(cooked.gram_order), 1)
-    in_sample = _distinct(owner[cooked.pair_caption] * grams + cooked.pair_gram) % grams
-    ids, samples = np.unique(in_sample, return_counts=True)
-    return cooked.gram_hash[ids], cooked.gram_text.take(pa.array(ids)), samples
+    in_sample = pc.unique(pa.array(owner[cooked.pair_caption] * grams + cooked.pair_gram)).to_numpy()
+    samples = np.bincount(in_sample % grams, minlength=len(cooked.gram_order)).astype(np.int64)
+    ids = np.flatnonzero(samples)
+    return cooked.gram_hash[ids], cooked.gram_text.take(pa.array(ids)), samples[ids]
 
 
 def cider_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], document_frequency: DocumentFrequency, *,
@@ -146,26 +178,11 @@ def cider_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], document_fr
     keep = cooked.gram_order[cooked.pair_gram] < orders
     caption, gram, count = cooked.pair_caption[keep], cooked.pair_gram[keep], cooked.pair_count[keep]
     order = cooked.gram_order[gram]
-    all_grams = np.arange(len(cooked.gram_order))
     df = document_frequency(cooked.gram_hash, cooked.gram_text)
     weight = count.astype(np.float64) * (np.log(float(corpus_size)) - _log_df(df)[gram])
     captions = len(hyps) + len(ref_owner)
     norm = np.sqrt(_sums(caption * orders + order, weight * weight, captions * orders)).reshape(captions, orders)
-
-    is_hyp = caption < samples
-    hyp_pairs = np.flatnonzero(is_hyp)
-    hyp_keys = caption[hyp_pairs] * len(all_grams) + gram[hyp_pairs]
-    by_key = np.argsort(hyp_keys, kind="stable")
-    ref_pairs = np.flatnonzero(~is_hyp)
-    ref_keys = ref_owner[caption[ref_pairs] - samples] * len(all_grams) + gram[ref_pairs]
-    at = np.minimum(np.searchsorted(hyp_keys[by_key], ref_keys), max(len(hyp_pairs) - 1, 0))
-    matched = hyp_keys[by_key][at] == ref_keys if len(hyp_pairs) else np.zeros(len(ref_pairs), bool)
-    ref_match, hyp_match = ref_pairs[matched], hyp_pairs[by_key[at[matched]]]
-    in_hyp_order = np.lexsort((hyp_match, caption[ref_match]))  # pycocoevalcap loops over the hypothesis' n-grams
-    ref_match, hyp_match = ref_match[in_hyp_order], hyp_match[in_hyp_order]
-    clipped = np.minimum(weight[hyp_match], weight[ref_match]) * weight[ref_match]
-    ref_row = caption[ref_match] - samples
-    dot = _sums(ref_row * orders + order[ref_match], clipped, len(ref_owner) * orders).reshape(len(ref_owner), orders)
+    dot = _clipped_dots(caption, gram, order, weight, samples, ref_owner, orders)
 
     hyp_norm, ref_norm = norm[ref_owner], norm[samples:]
     both = (hyp_norm != 0) & (ref_norm != 0)
@@ -178,10 +195,26 @@ def cider_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], document_fr
     return summed.mean(axis=1) / np.array([len(r) for r in refs], dtype=np.float64) * 10.0
 
 
-def _distinct(values: np.ndarray) -> np.ndarray:
-    """The distinct values, sorted (a sort: faster here than numpy's hash-based `np.unique`)."""
-    values = np.sort(values)
-    return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) else values
+def _clipped_dots(caption: np.ndarray, gram: np.ndarray, order: np.ndarray, weight: np.ndarray, samples: int,
+                  ref_owner: np.ndarray, orders: int) -> np.ndarray:
+    """[references, orders]: sum over the hypothesis' n-grams of min(hyp, ref) * ref weight, per reference and
+    order, adding in pycocoevalcap's order (the hypothesis' n-grams in its dict order). Pairs are grouped by caption
+    (hypotheses 0..samples-1 first, then the references), each caption's pairs in dict order."""
+    hyp_pairs = int(np.searchsorted(caption, samples))
+    hyp_bounds = np.searchsorted(caption[:hyp_pairs], np.arange(samples + 1))
+    hyp_count = np.diff(hyp_bounds)
+    # every (reference, n-gram of its hypothesis), reference by reference, in the hypothesis' dict order
+    candidate_hyp = concat_ranges(hyp_bounds[ref_owner], hyp_count[ref_owner])
+    candidate_ref = np.repeat(np.arange(len(ref_owner), dtype=np.int64), hyp_count[ref_owner])
+    grams = int(gram.max()) + 1 if len(gram) else 1
+    ref_keys = pa.array((caption[hyp_pairs:] - samples) * grams + gram[hyp_pairs:])
+    at = pc.index_in(pa.array(candidate_ref * grams + gram[candidate_hyp]), value_set=ref_keys)
+    matched = at.is_valid().to_numpy(zero_copy_only=False)
+    ref_match = hyp_pairs + at.drop_null().to_numpy().astype(np.int64)
+    hyp_match = candidate_hyp[matched]
+    clipped = np.minimum(weight[hyp_match], weight[ref_match]) * weight[ref_match]
+    bins = candidate_ref[matched] * orders + order[ref_match]
+    return _sums(bins, clipped, len(ref_owner) * orders).reshape(len(ref_owner), orders)
 
 
 def _sums(index: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 BUFFER_ROWS = 1 << 15  # about 2 MB of rows buffered before they are sorted into a run
 MAX_RUNS = 16
-LOOKUP_GROUP = 1024  # keys looked up between two releases of the mapped pages
+LOOKUP_GROUP = 8192  # keys looked up between two releases of the mapped pages
 _FILES = ("hash.u64", "count.i64", "offsets.i64", "text.utf8")
 
 

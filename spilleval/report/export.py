@@ -86,8 +86,8 @@ def _window_table(reader: SpillReader, batch: SampleBatch, scores: list[SampleSc
     extra: dict[str, pa.Array] = {}
     if decode:
         reader.decode(batch)
-        extra["prediction"] = pa.array(batch.pred_text, pa.string())
-        extra["reference"] = pa.array(batch.label_text, pa.string())
+        extra["prediction"] = pa.array(list(batch.pred_text), pa.string())
+        extra["reference"] = pa.array(list(batch.label_text), pa.string())
     if any(s.needs_text for s in scores):
         reader.decode(batch)
     for name, values in score_batch(batch, scores).items():
