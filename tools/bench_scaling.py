@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--probe-tokens", type=int, default=20_000, help="prefix that measures each metric's rate")
     parser.add_argument("--max-tokens", type=int, default=4_000_000, help="largest prefix a metric is timed on")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--metrics", nargs="+", default=TEXT_METRICS)
+    parser.add_argument("--metrics", nargs="*", default=TEXT_METRICS)
     parser.add_argument("--repeats", type=int, default=2, help="best of; the first also pays first use")
     parser.add_argument("--cider-tokens", type=int, default=100_000, help="spill for CIDEr before/after (0: skip)")
     parser.add_argument("--out", type=Path, default=Path("bench-scaling"))

@@ -23,7 +23,8 @@ import pyarrow.compute as pc
 
 from ..batch import concat_ranges
 
-DocumentFrequency = Callable[[np.ndarray, pa.Array], np.ndarray]  # (hashes, texts) -> corpus counts
+# (hashes, texts, known to be in the table) -> corpus counts
+DocumentFrequency = Callable[[np.ndarray, pa.Array, np.ndarray], np.ndarray]
 COOKED_ORDERS = 4  # pycocoevalcap's CiderScorer cooks 1- to 4-grams whatever its `n` (cook_refs(refs) uses n=4)
 
 
@@ -42,52 +43,100 @@ class CookedCaptions:
 
 
 def cook(captions: Sequence[str], orders: int = COOKED_ORDERS) -> CookedCaptions:
-    """Split on whitespace (as `precook`), intern the words and count every n-gram of order 1..`orders`.
+    """Split on whitespace (as `precook`), intern the words and count every n-gram of order 1..`orders`: the
+    (caption, n-gram) pairs come out of interning the occurrences in pycocoevalcap's dict order."""
+    found = occurrences(captions, orders)
+    grams = max(len(found.gram_order), 1)
+    codes, pairs, _ = first_appearance(found.caption * grams + found.gram)
+    counts = np.bincount(codes, minlength=len(pairs)).astype(np.int64)
+    return CookedCaptions(pair_caption=pairs // grams, pair_gram=pairs % grams, pair_count=counts,
+                          gram_order=found.gram_order, gram_hash=found.gram_hash, gram_text=found.gram_text,
+                          length=found.length)
 
-    No sort: words and n-grams are interned by hash (Arrow's dictionary encoding numbers them in order of first
-    appearance), each occurrence is put at its place in pycocoevalcap's dict order directly, and the (caption,
-    n-gram) pairs come out of one more interning in that order."""
-    words = [caption.split() for caption in captions]
-    lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
-    flat_words = pa.array([word for caption in words for word in caption], pa.large_string())
+
+@dataclass
+class Occurrences:
+    """Every n-gram occurrence of a list of captions, in pycocoevalcap's dict order (caption by caption, then order
+    by order, then position), and the distinct n-grams; n-gram ids are local to this list."""
+
+    caption: np.ndarray  # int64 [O]
+    gram: np.ndarray  # int64 [O]
+    gram_order: np.ndarray  # int64 [G]
+    gram_hash: np.ndarray  # uint64 [G]
+    gram_text: pa.Array  # [G]
+    length: np.ndarray  # int64 [C]: pycocoevalcap's caption length
+
+
+def occurrences(captions: Sequence[str], orders: int = COOKED_ORDERS) -> Occurrences:
+    """No sort: words and n-grams are interned by hash (Arrow's dictionary encoding numbers them in order of first
+    appearance) and each occurrence is put at its place in the dict order directly. An n-gram's text and hash
+    extend its (n-1)-gram prefix's by one word."""
+    flat_words, lengths = split_words(captions)
     interned = flat_words.dictionary_encode()
     word_ids = interned.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     vocab_size = max(len(interned.dictionary), 1)
-    starts = np.zeros(len(words) + 1, dtype=np.int64)
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
-    owner = np.repeat(np.arange(len(words), dtype=np.int64), lengths)
+    owner = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
     in_caption = np.arange(len(flat_words), dtype=np.int64) - starts[owner]
     room = lengths[owner] - in_caption  # words from each position to its caption's end
     block_start, per_caption = _dict_order_blocks(lengths, orders)
 
-    word_hash = text_hashes(interned.dictionary)[word_ids]
+    dictionary_hash = text_hashes(interned.dictionary)
+    word_hash = dictionary_hash[word_ids]
     occurrence_gram = np.empty(int(per_caption.sum()), dtype=np.int64)
-    texts, gram_order, hashes = [], [], []
-    prefix = word_ids
+    texts: list[pa.Array] = []
+    hashes: list[np.ndarray] = []
+    prefix = word_ids  # the id (within its order) of the n-gram starting at each position
     offset = 0
     for k in range(orders):
         where = np.flatnonzero(room > k)
-        keys = word_ids if k == 0 else prefix[where] * vocab_size + word_ids[where + k]
-        ids, _, first = first_appearance(keys)
-        first = where[first]
+        if k == 0:
+            ids, values, first = first_appearance(word_ids)
+            texts.append(interned.dictionary.take(pa.array(values)))
+            hashes.append(_mix(dictionary_hash[values]))  # chained: h(w1..wk) = mix(h(w1..wk-1) ^ h(wk))
+        else:
+            ids, _, first = first_appearance(prefix[where] * vocab_size + word_ids[where + k])
+            first = where[first]
+            head = prefix[first]  # the (k)-gram each new n-gram extends by the word at first + k
+            texts.append(pc.binary_join_element_wise(texts[-1].take(pa.array(head)),
+                                                     flat_words.take(pa.array(first + k)),
+                                                     pa.scalar(" ", pa.large_string())))
+            hashes.append(_mix(hashes[-1][head] ^ word_hash[first + k]))
         gram = np.full(len(flat_words), -1, dtype=np.int64)
         gram[where] = ids
         prefix = gram
         occurrence_gram[block_start[owner[where], k] + in_caption[where]] = offset + ids
-        texts.append(_joined(flat_words, first, k + 1))
-        hashes.append(_chained(word_hash, first, k + 1))
-        gram_order.append(np.full(len(first), k, dtype=np.int64))
         offset += len(first)
 
-    grams = max(offset, 1)
-    occurrence_caption = np.repeat(np.arange(len(words), dtype=np.int64), per_caption)
-    codes, pairs, _ = first_appearance(occurrence_caption * grams + occurrence_gram)
-    counts = np.bincount(codes, minlength=len(pairs)).astype(np.int64)
-    gram_text = pa.concat_arrays(texts) if texts else pa.array([], pa.large_string())
-    return CookedCaptions(pair_caption=pairs // grams, pair_gram=pairs % grams, pair_count=counts,
-                          gram_order=np.concatenate(gram_order) if gram_order else np.zeros(0, np.int64),
-                          gram_hash=np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
-                          gram_text=gram_text, length=np.maximum(lengths - 1, 0))
+    occurrence_caption = np.repeat(np.arange(len(lengths), dtype=np.int64), per_caption)
+    return Occurrences(
+        caption=occurrence_caption, gram=occurrence_gram,
+        gram_order=np.repeat(np.arange(len(hashes), dtype=np.int64), [len(h) for h in hashes]),
+        gram_hash=np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
+        gram_text=pa.concat_arrays(texts) if texts else pa.array([], pa.large_string()),
+        length=np.maximum(lengths - 1, 0))
+
+
+def split_words(captions: Sequence[str]) -> tuple[pa.Array, np.ndarray]:
+    """Every caption's words, flattened, and each caption's word count: Python's `str.split()` (Arrow's
+    `utf8_split_whitespace` splits on the same characters, tested for every code point; it keeps the empty strings
+    between two separators, which are dropped)."""
+    pieces = pc.utf8_split_whitespace(pa.array(captions, pa.large_string()))
+    flat = pieces.flatten()
+    keep = pc.greater(pc.binary_length(flat), 0)
+    owner = pc.list_parent_indices(pieces).to_numpy(zero_copy_only=False)
+    kept_owner = owner[keep.to_numpy(zero_copy_only=False)]
+    return flat.filter(keep), np.bincount(kept_owner, minlength=len(captions)).astype(np.int64)
+
+
+def _first_positions(codes: np.ndarray) -> np.ndarray:
+    """Where each code first appears, for codes numbered in order of first appearance (0, 1, 2, ...): there a code
+    is larger than every code before it."""
+    is_first = np.ones(len(codes), dtype=bool)
+    if len(codes) > 1:
+        is_first[1:] = codes[1:] > np.maximum.accumulate(codes)[:-1]
+    return np.flatnonzero(is_first)
 
 
 def _dict_order_blocks(lengths: np.ndarray, orders: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,10 +155,7 @@ def first_appearance(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     encoded = pa.array(keys, pa.int64()).dictionary_encode()
     codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     values = encoded.dictionary.to_numpy(zero_copy_only=False)
-    is_first = np.ones(len(codes), dtype=bool)
-    if len(codes) > 1:
-        is_first[1:] = codes[1:] > np.maximum.accumulate(codes)[:-1]  # a code first seen exceeds all before it
-    first = np.flatnonzero(is_first)
+    first = _first_positions(codes)
     if len(first) != len(values):  # Arrow numbered the keys in another order: number them by sorting instead
         values, first, codes = np.unique(keys, return_index=True, return_inverse=True)
         by_first = np.argsort(first, kind="stable")
@@ -117,20 +163,6 @@ def first_appearance(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
         rank[by_first] = np.arange(len(by_first))
         values, first, codes = values[by_first], first[by_first], rank[codes.reshape(-1)]
     return codes, values, first
-
-
-def _joined(words: pa.Array, start: np.ndarray, k: int) -> pa.Array:
-    """The k words from each start position, joined by spaces (pycocoevalcap's tuple, as one string)."""
-    columns = [words.take(pa.array(start + j)) for j in range(k)]
-    return columns[0] if k == 1 else pc.binary_join_element_wise(*columns, pa.scalar(" ", pa.large_string()))
-
-
-def _chained(word_hash: np.ndarray, start: np.ndarray, k: int) -> np.ndarray:
-    """A 64-bit hash of the k words from each start position: their hashes chained through a mixer."""
-    h = np.zeros(len(start), dtype=np.uint64)
-    for j in range(k):
-        h = _mix(h ^ word_hash[start + j])
-    return h
 
 
 def text_hashes(texts: pa.Array) -> np.ndarray:
@@ -160,12 +192,12 @@ def document_frequencies(refs: Sequence[Sequence[str]]) -> tuple[np.ndarray, pa.
     """(hash, text, number of samples whose references hold it) of every n-gram of the samples' references: the
     batch's share of pycocoevalcap's `compute_doc_freq`."""
     owner = np.repeat(np.arange(len(refs), dtype=np.int64), [len(r) for r in refs])
-    cooked = cook([ref for sample_refs in refs for ref in sample_refs])
-    grams = max(len(cooked.gram_order), 1)
-    in_sample = pc.unique(pa.array(owner[cooked.pair_caption] * grams + cooked.pair_gram)).to_numpy()
-    samples = np.bincount(in_sample % grams, minlength=len(cooked.gram_order)).astype(np.int64)
+    found = occurrences([ref for sample_refs in refs for ref in sample_refs])
+    grams = max(len(found.gram_order), 1)
+    in_sample = pc.unique(pa.array(owner[found.caption] * grams + found.gram)).to_numpy()
+    samples = np.bincount(in_sample % grams, minlength=len(found.gram_order)).astype(np.int64)
     ids = np.flatnonzero(samples)
-    return cooked.gram_hash[ids], cooked.gram_text.take(pa.array(ids)), samples[ids]
+    return found.gram_hash[ids], found.gram_text.take(pa.array(ids)), samples[ids]
 
 
 def cider_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], document_frequency: DocumentFrequency, *,
@@ -178,7 +210,9 @@ def cider_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], document_fr
     keep = cooked.gram_order[cooked.pair_gram] < orders
     caption, gram, count = cooked.pair_caption[keep], cooked.pair_gram[keep], cooked.pair_count[keep]
     order = cooked.gram_order[gram]
-    df = document_frequency(cooked.gram_hash, cooked.gram_text)
+    in_references = np.zeros(len(cooked.gram_order), dtype=bool)  # counted in the first pass: in the table
+    in_references[cooked.pair_gram[cooked.pair_caption >= samples]] = True
+    df = document_frequency(cooked.gram_hash, cooked.gram_text, in_references)
     weight = count.astype(np.float64) * (np.log(float(corpus_size)) - _log_df(df)[gram])
     captions = len(hyps) + len(ref_owner)
     norm = np.sqrt(_sums(caption * orders + order, weight * weight, captions * orders)).reshape(captions, orders)
@@ -224,8 +258,9 @@ def _sums(index: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:
 
 def _log_df(df: np.ndarray) -> np.ndarray:
     """np.log(max(1.0, df)) per n-gram, one scalar log per distinct value (as pycocoevalcap takes it)."""
-    values, inverse = np.unique(df, return_inverse=True)
-    return np.array([np.log(max(1.0, float(v))) for v in values.tolist()], dtype=np.float64)[inverse.reshape(-1)]
+    distinct = pa.array(df, pa.int64()).dictionary_encode()  # few distinct values: a hash, not a sort
+    logs = np.array([np.log(max(1.0, float(v))) for v in distinct.dictionary.to_pylist()], dtype=np.float64)
+    return logs[distinct.indices.to_numpy(zero_copy_only=False)]
 
 
 def _length_penalty(delta: np.ndarray, sigma: float) -> np.ndarray:
