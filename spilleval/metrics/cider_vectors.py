@@ -92,7 +92,7 @@ def occurrences(captions: Sequence[str], orders: int = COOKED_ORDERS) -> Occurre
     for k in range(orders):
         where = np.flatnonzero(room > k)
         if k == 0:
-            ids, values, first = first_appearance(word_ids)
+            ids, values, first = _words_by_first_appearance(word_ids, len(interned.dictionary))
             texts.append(interned.dictionary.take(pa.array(values)))
             hashes.append(_mix(dictionary_hash[values]))  # chained: h(w1..wk) = mix(h(w1..wk-1) ^ h(wk))
         else:
@@ -128,6 +128,15 @@ def split_words(captions: Sequence[str]) -> tuple[pa.Array, np.ndarray]:
     owner = pc.list_parent_indices(pieces).to_numpy(zero_copy_only=False)
     kept_owner = owner[keep.to_numpy(zero_copy_only=False)]
     return flat.filter(keep), np.bincount(kept_owner, minlength=len(captions)).astype(np.int64)
+
+
+def _words_by_first_appearance(word_ids: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`first_appearance(word_ids)`, free when the dictionary encoding numbered the words in order of first
+    appearance (Arrow's does: its memo table numbers values as they come), checked."""
+    first = _first_positions(word_ids)
+    if len(first) == vocab:
+        return word_ids, np.arange(vocab, dtype=np.int64), first
+    return first_appearance(word_ids)
 
 
 def _first_positions(codes: np.ndarray) -> np.ndarray:

@@ -22,17 +22,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-BUFFER_ROWS = 1 << 15  # about 2 MB of rows buffered before they are sorted into a run
+BUFFER_ROWS = 1 << 18  # about 10 MB of rows (with their texts) buffered before they are sorted into a run
 MAX_RUNS = 16
 LOOKUP_GROUP = 8192  # keys looked up between two releases of the mapped pages
 _FILES = ("hash.u64", "count.i64", "offsets.i64", "text.utf8")
 
 
 def _sorted_unique(hashes: np.ndarray, texts: pa.Array, counts: np.ndarray) -> tuple[np.ndarray, pa.Array, np.ndarray]:
-    """Rows sorted by hash, equal keys (hash and text) summed. A stable sort by hash puts equal keys together
-    unless two different texts share a hash (a 64-bit collision): then the rows are sorted by (hash, text)."""
+    """Rows sorted by hash, equal keys (hash and text) summed. A sort by hash puts equal keys together unless two
+    different texts share a hash (a 64-bit collision): then the rows are sorted by (hash, text)."""
     texts = texts.cast(pa.large_string())
-    order = np.argsort(hashes, kind="stable")
+    order = np.argsort(hashes)
     h, t, n = hashes[order], texts.take(pa.array(order)), np.asarray(counts)[order]
     if not len(h):
         return h, t, n
