@@ -1,28 +1,25 @@
 """Corpus statistics of the whole distribution: exact percentiles of per-sample loss, distinct-n.
 
-Both keep what grows with the corpus in on-disk tables, so memory stays bounded and nothing is sketched: every loss
-value in `ondisk.py`'s tables, every distinct n-gram in sorted runs (`ngram_table.py`: hashed to sort, compared by
-text, so two n-grams are one only when their texts are equal).
+Both keep what grows with the corpus (every loss value, every distinct n-gram) in on-disk tables
+(`ondisk.py`): memory stays bounded and nothing is sketched or hashed.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
-import pyarrow as pa
 from pydantic import Field
 
 from ..batch import SampleBatch
 from .base import BatchSize, NgramOrder
 from .inputs import MetricInputError
-from .cider_vectors import cook
-from .mapmerge import MapMergeMetric, scratch_dir
-from .ngram_table import NgramCounts, NgramCountWriter
+from .mapmerge import MapMergeMetric
 from .ondisk import ScratchStore
 from .registry import register
 
@@ -191,32 +188,20 @@ class DistinctN(MapMergeMetric):
         return {"orders": self.orders, "batch_size": self.batch_size}
 
     def start(self, near: Path) -> None:
-        self._scratch = scratch_dir(near)
-        root = Path(self._scratch.name)
-        self._tables = {n: NgramCountWriter(root / f"ngrams_{n}") for n in self.orders}
+        store = self.scratch(near)
+        self._tables = {n: store.counter(f"ngrams_{n}") for n in self.orders}
         self._totals = dict.fromkeys(self.orders, 0)
 
-    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> dict[int, tuple[np.ndarray, Any, np.ndarray]]:
-        """Each order's distinct n-grams of the batch (hash, text, count), counted in numpy (`cider_vectors.cook`)."""
-        cooked = cook(list(batch.pred_text or []), orders=max(self.orders))
-        counts = np.bincount(cooked.pair_gram, weights=cooked.pair_count,
-                             minlength=len(cooked.gram_order)).astype(np.int64)
-        out = {}
-        for n in self.orders:
-            grams = np.flatnonzero(cooked.gram_order == n - 1)
-            out[n] = (cooked.gram_hash[grams], cooked.gram_text.take(pa.array(grams)), counts[grams])
-        return out
+    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> dict[int, list[tuple[str, int]]]:
+        words = [p.split() for p in batch.pred_text or []]
+        return {n: list(Counter(" ".join(w[i : i + n]) for w in words for i in range(len(w) - n + 1)).items())
+                for n in self.orders}
 
-    def merge(self, pass_index: int, partial: dict[int, tuple[np.ndarray, Any, np.ndarray]]) -> None:
-        for n, (hashes, texts, counts) in partial.items():
-            self._totals[n] += int(counts.sum())
-            self._tables[n].add(hashes, texts, counts)
-
-    def close(self) -> None:
-        if getattr(self, "_scratch", None) is not None:
-            self._scratch.cleanup()
-            self._scratch = None
+    def merge(self, pass_index: int, partial: dict[int, list[tuple[str, int]]]) -> None:
+        for n, grams in partial.items():
+            self._totals[n] += sum(count for _, count in grams)
+            self._tables[n].add(grams)
 
     def finish(self) -> dict[str, float]:
-        distinct = {n: sum(len(run) for run in NgramCounts(self._tables[n].finish()).runs) for n in self.orders}
-        return {f"distinct_{n}": distinct[n] / self._totals[n] if self._totals[n] else 0.0 for n in self.orders}
+        return {f"distinct_{n}": len(self._tables[n]) / self._totals[n] if self._totals[n] else 0.0
+                for n in self.orders}
