@@ -306,8 +306,9 @@ class LazyText:
 
     def __getitem__(self, rows: slice) -> "LazyText":
         start, stop, _ = rows.indices(len(self))
-        lo, hi = int(self._offsets[start]), int(self._offsets[max(start, stop)])
-        return LazyText(self._decode, self._ids[lo:hi], self._offsets[start : max(start, stop) + 1] - lo)
+        stop = max(start, stop)
+        lo, hi = int(self._offsets[start]), int(self._offsets[stop])
+        return LazyText(self._decode, self._ids[lo:hi], self._offsets[start : stop + 1] - lo)
 
     def take(self, rows: np.ndarray) -> "LazyText":
         positions, offsets = _take_rows(self._offsets, rows)
@@ -315,8 +316,10 @@ class LazyText:
 
 
 def _take_text(text: "list[str] | LazyText | None", rows: np.ndarray) -> "list[str] | LazyText | None":
-    if text is None or isinstance(text, LazyText):
-        return text if text is None else text.take(rows)
+    if text is None:
+        return None
+    if isinstance(text, LazyText):
+        return text.take(rows)
     return [text[i] for i in rows]
 
 

@@ -84,12 +84,11 @@ def _tables(
 def _window_table(reader: SpillReader, batch: SampleBatch, scores: list[SampleScore], *, decode: bool) -> pa.Table:
     table = batch_to_table(batch)
     extra: dict[str, pa.Array] = {}
+    if decode or any(s.needs_text for s in scores):
+        reader.decode(batch)
     if decode:
-        reader.decode(batch)
-        extra["prediction"] = pa.array(list(batch.pred_text), pa.string())
-        extra["reference"] = pa.array(list(batch.label_text), pa.string())
-    if any(s.needs_text for s in scores):
-        reader.decode(batch)
+        extra["prediction"] = pa.array(batch.pred_text, pa.string())
+        extra["reference"] = pa.array(batch.label_text, pa.string())
     for name, values in score_batch(batch, scores).items():
         extra[name] = pa.array(values, pa.float64())
     for name, values in batch.arrays.items():
