@@ -127,4 +127,6 @@ def test_bench_scaling_quick(tmp_path):
     assert set(out["runs"]) == {"1", "2"} and (tmp_path / "scaling.png").stat().st_size > 0
     assert out["cider"]["before"] == pytest.approx(out["cider"]["after"], rel=1e-12)
     assert "2 workers: speed-up" in done.stdout
-    assert all(2000 <= spill["tokens"] <= 4000 for spill in out["spills"].values())
+    # each metric's prefix is the probe (2,000 tokens) or one doubling (4,000): a prefix ends with the first sample
+    # that reaches its size, so it holds up to one answer (at most 30 tokens) more
+    assert all(2000 <= spill["tokens"] < 4000 + 30 for spill in out["spills"].values())
