@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycocoevalcap.cider.cider import Cider
 
-from spilleval.metrics.cider_vectors import cider_scores, document_frequencies
+from spilleval.metrics.cider_vectors import cider_scores, cook, document_frequencies, split_words
 from spilleval.metrics.ngram_table import NgramCounts, NgramCountWriter
 
 WORDS = ["a", "the", "cat", "dog", "on", "mat", "red", "café", "日本語", "x"] + [f"w{i}" for i in range(40)]
@@ -31,7 +31,7 @@ def table_of(refs: list[list[str]], directory, *, batch: int, buffer_rows: int, 
 
 
 def scores_in_batches(hyps, refs, table: NgramCounts, batch: int, *, collide: bool) -> np.ndarray:
-    lookup = (lambda h, t: table.get(h & np.uint64(3), t)) if collide else table.get
+    lookup = (lambda h, t, present: table.get(h & np.uint64(3), t, present)) if collide else table.get
     return np.concatenate([cider_scores(hyps[a : a + batch], refs[a : a + batch], lookup, corpus_size=len(hyps))
                            for a in range(0, len(hyps), batch)])
 
@@ -69,3 +69,19 @@ def test_table_counts_are_exact_under_collisions(tmp_path) -> None:
     table = NgramCounts(writer.finish())
     got = table.get(np.zeros(4, np.uint64), pa.array(["a", "b", "c", "d"], pa.large_string()))
     assert got.tolist() == [3, 2, 1, 0]
+
+
+def test_words_split_as_python_str_split_on_every_code_point() -> None:
+    """Arrow's whitespace split (with the empty pieces dropped) is `str.split()` for every character."""
+    captions = [f"a{chr(c)}b  {chr(c)} c" for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    captions += ["", "   ", " x ", "\u3000y\u3000\u3000z\x1c"]
+    words, lengths = split_words(captions)
+    expected = [c.split() for c in captions]
+    assert lengths.tolist() == [len(w) for w in expected]
+    assert words.to_pylist() == [w for ws in expected for w in ws]
+
+
+def test_ngram_hashes_tell_repeated_words_apart() -> None:
+    """Chained hashes never cancel (h(a a) = h(b b) would send every doubled word to one hash)."""
+    cooked = cook(["a a", "b b", "a a a", "b b b", "a b a b"])
+    assert len(np.unique(cooked.gram_hash)) == len(cooked.gram_hash)

@@ -21,7 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-DocumentFrequency = Callable[[np.ndarray, pa.Array], np.ndarray]  # (hashes, texts) -> corpus counts
+from ..batch import concat_ranges
+
+# (hashes, texts, known to be in the table) -> corpus counts
+DocumentFrequency = Callable[[np.ndarray, pa.Array, np.ndarray], np.ndarray]
 COOKED_ORDERS = 4  # pycocoevalcap's CiderScorer cooks 1- to 4-grams whatever its `n` (cook_refs(refs) uses n=4)
 
 
@@ -40,66 +43,135 @@ class CookedCaptions:
 
 
 def cook(captions: Sequence[str], orders: int = COOKED_ORDERS) -> CookedCaptions:
-    """Split on whitespace (as `precook`), intern the words and count every n-gram of order 1..`orders`."""
-    words = [caption.split() for caption in captions]
-    lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
-    flat_words = pa.array([word for caption in words for word in caption], pa.large_string())
+    """Split on whitespace (as `precook`), intern the words and count every n-gram of order 1..`orders`: the
+    (caption, n-gram) pairs come out of interning the occurrences in pycocoevalcap's dict order."""
+    found = occurrences(captions, orders)
+    grams = max(len(found.gram_order), 1)
+    codes, pairs, _ = first_appearance(found.caption * grams + found.gram)
+    counts = np.bincount(codes, minlength=len(pairs)).astype(np.int64)
+    return CookedCaptions(pair_caption=pairs // grams, pair_gram=pairs % grams, pair_count=counts,
+                          gram_order=found.gram_order, gram_hash=found.gram_hash, gram_text=found.gram_text,
+                          length=found.length)
+
+
+@dataclass
+class Occurrences:
+    """Every n-gram occurrence of a list of captions, in pycocoevalcap's dict order (caption by caption, then order
+    by order, then position), and the distinct n-grams; n-gram ids are local to this list."""
+
+    caption: np.ndarray  # int64 [O]
+    gram: np.ndarray  # int64 [O]
+    gram_order: np.ndarray  # int64 [G]
+    gram_hash: np.ndarray  # uint64 [G]
+    gram_text: pa.Array  # [G]
+    length: np.ndarray  # int64 [C]: pycocoevalcap's caption length
+
+
+def occurrences(captions: Sequence[str], orders: int = COOKED_ORDERS) -> Occurrences:
+    """No sort: words and n-grams are interned by hash (Arrow's dictionary encoding numbers them in order of first
+    appearance) and each occurrence is put at its place in the dict order directly. An n-gram's text and hash
+    extend its (n-1)-gram prefix's by one word."""
+    flat_words, lengths = split_words(captions)
     interned = flat_words.dictionary_encode()
     word_ids = interned.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     vocab_size = max(len(interned.dictionary), 1)
-    starts = np.zeros(len(words) + 1, dtype=np.int64)
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
-    owner = np.repeat(np.arange(len(words), dtype=np.int64), lengths)
-    room = starts[1:][owner] - np.arange(len(flat_words))  # words from each position to its caption's end
+    owner = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    in_caption = np.arange(len(flat_words), dtype=np.int64) - starts[owner]
+    room = lengths[owner] - in_caption  # words from each position to its caption's end
+    block_start, per_caption = _dict_order_blocks(lengths, orders)
 
-    word_hash = text_hashes(interned.dictionary)[word_ids]
-    occ_gram, occ_caption, occ_order, occ_position, texts, gram_order, hashes = [], [], [], [], [], [], []
-    prefix = word_ids
+    dictionary_hash = text_hashes(interned.dictionary)
+    word_hash = dictionary_hash[word_ids]
+    occurrence_gram = np.empty(int(per_caption.sum()), dtype=np.int64)
+    texts: list[pa.Array] = []
+    hashes: list[np.ndarray] = []
+    prefix = word_ids  # the id (within its order) of the n-gram starting at each position
     offset = 0
     for k in range(orders):
         where = np.flatnonzero(room > k)
-        keys = word_ids if k == 0 else prefix[where] * vocab_size + word_ids[where + k]
-        _, first, ids = np.unique(keys, return_index=True, return_inverse=True)
-        first = where[first]
+        if k == 0:
+            ids, values, first = _words_by_first_appearance(word_ids, len(interned.dictionary))
+            texts.append(interned.dictionary.take(pa.array(values)))
+            hashes.append(_mix(dictionary_hash[values]))  # chained: h(w1..wk) = mix(h(w1..wk-1) ^ h(wk))
+        else:
+            ids, _, first = first_appearance(prefix[where] * vocab_size + word_ids[where + k])
+            first = where[first]
+            head = prefix[first]  # the (k)-gram each new n-gram extends by the word at first + k
+            texts.append(pc.binary_join_element_wise(texts[-1].take(pa.array(head)),
+                                                     flat_words.take(pa.array(first + k)),
+                                                     pa.scalar(" ", pa.large_string())))
+            hashes.append(_mix(hashes[-1][head] ^ word_hash[first + k]))
         gram = np.full(len(flat_words), -1, dtype=np.int64)
-        gram[where] = ids.reshape(-1)
+        gram[where] = ids
         prefix = gram
-        occ_gram.append(offset + gram[where])
-        occ_caption.append(owner[where])
-        occ_order.append(np.full(len(where), k, dtype=np.int64))
-        occ_position.append(where)
-        texts.append(_joined(flat_words, first, k + 1))
-        hashes.append(_chained(word_hash, first, k + 1))
-        gram_order.append(np.full(len(first), k, dtype=np.int64))
+        occurrence_gram[block_start[owner[where], k] + in_caption[where]] = offset + ids
         offset += len(first)
 
-    gram = np.concatenate(occ_gram)
-    caption = np.concatenate(occ_caption)
-    in_dict_order = np.lexsort((np.concatenate(occ_position), np.concatenate(occ_order), caption))
-    gram, caption = gram[in_dict_order], caption[in_dict_order]
-    grams = max(offset, 1)
-    pairs, first, counts = np.unique(caption * grams + gram, return_index=True, return_counts=True)
-    by_first = np.argsort(first, kind="stable")
-    pairs, counts = pairs[by_first], counts[by_first]
-    gram_text = pa.concat_arrays(texts) if texts else pa.array([], pa.large_string())
-    return CookedCaptions(pair_caption=pairs // grams, pair_gram=pairs % grams, pair_count=counts,
-                          gram_order=np.concatenate(gram_order) if gram_order else np.zeros(0, np.int64),
-                          gram_hash=np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
-                          gram_text=gram_text, length=np.maximum(lengths - 1, 0))
+    occurrence_caption = np.repeat(np.arange(len(lengths), dtype=np.int64), per_caption)
+    return Occurrences(
+        caption=occurrence_caption, gram=occurrence_gram,
+        gram_order=np.repeat(np.arange(len(hashes), dtype=np.int64), [len(h) for h in hashes]),
+        gram_hash=np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
+        gram_text=pa.concat_arrays(texts) if texts else pa.array([], pa.large_string()),
+        length=np.maximum(lengths - 1, 0))
 
 
-def _joined(words: pa.Array, start: np.ndarray, k: int) -> pa.Array:
-    """The k words from each start position, joined by spaces (pycocoevalcap's tuple, as one string)."""
-    columns = [words.take(pa.array(start + j)) for j in range(k)]
-    return columns[0] if k == 1 else pc.binary_join_element_wise(*columns, pa.scalar(" ", pa.large_string()))
+def split_words(captions: Sequence[str]) -> tuple[pa.Array, np.ndarray]:
+    """Every caption's words, flattened, and each caption's word count: Python's `str.split()` (Arrow's
+    `utf8_split_whitespace` splits on the same characters, tested for every code point; it keeps the empty strings
+    between two separators, which are dropped)."""
+    pieces = pc.utf8_split_whitespace(pa.array(captions, pa.large_string()))
+    flat = pieces.flatten()
+    keep = pc.greater(pc.binary_length(flat), 0)
+    owner = pc.list_parent_indices(pieces).to_numpy(zero_copy_only=False)
+    kept_owner = owner[keep.to_numpy(zero_copy_only=False)]
+    return flat.filter(keep), np.bincount(kept_owner, minlength=len(captions)).astype(np.int64)
 
 
-def _chained(word_hash: np.ndarray, start: np.ndarray, k: int) -> np.ndarray:
-    """A 64-bit hash of the k words from each start position: their hashes chained through a mixer."""
-    h = np.zeros(len(start), dtype=np.uint64)
-    for j in range(k):
-        h = _mix(h ^ word_hash[start + j])
-    return h
+def _words_by_first_appearance(word_ids: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`first_appearance(word_ids)`, free when the dictionary encoding numbered the words in order of first
+    appearance (Arrow's does: its memo table numbers values as they come), checked."""
+    first = _first_positions(word_ids)
+    if len(first) == vocab:
+        return word_ids, np.arange(vocab, dtype=np.int64), first
+    return first_appearance(word_ids)
+
+
+def _first_positions(codes: np.ndarray) -> np.ndarray:
+    """Where each code first appears, for codes numbered in order of first appearance (0, 1, 2, ...): there a code
+    is larger than every code before it."""
+    is_first = np.ones(len(codes), dtype=bool)
+    if len(codes) > 1:
+        is_first[1:] = codes[1:] > np.maximum.accumulate(codes)[:-1]
+    return np.flatnonzero(is_first)
+
+
+def _dict_order_blocks(lengths: np.ndarray, orders: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each caption's n-grams of each order start in pycocoevalcap's dict order (caption by caption, then
+    order by order, then position), [C, orders], and each caption's number of n-gram occurrences."""
+    per_order = np.maximum(lengths[:, None] - np.arange(orders)[None, :], 0)
+    per_caption = per_order.sum(axis=1)
+    caption_start = np.concatenate(([0], np.cumsum(per_caption)[:-1])) if len(lengths) else np.zeros(0, np.int64)
+    within = np.cumsum(per_order, axis=1) - per_order
+    return caption_start[:, None] + within, per_caption
+
+
+def first_appearance(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes, distinct values, first positions): each key's number among the distinct keys, numbered in order of
+    first appearance (a hash table, no sort), the distinct keys in that order and where each first appears."""
+    encoded = pa.array(keys, pa.int64()).dictionary_encode()
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    values = encoded.dictionary.to_numpy(zero_copy_only=False)
+    first = _first_positions(codes)
+    if len(first) != len(values):  # Arrow numbered the keys in another order: number them by sorting instead
+        values, first, codes = np.unique(keys, return_index=True, return_inverse=True)
+        by_first = np.argsort(first, kind="stable")
+        rank = np.empty_like(by_first)
+        rank[by_first] = np.arange(len(by_first))
+        values, first, codes = values[by_first], first[by_first], rank[codes.reshape(-1)]
+    return codes, values, first
 
 
 def text_hashes(texts: pa.Array) -> np.ndarray:
@@ -129,11 +201,12 @@ def document_frequencies(refs: Sequence[Sequence[str]]) -> tuple[np.ndarray, pa.
     """(hash, text, number of samples whose references hold it) of every n-gram of the samples' references: the
     batch's share of pycocoevalcap's `compute_doc_freq`."""
     owner = np.repeat(np.arange(len(refs), dtype=np.int64), [len(r) for r in refs])
-    cooked = cook([ref for sample_refs in refs for ref in sample_refs])
-    grams = max(len(cooked.gram_order), 1)
-    in_sample = _distinct(owner[cooked.pair_caption] * grams + cooked.pair_gram) % grams
-    ids, samples = np.unique(in_sample, return_counts=True)
-    return cooked.gram_hash[ids], cooked.gram_text.take(pa.array(ids)), samples
+    found = occurrences([ref for sample_refs in refs for ref in sample_refs])
+    grams = max(len(found.gram_order), 1)
+    in_sample = pc.unique(pa.array(owner[found.caption] * grams + found.gram)).to_numpy()
+    samples = np.bincount(in_sample % grams, minlength=len(found.gram_order)).astype(np.int64)
+    ids = np.flatnonzero(samples)
+    return found.gram_hash[ids], found.gram_text.take(pa.array(ids)), samples[ids]
 
 
 def cider_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], document_frequency: DocumentFrequency, *,
@@ -146,26 +219,13 @@ def cider_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], document_fr
     keep = cooked.gram_order[cooked.pair_gram] < orders
     caption, gram, count = cooked.pair_caption[keep], cooked.pair_gram[keep], cooked.pair_count[keep]
     order = cooked.gram_order[gram]
-    all_grams = np.arange(len(cooked.gram_order))
-    df = document_frequency(cooked.gram_hash, cooked.gram_text)
+    in_references = np.zeros(len(cooked.gram_order), dtype=bool)  # counted in the first pass: in the table
+    in_references[cooked.pair_gram[cooked.pair_caption >= samples]] = True
+    df = document_frequency(cooked.gram_hash, cooked.gram_text, in_references)
     weight = count.astype(np.float64) * (np.log(float(corpus_size)) - _log_df(df)[gram])
     captions = len(hyps) + len(ref_owner)
     norm = np.sqrt(_sums(caption * orders + order, weight * weight, captions * orders)).reshape(captions, orders)
-
-    is_hyp = caption < samples
-    hyp_pairs = np.flatnonzero(is_hyp)
-    hyp_keys = caption[hyp_pairs] * len(all_grams) + gram[hyp_pairs]
-    by_key = np.argsort(hyp_keys, kind="stable")
-    ref_pairs = np.flatnonzero(~is_hyp)
-    ref_keys = ref_owner[caption[ref_pairs] - samples] * len(all_grams) + gram[ref_pairs]
-    at = np.minimum(np.searchsorted(hyp_keys[by_key], ref_keys), max(len(hyp_pairs) - 1, 0))
-    matched = hyp_keys[by_key][at] == ref_keys if len(hyp_pairs) else np.zeros(len(ref_pairs), bool)
-    ref_match, hyp_match = ref_pairs[matched], hyp_pairs[by_key[at[matched]]]
-    in_hyp_order = np.lexsort((hyp_match, caption[ref_match]))  # pycocoevalcap loops over the hypothesis' n-grams
-    ref_match, hyp_match = ref_match[in_hyp_order], hyp_match[in_hyp_order]
-    clipped = np.minimum(weight[hyp_match], weight[ref_match]) * weight[ref_match]
-    ref_row = caption[ref_match] - samples
-    dot = _sums(ref_row * orders + order[ref_match], clipped, len(ref_owner) * orders).reshape(len(ref_owner), orders)
+    dot = _clipped_dots(caption, gram, order, weight, samples, ref_owner, orders)
 
     hyp_norm, ref_norm = norm[ref_owner], norm[samples:]
     both = (hyp_norm != 0) & (ref_norm != 0)
@@ -178,10 +238,26 @@ def cider_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], document_fr
     return summed.mean(axis=1) / np.array([len(r) for r in refs], dtype=np.float64) * 10.0
 
 
-def _distinct(values: np.ndarray) -> np.ndarray:
-    """The distinct values, sorted (a sort: faster here than numpy's hash-based `np.unique`)."""
-    values = np.sort(values)
-    return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) else values
+def _clipped_dots(caption: np.ndarray, gram: np.ndarray, order: np.ndarray, weight: np.ndarray, samples: int,
+                  ref_owner: np.ndarray, orders: int) -> np.ndarray:
+    """[references, orders]: sum over the hypothesis' n-grams of min(hyp, ref) * ref weight, per reference and
+    order, adding in pycocoevalcap's order (the hypothesis' n-grams in its dict order). Pairs are grouped by caption
+    (hypotheses 0..samples-1 first, then the references), each caption's pairs in dict order."""
+    hyp_pairs = int(np.searchsorted(caption, samples))
+    hyp_bounds = np.searchsorted(caption[:hyp_pairs], np.arange(samples + 1))
+    hyp_count = np.diff(hyp_bounds)
+    # every (reference, n-gram of its hypothesis), reference by reference, in the hypothesis' dict order
+    candidate_hyp = concat_ranges(hyp_bounds[ref_owner], hyp_count[ref_owner])
+    candidate_ref = np.repeat(np.arange(len(ref_owner), dtype=np.int64), hyp_count[ref_owner])
+    grams = int(gram.max()) + 1 if len(gram) else 1
+    ref_keys = pa.array((caption[hyp_pairs:] - samples) * grams + gram[hyp_pairs:])
+    at = pc.index_in(pa.array(candidate_ref * grams + gram[candidate_hyp]), value_set=ref_keys)
+    matched = at.is_valid().to_numpy(zero_copy_only=False)
+    ref_match = hyp_pairs + at.drop_null().to_numpy().astype(np.int64)
+    hyp_match = candidate_hyp[matched]
+    clipped = np.minimum(weight[hyp_match], weight[ref_match]) * weight[ref_match]
+    bins = candidate_ref[matched] * orders + order[ref_match]
+    return _sums(bins, clipped, len(ref_owner) * orders).reshape(len(ref_owner), orders)
 
 
 def _sums(index: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:
@@ -191,8 +267,9 @@ def _sums(index: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:
 
 def _log_df(df: np.ndarray) -> np.ndarray:
     """np.log(max(1.0, df)) per n-gram, one scalar log per distinct value (as pycocoevalcap takes it)."""
-    values, inverse = np.unique(df, return_inverse=True)
-    return np.array([np.log(max(1.0, float(v))) for v in values.tolist()], dtype=np.float64)[inverse.reshape(-1)]
+    distinct = pa.array(df, pa.int64()).dictionary_encode()  # few distinct values: a hash, not a sort
+    logs = np.array([np.log(max(1.0, float(v))) for v in distinct.dictionary.to_pylist()], dtype=np.float64)
+    return logs[distinct.indices.to_numpy(zero_copy_only=False)]
 
 
 def _length_penalty(delta: np.ndarray, sigma: float) -> np.ndarray:

@@ -5,7 +5,7 @@ arithmetic is vectorised. Here keys travel as numpy arrays: each n-gram has a 64
 with numpy) and its text (to check every match, so the table is exact: two n-grams whose hashes collide stay two
 entries, and a lookup only counts an entry whose text is equal).
 
-Writing buffers (hash, text, count) rows up to `buffer_rows`, then sorts them by (hash, text), sums equal keys and
+Writing buffers (hash, text, count) rows up to `buffer_rows`, then sorts them by hash, sums equal keys and
 writes them as a run: four flat files (hashes, counts, text offsets, text bytes) that readers memory-map. Runs are
 merged by a streaming merge when there are more than `max_runs`, so memory holds a buffer, never the table.
 A count is the sum of the key's counts in every run.
@@ -16,28 +16,37 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-BUFFER_ROWS = 1 << 15  # about 2 MB of rows buffered before they are sorted into a run
-MAX_RUNS = 16
-LOOKUP_GROUP = 1024  # keys looked up between two releases of the mapped pages
+BUFFER_ROWS = 1 << 18  # about 10 MB of rows (with their texts) buffered before they are sorted into a run
+MAX_RUNS = 16  # runs merged at once: a merge maps every run's current pages, so its memory grows with this
+LOOKUP_GROUP = 1024  # keys looked up between two releases of the mapped pages (a larger group touches more
+# pages of a table that grows with the corpus: 8192 grew the peak by 10 MB from 20k to 40k samples)
 _FILES = ("hash.u64", "count.i64", "offsets.i64", "text.utf8")
 
 
 def _sorted_unique(hashes: np.ndarray, texts: pa.Array, counts: np.ndarray) -> tuple[np.ndarray, pa.Array, np.ndarray]:
-    """Rows sorted by (hash, text) with equal keys summed."""
-    table = pa.table({"h": pa.array(hashes, pa.uint64()), "t": texts.cast(pa.large_string()),
-                      "n": pa.array(counts, pa.int64())}).sort_by([("h", "ascending"), ("t", "ascending")])
-    h, t, n = table["h"].to_numpy(), table["t"].combine_chunks(), table["n"].to_numpy()
+    """Rows sorted by hash, equal keys (hash and text) summed. A sort by hash puts equal keys together unless two
+    different texts share a hash (a 64-bit collision): then the rows are sorted by (hash, text)."""
+    texts = texts.cast(pa.large_string())
+    order = np.argsort(hashes)
+    h, t, n = hashes[order], texts.take(pa.array(order)), np.asarray(counts)[order]
     if not len(h):
         return h, t, n
-    first = np.ones(len(h), dtype=bool)
+    same_hash = h[1:] == h[:-1]
     same_text = pc.equal(t.slice(1), t.slice(0, len(t) - 1)).to_numpy(zero_copy_only=False)
-    first[1:] = (h[1:] != h[:-1]) | ~same_text
+    if np.any(same_hash & ~same_text):  # a collision: order its texts so that equal ones are adjacent
+        table = pa.table({"h": pa.array(h, pa.uint64()), "t": t, "n": pa.array(n, pa.int64())}).sort_by(
+            [("h", "ascending"), ("t", "ascending")])
+        h, t, n = table["h"].to_numpy(), table["t"].combine_chunks(), table["n"].to_numpy()
+        same_hash = h[1:] == h[:-1]
+        same_text = pc.equal(t.slice(1), t.slice(0, len(t) - 1)).to_numpy(zero_copy_only=False)
+    first = np.ones(len(h), dtype=bool)
+    first[1:] = ~(same_hash & same_text)
     starts = np.flatnonzero(first)
     return h[starts], t.take(pa.array(starts)), np.add.reduceat(n, starts)
 
@@ -81,21 +90,32 @@ class Run:
             if mapping is not None:
                 mapping.madvise(mmap.MADV_DONTNEED)
 
-    def lookup(self, hashes: np.ndarray, texts: pa.Array) -> np.ndarray:
-        """Count of each (hash, text) key in this run, 0 when absent."""
+    def lookup(self, hashes: np.ndarray, texts: pa.Array | Callable[[np.ndarray], pa.Array],
+               present: np.ndarray | None = None) -> np.ndarray:
+        """Count of each (hash, text) key in this run, 0 when absent. `texts`: the keys' texts, or a function giving
+        the texts of some keys (positions). `present` marks keys known to be in this run: where such a key's hash
+        is on one entry only, that entry is the key's, and no text is compared."""
+        texts_at = texts if callable(texts) else (lambda rows: texts.take(pa.array(rows)))
         found = np.zeros(len(hashes), dtype=np.int64)
         if not len(self) or not len(hashes):
             return found
         position = np.searchsorted(self.hashes, hashes, side="left")
         pending = np.flatnonzero(position < len(self))
+        if present is not None and len(pending):
+            at = position[pending]
+            after = np.minimum(at + 1, len(self) - 1)
+            one_entry = (self.hashes[at] == hashes[pending]) & ((at + 1 == len(self)) |
+                                                                (self.hashes[after] != hashes[pending]))
+            alone = present[pending] & one_entry
+            found[pending[alone]] = self.counts[at[alone]]
+            pending = pending[~alone]
         while len(pending):  # usually one round: a second only where different n-grams share a hash
             at = position[pending]
             same_hash = self.hashes[at] == hashes[pending]
             pending, at = pending[same_hash], at[same_hash]
             if not len(pending):
                 break
-            equal = pc.equal(texts.take(pa.array(pending)), self.texts.take(pa.array(at))).to_numpy(
-                zero_copy_only=False)
+            equal = pc.equal(texts_at(pending), self.texts.take(pa.array(at))).to_numpy(zero_copy_only=False)
             found[pending[equal]] = self.counts[at[equal]]
             pending = pending[~equal]
             position[pending] += 1
@@ -112,11 +132,12 @@ def _map(path: Path, dtype: type) -> np.ndarray:
 class NgramCountWriter:
     """Accumulates (hash, text, count) rows into sorted runs under `directory` (which must not exist yet)."""
 
-    def __init__(self, directory: str | os.PathLike, *, buffer_rows: int = BUFFER_ROWS,
-                 max_runs: int = MAX_RUNS) -> None:
+    def __init__(self, directory: str | os.PathLike, *, buffer_rows: int | None = None,
+                 max_runs: int | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True)
-        self.buffer_rows, self.max_runs = buffer_rows, max_runs
+        self.buffer_rows = BUFFER_ROWS if buffer_rows is None else buffer_rows  # read now: a probe may cap it
+        self.max_runs = MAX_RUNS if max_runs is None else max_runs
         self._pending: list[tuple[np.ndarray, pa.Array, np.ndarray]] = []
         self._pending_rows = 0
         self._runs: list[Path] = []
@@ -209,14 +230,19 @@ class NgramCounts:
     def __init__(self, runs: Sequence[str | os.PathLike]) -> None:
         self.runs = [Run(Path(p)) for p in runs]
 
-    def get(self, hashes: np.ndarray, texts: pa.Array) -> np.ndarray:
+    def get(self, hashes: np.ndarray, texts: pa.Array, present: np.ndarray | None = None) -> np.ndarray:
         """Counts of the keys, 0 for absent ones. Keys are looked up in hash order, LOOKUP_GROUP at a time, and the
-        pages a group touched are given back before the next: memory does not grow with the table."""
+        pages a group touched are given back before the next: memory does not grow with the table.
+
+        `present` (optional) marks keys known to be in the table (CIDEr: the n-grams of references, all counted in
+        the first pass); with one run, such a key whose hash no other entry has needs no text comparison."""
         total = np.zeros(len(hashes), dtype=np.int64)
-        in_order = np.argsort(hashes)
+        known = present if present is not None and len(self.runs) == 1 else None
+        in_order = np.argsort(hashes)  # each group then reads one stretch of the run's pages
         for start in range(0, len(hashes), LOOKUP_GROUP):
             group = in_order[start : start + LOOKUP_GROUP]
             for run in self.runs:
-                total[group] += run.lookup(hashes[group], texts.take(pa.array(group)))
+                total[group] += run.lookup(hashes[group], lambda rows: texts.take(pa.array(group[rows])),
+                                           None if known is None else known[group])
                 run.release()
         return total
