@@ -24,8 +24,9 @@ import pyarrow.compute as pc
 
 BUFFER_ROWS = 1 << 18  # about 10 MB of rows (with their texts) buffered before they are sorted into a run
 MAX_RUNS = 16  # runs merged at once: a merge maps every run's current pages, so its memory grows with this
-LOOKUP_GROUP = 1024  # keys looked up between two releases of the mapped pages (a larger group touches more
-# pages of a table that grows with the corpus: 8192 grew the peak by 10 MB from 20k to 40k samples)
+MIN_LOOKUP_GROUP = 1024  # keys looked up between two releases of the mapped pages, at least
+LOOKUP_PAGES = 256  # pages of each mapped 8-byte array that one group of keys is sized to touch
+_ENTRIES_PER_PAGE = mmap.PAGESIZE // 8
 _FILES = ("hash.u64", "count.i64", "offsets.i64", "text.utf8")
 
 
@@ -231,7 +232,7 @@ class NgramCounts:
         self.runs = [Run(Path(p)) for p in runs]
 
     def get(self, hashes: np.ndarray, texts: pa.Array, present: np.ndarray | None = None) -> np.ndarray:
-        """Counts of the keys, 0 for absent ones. Keys are looked up in hash order, LOOKUP_GROUP at a time, and the
+        """Counts of the keys, 0 for absent ones. Keys are looked up in hash order, a group at a time, and the
         pages a group touched are given back before the next: memory does not grow with the table.
 
         `present` (optional) marks keys known to be in the table (CIDEr: the n-grams of references, all counted in
@@ -239,10 +240,22 @@ class NgramCounts:
         total = np.zeros(len(hashes), dtype=np.int64)
         known = present if present is not None and len(self.runs) == 1 else None
         in_order = np.argsort(hashes)  # each group then reads one stretch of the run's pages
-        for start in range(0, len(hashes), LOOKUP_GROUP):
-            group = in_order[start : start + LOOKUP_GROUP]
+        size = lookup_group(len(hashes), sum(len(run) for run in self.runs))
+        for start in range(0, len(hashes), size):
+            group = in_order[start : start + size]
             for run in self.runs:
                 total[group] += run.lookup(hashes[group], lambda rows: texts.take(pa.array(group[rows])),
                                            None if known is None else known[group])
                 run.release()
         return total
+
+
+def lookup_group(keys: int, entries: int) -> int:
+    """Keys per lookup group, so that a group touches about LOOKUP_PAGES pages of each 8-byte array whatever the
+    table's size. Hashes spread evenly: `g` of `keys` sorted keys cover about g/keys of the table's `entries`, that
+    / 512 pages, and never more than one page per key (plus their binary searches). Where keys are dense (many per
+    page) a group of LOOKUP_PAGES x 512 x keys / entries keys covers LOOKUP_PAGES pages; where they are sparse,
+    MIN_LOOKUP_GROUP keys bound it (a group of 8,192 sparse keys grew the peak by 10 MB from 20k to 40k samples).
+    Fewer, larger groups matter: each costs a few numpy and Arrow calls per run."""
+    dense = LOOKUP_PAGES * _ENTRIES_PER_PAGE * keys // max(entries, 1)
+    return max(MIN_LOOKUP_GROUP, min(keys, dense))
