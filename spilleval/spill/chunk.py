@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -170,21 +171,49 @@ def read_chunk(directory: Path, record: ChunkRecord, *, verify: bool = True, col
     its headers declare (rows, tokens, decoded sizes) against `record` and the chunk's budget, before decoding.
 
     Only the ids, and the dataset `columns` (None: all), arrays and log-probs asked for, are decoded."""
+    return read_chunk_table(directory, record, verify=verify, columns=columns, with_arrays=with_arrays,
+                            with_logprob=with_logprob).to_batch()
+
+
+@dataclass
+class ChunkTable:
+    """A chunk read and checked, its rows still in Arrow (`to_batch` converts them; a `slice` first converts only
+    those rows: what a worker of the parallel recompute does with its share of a chunk)."""
+
+    directory: Path
+    table: pa.Table
+    arrays: dict[str, np.ndarray] | None
+    columns: list[str] | None
+
+    def slice(self, start: int, stop: int) -> "ChunkTable":
+        arrays = None if self.arrays is None else {k: v[start:stop] for k, v in self.arrays.items()}
+        return ChunkTable(self.directory, self.table.slice(start, stop - start), arrays, self.columns)
+
+    def to_batch(self) -> SampleBatch:
+        with _named_errors(self.directory):
+            batch = table_to_batch(self.table, columns=self.columns)
+        if self.arrays is not None:
+            batch.arrays = self.arrays
+        return batch
+
+
+def read_chunk_table(directory: Path, record: ChunkRecord, *, verify: bool = True,
+                     columns: Iterable[str] | None = None, with_arrays: bool = True,
+                     with_logprob: bool = True) -> ChunkTable:
+    """`read_chunk`'s reading and checking, without converting the rows to numpy and Python values."""
     payloads = {}
     names = [n for n in record.files if with_arrays or not n.startswith(ARRAYS_DIR)]
     for name in names:
         payloads[name] = _read_verified(directory, name, record.files[name], verify=verify)
     has_arrays = with_arrays and any(n.startswith(f"{ARRAYS_DIR}/") for n in record.files)
+    columns = None if columns is None else list(columns)
     with _named_errors(directory):
         layout = check_tokens(payloads[TOKENS_FILE], record)
         arrays_bytes = check_arrays(payloads, record.rows, prefix=f"{ARRAYS_DIR}/").decoded_bytes if has_arrays else 0
         check_budget(record, layout.decoded_bytes + arrays_bytes)
         table = _read_tokens(payloads[TOKENS_FILE], layout.schema, columns=columns, with_logprob=with_logprob)
         check_rows(table, record)
-        batch = table_to_batch(table, columns=columns)
-        if has_arrays:
-            batch.arrays = _read_arrays(payloads)
-    return batch
+        return ChunkTable(directory, table, _read_arrays(payloads) if has_arrays else None, columns)
 
 
 @contextmanager
