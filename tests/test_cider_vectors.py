@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycocoevalcap.cider.cider import Cider
 
-from spilleval.metrics.cider_vectors import cider_scores, cook, document_frequencies, split_words
+from spilleval.metrics.cider_vectors import cider_scores, cook, document_frequencies, libm_squares, split_words
 from spilleval.metrics.ngram_table import NgramCounts, NgramCountWriter
 
 WORDS = ["a", "the", "cat", "dog", "on", "mat", "red", "café", "日本語", "x"] + [f"w{i}" for i in range(40)]
@@ -85,3 +85,23 @@ def test_ngram_hashes_tell_repeated_words_apart() -> None:
     """Chained hashes never cancel (h(a a) = h(b b) would send every doubled word to one hash)."""
     cooked = cook(["a a", "b b", "a a a", "b b b", "a b a b"])
     assert len(np.unique(cooked.gram_hash)) == len(cooked.gram_hash)
+
+
+def test_squares_are_the_c_librarys_pow_to_the_bit() -> None:
+    """pycocoevalcap squares each weight with `pow(w, 2)`, which is not always the correctly rounded `w * w`
+    (seed 2558's sample 19 scored one ULP off with `w * w`): `libm_squares` equals pow on every value."""
+    rng = np.random.default_rng(7)
+    values = np.concatenate([rng.random(400_000) * 50, rng.random(100_000) * 1e-3, 2.0 ** np.arange(-20, 20),
+                             [0.0, 4.512232190328822, np.sqrt(2.0)]])
+    want = np.array([v**2 for v in values.tolist()])
+    assert (values * values != want).any()  # the case exists on this platform's pow
+    assert np.array_equal(libm_squares(values), want)
+    assert np.isinf(libm_squares(np.array([1e200, np.inf]))).all()  # where Python's pow raises OverflowError
+
+
+def test_seed_2558_equal_pycocoevalcap(tmp_path) -> None:
+    """The corpus where one sample's score differed in the last bit (squares by `w * w`)."""
+    hyps, refs = random_corpus(2558, 27)
+    _, expected = Cider().compute_score({i: r for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)})
+    table = table_of(refs, tmp_path / "t", batch=1, buffer_rows=10**6, collide=False)
+    assert np.array_equal(scores_in_batches(hyps, refs, table, 1, collide=False), expected)

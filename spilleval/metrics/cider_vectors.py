@@ -224,7 +224,7 @@ def cider_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], document_fr
     df = document_frequency(cooked.gram_hash, cooked.gram_text, in_references)
     weight = count.astype(np.float64) * (np.log(float(corpus_size)) - _log_df(df)[gram])
     captions = len(hyps) + len(ref_owner)
-    norm = np.sqrt(_sums(caption * orders + order, weight * weight, captions * orders)).reshape(captions, orders)
+    norm = np.sqrt(_sums(caption * orders + order, libm_squares(weight), captions * orders)).reshape(captions, orders)
     dot = _clipped_dots(caption, gram, order, weight, samples, ref_owner, orders)
 
     hyp_norm, ref_norm = norm[ref_owner], norm[samples:]
@@ -258,6 +258,34 @@ def _clipped_dots(caption: np.ndarray, gram: np.ndarray, order: np.ndarray, weig
     clipped = np.minimum(weight[hyp_match], weight[ref_match]) * weight[ref_match]
     bins = candidate_ref[matched] * orders + order[ref_match]
     return _sums(bins, clipped, len(ref_owner) * orders).reshape(len(ref_owner), orders)
+
+
+def libm_squares(x: np.ndarray) -> np.ndarray:
+    """`pow(w, 2)` of each float, as pycocoevalcap squares a weight for the norm: the C library's pow, which is not
+    always the correctly rounded `w * w` (glibc: 869 in a million random floats differ in the last bit, enough to
+    change a CIDEr score's last bit). `w * w` is computed with its exact rounding error (Dekker's product); where
+    w² lies within 0.4 ULP of a rounding midpoint (or the product is a power of two, whose lower neighbour is
+    nearer), a pow accurate to 0.6 ULP may round either way, so only there pow itself is called, per element: a fifth
+    of the values. Elsewhere any pow within 0.6 ULP (glibc's: 0.52) returns `w * w`. CIDEr's weights take few
+    distinct values (term frequency x a few document frequencies): each is squared once."""
+    distinct = pa.array(np.asarray(x, dtype=np.float64)).dictionary_encode()
+    squares = _libm_squares_of(distinct.dictionary.to_numpy(zero_copy_only=False))
+    return squares[distinct.indices.to_numpy(zero_copy_only=False)]
+
+
+def _libm_squares_of(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):  # a product that overflows is inf, as pow's
+        product = x * x
+        split = x * 134217729.0  # 2^27 + 1: Veltkamp's split of x into two halves of 26 bits
+        high = split - (split - x)
+        low = x - high
+        error = ((high * high - product) + 2.0 * high * low) + low * low  # product + error == x² exactly
+    mantissa, _ = np.frexp(product)
+    hard = ((np.abs(error) > 0.4 * np.spacing(product)) | (mantissa == 0.5)) & np.isfinite(product)
+    out = product.copy()
+    where = np.flatnonzero(hard)
+    out[where] = [value**2 for value in x[where].tolist()]
+    return out
 
 
 def _sums(index: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:
