@@ -268,9 +268,7 @@ def libm_squares(x: np.ndarray) -> np.ndarray:
     nearer), a pow accurate to 0.6 ULP may round either way, so only there pow itself is called, per element: a fifth
     of the values. Elsewhere any pow within 0.6 ULP (glibc's: 0.52) returns `w * w`. CIDEr's weights take few
     distinct values (term frequency x a few document frequencies): each is squared once."""
-    distinct = pa.array(np.asarray(x, dtype=np.float64)).dictionary_encode()
-    squares = _libm_squares_of(distinct.dictionary.to_numpy(zero_copy_only=False))
-    return squares[distinct.indices.to_numpy(zero_copy_only=False)]
+    return _per_distinct(np.asarray(x, dtype=np.float64), _libm_squares_of)
 
 
 def _libm_squares_of(x: np.ndarray) -> np.ndarray:
@@ -295,13 +293,18 @@ def _sums(index: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:
 
 def _log_df(df: np.ndarray) -> np.ndarray:
     """np.log(max(1.0, df)) per n-gram, one scalar log per distinct value (as pycocoevalcap takes it)."""
-    distinct = pa.array(df, pa.int64()).dictionary_encode()  # few distinct values: a hash, not a sort
-    logs = np.array([np.log(max(1.0, float(v))) for v in distinct.dictionary.to_pylist()], dtype=np.float64)
-    return logs[distinct.indices.to_numpy(zero_copy_only=False)]
+    return _per_distinct(np.asarray(df, dtype=np.int64),
+                         lambda values: np.array([np.log(max(1.0, float(v))) for v in values.tolist()], np.float64))
 
 
 def _length_penalty(delta: np.ndarray, sigma: float) -> np.ndarray:
     """pycocoevalcap's np.e**(-(delta**2)/(2*sigma**2)), one Python float power per distinct length difference."""
-    values, inverse = np.unique(delta, return_inverse=True)
-    penalty = [np.e ** (-(float(d) ** 2) / (2 * sigma**2)) for d in values.tolist()]
-    return np.array(penalty, dtype=np.float64)[inverse.reshape(-1)]
+    return _per_distinct(np.asarray(delta, dtype=np.int64), lambda values: np.array(
+        [np.e ** (-(float(d) ** 2) / (2 * sigma**2)) for d in values.tolist()], np.float64))
+
+
+def _per_distinct(values: np.ndarray, compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """`compute` of each value, called once on the distinct values (Arrow's hash encoding: no sort): for the
+    per-value scalar arithmetic that must be pycocoevalcap's own (logs, powers) over few distinct values."""
+    encoded = pa.array(values).dictionary_encode()
+    return compute(encoded.dictionary.to_numpy(zero_copy_only=False))[encoded.indices.to_numpy(zero_copy_only=False)]

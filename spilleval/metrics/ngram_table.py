@@ -91,12 +91,11 @@ class Run:
             if mapping is not None:
                 mapping.madvise(mmap.MADV_DONTNEED)
 
-    def lookup(self, hashes: np.ndarray, texts: pa.Array | Callable[[np.ndarray], pa.Array],
+    def lookup(self, hashes: np.ndarray, texts_at: Callable[[np.ndarray], pa.Array],
                present: np.ndarray | None = None) -> np.ndarray:
-        """Count of each (hash, text) key in this run, 0 when absent. `texts`: the keys' texts, or a function giving
-        the texts of some keys (positions). `present` marks keys known to be in this run: where such a key's hash
-        is on one entry only, that entry is the key's, and no text is compared."""
-        texts_at = texts if callable(texts) else (lambda rows: texts.take(pa.array(rows)))
+        """Count of each (hash, text) key in this run, 0 when absent. `texts_at(positions)`: the texts of those keys,
+        taken only where a text must be compared. `present` marks keys known to be in this run: where such a key's
+        hash is on one entry only, that entry is the key's, and no text is compared."""
         found = np.zeros(len(hashes), dtype=np.int64)
         if not len(self) or not len(hashes):
             return found
