@@ -105,3 +105,18 @@ def test_seed_2558_equal_pycocoevalcap(tmp_path) -> None:
     _, expected = Cider().compute_score({i: r for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)})
     table = table_of(refs, tmp_path / "t", batch=1, buffer_rows=10**6, collide=False)
     assert np.array_equal(scores_in_batches(hyps, refs, table, 1, collide=False), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(captions=st.lists(st.lists(st.sampled_from(["a", "b", "c"]), max_size=12).map(" ".join), max_size=8))
+def test_cooked_pairs_are_precooks_dicts_in_order(captions) -> None:
+    """Few words, so n-grams of every order repeat within a caption (only those whose prefix repeats are interned
+    by hash): each caption's (n-gram, count) pairs are pycocoevalcap's `precook` dict, in its order."""
+    from pycocoevalcap.cider.cider_scorer import precook
+
+    cooked = cook(captions)
+    texts = cooked.gram_text.to_pylist()
+    for i, caption in enumerate(captions):
+        mine = [(tuple(texts[g].split(" ")), int(c))
+                for g, c in zip(cooked.pair_gram[cooked.pair_caption == i], cooked.pair_count[cooked.pair_caption == i])]
+        assert mine == list(precook(caption, 4).items())

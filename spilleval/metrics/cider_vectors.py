@@ -44,14 +44,35 @@ class CookedCaptions:
 
 def cook(captions: Sequence[str], orders: int = COOKED_ORDERS) -> CookedCaptions:
     """Split on whitespace (as `precook`), intern the words and count every n-gram of order 1..`orders`: the
-    (caption, n-gram) pairs come out of interning the occurrences in pycocoevalcap's dict order."""
+    (caption, n-gram) pairs numbered in order of first appearance, which is pycocoevalcap's dict order."""
     found = occurrences(captions, orders)
-    grams = max(len(found.gram_order), 1)
-    codes, pairs, _ = first_appearance(found.caption * grams + found.gram)
-    counts = np.bincount(codes, minlength=len(pairs)).astype(np.int64)
-    return CookedCaptions(pair_caption=pairs // grams, pair_gram=pairs % grams, pair_count=counts,
+    first = first_in_groups(found, found.caption)
+    is_first = first == np.arange(len(first))
+    pair_of_first = np.cumsum(is_first) - 1
+    pairs = np.flatnonzero(is_first)
+    counts = np.bincount(pair_of_first[first], minlength=len(pairs)).astype(np.int64)
+    return CookedCaptions(pair_caption=found.caption[pairs], pair_gram=found.gram[pairs], pair_count=counts,
                           gram_order=found.gram_order, gram_hash=found.gram_hash, gram_text=found.gram_text,
                           length=found.length)
+
+
+def first_in_groups(found: "Occurrences", group: np.ndarray) -> np.ndarray:
+    """For each occurrence, the first occurrence (in occurrence order) of the same n-gram in the same group
+    (`group`: a number per occurrence, e.g. its caption or its sample). An n-gram can repeat in a group only where
+    its (n-1)-gram prefix does (every occurrence of it has one of its prefix at the same place), so only those are
+    interned by hash, order by order: all unigrams, then a few of the longer n-grams, rather than every occurrence."""
+    first = np.arange(len(found.gram), dtype=np.int64)
+    repeats = np.zeros(len(found.gram), dtype=bool)  # the occurrence's (group, n-gram) occurs more than once
+    grams = max(len(found.gram_order), 1)
+    for k, at in enumerate(found.by_order):
+        if k:
+            at = at[repeats[found.prefix[k - 1]]]
+        if not len(at):
+            break
+        codes, _, first_at = first_appearance(group[at] * grams + found.gram[at])
+        first[at] = at[first_at][codes]
+        repeats[at] = np.bincount(codes)[codes] > 1
+    return first
 
 
 @dataclass
@@ -65,6 +86,8 @@ class Occurrences:
     gram_hash: np.ndarray  # uint64 [G]
     gram_text: pa.Array  # [G]
     length: np.ndarray  # int64 [C]: pycocoevalcap's caption length
+    by_order: list[np.ndarray]  # per order k: the occurrences of k+1-grams, ascending
+    prefix: list[np.ndarray]  # at k - 1 for order k > 0: the occurrence of each one's prefix (aligned with by_order[k])
 
 
 def occurrences(captions: Sequence[str], orders: int = COOKED_ORDERS) -> Occurrences:
@@ -75,39 +98,44 @@ def occurrences(captions: Sequence[str], orders: int = COOKED_ORDERS) -> Occurre
     interned = flat_words.dictionary_encode()
     word_ids = interned.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     vocab_size = max(len(interned.dictionary), 1)
-    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
-    owner = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
-    in_caption = np.arange(len(flat_words), dtype=np.int64) - starts[owner]
-    room = lengths[owner] - in_caption  # words from each position to its caption's end
-    block_start, per_caption = _dict_order_blocks(lengths, orders)
+    caption_length = np.repeat(lengths, lengths)
+    per_caption = _occurrences_per_caption(lengths, orders)
+    # the occurrence of each position's unigram: its caption's first slot plus its position in the caption; the
+    # k-gram starting there is k x (caption length) - k(k-1)/2 slots further (after the caption's shorter n-grams)
+    slot = (np.repeat(np.cumsum(per_caption) - per_caption - np.cumsum(lengths) + lengths, lengths)
+            + np.arange(len(flat_words), dtype=np.int64))
 
     dictionary_hash = text_hashes(interned.dictionary)
-    word_hash = dictionary_hash[word_ids]
     occurrence_gram = np.empty(int(per_caption.sum()), dtype=np.int64)
     texts: list[pa.Array] = []
     hashes: list[np.ndarray] = []
-    prefix = word_ids  # the id (within its order) of the n-gram starting at each position
+    by_order: list[np.ndarray] = []
+    prefix_at: list[np.ndarray] = []
+    position = np.arange(len(flat_words), dtype=np.int64)  # where an n-gram of the current order starts
+    room = np.repeat(np.cumsum(lengths), lengths) - position  # words from there to its caption's end
+    ids = word_ids  # the id (within its order) of each of those n-grams
     offset = 0
     for k in range(orders):
-        where = np.flatnonzero(room > k)
         if k == 0:
             ids, values, first = _words_by_first_appearance(word_ids, len(interned.dictionary))
             texts.append(interned.dictionary.take(pa.array(values)))
             hashes.append(_mix(dictionary_hash[values]))  # chained: h(w1..wk) = mix(h(w1..wk-1) ^ h(wk))
         else:
-            ids, _, first = first_appearance(prefix[where] * vocab_size + word_ids[where + k])
-            first = where[first]
-            head = prefix[first]  # the (k)-gram each new n-gram extends by the word at first + k
+            fits = room > k  # the n-gram ends in its caption
+            position, room, prefix_ids = position[fits], room[fits], ids[fits]
+            slot, caption_length = slot[fits], caption_length[fits]
+            last_word = position + k
+            ids, _, first = first_appearance(prefix_ids * vocab_size + word_ids[last_word])
+            head = prefix_ids[first]  # the k-gram each new n-gram extends by one word
             texts.append(pc.binary_join_element_wise(texts[-1].take(pa.array(head)),
-                                                     flat_words.take(pa.array(first + k)),
+                                                     flat_words.take(pa.array(last_word[first])),
                                                      pa.scalar(" ", pa.large_string())))
-            hashes.append(_mix(hashes[-1][head] ^ word_hash[first + k]))
-        gram = np.full(len(flat_words), -1, dtype=np.int64)
-        gram[where] = ids
-        prefix = gram
-        occurrence_gram[block_start[owner[where], k] + in_caption[where]] = offset + ids
-        offset += len(first)
+            hashes.append(_mix(hashes[-1][head] ^ dictionary_hash[word_ids[last_word[first]]]))
+            prefix_at.append(slot)
+            slot = slot + caption_length - (k - 1)
+        occurrence_gram[slot] = offset + ids
+        by_order.append(slot)
+        offset += len(hashes[-1])
 
     occurrence_caption = np.repeat(np.arange(len(lengths), dtype=np.int64), per_caption)
     return Occurrences(
@@ -115,7 +143,7 @@ def occurrences(captions: Sequence[str], orders: int = COOKED_ORDERS) -> Occurre
         gram_order=np.repeat(np.arange(len(hashes), dtype=np.int64), [len(h) for h in hashes]),
         gram_hash=np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
         gram_text=pa.concat_arrays(texts) if texts else pa.array([], pa.large_string()),
-        length=np.maximum(lengths - 1, 0))
+        length=np.maximum(lengths - 1, 0), by_order=by_order, prefix=prefix_at)
 
 
 def split_words(captions: Sequence[str]) -> tuple[pa.Array, np.ndarray]:
@@ -148,14 +176,9 @@ def _first_positions(codes: np.ndarray) -> np.ndarray:
     return np.flatnonzero(is_first)
 
 
-def _dict_order_blocks(lengths: np.ndarray, orders: int) -> tuple[np.ndarray, np.ndarray]:
-    """Where each caption's n-grams of each order start in pycocoevalcap's dict order (caption by caption, then
-    order by order, then position), [C, orders], and each caption's number of n-gram occurrences."""
-    per_order = np.maximum(lengths[:, None] - np.arange(orders)[None, :], 0)
-    per_caption = per_order.sum(axis=1)
-    caption_start = np.concatenate(([0], np.cumsum(per_caption)[:-1])) if len(lengths) else np.zeros(0, np.int64)
-    within = np.cumsum(per_order, axis=1) - per_order
-    return caption_start[:, None] + within, per_caption
+def _occurrences_per_caption(lengths: np.ndarray, orders: int) -> np.ndarray:
+    """Each caption's number of n-gram occurrences of orders 1..`orders`."""
+    return np.maximum(lengths[:, None] - np.arange(orders)[None, :], 0).sum(axis=1)
 
 
 def first_appearance(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
