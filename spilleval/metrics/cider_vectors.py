@@ -56,7 +56,7 @@ def cook(captions: Sequence[str], orders: int = COOKED_ORDERS) -> CookedCaptions
                           length=found.length)
 
 
-def first_in_groups(found: "Occurrences", group: np.ndarray) -> np.ndarray:
+def first_in_groups(found: Occurrences, group: np.ndarray) -> np.ndarray:
     """For each occurrence, the first occurrence (in occurrence order) of the same n-gram in the same group
     (`group`: a number per occurrence, e.g. its caption or its sample). An n-gram can repeat in a group only where
     its (n-1)-gram prefix does (every occurrence of it has one of its prefix at the same place), so only those are
