@@ -80,3 +80,21 @@ def test_evaluator_finalize_runs_its_corpus_passes_in_workers(tmp_path):
     for batch in batches_of(samples, 4):
         evaluator.add(batch, vocab_size=len(tokenizer()))
     assert same(evaluator.finalize(), compute_from_spill(tmp_path / "run", workers=1))
+
+
+def _threads_setting() -> tuple[str | None, str | None, int]:
+    import os
+
+    import pyarrow as pa
+
+    return os.environ.get("TOKENIZERS_PARALLELISM"), os.environ.get("RAYON_NUM_THREADS"), pa.cpu_count()
+
+
+def test_pool_workers_run_one_thread_each():
+    """A worker process decoding with the Rust tokenizer's own threads, times a worker per core, oversubscribes the
+    machine: pool workers turn those threads off (the in-process worker keeps them)."""
+    pool = parallel.local_executor(2)
+    try:
+        assert pool.submit(_threads_setting).result() == ("false", "1", 1)
+    finally:
+        parallel.shutdown(pool)

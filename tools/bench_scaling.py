@@ -14,6 +14,11 @@ is "pool start"), then each metric is timed alone, `compute_from_spill(dir, [spe
 rouge-score's nltk takes about 2 s), reported as "first run". Every metric's result must be the same bits for every
 worker count. Speed-up = time with 1 worker / time with N; efficiency = speed-up / N.
 
+One core per worker: pool workers decode without the Rust tokenizer's threads (`parallel.one_thread_per_worker`),
+and so does the 1-worker baseline here (TOKENIZERS_PARALLELISM=false, set at start), else the baseline would run
+`decode_batch` on every core and the ratios would not measure workers. --tokenizer-threads leaves the in-process
+run its threads (what `--workers 1` does for a user).
+
 CIDEr before/after (--cider-tokens, 0 to skip; needs pycocoevalcap): the implementation before issue 16 (two
 passes with pycocoevalcap's `CiderScorer` per batch and the document frequencies in SQLite, kept below as the
 baseline) against `compute_from_spill(dir, ["cider"], workers=1)`, on the same spill in the same run; the two
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -210,7 +216,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of; the first also pays first use")
     parser.add_argument("--cider-tokens", type=int, default=100_000, help="spill for CIDEr before/after (0: skip)")
     parser.add_argument("--out", type=Path, default=Path("bench-scaling"))
+    parser.add_argument("--tokenizer-threads", action="store_true",
+                        help="the in-process run (1 worker, the probe, CIDEr before/after) decodes on every core")
     args = parser.parse_args()
+    if not args.tokenizer_threads:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        os.environ["RAYON_NUM_THREADS"] = "1"
     cores = usable_cores()
     counts = sorted({w for w in args.workers if w <= cores} | {1})
     tokenizer = caption_tokenizer()
@@ -221,7 +232,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         out: dict[str, Any] = {"machine": machine_info(), "usable_cores": cores, "seconds": args.seconds,
-                               "repeats": args.repeats, "metrics": list(specs), "runs": {}}
+                               "repeats": args.repeats, "metrics": list(specs), "runs": {},
+                               "tokenizer_threads_in_process": args.tokenizer_threads}
         if args.cider_tokens:
             out["cider"] = cider_before_after(spills, args.cider_tokens, all_specs["cider"], args.repeats)
             print(f"cider before/after: {out['cider']}", flush=True)
