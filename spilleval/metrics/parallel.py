@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from ..spill import SpillReader
     from .runner import MetricSuite
 
-TASKS_PER_WORKER = 8  # tasks per worker and sweep when chunks are large: keeps every worker busy to the end
+TASKS_PER_WORKER = 4  # a task takes 1/(this x workers) of the rows still to plan (guided sizes, `TaskPlanner`)
 MIN_TASK_ROWS = 64  # a task costs a pickled round trip: a few hundred microseconds
 
 
@@ -205,12 +205,11 @@ def compute_in_parallel(reader: "SpillReader", suite: "MetricSuite", *, executor
             sweep = _sweep(reader, suite, streaming=sweep_index == 0 and bool(suite.streaming),
                            passes=tuple((pos, sweep_index, m.context(sweep_index)) for pos, m in taking_part),
                            batch_size=batch_size, local_suite=local)
-            tasks = list(planner.tasks())
             names = [m.name for m in suite.streaming] if sweep.streaming else []
             names += [m.name for _, m in taking_part]
             label = ", ".join(names) + (f" (pass {sweep_index + 1})" if sweep_index else "")
             with sample_bar(reader.num_rows, label, enabled=progress) as advance:
-                for task, (states, partials) in zip(tasks, _ordered(executor, sweep, tasks, workers)):
+                for task, (states, partials) in _ordered(executor, sweep, planner.tasks(), workers):
                     if sweep.streaming:
                         suite.merge(states)
                     for (_, metric), metric_partials in zip(taking_part, partials):
@@ -260,40 +259,53 @@ def _sweep(reader: "SpillReader", suite: "MetricSuite", *, streaming: bool, pass
     )
 
 
-def _ordered(executor: Executor, sweep: Sweep, tasks: Iterable[Task], workers: int) -> Iterator[Any]:
-    """Results of `run_task` for each task, in task order, with at most 2 x workers tasks in flight."""
-    in_flight: deque[Any] = deque()
+def _ordered(executor: Executor, sweep: Sweep, tasks: Iterable[Task], workers: int) -> Iterator[tuple[Task, Any]]:
+    """(task, result of `run_task`) in task order, with at most 2 x workers tasks in flight. Tasks are planned as
+    they are submitted: the workers start while the parent still reads the later chunks' sample indexes."""
+    in_flight: deque[tuple[Task, Future]] = deque()
     for task in tasks:
-        in_flight.append(executor.submit(run_task, sweep, task))
+        in_flight.append((task, executor.submit(run_task, sweep, task)))
         if len(in_flight) >= 2 * max(workers, 1):
-            yield in_flight.popleft().result()
+            done, future = in_flight.popleft()
+            yield done, future.result()
     while in_flight:
-        yield in_flight.popleft().result()
+        done, future = in_flight.popleft()
+        yield done, future.result()
 
 
 class TaskPlanner:
-    """Cuts the spill into tasks: row ranges of chunks, with the rows that repeat an earlier sample left out."""
+    """Cuts the spill into tasks: row ranges of chunks, with the rows that repeat an earlier sample left out.
+
+    Guided sizes: a task takes 1/(TASKS_PER_WORKER x workers) of the rows not planned yet, so the sweep starts with
+    large tasks (few round trips) and ends with small ones (the workers finish together: the last task a worker
+    takes is short). One worker: a task per chunk."""
 
     def __init__(self, reader: "SpillReader", workers: int) -> None:
         self.reader = reader
-        rows = reader.num_rows
-        self.task_rows = (max(MIN_TASK_ROWS, math.ceil(rows / (workers * TASKS_PER_WORKER))) if workers > 1
-                          else max(rows, 1))
-        self.count = sum(math.ceil(r.rows / self.task_rows) for r in reader.chunks)
+        self.workers = workers
+
+    def task_rows(self, remaining: int) -> int:
+        if self.workers <= 1:
+            return max(remaining, 1)
+        return max(MIN_TASK_ROWS, math.ceil(remaining / (self.workers * TASKS_PER_WORKER)))
 
     def tasks(self) -> Iterator[Task]:
         from ..spill.chunk import read_sample_index
 
         seen = SampleSet()
+        remaining = sum(record.rows for record in self.reader.chunks)
         for position, record in enumerate(self.reader.chunks):
             index = read_sample_index(self.reader.chunk_path(record), record, verify=self.reader.verify)
             keep = seen.first_occurrences(index)
             kept = None if keep is None else np.flatnonzero(keep)
-            for start in range(0, record.rows, self.task_rows):
-                stop = min(start + self.task_rows, record.rows)
+            start = 0
+            while start < record.rows:
+                stop = min(start + self.task_rows(remaining), record.rows)
+                remaining -= stop - start
                 rows = None if kept is None else kept[(kept >= start) & (kept < stop)]
                 if rows is None or len(rows):
                     yield Task(position, start, stop, rows)
+                start = stop
 
 
 def default_executor(workers: int | None) -> tuple[Executor, int]:
