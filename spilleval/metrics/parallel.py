@@ -17,6 +17,7 @@ flight, so the parent holds a bounded number of partials.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import math
@@ -101,7 +102,9 @@ def run_task(sweep: Sweep, task: Task) -> tuple[list[State], list[Any]]:
             suite.update_streaming(batch)
         for i, (metric, (_, pass_index, context)) in enumerate(zip(metrics, sweep.passes)):
             partials[i].append(metric.map(pass_index, batch, context))
-    return (suite.states() if sweep.streaming else []), partials
+    reduced = [metric.reduce_task(pass_index, task_partials, context)
+               for metric, (_, pass_index, context), task_partials in zip(metrics, sweep.passes, partials)]
+    return (suite.states() if sweep.streaming else []), reduced
 
 
 def _reader(sweep: Sweep) -> "SpillReader":
@@ -198,8 +201,9 @@ def compute_in_parallel(reader: "SpillReader", suite: "MetricSuite", *, executor
             names = [m.name for m in suite.streaming] if sweep.streaming else []
             names += [m.name for _, m in taking_part]
             label = ", ".join(names) + (f" (pass {sweep_index + 1})" if sweep_index else "")
-            with sample_bar(reader.num_rows, label, enabled=progress) as advance:
-                for task, (states, partials) in zip(tasks, _ordered(executor, sweep, tasks, workers)):
+            with sample_bar(reader.num_rows, label, enabled=progress) as advance, \
+                    contextlib.closing(_ordered(executor, sweep, tasks, workers)) as results:
+                for task, (states, partials) in zip(tasks, results):
                     if sweep.streaming:
                         suite.merge(states)
                     for (_, metric), metric_partials in zip(taking_part, partials):
@@ -250,14 +254,29 @@ def _sweep(reader: "SpillReader", suite: "MetricSuite", *, streaming: bool, pass
 
 
 def _ordered(executor: Executor, sweep: Sweep, tasks: Iterable[Task], workers: int) -> Iterator[Any]:
-    """Results of `run_task` for each task, in task order, with at most 2 x workers tasks in flight."""
+    """Results of `run_task` for each task, in task order, with at most 2 x workers tasks in flight. Closed early
+    (an error), it cancels the tasks in flight and waits for those already running: they may be writing into
+    the metrics' scratch directories, which must not be removed under them."""
     in_flight: deque[Any] = deque()
-    for task in tasks:
-        in_flight.append(executor.submit(run_task, sweep, task))
-        if len(in_flight) >= 2 * max(workers, 1):
+    try:
+        for task in tasks:
+            in_flight.append(executor.submit(run_task, sweep, task))
+            if len(in_flight) >= 2 * max(workers, 1):
+                yield in_flight.popleft().result()
+        while in_flight:
             yield in_flight.popleft().result()
-    while in_flight:
-        yield in_flight.popleft().result()
+    finally:
+        _settle(in_flight)
+
+
+def _settle(futures: Iterable[Any]) -> None:
+    """Cancel what has not started and wait for the rest, ignoring their results and errors."""
+    futures = list(futures)
+    for future in futures:
+        future.cancel()
+    for future in futures:
+        with contextlib.suppress(Exception):
+            future.result()
 
 
 class TaskPlanner:
