@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ class AnswerMacroF1(MapMergeMetric):
         return {"answer_macro_f1": float(np.mean(f1)) if len(f1) else 0.0}
 
 
-def _blocks(run: Run) -> Any:
+def _blocks(run: Run) -> Iterator[np.ndarray]:
     """The run's [tp, fp, fn] rows, a block at a time (the mapped pages given back after each)."""
     for start in range(0, len(run), SCAN_ROWS):
         yield np.array(run.counts[start : start + SCAN_ROWS]).reshape(-1, 3)
