@@ -79,3 +79,25 @@ def test_answer_macro_f1_on_merged_runs_equals_sklearn(tmp_path, monkeypatch, ta
         metric.close()
     assert got == f1_score(labels, preds, average="macro")
     assert list(tmp_path.iterdir()) == []
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6), keys=st.integers(1, 300), in_order=st.booleans())
+def test_run_lookup_is_exact_for_keys_anywhere_in_any_order(tmp_path_factory, seed, keys, in_order) -> None:
+    """A lookup searches only the stretch of the run between its smallest and largest key: counts stay exact for
+    keys below, between and above the run's, sorted or not, on hashes that many texts share."""
+    rng = np.random.default_rng(seed)
+    texts, counts = random_rows(rng, 500)
+    hashes = rng.integers(100, 120, size=len(texts)).astype(np.uint64)
+    (path,) = write_runs(tmp_path_factory.mktemp("runs"), [(hashes, pa.array(texts, pa.large_string()),
+                                                            counts[:, 0])])
+    expected: defaultdict = defaultdict(int)
+    for h, text, count in zip(hashes.tolist(), texts, counts[:, 0].tolist()):
+        expected[(h, text)] += count
+    asked_texts, _ = random_rows(rng, keys)
+    asked = rng.integers(95, 125, size=keys).astype(np.uint64)
+    if in_order:
+        order = np.argsort(asked)
+        asked, asked_texts = asked[order], [asked_texts[i] for i in order]
+    got = Run(path).lookup(asked, pa.array(asked_texts, pa.large_string()))
+    assert got.tolist() == [expected[(h, text)] for h, text in zip(asked.tolist(), asked_texts)]

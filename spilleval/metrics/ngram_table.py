@@ -133,6 +133,15 @@ class Run:
             if mapping is not None:
                 mapping.madvise(mmap.MADV_DONTNEED)
 
+    def _positions(self, hashes: np.ndarray) -> np.ndarray:
+        """`np.searchsorted(self.hashes, hashes)`, searching only the stretch of the run between the smallest and
+        the largest key. numpy searches each of sorted keys from the previous key's position to the end of the
+        array, so over the whole run a group's probes would touch pages far past its stretch, more pages the
+        larger the run: the stretch's pages alone are about LOOKUP_PAGES (`lookup_group`)."""
+        low = int(np.searchsorted(self.hashes, hashes.min(), side="left"))
+        high = int(np.searchsorted(self.hashes, hashes.max(), side="right"))
+        return low + np.searchsorted(self.hashes[low:high], hashes, side="left")
+
     def lookup(self, hashes: np.ndarray, texts: pa.Array | Callable[[np.ndarray], pa.Array],
                present: np.ndarray | None = None) -> np.ndarray:
         """Count of each (hash, text) key in this run, 0 when absent. `texts`: the keys' texts, or a function giving
@@ -142,7 +151,7 @@ class Run:
         found = np.zeros(len(hashes), dtype=np.int64)
         if not len(self) or not len(hashes):
             return found
-        position = np.searchsorted(self.hashes, hashes, side="left")
+        position = self._positions(hashes)
         pending = np.flatnonzero(position < len(self))
         if present is not None and len(pending):
             at = position[pending]

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from ..batch import SampleBatch
 from ..sampleset import SampleSet
@@ -104,7 +105,16 @@ def run_task(sweep: Sweep, task: Task) -> tuple[list[State], list[Any]]:
             partials[i].append(metric.map(pass_index, batch, context))
     reduced = [metric.reduce_task(pass_index, task_partials, context)
                for metric, (_, pass_index, context), task_partials in zip(metrics, sweep.passes, partials)]
+    give_back_arrow_memory()
     return (suite.states() if sweep.streaming else []), reduced
+
+
+def give_back_arrow_memory() -> None:
+    """Return to the OS the pages Arrow's memory pool (mimalloc, jemalloc) keeps from buffers freed since the last
+    call. Kept, they pile up from task to task: over the 80 tasks of CIDEr's second pass on 20,000 samples the
+    RSS crept up by 14 MB while Arrow's allocated bytes and glibc's heap stayed flat, so a process's footprint
+    grew with the number of tasks. Given back after each task (about 0.3 ms), it is one task's."""
+    pa.default_memory_pool().release_unused()
 
 
 def _reader(sweep: Sweep) -> "SpillReader":
@@ -209,6 +219,7 @@ def compute_in_parallel(reader: "SpillReader", suite: "MetricSuite", *, executor
                     for (_, metric), metric_partials in zip(taking_part, partials):
                         for partial in metric_partials:
                             metric.merge(sweep_index, partial)
+                    give_back_arrow_memory()  # the merges' buffers (runs merged here), as a worker does its task's
                     advance(task.stop - task.start if task.keep is None else len(task.keep))
         out = suite.compute_streaming()
         return merge_results([out, *(suite.computed(m, m.finish()) for m in corpus),
