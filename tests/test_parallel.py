@@ -98,3 +98,43 @@ def test_pool_workers_run_one_thread_each():
         assert pool.submit(_threads_setting).result() == ("false", "1", 1)
     finally:
         parallel.shutdown(pool)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_error_in_a_task_leaves_no_scratch_files(spill, monkeypatch, workers):
+    """Tasks write runs into the metrics' scratch directories; when one task fails, the others in flight finish
+    before the directories are removed, and nothing is left in the spill directory."""
+    before = sorted(p.name for p in spill.iterdir())
+    specs = ["distinct_n", {"name": "cider", "params": REFS}, "answer_macro_f1"]
+    monkeypatch.setattr(parallel, "MIN_TASK_ROWS", 2)
+    real = parallel._task_batches
+    calls = []
+
+    def failing(reader, sweep, task):
+        calls.append(task)
+        if len(calls) == 4:
+            raise RuntimeError("task failed")
+        return real(reader, sweep, task)
+
+    if workers == 1:
+        monkeypatch.setattr(parallel, "_task_batches", failing)
+        with pytest.raises(RuntimeError, match="task failed"):
+            compute_from_spill(spill, specs, workers=1)
+    else:  # the parent fails while the workers still run (and write) later tasks
+        monkeypatch.setattr(parallel, "_ordered", _failing_after(parallel._ordered, 3))
+        with pytest.raises(RuntimeError, match="task failed"):
+            compute_from_spill(spill, specs, workers=workers)
+    assert sorted(p.name for p in spill.iterdir()) == before
+
+
+def _failing_after(ordered, count):
+    """`_ordered` whose results fail after `count` of them, with the later tasks still in flight."""
+    def wrapped(*args, **kwargs):
+        results = ordered(*args, **kwargs)
+        try:
+            for _ in range(count):
+                yield next(results)
+            raise RuntimeError("task failed")
+        finally:
+            results.close()
+    return wrapped

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..batch import SampleBatch
 from .base import BatchSize
 from .mapmerge import MapMergeMetric
+from .ngram_table import NgramCountWriter, Run, prefix_keys, write_runs
 from .registry import register
+
+SCAN_ROWS = 8192  # answers whose F1 is computed at once in the final scan (a few hundred KB of temporaries)
+
+Rows = tuple[np.ndarray, pa.Array, np.ndarray]  # (prefix keys, answers, [tp, fp, fn] counts)
 
 
 @register("answer_macro_f1")
@@ -20,8 +27,10 @@ class AnswerMacroF1(MapMergeMetric):
 
     Equals `sklearn.metrics.f1_score(labels, preds, average="macro")` on the whole data, to the bit. One pass over
     the spill; the (true positives, false positives, false negatives) of each distinct answer go to an on-disk
-    table, so memory does not hold the answer strings. The final mean takes numpy's mean over the per-answer F1 in
-    sorted order, as sklearn does: 8 bytes per distinct answer, at the end only.
+    table of sorted runs (`ngram_table.py`) keyed by the answer's first bytes (`prefix_keys`), so that the merged
+    table is in code point order, the order of sklearn's sorted classes; each task writes its answers as a run,
+    the parent merges runs. The final mean takes numpy's mean over the per-answer F1 in that order, as sklearn
+    does: 8 bytes per distinct answer, at the end only.
     """
 
     scale = "0–1"
@@ -35,34 +44,51 @@ class AnswerMacroF1(MapMergeMetric):
         return {"batch_size": self.batch_size}
 
     def start(self, near: Path) -> None:
-        self._table = self.scratch(near).counter("answers", counts=("tp", "fp", "fn"))
+        self._runs = self.scratch_directory(near)
+        self._table = NgramCountWriter(self._runs / "answers")
 
-    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> list[tuple[str, int, int, int]]:
+    def context(self, pass_index: int) -> str:
+        return str(self._runs)
+
+    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> Rows:
         return _answer_counts(batch.pred_text or [], batch.label_text or [])
 
-    def merge(self, pass_index: int, partial: list[tuple[str, int, int, int]]) -> None:
-        self._table.add(partial)
+    def reduce_task(self, pass_index: int, partials: list[Rows], context: Any) -> list[list[str]]:
+        """The runs the task's answer counts were written to."""
+        return [write_runs(context, partials)]
+
+    def merge(self, pass_index: int, partial: list[str]) -> None:
+        for run in partial:
+            self._table.adopt(run)
 
     def finish(self) -> dict[str, float]:
-        # SQLite orders TEXT by UTF-8 bytes, which is code point order: the order of sklearn's sorted classes
-        f1 = np.concatenate([_f1(rows) for rows in self._table.scan()] or [np.zeros(0)])
+        f1 = np.concatenate([_f1(counts) for run in map(Run, self._table.finish()) for counts in _blocks(run)]
+                            or [np.zeros(0)])
         return {"answer_macro_f1": float(np.mean(f1)) if len(f1) else 0.0}
 
 
-def _f1(rows: list[tuple[str, int, int, int]]) -> np.ndarray:
-    counts = np.array([r[1:] for r in rows], dtype=np.int64)
+def _blocks(run: Run) -> Iterator[np.ndarray]:
+    """The run's [tp, fp, fn] rows, a block at a time (the mapped pages given back after each)."""
+    for start in range(0, len(run), SCAN_ROWS):
+        yield np.array(run.counts[start : start + SCAN_ROWS]).reshape(-1, 3)
+        run.release()
+
+
+def _f1(counts: np.ndarray) -> np.ndarray:
     tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
     return 2 * tp / (2 * tp + fp + fn)  # every answer was seen, so 2tp + fp + fn > 0
 
 
-def _answer_counts(preds: list[str], labels: list[str]) -> list[tuple[str, int, int, int]]:
-    tp: Counter[str] = Counter()
-    fp: Counter[str] = Counter()
-    fn: Counter[str] = Counter()
-    for pred, label in zip(preds, labels):
-        if pred == label:
-            tp[label] += 1
-        else:
-            fp[pred] += 1
-            fn[label] += 1
-    return [(answer, tp[answer], fp[answer], fn[answer]) for answer in tp.keys() | fp.keys() | fn.keys()]
+def _answer_counts(preds: list[str], labels: list[str]) -> Rows:
+    """One row per sample and side: the label with [1, 0, 0] where the prediction equals it, otherwise the
+    prediction with [0, 1, 0] and the label with [0, 0, 1]; equal answers are summed when the run is written."""
+    size = min(len(preds), len(labels))
+    pred = pa.array(preds[:size], pa.large_string())
+    label = pa.array(labels[:size], pa.large_string())
+    hit = pc.equal(pred, label)
+    miss = pc.invert(hit)
+    texts = pa.concat_arrays([label.filter(hit), pred.filter(miss), label.filter(miss)])
+    misses = len(texts) - size  # each miss adds two rows
+    counts = np.zeros((len(texts), 3), dtype=np.int64)
+    counts[np.arange(len(texts)), np.repeat([0, 1, 2], [size - misses, misses, misses])] = 1
+    return prefix_keys(texts), texts, counts

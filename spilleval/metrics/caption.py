@@ -5,7 +5,7 @@ clipped tf-idf n-gram cosine, Gaussian length penalty, sigma 6): each sample's s
 `CiderScorer` computes for it on the whole corpus, to the bit (`cider_vectors.py` does its arithmetic in numpy, in
 its order), and the corpus score is their exactly rounded mean. Two map/merge passes (`mapmerge.py`): pass 1
 counts, for each n-gram, the samples whose references contain it, into an on-disk table (`ngram_table.py`), so
-memory does not grow with the corpus; pass 2 scores each batch with the corpus document frequencies and the corpus
+memory does not grow with the corpus: each task writes its rows as a sorted run, the parent merges the runs; pass 2 scores each batch with the corpus document frequencies and the corpus
 size, read from that table, in any process.
 
 Tokenization: pycocoevalcap splits captions on whitespace; its `PTBTokenizer` (which needs Java) is not applied.
@@ -16,6 +16,7 @@ averages over `n` orders of which those above 4 score 0, as `CiderScorer(n=n)` d
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from .base import BatchSize, NgramOrder
 from .cider_vectors import cider_scores, document_frequencies
 from .inputs import references_of
 from .mapmerge import MapMergeMetric, scratch_dir
-from .ngram_table import NgramCounts, NgramCountWriter
+from .ngram_table import NgramCounts, NgramCountWriter, write_runs
 from .registry import register
 
 DOCUMENT_FREQUENCY, SCORES = 0, 1  # the two passes
@@ -53,7 +54,6 @@ class Cider(MapMergeMetric):
         self.n = n
         self.sigma = sigma
         self.batch_size = batch_size
-        self._scratch: Any = None
 
     def params(self) -> dict[str, Any]:
         return {
@@ -66,21 +66,22 @@ class Cider(MapMergeMetric):
 
     # ------------------------------------------------------------------------------------------- parent
     def start(self, near: Path) -> None:
-        self._scratch = scratch_dir(near)
-        self._writer = NgramCountWriter(Path(self._scratch.name) / "document_frequency")
+        self._runs = self.scratch_directory(near)
+        self._writer = NgramCountWriter(self._runs / "document_frequency")
         self._images = 0
         self._total = exact_sum.zeros()
 
     def context(self, pass_index: int) -> Any:
         if pass_index == SCORES:
             return {"runs": [str(p) for p in self._writer.finish()], "corpus_size": self._images}
-        return None
+        return {"scratch": str(self._runs)}
 
     def merge(self, pass_index: int, partial: Any) -> None:
         if pass_index == DOCUMENT_FREQUENCY:
-            images, hashes, texts, counts = partial
+            images, runs = partial
             self._images += images
-            self._writer.add(hashes, texts, counts)
+            for run in runs:
+                self._writer.adopt(run)
         else:
             self._total = exact_sum.merge(self._total, partial)
 
@@ -88,11 +89,6 @@ class Cider(MapMergeMetric):
         if not self._images:
             return {"cider": 0.0}
         return {"cider": exact_sum.value(self._total) / self._images}
-
-    def close(self) -> None:
-        if self._scratch is not None:
-            self._scratch.cleanup()
-            self._scratch = None
 
     # ------------------------------------------------------------------------------------------- any process
     def map(self, pass_index: int, batch: SampleBatch, context: Any) -> Any:
@@ -105,6 +101,15 @@ class Cider(MapMergeMetric):
         table = _open_table(context["runs"])
         scores = cider_scores(hyps, refs, table.get, corpus_size=context["corpus_size"], n=self.n, sigma=self.sigma)
         return exact_sum.add(exact_sum.zeros(), scores)
+
+    def reduce_task(self, pass_index: int, partials: list[Any], context: Any) -> list[Any]:
+        """Pass 1: (images, runs) of the task, its document-frequency rows written as sorted runs (a sample's
+        n-grams count once, in its batch; a sample is in one task only, so the parent's sums are the corpus's).
+        Pass 2: the task's exact sum."""
+        if pass_index == DOCUMENT_FREQUENCY:
+            runs = write_runs(context["scratch"], (partial[1:] for partial in partials))
+            return [(sum(partial[0] for partial in partials), runs)]
+        return [functools.reduce(exact_sum.merge, partials, exact_sum.zeros())]
 
     def _predictions(self, batch: SampleBatch) -> list[str]:
         return [p.lower() for p in batch.pred_text or []] if self.lowercase else list(batch.pred_text or [])

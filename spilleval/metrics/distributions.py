@@ -1,25 +1,28 @@
 """Corpus statistics of the whole distribution: exact percentiles of per-sample loss, distinct-n.
 
-Both keep what grows with the corpus (every loss value, every distinct n-gram) in on-disk tables
-(`ondisk.py`): memory stays bounded and nothing is sketched or hashed.
+Both keep what grows with the corpus in on-disk tables, so memory stays bounded and nothing is sketched: every loss
+value in `ondisk.py`'s tables, every distinct n-gram in sorted runs (`ngram_table.py`: hashed to sort, compared by
+text, so two n-grams are one only when their texts are equal).
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
+import pyarrow as pa
 from pydantic import Field
 
 from ..batch import SampleBatch
 from .base import BatchSize, NgramOrder
+from .cider_vectors import occurrences
 from .inputs import MetricInputError
 from .mapmerge import MapMergeMetric
+from .ngram_table import NgramCounts, NgramCountWriter, write_runs
 from .ondisk import ScratchStore
 from .registry import register
 
@@ -188,20 +191,36 @@ class DistinctN(MapMergeMetric):
         return {"orders": self.orders, "batch_size": self.batch_size}
 
     def start(self, near: Path) -> None:
-        store = self.scratch(near)
-        self._tables = {n: store.counter(f"ngrams_{n}") for n in self.orders}
+        self._runs = self.scratch_directory(near)
+        self._tables = {n: NgramCountWriter(self._runs / f"ngrams_{n}") for n in self.orders}
         self._totals = dict.fromkeys(self.orders, 0)
 
-    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> dict[int, list[tuple[str, int]]]:
-        words = [p.split() for p in batch.pred_text or []]
-        return {n: list(Counter(" ".join(w[i : i + n]) for w in words for i in range(len(w) - n + 1)).items())
-                for n in self.orders}
+    def context(self, pass_index: int) -> str:
+        return str(self._runs)
 
-    def merge(self, pass_index: int, partial: dict[int, list[tuple[str, int]]]) -> None:
-        for n, grams in partial.items():
-            self._totals[n] += sum(count for _, count in grams)
-            self._tables[n].add(grams)
+    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> dict[int, tuple[np.ndarray, pa.Array,
+                                                                                   np.ndarray]]:
+        """Each order's distinct n-grams of the batch (hash, text, count), counted in numpy: an n-gram's text is
+        its words joined by a space, as `str.split()` cuts them (`cider_vectors.occurrences`)."""
+        found = occurrences(list(batch.pred_text or []), orders=max(self.orders))
+        counts = np.bincount(found.gram, minlength=len(found.gram_order)).astype(np.int64)
+        out = {}
+        for n in self.orders:
+            grams = np.flatnonzero(found.gram_order == n - 1)
+            out[n] = (found.gram_hash[grams], found.gram_text.take(pa.array(grams)), counts[grams])
+        return out
+
+    def reduce_task(self, pass_index: int, partials: list[Any], context: Any) -> list[dict[int, tuple[int, list[str]]]]:
+        """Per order: (n-grams of the task, the runs its distinct n-grams were written to)."""
+        return [{n: (sum(int(p[n][2].sum()) for p in partials), write_runs(context, (p[n] for p in partials)))
+                 for n in self.orders}]
+
+    def merge(self, pass_index: int, partial: dict[int, tuple[int, list[str]]]) -> None:
+        for n, (total, runs) in partial.items():
+            self._totals[n] += total
+            for run in runs:
+                self._tables[n].adopt(run)
 
     def finish(self) -> dict[str, float]:
-        return {f"distinct_{n}": len(self._tables[n]) / self._totals[n] if self._totals[n] else 0.0
-                for n in self.orders}
+        distinct = {n: sum(len(run) for run in NgramCounts(self._tables[n].finish()).runs) for n in self.orders}
+        return {f"distinct_{n}": distinct[n] / self._totals[n] if self._totals[n] else 0.0 for n in self.orders}

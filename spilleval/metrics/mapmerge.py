@@ -6,6 +6,13 @@ whose second pass needs what the first one learned about the whole corpus (CIDEr
 passes: `context(1)` hands the first pass's result to the second pass's maps. Partials are exact (integer counts,
 exact float sums, rows for an on-disk table), so the result does not depend on how the spill was cut into batches
 or spread over processes. `spilleval.metrics.parallel` runs the passes; `compute(reader)` runs them in-process.
+
+A task (a contiguous row range, `parallel.Task`) maps its batches one by one, then hands their partials to
+`reduce_task`, in the same process, and what that returns travels to the parent. By default the partials travel as
+they are; a metric whose partials are rows of an on-disk table (distinct n-grams, document frequencies, answers)
+writes the task's rows there as sorted runs (`ngram_table.write_runs`, one run per task rather than per batch) in a
+scratch directory the parent made (`scratch_directory`, its path sent in `context`), and returns only the runs'
+paths and a few scalars: the parent merges runs, never rows, so its share of a task does not grow with the task.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ class MapMergeMetric(CorpusMetric):
 
     passes: ClassVar[int] = 1
     _store: ScratchStore | None = None
+    _directory: tempfile.TemporaryDirectory | None = None
 
     def start(self, near: Path) -> None:
         """Set up the parent's state; `near` is where scratch files may go (the spill directory)."""
@@ -43,9 +51,14 @@ class MapMergeMetric(CorpusMetric):
     def map(self, pass_index: int, batch: SampleBatch, context: Any) -> Any:
         """This batch's partial result (picklable, small as the batch)."""
 
+    def reduce_task(self, pass_index: int, partials: list[Any], context: Any) -> list[Any]:
+        """The partials of one task's batches, in order, made into what travels to the parent (in the process
+        that mapped them): the partials `merge` receives. By default, the batches' partials as they are."""
+        return partials
+
     @abstractmethod
     def merge(self, pass_index: int, partial: Any) -> None:
-        """Add one partial, in spill order."""
+        """Add one partial (as `reduce_task` returned it), in spill order."""
 
     @abstractmethod
     def finish(self) -> dict[str, float]: ...
@@ -55,11 +68,20 @@ class MapMergeMetric(CorpusMetric):
         self._store = ScratchStore(near)
         return self._store
 
+    def scratch_directory(self, near: Path) -> Path:
+        """A private directory next to the spill (`scratch_dir`) for files that workers write and the parent
+        reads, removed with everything in it by `close`."""
+        self._directory = scratch_dir(near)
+        return Path(self._directory.name)
+
     def close(self) -> None:
         """Release scratch files (after `finish`, or on an error)."""
         if self._store is not None:
             self._store.close()
             self._store = None
+        if self._directory is not None:
+            self._directory.cleanup()
+            self._directory = None
 
     def compute(self, reader: "SpillReader") -> dict[str, float]:
         from .parallel import compute_corpus_metrics

@@ -5,18 +5,25 @@ arithmetic is vectorised. Here keys travel as numpy arrays: each n-gram has a 64
 with numpy) and its text (to check every match, so the table is exact: two n-grams whose hashes collide stay two
 entries, and a lookup only counts an entry whose text is equal).
 
-Writing buffers (hash, text, count) rows up to `buffer_rows`, then sorts them by hash, sums equal keys and
-writes them as a run: four flat files (hashes, counts, text offsets, text bytes) that readers memory-map. Runs are
-merged by a streaming merge when there are more than `max_runs`, so memory holds a buffer, never the table.
-A count is the sum of the key's counts in every run.
+Writing buffers (hash, text, count) rows up to `buffer_rows`, then sorts them by (hash, text), sums equal keys and
+writes them as a run: four flat files (hashes, counts, text offsets, text bytes) that readers memory-map. A count
+may be a row of several integers (counts of shape [rows, width]). Runs are merged by a streaming merge when there
+are more than `max_runs`, so memory holds a buffer, never the table. A count is the sum of the key's counts in
+every run, so runs may be written anywhere, in any order: a worker process writes its task's rows as runs
+(`write_runs`, uniquely named in a directory shared by the processes) and the parent adopts them
+(`NgramCountWriter.adopt`) without reading their rows.
+
+The key need not be a hash: any uint64 whose order agrees with the texts' order where it differs (`prefix_keys`:
+the first 8 bytes) makes the merged run sorted by text, byte by byte, which is code point order.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import uuid
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +31,7 @@ import pyarrow.compute as pc
 
 BUFFER_ROWS = 1 << 18  # about 10 MB of rows (with their texts) buffered before they are sorted into a run
 MAX_RUNS = 16  # runs merged at once: a merge maps every run's current pages, so its memory grows with this
+MERGE_ROUNDS_PER_BUFFER = 8  # a merge round holds an eighth of a buffer of rows: thousands of rows per numpy call
 MIN_LOOKUP_GROUP = 1024  # keys looked up between two releases of the mapped pages, at least
 LOOKUP_PAGES = 256  # pages of each mapped 8-byte array that one group of keys is sized to touch
 _ENTRIES_PER_PAGE = mmap.PAGESIZE // 8
@@ -41,9 +49,10 @@ def _sorted_unique(hashes: np.ndarray, texts: pa.Array, counts: np.ndarray) -> t
     same_hash = h[1:] == h[:-1]
     same_text = pc.equal(t.slice(1), t.slice(0, len(t) - 1)).to_numpy(zero_copy_only=False)
     if np.any(same_hash & ~same_text):  # a collision: order its texts so that equal ones are adjacent
-        table = pa.table({"h": pa.array(h, pa.uint64()), "t": t, "n": pa.array(n, pa.int64())}).sort_by(
+        table = pa.table({"h": pa.array(h, pa.uint64()), "t": t, "i": pa.array(np.arange(len(h)))}).sort_by(
             [("h", "ascending"), ("t", "ascending")])
-        h, t, n = table["h"].to_numpy(), table["t"].combine_chunks(), table["n"].to_numpy()
+        at = table["i"].to_numpy()
+        h, t, n = h[at], t.take(pa.array(at)), n[at]
         same_hash = h[1:] == h[:-1]
         same_text = pc.equal(t.slice(1), t.slice(0, len(t) - 1)).to_numpy(zero_copy_only=False)
     first = np.ones(len(h), dtype=bool)
@@ -52,8 +61,23 @@ def _sorted_unique(hashes: np.ndarray, texts: pa.Array, counts: np.ndarray) -> t
     return h[starts], t.take(pa.array(starts)), np.add.reduceat(n, starts)
 
 
+def prefix_keys(texts: pa.Array) -> np.ndarray:
+    """Each text's first 8 UTF-8 bytes (zero-padded) as a big-endian uint64: keys whose order never contradicts the
+    texts' byte order, so a table keyed by them is sorted by text (ties, such as texts sharing 8 bytes, are sorted
+    by text like colliding hashes)."""
+    texts = texts.cast(pa.large_string())
+    if not len(texts):
+        return np.zeros(0, dtype=np.uint64)
+    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
+    data = texts.buffers()[2]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None and len(data) else np.zeros(1, np.uint8)
+    at = offsets[:-1, None] + np.arange(8)
+    inside = at < offsets[1:, None]
+    first = np.where(inside, data[np.minimum(at, len(data) - 1)], 0).astype(np.uint8)
+    return first.view(">u8").ravel().astype(np.uint64)
+
 def _write_run(path: Path, hashes: np.ndarray, texts: pa.Array, counts: np.ndarray) -> None:
-    path.mkdir(parents=True)
+    path.mkdir()  # not its parents: a run written after its scratch directory was removed fails, leaves nothing
     texts = texts.cast(pa.large_string())
     _, offsets, data = texts.buffers()
     start = texts.offset
@@ -75,7 +99,9 @@ class Run:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.hashes = _map(self.path / _FILES[0], np.uint64)
-        self.counts = _map(self.path / _FILES[1], np.int64)
+        counts = _map(self.path / _FILES[1], np.int64)
+        width = len(counts) // max(len(self.hashes), 1)
+        self.counts = counts if width <= 1 else counts.reshape(len(self.hashes), width)  # [rows] or [rows, width]
         self._offsets = _map(self.path / _FILES[2], np.int64)
         self._data = _map(self.path / _FILES[3], np.uint8)
         self.texts = pa.LargeStringArray.from_buffers(len(self.hashes), pa.py_buffer(self._offsets),
@@ -84,12 +110,37 @@ class Run:
     def __len__(self) -> int:
         return len(self.hashes)
 
+    def rows_through(self, start: int, key_hash: np.uint64, key_text: bytes) -> int:
+        """The end of the rows from `start` whose key (hash, text) is at most the given one: a binary search on
+        the hashes, then on the texts of the rows that share that hash (sorted by their bytes)."""
+        low = max(start, int(np.searchsorted(self.hashes, key_hash, side="left")))
+        high = max(low, int(np.searchsorted(self.hashes, key_hash, side="right")))
+        while low < high:
+            middle = (low + high) // 2
+            if self.text_bytes(middle) <= key_text:
+                low = middle + 1
+            else:
+                high = middle
+        return low
+
+    def text_bytes(self, row: int) -> bytes:
+        return bytes(self._data[int(self._offsets[row]) : int(self._offsets[row + 1])])
+
     def release(self) -> None:
         """Unmap the pages a lookup touched (they stay in the page cache), so the process's memory stays flat."""
         for array in (self.hashes, self.counts, self._offsets, self._data):
             mapping = getattr(array, "_mmap", None)
             if mapping is not None:
                 mapping.madvise(mmap.MADV_DONTNEED)
+
+    def _positions(self, hashes: np.ndarray) -> np.ndarray:
+        """`np.searchsorted(self.hashes, hashes)`, searching only the stretch of the run between the smallest and
+        the largest key. numpy searches each of sorted keys from the previous key's position to the end of the
+        array, so over the whole run a group's probes would touch pages far past its stretch, more pages the
+        larger the run: the stretch's pages alone are about LOOKUP_PAGES (`lookup_group`)."""
+        low = int(np.searchsorted(self.hashes, hashes.min(), side="left"))
+        high = int(np.searchsorted(self.hashes, hashes.max(), side="right"))
+        return low + np.searchsorted(self.hashes[low:high], hashes, side="left")
 
     def lookup(self, hashes: np.ndarray, texts_at: Callable[[np.ndarray], pa.Array],
                present: np.ndarray | None = None) -> np.ndarray:
@@ -99,7 +150,7 @@ class Run:
         found = np.zeros(len(hashes), dtype=np.int64)
         if not len(self) or not len(hashes):
             return found
-        position = np.searchsorted(self.hashes, hashes, side="left")
+        position = self._positions(hashes)
         pending = np.flatnonzero(position < len(self))
         if present is not None and len(pending):
             at = position[pending]
@@ -129,8 +180,47 @@ def _map(path: Path, dtype: type) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def write_runs(directory: str | os.PathLike, rows: Iterable[tuple[np.ndarray, pa.Array, np.ndarray]], *,
+               buffer_rows: int | None = None) -> list[str]:
+    """(hash, text, count) rows written as sorted runs of about `buffer_rows` rows each into `directory` (which
+    exists): a worker's share of a table, for the parent to `adopt`. Runs get unique names, since tasks of many
+    processes write into one directory. Empty parts write nothing."""
+    limit = BUFFER_ROWS if buffer_rows is None else buffer_rows
+    runs: list[str] = []
+    pending: list[tuple[np.ndarray, pa.Array, np.ndarray]] = []
+    pending_rows = 0
+    for part in rows:
+        if len(part[0]):
+            pending.append(part)
+            pending_rows += len(part[0])
+        if pending_rows >= limit:
+            runs.append(os.fspath(_write_sorted(Path(directory), pending)))
+            pending, pending_rows = [], 0
+    if pending:
+        runs.append(os.fspath(_write_sorted(Path(directory), pending)))
+    return runs
+
+
+def _write_sorted(directory: Path, parts: Sequence[tuple[np.ndarray, pa.Array, np.ndarray]]) -> Path:
+    """The rows of `parts` as one new run in `directory` (sorted, equal keys summed)."""
+    path = _new_run_path(directory)
+    _write_run(path, *_sorted_unique(np.concatenate([p[0] for p in parts]),
+                                     pa.concat_arrays([p[1].cast(pa.large_string()) for p in parts]),
+                                     np.concatenate([p[2] for p in parts])))
+    return path
+
+
+def _new_run_path(directory: Path) -> Path:
+    return directory / f"run-{uuid.uuid4().hex}"
+
+
+def _run_rows(path: Path) -> int:
+    return os.path.getsize(path / _FILES[0]) // 8
+
+
 class NgramCountWriter:
-    """Accumulates (hash, text, count) rows into sorted runs under `directory` (which must not exist yet)."""
+    """Accumulates (hash, text, count) rows into sorted runs under `directory` (which must not exist yet): rows
+    added here (buffered, sorted by this process) or runs written elsewhere (`adopt`)."""
 
     def __init__(self, directory: str | os.PathLike, *, buffer_rows: int | None = None,
                  max_runs: int | None = None) -> None:
@@ -141,7 +231,6 @@ class NgramCountWriter:
         self._pending: list[tuple[np.ndarray, pa.Array, np.ndarray]] = []
         self._pending_rows = 0
         self._runs: list[Path] = []
-        self._made = 0
 
     def add(self, hashes: np.ndarray, texts: pa.Array, counts: np.ndarray) -> None:
         if len(hashes):
@@ -149,6 +238,13 @@ class NgramCountWriter:
             self._pending_rows += len(hashes)
         if self._pending_rows >= self.buffer_rows:
             self._flush()
+
+    def adopt(self, run: str | os.PathLike) -> None:
+        """Take over a run written by `write_runs` (anywhere in the same file system): it is merged, then
+        deleted, with this writer's runs."""
+        self._runs.append(Path(run))
+        if len(self._runs) > self.max_runs:
+            self._merge_smallest()
 
     def finish(self) -> list[Path]:
         """Write what is buffered and merge the runs into one; the runs to read with `NgramCounts`."""
@@ -160,48 +256,35 @@ class NgramCountWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        hashes = np.concatenate([p[0] for p in self._pending])
-        texts = pa.concat_arrays([p[1].cast(pa.large_string()) for p in self._pending])
-        counts = np.concatenate([p[2] for p in self._pending])
+        path = _write_sorted(self.directory, self._pending)
         self._pending, self._pending_rows = [], 0
-        path = self._new_run_path()
-        _write_run(path, *_sorted_unique(hashes, texts, counts))
-        self._runs.append(path)
-        if len(self._runs) > self.max_runs:
-            self._runs = [self._merge(self._runs)]
+        self.adopt(path)
 
-    def _new_run_path(self) -> Path:
-        self._made += 1
-        return self.directory / f"run-{self._made:06d}"
+    def _merge_smallest(self) -> None:
+        """Merge the `max_runs` smallest runs (at least two) into one: runs of similar sizes meet, as in a
+        size-tiered compaction, so a row is merged about log(runs) / log(max_runs) times, not once per merge."""
+        by_size = sorted(self._runs, key=_run_rows)
+        picked = by_size[: max(2, self.max_runs)]
+        self._runs = [*by_size[len(picked) :], self._merge(picked)]
 
     def _merge(self, runs: Sequence[Path]) -> Path:
-        """Streaming merge: each round takes, from every run, the rows whose hash is below the smallest of the
-        hashes that end the runs' next blocks, so equal keys always meet in one round."""
+        """Streaming merge: each round takes, from every run, the rows whose key (hash, text) is at most the
+        smallest of the keys that end the runs' next blocks, so equal keys always meet in one round, and a round
+        holds about one buffer of rows however many keys share a hash."""
         opened = [Run(p) for p in runs]
-        block_rows = max(1024, self.buffer_rows // len(opened))  # a round holds about one buffer of rows
+        block_rows = max(1024, self.buffer_rows // (MERGE_ROUNDS_PER_BUFFER * len(opened)))
         cursor = [0] * len(opened)
-        out = self._new_run_path()
-        out.mkdir(parents=True)
+        out = _new_run_path(self.directory)
+        out.mkdir()
         files = [open(out / name, "wb") for name in _FILES]
         text_bytes = 0
         files[2].write(np.zeros(1, np.int64).tobytes())
         try:
             while any(c < len(r) for c, r in zip(cursor, opened)):
-                ends = [r.hashes[min(c + block_rows, len(r)) - 1] for c, r in zip(cursor, opened)
-                        if c + block_rows < len(r)]
-                bound = min(ends) if ends else None
-                parts = []
-                for i, run in enumerate(opened):
-                    stop = len(run) if bound is None else int(np.searchsorted(run.hashes, bound, side="left"))
-                    stop = max(stop, cursor[i])
-                    parts.append((i, cursor[i], stop))
-                if bound is not None and all(a == b for _, a, b in parts):  # one hash fills a whole block
-                    parts = [(i, cursor[i], int(np.searchsorted(r.hashes, bound, side="right")))
-                             for i, r in enumerate(opened)]
-                block = [(opened[i].hashes[a:b], opened[i].texts.slice(a, b - a), opened[i].counts[a:b])
-                         for i, a, b in parts if b > a]
-                for i, _, b in parts:
-                    cursor[i] = b
+                stops = _round_stops(opened, cursor, block_rows)
+                block = [(run.hashes[a:b], run.texts.slice(a, b - a), run.counts[a:b])
+                         for run, a, b in zip(opened, cursor, stops) if b > a]
+                cursor = stops
                 hashes, texts, counts = _sorted_unique(np.concatenate([p[0] for p in block]),
                                                        pa.concat_arrays([p[1] for p in block]),
                                                        np.concatenate([p[2] for p in block]))
@@ -222,6 +305,17 @@ class NgramCountWriter:
                 (path / name).unlink()
             path.rmdir()
         return out
+
+
+def _round_stops(opened: Sequence[Run], cursor: Sequence[int], block_rows: int) -> list[int]:
+    """Where one merge round ends in each run: every row up to the smallest key that ends a run's next block (a
+    run whose rest fits in a block bounds nothing)."""
+    ends = [(run.hashes[c + block_rows - 1], run.text_bytes(c + block_rows - 1))
+            for c, run in zip(cursor, opened) if c + block_rows < len(run)]
+    if not ends:
+        return [len(run) for run in opened]
+    bound_hash, bound_text = min(ends)
+    return [run.rows_through(c, bound_hash, bound_text) for c, run in zip(cursor, opened)]
 
 
 class NgramCounts:

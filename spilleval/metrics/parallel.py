@@ -17,6 +17,7 @@ flight, so the parent holds a bounded number of partials.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import math
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from ..batch import SampleBatch
 from ..sampleset import SampleSet
@@ -101,7 +103,18 @@ def run_task(sweep: Sweep, task: Task) -> tuple[list[State], list[Any]]:
             suite.update_streaming(batch)
         for i, (metric, (_, pass_index, context)) in enumerate(zip(metrics, sweep.passes)):
             partials[i].append(metric.map(pass_index, batch, context))
-    return (suite.states() if sweep.streaming else []), partials
+    reduced = [metric.reduce_task(pass_index, task_partials, context)
+               for metric, (_, pass_index, context), task_partials in zip(metrics, sweep.passes, partials)]
+    give_back_arrow_memory()
+    return (suite.states() if sweep.streaming else []), reduced
+
+
+def give_back_arrow_memory() -> None:
+    """Return to the OS the pages Arrow's memory pool (mimalloc, jemalloc) keeps from buffers freed since the last
+    call. Kept, they pile up from task to task: over the 80 tasks of CIDEr's second pass on 20,000 samples the
+    RSS crept up by 14 MB while Arrow's allocated bytes and glibc's heap stayed flat, so a process's footprint
+    grew with the number of tasks. Given back after each task (about 0.3 ms), it is one task's."""
+    pa.default_memory_pool().release_unused()
 
 
 def _reader(sweep: Sweep) -> "SpillReader":
@@ -208,13 +221,15 @@ def compute_in_parallel(reader: "SpillReader", suite: "MetricSuite", *, executor
             names = [m.name for m in suite.streaming] if sweep.streaming else []
             names += [m.name for _, m in taking_part]
             label = ", ".join(names) + (f" (pass {sweep_index + 1})" if sweep_index else "")
-            with sample_bar(reader.num_rows, label, enabled=progress) as advance:
-                for task, (states, partials) in _ordered(executor, sweep, planner.tasks(), workers):
+            with sample_bar(reader.num_rows, label, enabled=progress) as advance, \
+                    contextlib.closing(_ordered(executor, sweep, planner.tasks(), workers)) as results:
+                for task, (states, partials) in results:
                     if sweep.streaming:
                         suite.merge(states)
                     for (_, metric), metric_partials in zip(taking_part, partials):
                         for partial in metric_partials:
                             metric.merge(sweep_index, partial)
+                    give_back_arrow_memory()  # the merges' buffers (runs merged here), as a worker does its task's
                     advance(task.stop - task.start if task.keep is None else len(task.keep))
         out = suite.compute_streaming()
         return merge_results([out, *(suite.computed(m, m.finish()) for m in corpus),
@@ -261,16 +276,31 @@ def _sweep(reader: "SpillReader", suite: "MetricSuite", *, streaming: bool, pass
 
 def _ordered(executor: Executor, sweep: Sweep, tasks: Iterable[Task], workers: int) -> Iterator[tuple[Task, Any]]:
     """(task, result of `run_task`) in task order, with at most 2 x workers tasks in flight. Tasks are planned as
-    they are submitted: the workers start while the parent still reads the later chunks' sample indexes."""
+    they are submitted: the workers start while the parent still reads the later chunks' sample indexes. Closed
+    early (an error), it cancels the tasks in flight and waits for those already running: they may be writing into
+    the metrics' scratch directories, which must not be removed under them."""
     in_flight: deque[tuple[Task, Future]] = deque()
-    for task in tasks:
-        in_flight.append((task, executor.submit(run_task, sweep, task)))
-        if len(in_flight) >= 2 * max(workers, 1):
+    try:
+        for task in tasks:
+            in_flight.append((task, executor.submit(run_task, sweep, task)))
+            if len(in_flight) >= 2 * max(workers, 1):
+                done, future = in_flight.popleft()
+                yield done, future.result()
+        while in_flight:
             done, future = in_flight.popleft()
             yield done, future.result()
-    while in_flight:
-        done, future = in_flight.popleft()
-        yield done, future.result()
+    finally:
+        _settle(future for _, future in in_flight)
+
+
+def _settle(futures: Iterable[Future]) -> None:
+    """Cancel what has not started and wait for the rest, ignoring their results and errors."""
+    futures = list(futures)
+    for future in futures:
+        future.cancel()
+    for future in futures:
+        with contextlib.suppress(Exception):
+            future.result()
 
 
 class TaskPlanner:
