@@ -24,7 +24,11 @@ passes with pycocoevalcap's `CiderScorer` per batch and the document frequencies
 baseline) against `compute_from_spill(dir, ["cider"], workers=1)`, on the same spill in the same run; the two
 results must agree to 1e-12 relative.
 
-Writes a JSON file and a plot (speed-up vs workers per metric, with the linear and 0.8 x linear lines).
+The machine's own ceiling (--ceiling-seconds, 0 to skip): N independent processes each run the same loop of
+sacrebleu chrF on fixed strings (no spill, no pool traffic); N x time alone / time of N together is the speed-up any
+N workers can reach on this machine (a virtual machine's 16 "cores" under load do not give 16 x one core).
+
+Writes a JSON file and a plot (speed-up vs workers per metric, with the linear, 0.8 x linear and ceiling lines).
 """
 
 from __future__ import annotations
@@ -74,6 +78,42 @@ def time_metrics(spill_of: dict[str, Path], specs: dict[str, dict[str, Any]], wo
         return out
     finally:
         shutdown(pool)
+
+
+def chrf_of_fixed_strings(rounds: int) -> float:
+    """Seconds of `rounds` x sacrebleu's sentence chrF over 200 fixed caption pairs: Python string and dict work
+    like the text metrics', with no spill, no decoding and no pool traffic."""
+    import random
+
+    import sacrebleu
+
+    rng = random.Random(0)
+    words = [w for w in CLASS_WORDS] + [f"word{i}" for i in range(200)]
+    pairs = [(" ".join(rng.choices(words, k=12)), " ".join(rng.choices(words, k=12))) for _ in range(200)]
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for hyp, ref in pairs:
+            sacrebleu.sentence_chrf(hyp, [ref])
+    return time.perf_counter() - start
+
+
+def machine_ceiling(counts: list[int], seconds: float) -> dict[str, float]:
+    """Seconds for N independent processes to each run the same chrF loop (about `seconds` alone), per N: what the
+    machine itself gives N busy processes (shared caches, memory bandwidth, clock under load), the ceiling of any
+    N-worker speed-up on it. Efficiency = time alone / time of N together."""
+    import multiprocessing
+
+    rounds = max(1, round(seconds / max(chrf_of_fixed_strings(1), 1e-6)))
+    out = {}
+    context = multiprocessing.get_context("forkserver")
+    for workers in counts:
+        with context.Pool(workers) as pool:
+            pool.map(chrf_of_fixed_strings, [1] * workers)  # imports, warm caches
+            start = time.perf_counter()
+            pool.map(chrf_of_fixed_strings, [rounds] * workers, chunksize=1)
+            out[str(workers)] = time.perf_counter() - start
+        print(f"  machine ceiling, {workers:2d} processes: {out[str(workers)]:.2f} s", flush=True)
+    return out
 
 
 def spill_per_metric(spills: PrefixSpills, specs: dict[str, dict[str, Any]], probe: int, seconds: float,
@@ -169,6 +209,9 @@ def plot(out: dict[str, Any], path: Path) -> None:
                 label=name)
     ax.plot(counts, counts, "k--", label="linear")
     ax.plot(counts, [0.8 * w for w in counts], "k:", label="0.8 x linear")
+    if out.get("ceiling"):
+        alone = out["ceiling"][str(counts[0])]
+        ax.plot(counts, [w * alone / out["ceiling"][str(w)] for w in counts], "r-.", label="machine ceiling")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks(counts, [str(w) for w in counts])
@@ -195,6 +238,11 @@ def report(out: dict[str, Any]) -> str:
         runs = [out["runs"][str(w)]["metrics"][name] for w in counts]
         first = max(run["first_run_s"] - run["seconds"] for run in runs)
         rows.append([name, *cells, f"{first:.1f}"])
+    if out.get("ceiling"):
+        alone = out["ceiling"][str(counts[0])]
+        rows.append(["machine ceiling: chrF loop in N independent processes", "", f"{alone:.2f} s",
+                     *[f"{w * alone / out['ceiling'][str(w)]:.2f} ({alone / out['ceiling'][str(w)]:.2f})"
+                       for w in counts[1:]], ""])
     rows.append(["pool start (s)", "", *[f"{out['runs'][str(w)]['pool_start_s']:.1f}" for w in counts], ""])
     header = ["metric", "samples", "1 worker", *[f"{w} workers: speed-up (efficiency)" for w in counts[1:]],
               "first-run extra, max (s)"]
@@ -216,6 +264,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of; the first also pays first use")
     parser.add_argument("--cider-tokens", type=int, default=100_000, help="spill for CIDEr before/after (0: skip)")
     parser.add_argument("--out", type=Path, default=Path("bench-scaling"))
+    parser.add_argument("--ceiling-seconds", type=float, default=3.0,
+                        help="the machine-ceiling loop's length alone (0: skip)")
     parser.add_argument("--tokenizer-threads", action="store_true",
                         help="the in-process run (1 worker, the probe, CIDEr before/after) decodes on every core")
     args = parser.parse_args()
@@ -240,6 +290,7 @@ def main() -> None:
         if not specs:
             print(report(out) if out.get("cider") else "no metrics to time")
             return
+        out["ceiling"] = machine_ceiling(counts, args.ceiling_seconds) if args.ceiling_seconds else {}
         spill_of = spill_per_metric(spills, specs, args.probe_tokens, args.seconds, args.max_tokens)
         out["spills"] = {name: {"tokens": s.tokens, "samples": s.samples} for name, s in spill_of.items()}
         paths = {name: s.path for name, s in spill_of.items()}
