@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..batch import concat_ranges
 
 # (hashes, texts, known to be in the table) -> corpus counts
 DocumentFrequency = Callable[[np.ndarray, pa.Array, np.ndarray], np.ndarray]
@@ -265,22 +264,26 @@ def _clipped_dots(caption: np.ndarray, gram: np.ndarray, order: np.ndarray, weig
                   ref_owner: np.ndarray, orders: int) -> np.ndarray:
     """[references, orders]: sum over the hypothesis' n-grams of min(hyp, ref) * ref weight, per reference and
     order, adding in pycocoevalcap's order (the hypothesis' n-grams in its dict order). Pairs are grouped by caption
-    (hypotheses 0..samples-1 first, then the references), each caption's pairs in dict order."""
+    (hypotheses 0..samples-1 first, then the references), each caption's pairs in dict order. Each reference pair
+    finds its hypothesis' pair of the same n-gram by a binary search among the hypotheses' (sample, n-gram) keys;
+    the n-grams a reference does not share add nothing."""
     hyp_pairs = int(np.searchsorted(caption, samples))
-    hyp_bounds = np.searchsorted(caption[:hyp_pairs], np.arange(samples + 1))
-    hyp_count = np.diff(hyp_bounds)
-    # every (reference, n-gram of its hypothesis), reference by reference, in the hypothesis' dict order
-    candidate_hyp = concat_ranges(hyp_bounds[ref_owner], hyp_count[ref_owner])
-    candidate_ref = np.repeat(np.arange(len(ref_owner), dtype=np.int64), hyp_count[ref_owner])
-    grams = int(gram.max()) + 1 if len(gram) else 1
-    ref_keys = pa.array((caption[hyp_pairs:] - samples) * grams + gram[hyp_pairs:])
-    at = pc.index_in(pa.array(candidate_ref * grams + gram[candidate_hyp]), value_set=ref_keys)
-    matched = at.is_valid().to_numpy(zero_copy_only=False)
-    ref_match = hyp_pairs + at.drop_null().to_numpy().astype(np.int64)
-    hyp_match = candidate_hyp[matched]
+    out = np.zeros(len(ref_owner) * orders)
+    if not hyp_pairs or hyp_pairs == len(caption):
+        return out.reshape(len(ref_owner), orders)
+    grams = int(gram.max()) + 1
+    hyp_keys = caption[:hyp_pairs] * grams + gram[:hyp_pairs]
+    by_key = np.argsort(hyp_keys)
+    sorted_keys = hyp_keys[by_key]
+    ref = caption[hyp_pairs:] - samples
+    ref_keys = ref_owner[ref] * grams + gram[hyp_pairs:]
+    at = np.minimum(np.searchsorted(sorted_keys, ref_keys), hyp_pairs - 1)
+    matched = np.flatnonzero(sorted_keys[at] == ref_keys)
+    ref_of, hyp_match = ref[matched], by_key[at[matched]]
+    in_hyp_order = np.argsort(ref_of * hyp_pairs + hyp_match)  # reference by reference, hypothesis dict order
+    ref_of, hyp_match, ref_match = ref_of[in_hyp_order], hyp_match[in_hyp_order], hyp_pairs + matched[in_hyp_order]
     clipped = np.minimum(weight[hyp_match], weight[ref_match]) * weight[ref_match]
-    bins = candidate_ref[matched] * orders + order[ref_match]
-    return _sums(bins, clipped, len(ref_owner) * orders).reshape(len(ref_owner), orders)
+    return _sums(ref_of * orders + order[ref_match], clipped, len(ref_owner) * orders).reshape(len(ref_owner), orders)
 
 
 def libm_squares(x: np.ndarray) -> np.ndarray:
