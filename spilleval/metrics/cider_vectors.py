@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-
-# (hashes, texts, known to be in the table) -> corpus counts
-DocumentFrequency = Callable[[np.ndarray, pa.Array, np.ndarray], np.ndarray]
+# (hashes, n-gram ids -> texts, known to be in the table) -> corpus counts
+DocumentFrequency = Callable[[np.ndarray, Callable[[np.ndarray], pa.Array], np.ndarray], np.ndarray]
+_SPACE = pa.scalar(" ", pa.large_string())
 COOKED_ORDERS = 4  # pycocoevalcap's CiderScorer cooks 1- to 4-grams whatever its `n` (cook_refs(refs) uses n=4)
 
 
@@ -37,7 +37,7 @@ class CookedCaptions:
     pair_count: np.ndarray  # int64 [P]
     gram_order: np.ndarray  # int64 [G]: 0 for unigrams ... 3 for 4-grams
     gram_hash: np.ndarray  # uint64 [G]: a hash of the words (to search the corpus table; texts decide equality)
-    gram_text: pa.Array  # [G] each n-gram as "w1 w2 ..." (pycocoevalcap's tuple of words)
+    gram_texts: Callable[[np.ndarray], pa.Array]  # n-gram ids -> their texts, "w1 w2 ..." (`Occurrences.texts`)
     length: np.ndarray  # int64 [C]: pycocoevalcap's caption length, its number of bigrams
 
 
@@ -51,7 +51,7 @@ def cook(captions: Sequence[str], orders: int = COOKED_ORDERS) -> CookedCaptions
     pairs = np.flatnonzero(is_first)
     counts = np.bincount(pair_of_first[first], minlength=len(pairs)).astype(np.int64)
     return CookedCaptions(pair_caption=found.caption[pairs], pair_gram=found.gram[pairs], pair_count=counts,
-                          gram_order=found.gram_order, gram_hash=found.gram_hash, gram_text=found.gram_text,
+                          gram_order=found.gram_order, gram_hash=found.gram_hash, gram_texts=found.texts,
                           length=found.length)
 
 
@@ -83,10 +83,16 @@ class Occurrences:
     gram: np.ndarray  # int64 [O]
     gram_order: np.ndarray  # int64 [G]
     gram_hash: np.ndarray  # uint64 [G]
-    gram_text: pa.Array  # [G]
+    gram_start: np.ndarray  # int64 [G]: where in `words` each n-gram first starts
+    words: pa.Array  # every caption's words, flattened
     length: np.ndarray  # int64 [C]: pycocoevalcap's caption length
     by_order: list[np.ndarray]  # per order k: the occurrences of k+1-grams, ascending
     prefix: list[np.ndarray]  # at k - 1 for order k > 0: the occurrence of each one's prefix (aligned with by_order[k])
+
+    def texts(self, grams: np.ndarray) -> pa.Array:
+        """The texts of these n-grams, their words joined by a space (pycocoevalcap's tuple of words), built only
+        for those asked: CIDEr's second pass compares the texts of about 2% of its n-grams."""
+        return _joined_words(self.words, self.gram_start[grams], self.gram_order[grams])
 
 
 def occurrences(captions: Sequence[str], orders: int = COOKED_ORDERS) -> Occurrences:
@@ -106,7 +112,7 @@ def occurrences(captions: Sequence[str], orders: int = COOKED_ORDERS) -> Occurre
 
     dictionary_hash = text_hashes(interned.dictionary)
     occurrence_gram = np.empty(int(per_caption.sum()), dtype=np.int64)
-    texts: list[pa.Array] = []
+    starts: list[np.ndarray] = []
     hashes: list[np.ndarray] = []
     by_order: list[np.ndarray] = []
     prefix_at: list[np.ndarray] = []
@@ -117,7 +123,7 @@ def occurrences(captions: Sequence[str], orders: int = COOKED_ORDERS) -> Occurre
     for k in range(orders):
         if k == 0:
             ids, values, first = _words_by_first_appearance(word_ids, len(interned.dictionary))
-            texts.append(interned.dictionary.take(pa.array(values)))
+            starts.append(first)
             hashes.append(_mix(dictionary_hash[values]))  # chained: h(w1..wk) = mix(h(w1..wk-1) ^ h(wk))
         else:
             fits = room > k  # the n-gram ends in its caption
@@ -126,9 +132,7 @@ def occurrences(captions: Sequence[str], orders: int = COOKED_ORDERS) -> Occurre
             last_word = position + k
             ids, _, first = first_appearance(prefix_ids * vocab_size + word_ids[last_word])
             head = prefix_ids[first]  # the k-gram each new n-gram extends by one word
-            texts.append(pc.binary_join_element_wise(texts[-1].take(pa.array(head)),
-                                                     flat_words.take(pa.array(last_word[first])),
-                                                     pa.scalar(" ", pa.large_string())))
+            starts.append(position[first])
             hashes.append(_mix(hashes[-1][head] ^ dictionary_hash[word_ids[last_word[first]]]))
             prefix_at.append(slot)
             slot = slot + caption_length - (k - 1)
@@ -141,8 +145,28 @@ def occurrences(captions: Sequence[str], orders: int = COOKED_ORDERS) -> Occurre
         caption=occurrence_caption, gram=occurrence_gram,
         gram_order=np.repeat(np.arange(len(hashes), dtype=np.int64), [len(h) for h in hashes]),
         gram_hash=np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
-        gram_text=pa.concat_arrays(texts) if texts else pa.array([], pa.large_string()),
+        gram_start=np.concatenate(starts) if starts else np.zeros(0, np.int64), words=flat_words,
         length=np.maximum(lengths - 1, 0), by_order=by_order, prefix=prefix_at)
+
+
+def _joined_words(words: pa.Array, start: np.ndarray, order: np.ndarray) -> pa.Array:
+    """For each (start, order): words[start], ..., words[start + order] joined by a space."""
+    parts, where = [], []
+    for k in np.unique(order).tolist():
+        rows = np.flatnonzero(order == k)
+        text = words.take(pa.array(start[rows]))
+        for j in range(1, k + 1):
+            text = pc.binary_join_element_wise(text, words.take(pa.array(start[rows] + j)), _SPACE)
+        parts.append(text)
+        where.append(rows)
+    if not parts:
+        return pa.array([], pa.large_string())
+    texts, rows = pa.concat_arrays(parts), np.concatenate(where)
+    if np.all(rows[1:] > rows[:-1]):
+        return texts
+    back = np.empty_like(rows)
+    back[rows] = np.arange(len(rows))
+    return texts.take(pa.array(back))
 
 
 def split_words(captions: Sequence[str]) -> tuple[pa.Array, np.ndarray]:
@@ -228,7 +252,7 @@ def document_frequencies(refs: Sequence[Sequence[str]]) -> tuple[np.ndarray, pa.
     in_sample = pc.unique(pa.array(owner[found.caption] * grams + found.gram)).to_numpy()
     samples = np.bincount(in_sample % grams, minlength=len(found.gram_order)).astype(np.int64)
     ids = np.flatnonzero(samples)
-    return found.gram_hash[ids], found.gram_text.take(pa.array(ids)), samples[ids]
+    return found.gram_hash[ids], found.texts(ids), samples[ids]
 
 
 def cider_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], document_frequency: DocumentFrequency, *,
@@ -243,7 +267,7 @@ def cider_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], document_fr
     order = cooked.gram_order[gram]
     in_references = np.zeros(len(cooked.gram_order), dtype=bool)  # counted in the first pass: in the table
     in_references[cooked.pair_gram[cooked.pair_caption >= samples]] = True
-    df = document_frequency(cooked.gram_hash, cooked.gram_text, in_references)
+    df = document_frequency(cooked.gram_hash, cooked.gram_texts, in_references)
     weight = count.astype(np.float64) * (np.log(float(corpus_size)) - _log_df(df)[gram])
     captions = len(hyps) + len(ref_owner)
     norm = np.sqrt(_sums(caption * orders + order, libm_squares(weight), captions * orders)).reshape(captions, orders)

@@ -207,7 +207,7 @@ class DistinctN(MapMergeMetric):
         out = {}
         for n in self.orders:
             grams = np.flatnonzero(found.gram_order == n - 1)
-            out[n] = (found.gram_hash[grams], found.gram_text.take(pa.array(grams)), counts[grams])
+            out[n] = (found.gram_hash[grams], found.texts(grams), counts[grams])
         return out
 
     def reduce_task(self, pass_index: int, partials: list[Any], context: Any) -> list[dict[int, tuple[int, list[str]]]]:

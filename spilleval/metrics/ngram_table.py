@@ -324,8 +324,10 @@ class NgramCounts:
     def __init__(self, runs: Sequence[str | os.PathLike]) -> None:
         self.runs = [Run(Path(p)) for p in runs]
 
-    def get(self, hashes: np.ndarray, texts: pa.Array, present: np.ndarray | None = None) -> np.ndarray:
-        """Counts of the keys, 0 for absent ones. Keys are looked up in hash order, a group at a time, and the
+    def get(self, hashes: np.ndarray, texts_at: Callable[[np.ndarray], pa.Array],
+            present: np.ndarray | None = None) -> np.ndarray:
+        """Counts of the keys, 0 for absent ones; `texts_at(positions)` gives the texts of those keys, asked only
+        where a text must be compared. Keys are looked up in hash order, a group at a time, and the
         pages a group touched are given back before the next: memory does not grow with the table.
 
         `present` (optional) marks keys known to be in the table (CIDEr: the n-grams of references, all counted in
@@ -339,7 +341,7 @@ class NgramCounts:
         for start in range(0, len(hashes), size):
             group = in_order[start : start + size]
             for run in self.runs:
-                total[group] += run.lookup(hashes[group], lambda rows: texts.take(pa.array(group[rows])),
+                total[group] += run.lookup(hashes[group], lambda rows: texts_at(group[rows]),
                                            None if known is None else known[group])
                 run.release()
         return total
