@@ -29,9 +29,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-BUFFER_ROWS = 1 << 18  # about 10 MB of rows (with their texts) buffered before they are sorted into a run
+BUFFER_ROWS = 1 << 18  # rows buffered before they are sorted into a run (about 10 MB of n-grams)...
+BUFFER_BYTES = 2 << 20  # ... or fewer when texts are long: 2^18 answers of 200 bytes are 52 MB, and a buffer of
+# 8 MiB grew answer_macro_f1's peak by 15 MB from 1M to 5M tokens (tests/test_memory_reader.py)
 MAX_RUNS = 16  # runs merged at once: a merge maps every run's current pages, so its memory grows with this
 MERGE_ROUND_BYTES = 1 << 20  # rows (8-byte hash, counts, text) a merge round reads from all its runs together
+SMALL_RUN_FRACTION = 4  # an adopted run under 1/4 of a buffer of rows is read into the buffer (`adopt`)
 MIN_MERGE_BLOCK = 256  # rows per run and round, at least: hundreds of rows per numpy call
 MIN_LOOKUP_GROUP = 1024  # keys looked up between two releases of the mapped pages, at least
 LOOKUP_PAGES = 256  # pages of each mapped 8-byte array that one group of keys is sized to touch
@@ -215,6 +218,21 @@ def _new_run_path(directory: Path) -> Path:
     return directory / f"run-{uuid.uuid4().hex}"
 
 
+def _read_run(path: Path) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+    """A run's rows, copied into memory (hash, text, counts)."""
+    run = Run(path)
+    hashes, counts = np.array(run.hashes), np.array(run.counts)
+    texts = pa.LargeStringArray.from_buffers(len(hashes), pa.py_buffer((path / _FILES[2]).read_bytes()),
+                                             pa.py_buffer((path / _FILES[3]).read_bytes()))
+    return hashes, texts, counts
+
+
+def _remove_run(path: Path) -> None:
+    for name in _FILES:
+        (path / name).unlink()
+    path.rmdir()
+
+
 def _run_rows(path: Path) -> int:
     return os.path.getsize(path / _FILES[0]) // 8
 
@@ -230,20 +248,32 @@ class NgramCountWriter:
         self.buffer_rows = BUFFER_ROWS if buffer_rows is None else buffer_rows  # read now: a probe may cap it
         self.max_runs = MAX_RUNS if max_runs is None else max_runs
         self._pending: list[tuple[np.ndarray, pa.Array, np.ndarray]] = []
-        self._pending_rows = 0
+        self._pending_rows = self._pending_bytes = 0
         self._runs: list[Path] = []
 
     def add(self, hashes: np.ndarray, texts: pa.Array, counts: np.ndarray) -> None:
         if len(hashes):
             self._pending.append((hashes, texts, counts))
             self._pending_rows += len(hashes)
-        if self._pending_rows >= self.buffer_rows:
+            self._pending_bytes += hashes.nbytes + texts.nbytes + np.asarray(counts).nbytes
+        if self._pending_rows >= self.buffer_rows or self._pending_bytes >= BUFFER_BYTES:
             self._flush()
 
     def adopt(self, run: str | os.PathLike) -> None:
         """Take over a run written by `write_runs` (anywhere in the same file system): it is merged, then
-        deleted, with this writer's runs."""
-        self._runs.append(Path(run))
+        deleted, with this writer's runs. A small run (under a quarter of a buffer: the runs of the small tasks of
+        many workers) is read into the buffer instead and sorted with the rows buffered next to it: merged as runs,
+        hundreds of them, each merge round cost every run a binary search, slices and page releases (16-worker
+        CIDEr ran slower than one worker)."""
+        path = Path(run)
+        if _run_rows(path) * SMALL_RUN_FRACTION < self.buffer_rows:
+            self.add(*_read_run(path))
+            _remove_run(path)
+        else:
+            self._keep(path)
+
+    def _keep(self, path: Path) -> None:
+        self._runs.append(path)
         if len(self._runs) > self.max_runs:
             self._merge_smallest()
 
@@ -258,8 +288,8 @@ class NgramCountWriter:
         if not self._pending:
             return
         path = _write_sorted(self.directory, self._pending)
-        self._pending, self._pending_rows = [], 0
-        self.adopt(path)
+        self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
+        self._keep(path)
 
     def _merge_smallest(self) -> None:
         """Merge the `max_runs` smallest runs (at least two) into one: runs of similar sizes meet, as in a
@@ -303,9 +333,7 @@ class NgramCountWriter:
             for f in files:
                 f.close()
         for path in runs:
-            for name in _FILES:
-                (path / name).unlink()
-            path.rmdir()
+            _remove_run(path)
         return out
 
 
