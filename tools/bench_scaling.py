@@ -203,10 +203,11 @@ def plot(out: dict[str, Any], path: Path) -> None:
 
     counts = sorted(int(w) for w in out["runs"])
     fig, ax = plt.subplots(figsize=(7, 5))
-    for name in out["metrics"]:
+    colors = plt.cm.tab20.colors  # more metrics than the default cycle's 10 colours
+    for i, name in enumerate(out["metrics"]):
         base = out["runs"][str(counts[0])]["metrics"][name]["seconds"]
         ax.plot(counts, [base / out["runs"][str(w)]["metrics"][name]["seconds"] for w in counts], marker="o",
-                label=name)
+                label=name, color=colors[i % len(colors)])
     ax.plot(counts, counts, "k--", label="linear")
     ax.plot(counts, [0.8 * w for w in counts], "k:", label="0.8 x linear")
     if out.get("ceiling"):
