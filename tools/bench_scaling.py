@@ -88,7 +88,7 @@ def chrf_of_fixed_strings(rounds: int) -> float:
     import sacrebleu
 
     rng = random.Random(0)
-    words = [w for w in CLASS_WORDS] + [f"word{i}" for i in range(200)]
+    words = list(CLASS_WORDS) + [f"word{i}" for i in range(200)]
     pairs = [(" ".join(rng.choices(words, k=12)), " ".join(rng.choices(words, k=12))) for _ in range(200)]
     start = time.perf_counter()
     for _ in range(rounds):

@@ -5,8 +5,9 @@ clipped tf-idf n-gram cosine, Gaussian length penalty, sigma 6): each sample's s
 `CiderScorer` computes for it on the whole corpus, to the bit (`cider_vectors.py` does its arithmetic in numpy, in
 its order), and the corpus score is their exactly rounded mean. Two map/merge passes (`mapmerge.py`): pass 1
 counts, for each n-gram, the samples whose references contain it, into an on-disk table (`ngram_table.py`), so
-memory does not grow with the corpus: each task writes its rows as a sorted run, the parent merges the runs; pass 2 scores each batch with the corpus document frequencies and the corpus
-size, read from that table, in any process.
+memory does not grow with the corpus (each task writes its rows as a sorted run, the parent merges the runs);
+pass 2 scores each batch with the corpus document frequencies and the corpus size, read from that table, in any
+process.
 
 Tokenization: pycocoevalcap splits captions on whitespace; its `PTBTokenizer` (which needs Java) is not applied.
 Captions are lowercased (`lowercase=True`) and split on whitespace on both sides; to reproduce the number, pass

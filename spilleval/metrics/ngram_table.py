@@ -127,6 +127,11 @@ class Run:
                 high = middle
         return low
 
+    def mean_row_bytes(self) -> float:
+        """Bytes of a row, on average: its hash, counts, text offset and text."""
+        rows = max(len(self), 1)
+        return self.hashes.itemsize + self.counts.itemsize * (self.counts.size // rows) + 8 + len(self._data) / rows
+
     def text_bytes(self, row: int) -> bytes:
         return bytes(self._data[int(self._offsets[row]) : int(self._offsets[row + 1])])
 
@@ -338,10 +343,8 @@ class NgramCountWriter:
 
 
 def _block_rows(run: Run, budget: int) -> int:
-    """Rows of `run` that take about `budget` bytes (its mean row: hash, counts, text offset and bytes)."""
-    row_bytes = run.hashes.itemsize + run.counts.itemsize * (run.counts.size // max(len(run), 1)) + 8
-    row_bytes += len(run._data) / max(len(run), 1)
-    return max(MIN_MERGE_BLOCK, int(budget / row_bytes))
+    """Rows of `run` that take about `budget` bytes."""
+    return max(MIN_MERGE_BLOCK, int(budget / run.mean_row_bytes()))
 
 
 def _round_stops(opened: Sequence[Run], cursor: Sequence[int], block_rows: Sequence[int]) -> list[int]:

@@ -192,8 +192,6 @@ def one_thread_per_worker() -> None:
     """A pool worker runs on one core: the Rust tokenizer's `decode_batch` (rayon) and Arrow's thread pool would
     each start a thread per core in every worker, 16 x 16 threads on 16 cores, contending instead of scaling. One
     worker in-process keeps their threads."""
-    import pyarrow as pa
-
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the tokenizers library at each call
     os.environ["RAYON_NUM_THREADS"] = "1"
     pa.set_cpu_count(1)
