@@ -5,6 +5,7 @@ many texts (colliding hashes, answers that share their first 8 bytes); answer_ma
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import f1_score
 
-from spilleval.metrics import ngram_table
+from spilleval.metrics import ngram_table, run_partitions
 from spilleval.metrics.answers import AnswerMacroF1
-from spilleval.metrics.ngram_table import NgramCountWriter, Run, prefix_keys, write_runs
+from spilleval.metrics.cider_vectors import text_hashes
+from spilleval.metrics.ngram_table import NgramCounts, NgramCountWriter, Run, prefix_keys, write_runs
 
 WORDS = ["a", "ab", "b", "café", "cafe", "日本", "the answer is", "the answer is x", "", "\x00", "zzzzzzzzz"]
 
@@ -102,3 +104,63 @@ def test_run_lookup_is_exact_for_keys_anywhere_in_any_order(tmp_path_factory, se
     asked_array = pa.array(asked_texts, pa.large_string())
     got = Run(path).lookup(asked, lambda rows: asked_array.take(pa.array(rows)))
     assert got.tolist() == [expected[(h, text)] for h, text in zip(asked.tolist(), asked_texts)]
+
+
+class InProcessPool:
+    """A `RunPool` of `workers` that runs its jobs here, one after the other (the process pool is tested in
+    test_parallel.py): the ranges and their merges are the same."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+
+    def map(self, fn, jobs):
+        return [fn(*job) for job in jobs]
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), tasks=st.integers(1, 9), workers=st.integers(2, 5),
+       listed=st.integers(1, 4), key=st.sampled_from(["prefix", "collide", "hash"]))
+def test_runs_merged_in_key_ranges_are_the_table_of_one_merge(tmp_path_factory, seed, tasks, workers, listed,
+                                                               key) -> None:
+    """With a pool, runs are merged one key range per worker: the ranges are disjoint and in key order, read one
+    after the other they are the single merge's rows, and lookups (with `present`) give the same counts; the
+    listed runs are merged every `listed` runs too; no run is left behind."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_partitions, "MIN_RANGE_ROWS", 1)
+        patch.setattr(ngram_table, "MAX_LISTED_RUNS", listed)
+        check_ranges_against_one_merge(tmp_path_factory.mktemp("ranges"), seed, tasks, workers, key)
+
+
+def check_ranges_against_one_merge(root, seed: int, tasks: int, workers: int, key: str) -> None:
+    rng = np.random.default_rng(seed)
+    texts, counts = random_rows(rng, 2000)
+    counts = counts[:, 0]  # lookups read one count per key
+    text_array = pa.array(texts, pa.large_string())
+    keys = {"prefix": prefix_keys(text_array), "collide": np.uint64(7) * (prefix_keys(text_array) % 3),
+            "hash": text_hashes(text_array)}[key]
+    single = NgramCountWriter(root / "single")
+    ranged = NgramCountWriter(root / "ranged", pool=InProcessPool(workers))
+    for part in np.split(np.arange(len(texts)), np.sort(rng.integers(0, len(texts), size=tasks - 1))):
+        pieces = [(keys[b], text_array.take(pa.array(b)), counts[b]) for b in np.array_split(part, 3)]
+        for piece in pieces:
+            single.add(*piece)
+        for run in write_runs(root, pieces, buffer_rows=max(1, len(part) // 3)):
+            ranged.adopt(run)
+    (one,) = single.finish()
+    parts = ranged.finish()
+    assert len(parts) > 1 or key != "hash", (parts, ranged._merged, ranged._runs)  # few distinct prefix keys may fall in one range
+    whole, pieces = Run(one), [Run(p) for p in parts]
+    assert all(a.hashes[-1] < b.hashes[0] for a, b in zip(pieces, pieces[1:]))
+    assert np.concatenate([p.hashes for p in pieces]).tolist() == whole.hashes.tolist()
+    assert [r.text_bytes(i) for r in pieces for i in range(len(r))] == [whole.text_bytes(i) for i in range(len(whole))]
+    assert np.array_equal(np.concatenate([np.asarray(p.counts) for p in pieces]), np.asarray(whole.counts))
+    asked = np.concatenate([np.arange(0, len(texts), 7), rng.integers(0, len(texts), 50)])
+    asked_keys, asked_texts = keys[asked], text_array.take(pa.array(asked))
+    table = NgramCounts(parts)
+    for present in (None, np.ones(len(asked), dtype=bool)):
+        got = table.get(asked_keys, lambda rows: asked_texts.take(pa.array(rows)), present)
+        assert got.tolist() == NgramCounts([one]).get(asked_keys, lambda rows: asked_texts.take(pa.array(rows)),
+                                                      present).tolist()
+    left = {p for p in root.rglob("run-*")} - {Path(one), *map(Path, parts)}
+    assert not left  # the adopted runs were merged and removed (a single adopted run is the table as it is)
+    assert not list(root.rglob("range-*"))

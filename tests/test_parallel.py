@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from spilleval import Evaluator
 from spilleval.cli import app
 from spilleval.metrics import build_metric, compute_from_spill
-from spilleval.metrics import parallel
+from spilleval.metrics import ngram_table, parallel, run_partitions
 from spilleval.spill import Manifest, SpillReader, SpillWriter
 from spilleval.spill.manifest import library_versions
 
@@ -50,12 +50,23 @@ def same(a: dict[str, float], b: dict[str, float]) -> bool:
     return a.keys() == b.keys() and all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
 
 
-def test_workers_give_the_bits_of_one_worker(spill, monkeypatch):
+@pytest.mark.parametrize("in_ranges", [False, True])
+def test_workers_give_the_bits_of_one_worker(spill, monkeypatch, in_ranges):
+    """`in_ranges`: the corpus metrics' runs are merged in the workers, one key range each (`run_partitions.py`),
+    and the parent merges the runs it has listed every 3 tasks (on this small spill they are otherwise merged in
+    one range, as in the default)."""
     monkeypatch.setattr(parallel, "MIN_TASK_ROWS", 2)  # tasks of a few rows: chunks are cut between workers
+    ranges: list[int] = []
+    if in_ranges:
+        monkeypatch.setattr(run_partitions, "MIN_RANGE_ROWS", 1)
+        monkeypatch.setattr(ngram_table, "MAX_LISTED_RUNS", 3)
+        real = run_partitions.merge_in_ranges
+        monkeypatch.setattr(run_partitions, "merge_in_ranges", lambda *a: ranges.append(len(out := real(*a))) or out)
     one = compute_from_spill(spill, workers=1)
     assert len(one) > 40 and one["cider"] > 0
     for workers in (2, 3):
         assert same(compute_from_spill(spill, workers=workers), one), workers
+    assert not in_ranges or max(ranges) == 3
     planner = parallel.TaskPlanner(SpillReader(spill), 3)
     tasks = list(planner.tasks())
     assert len(tasks) > len(planner.reader.chunks)  # chunks were cut

@@ -45,7 +45,7 @@ class AnswerMacroF1(MapMergeMetric):
 
     def start(self, near: Path) -> None:
         self._runs = self.scratch_directory(near)
-        self._table = NgramCountWriter(self._runs / "answers")
+        self._table = NgramCountWriter(self._runs / "answers", pool=self.pool)
 
     def context(self, pass_index: int) -> str:
         return str(self._runs)

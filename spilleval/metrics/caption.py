@@ -68,7 +68,7 @@ class Cider(MapMergeMetric):
     # ------------------------------------------------------------------------------------------- parent
     def start(self, near: Path) -> None:
         self._runs = self.scratch_directory(near)
-        self._writer = NgramCountWriter(self._runs / "document_frequency")
+        self._writer = NgramCountWriter(self._runs / "document_frequency", pool=self.pool)
         self._images = 0
         self._total = exact_sum.zeros()
 

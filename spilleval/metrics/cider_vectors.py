@@ -23,7 +23,6 @@ import pyarrow.compute as pc
 
 # (hashes, n-gram ids -> texts, known to be in the table) -> corpus counts
 DocumentFrequency = Callable[[np.ndarray, Callable[[np.ndarray], pa.Array], np.ndarray], np.ndarray]
-_SPACE = pa.scalar(" ", pa.large_string())
 COOKED_ORDERS = 4  # pycocoevalcap's CiderScorer cooks 1- to 4-grams whatever its `n` (cook_refs(refs) uses n=4)
 
 
@@ -88,11 +87,14 @@ class Occurrences:
     length: np.ndarray  # int64 [C]: pycocoevalcap's caption length
     by_order: list[np.ndarray]  # per order k: the occurrences of k+1-grams, ascending
     prefix: list[np.ndarray]  # at k - 1 for order k > 0: the occurrence of each one's prefix (aligned with by_order[k])
+    _spaced: SpacedWords | None = None  # built at the first `texts`
 
     def texts(self, grams: np.ndarray) -> pa.Array:
         """The texts of these n-grams, their words joined by a space (pycocoevalcap's tuple of words), built only
         for those asked: CIDEr's second pass compares the texts of about 2% of its n-grams."""
-        return _joined_words(self.words, self.gram_start[grams], self.gram_order[grams])
+        if self._spaced is None:
+            self._spaced = SpacedWords(self.words)
+        return self._spaced.joined(self.gram_start[grams], self.gram_order[grams])
 
 
 def occurrences(captions: Sequence[str], orders: int = COOKED_ORDERS) -> Occurrences:
@@ -149,36 +151,82 @@ def occurrences(captions: Sequence[str], orders: int = COOKED_ORDERS) -> Occurre
         length=np.maximum(lengths - 1, 0), by_order=by_order, prefix=prefix_at)
 
 
-def _joined_words(words: pa.Array, start: np.ndarray, order: np.ndarray) -> pa.Array:
-    """For each (start, order): words[start], ..., words[start + order] joined by a space."""
-    parts, where = [], []
-    for k in np.unique(order).tolist():
-        rows = np.flatnonzero(order == k)
-        text = words.take(pa.array(start[rows]))
-        for j in range(1, k + 1):
-            text = pc.binary_join_element_wise(text, words.take(pa.array(start[rows] + j)), _SPACE)
-        parts.append(text)
-        where.append(rows)
-    if not parts:
-        return pa.array([], pa.large_string())
-    texts, rows = pa.concat_arrays(parts), np.concatenate(where)
-    if np.all(rows[1:] > rows[:-1]):
-        return texts
-    back = np.empty_like(rows)
-    back[rows] = np.arange(len(rows))
-    return texts.take(pa.array(back))
+class SpacedWords:
+    """Words laid out with one space after each: the words of an n-gram are then one stretch of bytes, so its text
+    ("w1 w2 ...", pycocoevalcap's tuple of words joined) is a slice, and many texts are one numpy gather (Arrow's
+    takes and joins, one per word of the longest n-gram, cost 10% of CIDEr)."""
+
+    def __init__(self, words: pa.Array) -> None:
+        words = words.cast(pa.large_string())
+        offsets = np.frombuffer(words.buffers()[1], dtype=np.int64)[words.offset : words.offset + len(words) + 1]
+        data = words.buffers()[2]
+        data = np.frombuffer(data, np.uint8)[offsets[0] : offsets[-1]] if data is not None else np.zeros(0, np.uint8)
+        self.lengths = np.diff(offsets)
+        self.starts = offsets[:-1] - offsets[0] + np.arange(len(words), dtype=np.int64)  # each word's first byte
+        self.bytes = np.full(len(data) + len(words), ord(" "), dtype=np.uint8)
+        self.bytes[np.repeat(np.arange(len(words), dtype=np.int64), self.lengths) + np.arange(len(data))] = data
+
+    def joined(self, start: np.ndarray, order: np.ndarray) -> pa.Array:
+        """For each (start, order): words[start], ..., words[start + order] joined by a space."""
+        start = np.asarray(start, dtype=np.int64)
+        last = start + np.asarray(order, dtype=np.int64)
+        begin = self.starts[start]
+        text_length = self.starts[last] + self.lengths[last] - begin
+        text_offsets = np.zeros(len(start) + 1, dtype=np.int64)
+        np.cumsum(text_length, out=text_offsets[1:])
+        gather = np.repeat(begin - text_offsets[:-1], text_length) + np.arange(int(text_offsets[-1]), dtype=np.int64)
+        return pa.LargeStringArray.from_buffers(len(start), pa.py_buffer(text_offsets), pa.py_buffer(self.bytes[gather]))
 
 
 def split_words(captions: Sequence[str]) -> tuple[pa.Array, np.ndarray]:
-    """Every caption's words, flattened, and each caption's word count: Python's `str.split()` (Arrow's
-    `utf8_split_whitespace` splits on the same characters, tested for every code point; it keeps the empty strings
-    between two separators, which are dropped)."""
-    pieces = pc.utf8_split_whitespace(pa.array(captions, pa.large_string()))
-    flat = pieces.flatten()
-    keep = pc.greater(pc.binary_length(flat), 0)
-    owner = pc.list_parent_indices(pieces).to_numpy(zero_copy_only=False)
-    kept_owner = owner[keep.to_numpy(zero_copy_only=False)]
-    return flat.filter(keep), np.bincount(kept_owner, minlength=len(captions)).astype(np.int64)
+    """Every caption's words, flattened, and each caption's word count: Python's `str.split()` (the characters
+    for which `str.isspace()` holds separate words; tested for every code point), by a scan of the UTF-8 bytes.
+
+    Not Arrow's `utf8_split_whitespace`: in pyarrow 26 it reads past the end of the values buffer, and a last
+    string that ends in whitespace, in a buffer of exactly 64 bytes, kept its trailing space ("x ... bé ") when the
+    byte after the buffer was 0x80 or above: a word that differs from run to run."""
+    texts = pa.array(captions, pa.large_string())
+    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[: len(texts) + 1]
+    data = texts.buffers()[2]
+    data = np.frombuffer(data, np.uint8)[offsets[0] : offsets[-1]] if data is not None else np.zeros(0, np.uint8)
+    offsets = offsets - offsets[0]
+    in_word = ~_space_bytes(data)
+    caption_start = np.zeros(len(data) + 1, dtype=bool)
+    caption_start[offsets] = True
+    begins, ends = in_word.copy(), in_word.copy()
+    begins[1:] &= ~in_word[:-1] | caption_start[1:-1]  # a word byte after a space or at its caption's start
+    ends[:-1] &= ~in_word[1:] | caption_start[1:-1]
+    begin_at = np.flatnonzero(begins)
+    kept_before = np.cumsum(in_word) - in_word  # where each byte goes once the spaces are dropped
+    word_offsets = np.append(kept_before[begin_at], np.count_nonzero(in_word)).astype(np.int64)
+    words = pa.LargeStringArray.from_buffers(len(begin_at), pa.py_buffer(word_offsets), pa.py_buffer(data[in_word]))
+    owner = np.searchsorted(offsets, begin_at, side="right") - 1
+    return words, np.bincount(owner, minlength=len(captions)).astype(np.int64)
+
+
+# the UTF-8 encodings of the characters for which str.isspace() holds
+_ONE_BYTE_SPACES = np.zeros(256, dtype=bool)
+_ONE_BYTE_SPACES[list(b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f ")] = True
+_TWO_BYTE_SPACES = np.array([0xC285, 0xC2A0])  # U+0085, U+00A0
+_THREE_BYTE_SPACES = np.array([0xE19A80, *range(0xE28080, 0xE2808B), 0xE280A8, 0xE280A9, 0xE280AF, 0xE2819F,
+                               0xE38080])  # U+1680, U+2000-200A, U+2028, U+2029, U+202F, U+205F, U+3000
+
+
+def _space_bytes(data: np.ndarray) -> np.ndarray:
+    """Marks every byte of a whitespace character. A UTF-8 lead byte never occurs inside another character, so a
+    match that starts at a lead byte is that character."""
+    space = _ONE_BYTE_SPACES[data]
+    padded = np.concatenate([data, np.zeros(2, np.uint8)]).astype(np.int64)
+    for lead, width, codes in ((0xC2, 2, _TWO_BYTE_SPACES), (0xE1, 3, _THREE_BYTE_SPACES),
+                               (0xE2, 3, _THREE_BYTE_SPACES), (0xE3, 3, _THREE_BYTE_SPACES)):
+        at = np.flatnonzero(data == lead)
+        code = padded[at]
+        for k in range(1, width):
+            code = (code << 8) | padded[at + k]
+        at = at[np.isin(code, codes)]
+        for k in range(width):
+            space[at + k] = True
+    return space
 
 
 def _words_by_first_appearance(word_ids: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -192,7 +192,7 @@ class DistinctN(MapMergeMetric):
 
     def start(self, near: Path) -> None:
         self._runs = self.scratch_directory(near)
-        self._tables = {n: NgramCountWriter(self._runs / f"ngrams_{n}") for n in self.orders}
+        self._tables = {n: NgramCountWriter(self._runs / f"ngrams_{n}", pool=self.pool) for n in self.orders}
         self._totals = dict.fromkeys(self.orders, 0)
 
     def context(self, pass_index: int) -> str:

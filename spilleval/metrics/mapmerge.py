@@ -28,15 +28,18 @@ from .ondisk import SCRATCH_PREFIX, ScratchStore, _writable_or_none
 
 if TYPE_CHECKING:
     from ..spill import SpillReader
+    from .ngram_table import RunPool
 
 
 class MapMergeMetric(CorpusMetric):
     """A corpus metric made of `passes` map/merge passes over the spill (see the module docstring).
 
     Lifecycle, in the parent: `start(near)`, then for each pass `context(k)` / `merge(k, partial)` in spill order,
-    then `finish()`, and `close()` in any case. `map(k, batch, context)` runs wherever the batch is read."""
+    then `finish()`, and `close()` in any case. `map(k, batch, context)` runs wherever the batch is read. `pool`
+    (set before `start`) runs the metric's own tasks on the same workers, e.g. merges of on-disk runs."""
 
     passes: ClassVar[int] = 1
+    pool: "RunPool | None" = None
     _store: ScratchStore | None = None
     _directory: tempfile.TemporaryDirectory | None = None
 

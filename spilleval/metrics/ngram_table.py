@@ -22,8 +22,9 @@ from __future__ import annotations
 import mmap
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,33 +37,61 @@ MAX_RUNS = 16  # runs merged at once: a merge maps every run's current pages, so
 MERGE_ROUND_BYTES = 1 << 20  # rows (8-byte hash, counts, text) a merge round reads from all its runs together
 SMALL_RUN_FRACTION = 4  # an adopted run under 1/4 of a buffer of rows is read into the buffer (`adopt`)
 MIN_MERGE_BLOCK = 256  # rows per run and round, at least: hundreds of rows per numpy call
+MAX_LISTED_RUNS = 512  # with a pool: runs listed before the workers merge them (`NgramCountWriter._listed`)
 MIN_LOOKUP_GROUP = 1024  # keys looked up between two releases of the mapped pages, at least
 LOOKUP_PAGES = 256  # pages of each mapped 8-byte array that one group of keys is sized to touch
 _ENTRIES_PER_PAGE = mmap.PAGESIZE // 8
 _FILES = ("hash.u64", "count.i64", "offsets.i64", "text.utf8")
 
 
-def _sorted_unique(hashes: np.ndarray, texts: pa.Array, counts: np.ndarray) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+class RunPool(Protocol):
+    """Runs functions in the recompute's workers (`parallel.TaskPool`): `map(fn, jobs)` is [fn(*job) for job in
+    jobs], computed anywhere, in order."""
+
+    workers: int
+
+    def map(self, fn: Callable[..., Any], jobs: Sequence[tuple]) -> list[Any]: ...
+
+
+def _sorted_unique(hashes: np.ndarray, texts: pa.Array, counts: np.ndarray, *,
+                   runs_of_sorted: bool = False) -> tuple[np.ndarray, pa.Array, np.ndarray]:
     """Rows sorted by hash, equal keys (hash and text) summed. A sort by hash puts equal keys together unless two
-    different texts share a hash (a 64-bit collision): then the rows are sorted by (hash, text)."""
+    different texts share a hash (a 64-bit collision): then the rows are sorted by (hash, text). Texts are taken
+    only where they are compared (rows whose hash repeats) and once per distinct key: a full take of every row's
+    text, twice, was a sixth of CIDEr's first pass. `runs_of_sorted`: the rows are sorted runs one after the other
+    (a merge round), which a stable sort (timsort) orders in a few passes."""
     texts = texts.cast(pa.large_string())
-    order = np.argsort(hashes)
-    h, t, n = hashes[order], texts.take(pa.array(order)), np.asarray(counts)[order]
+    order = np.argsort(hashes, kind="stable" if runs_of_sorted else None)
+    h = hashes[order]
     if not len(h):
-        return h, t, n
+        return h, texts.take(pa.array(order)), np.asarray(counts)[order]
+    same_hash = h[1:] == h[:-1]
+    repeated = np.flatnonzero(same_hash)
+    if len(repeated) and not _all_equal(texts.take(pa.array(order[repeated])),
+                                        texts.take(pa.array(order[repeated + 1]))):
+        return _sorted_unique_by_text(h, texts.take(pa.array(order)), np.asarray(counts)[order])
+    first = np.ones(len(h), dtype=bool)
+    first[1:] = ~same_hash
+    starts = np.flatnonzero(first)
+    return h[starts], texts.take(pa.array(order[starts])), np.add.reduceat(np.asarray(counts)[order], starts)
+
+
+def _sorted_unique_by_text(h: np.ndarray, t: pa.Array, n: np.ndarray) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+    """`_sorted_unique` of rows sorted by hash where two different texts share a hash: sorted by (hash, text)."""
+    table = pa.table({"h": pa.array(h, pa.uint64()), "t": t, "i": pa.array(np.arange(len(h)))}).sort_by(
+        [("h", "ascending"), ("t", "ascending")])
+    at = table["i"].to_numpy()
+    h, t, n = h[at], t.take(pa.array(at)), n[at]
     same_hash = h[1:] == h[:-1]
     same_text = pc.equal(t.slice(1), t.slice(0, len(t) - 1)).to_numpy(zero_copy_only=False)
-    if np.any(same_hash & ~same_text):  # a collision: order its texts so that equal ones are adjacent
-        table = pa.table({"h": pa.array(h, pa.uint64()), "t": t, "i": pa.array(np.arange(len(h)))}).sort_by(
-            [("h", "ascending"), ("t", "ascending")])
-        at = table["i"].to_numpy()
-        h, t, n = h[at], t.take(pa.array(at)), n[at]
-        same_hash = h[1:] == h[:-1]
-        same_text = pc.equal(t.slice(1), t.slice(0, len(t) - 1)).to_numpy(zero_copy_only=False)
     first = np.ones(len(h), dtype=bool)
     first[1:] = ~(same_hash & same_text)
     starts = np.flatnonzero(first)
     return h[starts], t.take(pa.array(starts)), np.add.reduceat(n, starts)
+
+
+def _all_equal(left: pa.Array, right: pa.Array) -> bool:
+    return bool(pc.all(pc.equal(left, right)).as_py())
 
 
 def prefix_keys(texts: pa.Array) -> np.ndarray:
@@ -88,25 +117,29 @@ def _write_run(path: Path, hashes: np.ndarray, texts: pa.Array, counts: np.ndarr
     offset_values = np.frombuffer(offsets, dtype=np.int64)[start : start + len(texts) + 1]
     base = int(offset_values[0])
     with open(path / _FILES[0], "wb") as f:
-        f.write(np.ascontiguousarray(hashes, np.uint64).tobytes())
+        f.write(memoryview(np.ascontiguousarray(hashes, np.uint64)))
     with open(path / _FILES[1], "wb") as f:
-        f.write(np.ascontiguousarray(counts, np.int64).tobytes())
+        f.write(memoryview(np.ascontiguousarray(counts, np.int64)))
     with open(path / _FILES[2], "wb") as f:
-        f.write((offset_values - base).tobytes())
+        f.write(memoryview(offset_values - base))
     with open(path / _FILES[3], "wb") as f:
         f.write(memoryview(data)[base : int(offset_values[-1])] if data is not None else b"")
 
 
 class Run:
-    """One sorted run, memory-mapped read-only."""
+    """One sorted run, memory-mapped read-only; `start`/`stop`: a stretch of its rows only (a merge of key ranges
+    reads one stretch of each run, `run_partitions.py`)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, start: int = 0, stop: int | None = None) -> None:
         self.path = Path(path)
-        self.hashes = _map(self.path / _FILES[0], np.uint64)
+        hashes = _map(self.path / _FILES[0], np.uint64)
+        stop = len(hashes) if stop is None else stop
+        self.hashes = hashes[start:stop]
         counts = _map(self.path / _FILES[1], np.int64)
-        width = len(counts) // max(len(self.hashes), 1)
-        self.counts = counts if width <= 1 else counts.reshape(len(self.hashes), width)  # [rows] or [rows, width]
-        self._offsets = _map(self.path / _FILES[2], np.int64)
+        width = len(counts) // max(len(hashes), 1)
+        counts = counts if width <= 1 else counts.reshape(len(hashes), width)  # [rows] or [rows, width]
+        self.counts = counts[start:stop]
+        self._offsets = _map(self.path / _FILES[2], np.int64)[start : stop + 1]
         self._data = _map(self.path / _FILES[3], np.uint8)
         self.texts = pa.LargeStringArray.from_buffers(len(self.hashes), pa.py_buffer(self._offsets),
                                                       pa.py_buffer(self._data))
@@ -130,7 +163,8 @@ class Run:
     def mean_row_bytes(self) -> float:
         """Bytes of a row, on average: its hash, counts, text offset and text."""
         rows = max(len(self), 1)
-        return self.hashes.itemsize + self.counts.itemsize * (self.counts.size // rows) + 8 + len(self._data) / rows
+        text = int(self._offsets[-1] - self._offsets[0]) if len(self) else 0
+        return self.hashes.itemsize + self.counts.itemsize * (self.counts.size // rows) + 8 + text / rows
 
     def text_bytes(self, row: int) -> bytes:
         return bytes(self._data[int(self._offsets[row]) : int(self._offsets[row + 1])])
@@ -223,13 +257,39 @@ def _new_run_path(directory: Path) -> Path:
     return directory / f"run-{uuid.uuid4().hex}"
 
 
-def _read_run(path: Path) -> tuple[np.ndarray, pa.Array, np.ndarray]:
-    """A run's rows, copied into memory (hash, text, counts)."""
-    run = Run(path)
+def _read_run(part: "RunPart") -> tuple[np.ndarray, pa.Array, np.ndarray]:
+    """A stretch of a run's rows, copied into memory (hash, text, counts); the mapped pages given back."""
+    run = part.open()
     hashes, counts = np.array(run.hashes), np.array(run.counts)
-    texts = pa.LargeStringArray.from_buffers(len(hashes), pa.py_buffer((path / _FILES[2]).read_bytes()),
-                                             pa.py_buffer((path / _FILES[3]).read_bytes()))
+    texts = run.texts.cast(pa.large_string()).take(pa.array(np.arange(len(run))))  # a copy, off the mapping
+    run.release()
     return hashes, texts, counts
+
+
+@dataclass(frozen=True)
+class RunPart:
+    """Rows [start, stop) of the run at `path`; `owned`: the writer holding it deletes the run once merged (a
+    stretch of a run that others read too is not owned)."""
+
+    path: Path
+    start: int
+    stop: int
+    owned: bool = True
+
+    @classmethod
+    def whole(cls, path: Path) -> "RunPart":
+        return cls(Path(path), 0, _run_rows(Path(path)))
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    def open(self) -> Run:
+        return Run(self.path, self.start, self.stop)
+
+    def discard(self) -> None:
+        if self.owned:
+            _remove_run(self.path)
 
 
 def _remove_run(path: Path) -> None:
@@ -244,17 +304,24 @@ def _run_rows(path: Path) -> int:
 
 class NgramCountWriter:
     """Accumulates (hash, text, count) rows into sorted runs under `directory` (which must not exist yet): rows
-    added here (buffered, sorted by this process) or runs written elsewhere (`adopt`)."""
+    added here (buffered, sorted by this process) or runs written elsewhere (`adopt`).
+
+    With a `pool` of several workers (`RunPool`: the recompute's worker processes), adopted runs are only listed
+    here, and `finish` merges them in the workers, one key range each (`run_partitions.py`): the table is then
+    several runs of disjoint key ranges. Without one, this process merges them into one run."""
 
     def __init__(self, directory: str | os.PathLike, *, buffer_rows: int | None = None,
-                 max_runs: int | None = None) -> None:
+                 max_runs: int | None = None, pool: "RunPool | None" = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True)
         self.buffer_rows = BUFFER_ROWS if buffer_rows is None else buffer_rows  # read now: a probe may cap it
         self.max_runs = MAX_RUNS if max_runs is None else max_runs
+        self.pool = pool if pool is not None and pool.workers > 1 else None
         self._pending: list[tuple[np.ndarray, pa.Array, np.ndarray]] = []
         self._pending_rows = self._pending_bytes = 0
-        self._runs: list[Path] = []
+        self._runs: list[RunPart] = []
+        self._merged: list[RunPart] = []  # with a pool: the key-range runs of earlier merges (`_listed`)...
+        self._merges = 0  # ... made by this many merges
 
     def add(self, hashes: np.ndarray, texts: pa.Array, counts: np.ndarray) -> None:
         if len(hashes):
@@ -264,51 +331,72 @@ class NgramCountWriter:
         if self._pending_rows >= self.buffer_rows or self._pending_bytes >= BUFFER_BYTES:
             self._flush()
 
-    def adopt(self, run: str | os.PathLike) -> None:
-        """Take over a run written by `write_runs` (anywhere in the same file system): it is merged, then
-        deleted, with this writer's runs. A small run (under a quarter of a buffer: the runs of the small tasks of
-        many workers) is read into the buffer instead and sorted with the rows buffered next to it: merged as runs,
-        hundreds of them, each merge round cost every run a binary search, slices and page releases (16-worker
-        CIDEr ran slower than one worker)."""
-        path = Path(run)
-        if _run_rows(path) * SMALL_RUN_FRACTION < self.buffer_rows:
-            self.add(*_read_run(path))
-            _remove_run(path)
+    def adopt(self, run: str | os.PathLike | RunPart) -> None:
+        """Take over a run written by `write_runs` (anywhere in the same file system), or a stretch of one
+        (`RunPart`): it is merged, then deleted (when owned), with this writer's runs. With a pool it is only
+        listed. Otherwise a small run (under a quarter of a buffer: the runs of the small tasks of many workers) is
+        read into the buffer and sorted with the rows buffered next to it: merged as runs, hundreds of them, each
+        merge round cost every run a binary search, slices and page releases (16-worker CIDEr ran slower than one
+        worker)."""
+        part = run if isinstance(run, RunPart) else RunPart.whole(Path(run))
+        if self.pool is not None:
+            self._listed(part)
+        elif part.rows * SMALL_RUN_FRACTION < self.buffer_rows:
+            self.add(*_read_run(part))
+            part.discard()
         else:
-            self._keep(path)
+            self._keep(part)
 
-    def _keep(self, path: Path) -> None:
-        self._runs.append(path)
+    def _listed(self, part: RunPart) -> None:
+        """With a pool: list the run; past MAX_LISTED_RUNS, merge the listed runs in the workers, so the parent's
+        list stays bounded however many tasks the spill makes."""
+        self._runs.append(part)
+        if len(self._runs) > MAX_LISTED_RUNS:
+            from .run_partitions import merge_in_ranges
+
+            self._merged += merge_in_ranges(self._runs, self.directory, self.pool)
+            self._runs, self._merges = [], self._merges + 1
+
+    def _keep(self, part: RunPart) -> None:
+        self._runs.append(part)
         if len(self._runs) > self.max_runs:
             self._merge_smallest()
 
     def finish(self) -> list[Path]:
-        """Write what is buffered and merge the runs into one; the runs to read with `NgramCounts`."""
+        """Write what is buffered and merge the runs: the runs to read with `NgramCounts`, one, or with a pool
+        several of disjoint key ranges in key order."""
         self._flush()
-        if len(self._runs) > 1:
-            self._runs = [self._merge(self._runs)]
-        return list(self._runs)
+        runs = self._merged + self._runs
+        if self.pool is not None:
+            if len(runs) > 1 and (self._runs or self._merges > 1):  # (the ranges of one merge: done)
+                from .run_partitions import merge_in_ranges
+
+                runs = merge_in_ranges(runs, self.directory, self.pool)
+        elif len(runs) > 1 or (runs and not runs[0].owned):
+            runs = [RunPart.whole(self._merge(runs))]
+        self._runs, self._merged, self._merges = runs, [], 0
+        return [part.path for part in runs]
 
     def _flush(self) -> None:
         if not self._pending:
             return
         path = _write_sorted(self.directory, self._pending)
         self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
-        self._keep(path)
+        self._keep(RunPart.whole(path))
 
     def _merge_smallest(self) -> None:
         """Merge the `max_runs` smallest runs (at least two) into one: runs of similar sizes meet, as in a
         size-tiered compaction, so a row is merged about log(runs) / log(max_runs) times, not once per merge."""
-        by_size = sorted(self._runs, key=_run_rows)
+        by_size = sorted(self._runs, key=lambda part: part.rows)
         picked = by_size[: max(2, self.max_runs)]
-        self._runs = [*by_size[len(picked) :], self._merge(picked)]
+        self._runs = [*by_size[len(picked) :], RunPart.whole(self._merge(picked))]
 
-    def _merge(self, runs: Sequence[Path]) -> Path:
+    def _merge(self, runs: Sequence[RunPart]) -> Path:
         """Streaming merge: each round takes, from every run, the rows whose key (hash, text) is at most the
         smallest of the keys that end the runs' next blocks, so equal keys always meet in one round, and a round
         reads about MERGE_ROUND_BYTES from its runs together, however many keys share a hash and however long the
         texts (answers of 200 bytes: a budget in rows held 17 runs x 1,927 rows, 20 MB with the round's copies)."""
-        opened = [Run(p) for p in runs]
+        opened = [part.open() for part in runs]
         block_rows = [_block_rows(run, MERGE_ROUND_BYTES // len(opened)) for run in opened]
         cursor = [0] * len(opened)
         out = _new_run_path(self.directory)
@@ -324,12 +412,12 @@ class NgramCountWriter:
                 cursor = stops
                 hashes, texts, counts = _sorted_unique(np.concatenate([p[0] for p in block]),
                                                        pa.concat_arrays([p[1] for p in block]),
-                                                       np.concatenate([p[2] for p in block]))
+                                                       np.concatenate([p[2] for p in block]), runs_of_sorted=True)
                 _, offsets, data = texts.buffers()
                 offset_values = np.frombuffer(offsets, dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
-                files[0].write(hashes.astype(np.uint64).tobytes())
-                files[1].write(counts.astype(np.int64).tobytes())
-                files[2].write((offset_values[1:] - offset_values[0] + text_bytes).tobytes())
+                files[0].write(memoryview(np.ascontiguousarray(hashes, np.uint64)))
+                files[1].write(memoryview(np.ascontiguousarray(counts, np.int64)))
+                files[2].write(memoryview(offset_values[1:] - offset_values[0] + text_bytes))
                 files[3].write(memoryview(data)[int(offset_values[0]) : int(offset_values[-1])] if data else b"")
                 text_bytes += int(offset_values[-1] - offset_values[0])
                 for run in opened:
@@ -337,8 +425,8 @@ class NgramCountWriter:
         finally:
             for f in files:
                 f.close()
-        for path in runs:
-            _remove_run(path)
+        for part in runs:
+            part.discard()
         return out
 
 
@@ -359,10 +447,15 @@ def _round_stops(opened: Sequence[Run], cursor: Sequence[int], block_rows: Seque
 
 
 class NgramCounts:
-    """Read side: the count of each key, summed over the runs (memory-mapped, so several processes share them)."""
+    """Read side: the count of each key, summed over the runs (memory-mapped, so several processes share them).
+    Runs of disjoint key ranges in key order (a merge in ranges, `run_partitions.py`) are read as one table: a
+    key is looked up in the run of its range only."""
 
     def __init__(self, runs: Sequence[str | os.PathLike]) -> None:
         self.runs = [Run(Path(p)) for p in runs]
+        filled = [run for run in self.runs if len(run)]
+        self._ranges = all(a.hashes[-1] < b.hashes[0] for a, b in zip(filled, filled[1:]))
+        self._firsts = np.array([run.hashes[0] if len(run) else np.uint64(0) for run in self.runs], np.uint64)
 
     def get(self, hashes: np.ndarray, texts_at: Callable[[np.ndarray], pa.Array],
             present: np.ndarray | None = None) -> np.ndarray:
@@ -371,20 +464,32 @@ class NgramCounts:
         pages a group touched are given back before the next: memory does not grow with the table.
 
         `present` (optional) marks keys known to be in the table (CIDEr: the n-grams of references, all counted in
-        the first pass); with one run, such a key whose hash no other entry has needs no text comparison."""
+        the first pass); where the key's run is the only one that can hold it, such a key whose hash no other entry
+        has needs no text comparison."""
+        hashes = np.asarray(hashes, np.uint64)
         total = np.zeros(len(hashes), dtype=np.int64)
-        known = present if present is not None and len(self.runs) == 1 else None
+        known = present if present is not None and (self._ranges or len(self.runs) == 1) else None
+        route = self._route(hashes)
         # in order of the hashes' top 16 bits (a radix sort, 5x faster than a full one): each group then reads one
         # stretch of the run's pages
-        in_order = np.argsort((np.asarray(hashes, np.uint64) >> np.uint64(48)).astype(np.uint16), kind="stable")
+        in_order = np.argsort((hashes >> np.uint64(48)).astype(np.uint16), kind="stable")
         size = lookup_group(len(hashes), sum(len(run) for run in self.runs))
         for start in range(0, len(hashes), size):
             group = in_order[start : start + size]
-            for run in self.runs:
-                total[group] += run.lookup(hashes[group], lambda rows: texts_at(group[rows]),
-                                           None if known is None else known[group])
+            for index, run in enumerate(self.runs):
+                keys = group if route is None else group[route[group] == index]
+                if len(keys):
+                    total[keys] += run.lookup(hashes[keys], lambda rows, keys=keys: texts_at(keys[rows]),
+                                              None if known is None else known[keys])
                 run.release()
         return total
+
+    def _route(self, hashes: np.ndarray) -> np.ndarray | None:
+        """The run of each key's range, or None where every run must be searched."""
+        if not self._ranges or len(self.runs) < 2:
+            return None
+        filled = np.flatnonzero([len(run) > 0 for run in self.runs])
+        return filled[np.maximum(np.searchsorted(self._firsts[filled], hashes, side="right") - 1, 0)]
 
 
 def lookup_group(keys: int, entries: int) -> int:

@@ -197,6 +197,24 @@ def one_thread_per_worker() -> None:
     pa.set_cpu_count(1)
 
 
+class TaskPool:
+    """A metric's own tasks on the sweep's executor (`ngram_table.RunPool`): merges of on-disk runs, one key range
+    per worker, between passes (`run_partitions.py`)."""
+
+    def __init__(self, executor: Executor, workers: int) -> None:
+        self.executor = executor
+        self.workers = workers if not isinstance(executor, InlineExecutor) else 1
+
+    def map(self, fn: Any, jobs: Sequence[tuple]) -> list[Any]:
+        """[fn(*job) for job in jobs], run by the workers; on an error, the others are waited for, then it is
+        raised (they may be writing into a scratch directory that is about to be removed)."""
+        futures = [self.executor.submit(fn, *job) for job in jobs]
+        try:
+            return [future.result() for future in futures]
+        finally:
+            _settle(futures)
+
+
 def compute_in_parallel(reader: "SpillReader", suite: "MetricSuite", *, executor: Executor, workers: int,
                         batch_size: int = 4096, progress: bool = False) -> dict[str, float]:
     """Every metric of `suite` over the spill (streaming and corpus), tasks run by `executor`."""
@@ -209,6 +227,7 @@ def compute_in_parallel(reader: "SpillReader", suite: "MetricSuite", *, executor
     local = _local_copy(suite) if isinstance(executor, InlineExecutor) else None
     try:
         for metric in corpus:
+            metric.pool = TaskPool(executor, workers)
             metric.start(reader.path)
         rounds = max([m.passes for m in corpus], default=0)
         for sweep_index in range(max(rounds, 1 if suite.streaming else 0)):
