@@ -474,14 +474,13 @@ class NgramCounts:
         # in order of the hashes' top 16 bits (a radix sort, 5x faster than a full one): each group then reads one
         # stretch of the run's pages
         in_order = np.argsort((hashes >> np.uint64(48)).astype(np.uint16), kind="stable")
-        size = lookup_group(len(hashes), sum(len(run) for run in self.runs))
-        for start in range(0, len(hashes), size):
-            group = in_order[start : start + size]
-            for index, run in enumerate(self.runs):
-                keys = group if route is None else group[route[group] == index]
-                if len(keys):
-                    total[keys] += run.lookup(hashes[keys], lambda rows, keys=keys: texts_at(keys[rows]),
-                                              None if known is None else known[keys])
+        for index, run in enumerate(self.runs):
+            mine = in_order if route is None else in_order[route[in_order] == index]  # a key range: its run only
+            size = lookup_group(len(mine), len(run))
+            for start in range(0, len(mine), size):
+                keys = mine[start : start + size]
+                total[keys] += run.lookup(hashes[keys], lambda rows, keys=keys: texts_at(keys[rows]),
+                                          None if known is None else known[keys])
                 run.release()
         return total
 
