@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import numpy as np
 
 from .batch import LazyText, SampleBatch
 

@@ -118,7 +118,7 @@ def log_to_wandb(wandb: Any, samples: EvalSamples, step: int) -> None:
     """One `wandb.log` with the table and the histograms, stepped like `WandbCallback`'s own logs."""
     import matplotlib.pyplot as plt
 
-    from .report.html import histogram_caption, histogram_figure
+    from .report.figures import histogram_caption, histogram_figure
 
     payload: dict[str, Any] = {
         samples.key("worst_samples"): wandb.Table(columns=samples.columns(), data=samples.rows()),
@@ -135,7 +135,7 @@ def log_to_wandb(wandb: Any, samples: EvalSamples, step: int) -> None:
 
 def log_to_tensorboard(writer: Any, samples: EvalSamples, step: int) -> None:
     """The table as markdown text and each histogram as a figure, at the global step."""
-    from .report.html import histogram_figure
+    from .report.figures import histogram_figure
 
     writer.add_text(samples.key("worst_samples"), markdown_table(samples), global_step=step)
     for histogram in samples.histograms:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from spilleval import cli
 from spilleval.metrics import compute_from_spill
-from spilleval.report.html import BAR_COLOUR
+from spilleval.report.figures import BAR_COLOUR
 
 runner = CliRunner()
 SCORES_PLOTTED = {"token_accuracy", "exact_match", "token_f1", "nll", "length"}

@@ -8,11 +8,11 @@ open marker off the line, so the line stays the training curve.
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
 
+from .figures import figure_png
 from .history import HistoryError, HistoryPoint, RunHistory
 
 COLUMNS = 3
@@ -56,18 +56,6 @@ def write_history_plot(history: RunHistory, path: str | Path) -> Path:
 
 def history_png(history: RunHistory) -> bytes:
     return figure_png(history_figure(history))
-
-
-def figure_png(fig: Any) -> bytes:
-    """A matplotlib figure as PNG bytes; the figure is closed (pyplot keeps every open figure alive)."""
-    import matplotlib.pyplot as plt
-
-    try:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-    finally:
-        plt.close(fig)
-    return buffer.getvalue()
 
 
 def _plot_metric(ax: Any, history: RunHistory, key: str) -> None:
