@@ -164,3 +164,19 @@ def check_ranges_against_one_merge(root, seed: int, tasks: int, workers: int, ke
     left = {p for p in root.rglob("run-*")} - {Path(one), *map(Path, parts)}
     assert not left  # the adopted runs were merged and removed (a single adopted run is the table as it is)
     assert not list(root.rglob("range-*"))
+
+
+def test_a_table_with_empty_runs_looks_keys_up(tmp_path) -> None:
+    """Empty runs beside (or instead of) filled ones: keys are routed past them (all empty used to index an empty
+    array of range starts)."""
+    texts = pa.array(["a", "b"], pa.large_string())
+    asked = np.array([5, 7], np.uint64)
+    empties = []
+    for _ in range(2):
+        path = ngram_table._new_run_path(tmp_path)
+        ngram_table._write_run(path, np.zeros(0, np.uint64), pa.array([], pa.large_string()), np.zeros(0, np.int64))
+        empties.append(path)
+    (full,) = write_runs(tmp_path, [(np.array([5], np.uint64), pa.array(["a"], pa.large_string()), np.array([3]))])
+    for runs, expected in (([*empties], [0, 0]), ([empties[0], full, empties[1]], [3, 0])):
+        got = NgramCounts(runs).get(asked, lambda rows: texts.take(pa.array(rows)), np.array([True, False]))
+        assert got.tolist() == expected

@@ -454,9 +454,10 @@ class NgramCounts:
 
     def __init__(self, runs: Sequence[str | os.PathLike]) -> None:
         self.runs = [Run(Path(p)) for p in runs]
-        filled = [run for run in self.runs if len(run)]
+        self._filled = np.flatnonzero([len(run) > 0 for run in self.runs])  # the runs that hold rows
+        filled = [self.runs[i] for i in self._filled]
         self._ranges = all(a.hashes[-1] < b.hashes[0] for a, b in zip(filled, filled[1:]))
-        self._firsts = np.array([run.hashes[0] if len(run) else np.uint64(0) for run in self.runs], np.uint64)
+        self._firsts = np.array([run.hashes[0] for run in filled], np.uint64)  # each filled run's smallest key
 
     def get(self, hashes: np.ndarray, texts_at: Callable[[np.ndarray], pa.Array],
             present: np.ndarray | None = None) -> np.ndarray:
@@ -486,10 +487,9 @@ class NgramCounts:
 
     def _route(self, hashes: np.ndarray) -> np.ndarray | None:
         """The run of each key's range, or None where every run must be searched."""
-        if not self._ranges or len(self.runs) < 2:
+        if not self._ranges or len(self._filled) < 2:  # (no key can be in an empty run)
             return None
-        filled = np.flatnonzero([len(run) > 0 for run in self.runs])
-        return filled[np.maximum(np.searchsorted(self._firsts[filled], hashes, side="right") - 1, 0)]
+        return self._filled[np.maximum(np.searchsorted(self._firsts, hashes, side="right") - 1, 0)]
 
 
 def lookup_group(keys: int, entries: int) -> int:
