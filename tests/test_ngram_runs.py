@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import f1_score
 
-from spilleval.metrics import ngram_table, run_partitions
+from spilleval.metrics import ngram_table, run_file, run_partitions
 from spilleval.metrics.answers import AnswerMacroF1
 from spilleval.metrics.cider_vectors import text_hashes
 from spilleval.metrics.ngram_table import NgramCounts, NgramCountWriter, Run, prefix_keys, write_runs
@@ -91,8 +91,8 @@ def test_run_lookup_is_exact_for_keys_anywhere_in_any_order(tmp_path_factory, se
     rng = np.random.default_rng(seed)
     texts, counts = random_rows(rng, 500)
     hashes = rng.integers(100, 120, size=len(texts)).astype(np.uint64)
-    (path,) = write_runs(tmp_path_factory.mktemp("runs"), [(hashes, pa.array(texts, pa.large_string()),
-                                                            counts[:, 0])])
+    (run,) = write_runs(tmp_path_factory.mktemp("runs"), [(hashes, pa.array(texts, pa.large_string()), counts[:, 0])])
+    path = run.path
     expected: defaultdict = defaultdict(int)
     for h, text, count in zip(hashes.tolist(), texts, counts[:, 0].tolist()):
         expected[(h, text)] += count
@@ -176,7 +176,39 @@ def test_a_table_with_empty_runs_looks_keys_up(tmp_path) -> None:
         path = ngram_table._new_run_path(tmp_path)
         ngram_table._write_run(path, np.zeros(0, np.uint64), pa.array([], pa.large_string()), np.zeros(0, np.int64))
         empties.append(path)
-    (full,) = write_runs(tmp_path, [(np.array([5], np.uint64), pa.array(["a"], pa.large_string()), np.array([3]))])
+    (full,) = (run.path for run in write_runs(tmp_path, [(np.array([5], np.uint64), pa.array(["a"], pa.large_string()),
+                                                         np.array([3]))]))
     for runs, expected in (([*empties], [0, 0]), ([empties[0], full, empties[1]], [3, 0])):
         got = NgramCounts(runs).get(asked, lambda rows: texts.take(pa.array(rows)), np.array([True, False]))
         assert got.tolist() == expected
+
+
+def test_a_run_file_written_in_rounds_reads_as_one_written_whole_and_damage_is_named(tmp_path) -> None:
+    """`run_file.py`: rows appended in rounds into reserved sections read back as the same rows as one write; a
+    file with no header (its writer did not finish), cut short, or with offsets outside its texts is refused with
+    `RunFileError` before Arrow reads it."""
+    rng = np.random.default_rng(3)
+    texts, counts = random_rows(rng, 300)
+    hashes = np.sort(rng.integers(0, 2**63, size=len(texts)).astype(np.uint64))
+    array = pa.array(texts, pa.large_string())
+    run_file.write_run_file(tmp_path / "whole", hashes, counts, array)
+    with run_file.RunFileWriter(tmp_path / "rounds", max_rows=1000, width=counts.shape[1]) as writer:
+        for start, stop in ((0, 0), (0, 120), (120, 121), (121, 300)):
+            writer.append(hashes[start:stop], counts[start:stop], array.slice(start, stop - start))
+    whole, rounds = Run(tmp_path / "whole"), Run(tmp_path / "rounds")
+    assert rounds.hashes.tolist() == whole.hashes.tolist() == hashes.tolist()
+    assert np.array_equal(rounds.counts, whole.counts) and rounds.texts.equals(whole.texts)
+    assert rounds.texts.to_pylist() == texts and run_file.run_file_rows(tmp_path / "rounds") == 300
+    data = (tmp_path / "whole").read_bytes()
+    (tmp_path / "unfinished").write_bytes(bytes(64) + data[64:])
+    (tmp_path / "short").write_bytes(data[:-1])
+    bad = bytearray(data)
+    layout = run_file.Layout.parse(data, len(data), tmp_path)
+    bad[layout.offsets_at + 8 * 300 : layout.offsets_at + 8 * 301] = np.int64(10**9).tobytes()
+    (tmp_path / "offsets").write_bytes(bytes(bad))
+    for name, message in (("unfinished", "no header"), ("short", "past the end"), ("offsets", "text offsets")):
+        with pytest.raises(run_file.RunFileError, match=message):
+            Run(tmp_path / name)
+    with pytest.raises(ValueError, match="more rows"), run_file.RunFileWriter(tmp_path / "over", max_rows=1, width=1) as w:
+        w.append(hashes[:2], counts[:2, 0], array.slice(0, 2))
+    assert not (tmp_path / "over").exists()  # a writer left by an error removes its partial file

@@ -16,6 +16,7 @@ from spilleval import Evaluator
 from spilleval.cli import app
 from spilleval.metrics import build_metric, compute_from_spill
 from spilleval.metrics import ngram_table, parallel, run_partitions
+from spilleval.metrics.mapmerge import MapMergeMetric
 from spilleval.spill import Manifest, SpillReader, SpillWriter
 from spilleval.spill.manifest import library_versions
 
@@ -56,6 +57,7 @@ def test_workers_give_the_bits_of_one_worker(spill, monkeypatch, in_ranges):
     and the parent merges the runs it has listed every 3 tasks (on this small spill they are otherwise merged in
     one range, as in the default)."""
     monkeypatch.setattr(parallel, "MIN_TASK_ROWS", 2)  # tasks of a few rows: chunks are cut between workers
+    monkeypatch.setattr(MapMergeMetric, "task_rows", 2)  # corpus sweeps too (a batch at least, by default)
     ranges: list[int] = []
     if in_ranges:
         monkeypatch.setattr(run_partitions, "MIN_RANGE_ROWS", 1)
@@ -71,6 +73,21 @@ def test_workers_give_the_bits_of_one_worker(spill, monkeypatch, in_ranges):
     tasks = list(planner.tasks())
     assert len(tasks) > len(planner.reader.chunks)  # chunks were cut
     assert any(t.keep is not None for t in tasks)  # and the repeated samples left out
+
+
+def test_corpus_sweeps_take_a_batch_per_task_where_the_spill_has_rows_for_it(spill, monkeypatch):
+    """A task of a corpus sweep holds one of its metrics' batches at least (its runs, lookups and merges cost per
+    task), unless the spill is too small for two such tasks per worker: then every worker still gets work."""
+    assert parallel.min_task_rows([build_metric("cider"), build_metric("distinct_n")]) == 4096
+    assert parallel.min_task_rows([build_metric("text_match")]) == 0
+    monkeypatch.setattr(parallel, "MIN_TASK_ROWS", 1)
+    planner = parallel.TaskPlanner(SpillReader(spill), 2)
+    chunk_rows = [r.rows for r in planner.reader.chunks]
+    tasks = list(planner.tasks(min_rows=4))
+    assert len(tasks) > len(chunk_rows)  # chunks of 9 rows were cut...
+    assert all(t.stop - t.start >= 4 for t in tasks if t.stop < chunk_rows[t.chunk])  # ... into tasks of 4 at least
+    capped = list(planner.tasks(min_rows=10_000))  # more rows than the spill: each task at most a chunk
+    assert all(t.start == 0 and t.stop == chunk_rows[t.chunk] for t in capped) and len(capped) >= 2 * 2
 
 
 def test_cli_workers_and_a_local_dask_cluster_give_the_same_numbers(spill):

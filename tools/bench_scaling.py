@@ -44,6 +44,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import machine_info, markdown_table  # noqa: E402
 from bench_compute import CLASS_WORDS, PrefixSpills, caption_tokenizer, metric_specs  # noqa: E402
@@ -68,16 +70,30 @@ def time_metrics(spill_of: dict[str, Path], specs: dict[str, dict[str, Any]], wo
         compute_from_spill(warm_up_spill, [warm_up], executor=pool, workers=workers)  # loads the tokenizer
         out: dict[str, Any] = {"pool_start_s": time.perf_counter() - start, "metrics": {}}
         for name in specs:
-            times, result = [], None
+            times, cpu, result = [], [], None
             for _ in range(repeats):
-                t = time.perf_counter()
+                before, t = psutil.cpu_times(), time.perf_counter()
                 result = compute_from_spill(spill_of[name], [specs[name]], executor=pool, workers=workers)
                 times.append(time.perf_counter() - t)
-            out["metrics"][name] = {"seconds": min(times), "first_run_s": times[0], "result": result}
-            print(f"  workers {workers:2d}  {name:16s} {min(times):8.2f} s  (first run {times[0]:.2f} s)", flush=True)
+                cpu.append(cores_used(before, psutil.cpu_times(), times[-1]))
+            best = times.index(min(times))
+            out["metrics"][name] = {"seconds": times[best], "first_run_s": times[0], "result": result, **cpu[best]}
+            print(f"  workers {workers:2d}  {name:16s} {times[best]:8.2f} s  (first run {times[0]:.2f} s; "
+                  f"{cpu[best]['busy_cores']:.1f} cores busy, {cpu[best]['steal_cores']:.2f} stolen)", flush=True)
         return out
     finally:
         shutdown(pool)
+
+
+def cores_used(before: Any, after: Any, wall: float) -> dict[str, float]:
+    """Cores the whole machine kept busy during a timed run (CPU seconds of every process / wall seconds), and the
+    cores the hypervisor took from this virtual machine (steal, where the kernel reports it). Speed-up = busy cores
+    at N / busy cores at 1 x (CPU seconds at 1 / CPU seconds at N): idle workers show in the first factor, work that
+    grows with N (per-task costs, slower cores under load) in the second."""
+    busy = sum(getattr(after, f) - getattr(before, f) for f in ("user", "nice", "system", "irq", "softirq")
+               if hasattr(after, f))
+    steal = after.steal - before.steal if hasattr(after, "steal") else 0.0
+    return {"busy_cores": busy / wall, "steal_cores": steal / wall, "cpu_s": busy}
 
 
 def chrf_of_fixed_strings(rounds: int) -> float:
@@ -238,21 +254,28 @@ def report(out: dict[str, Any]) -> str:
             cells.append(f"{base / s:.2f} ({base / s / w:.2f})")
         runs = [out["runs"][str(w)]["metrics"][name] for w in counts]
         first = max(run["first_run_s"] - run["seconds"] for run in runs)
-        rows.append([name, *cells, f"{first:.1f}"])
+        rows.append([name, *cells, f"{first:.1f}", cpu_cell(runs[0], runs[-1])])
     if out.get("ceiling"):
         alone = out["ceiling"][str(counts[0])]
         rows.append(["machine ceiling: chrF loop in N independent processes", "", f"{alone:.2f} s",
                      *[f"{w * alone / out['ceiling'][str(w)]:.2f} ({alone / out['ceiling'][str(w)]:.2f})"
-                       for w in counts[1:]], ""])
-    rows.append(["pool start (s)", "", *[f"{out['runs'][str(w)]['pool_start_s']:.1f}" for w in counts], ""])
+                       for w in counts[1:]], "", ""])
+    rows.append(["pool start (s)", "", *[f"{out['runs'][str(w)]['pool_start_s']:.1f}" for w in counts], "", ""])
     header = ["metric", "samples", "1 worker", *[f"{w} workers: speed-up (efficiency)" for w in counts[1:]],
-              "first-run extra, max (s)"]
+              "first-run extra, max (s)", f"at {counts[-1]} workers: cores busy, CPU s / 1 worker's, cores stolen"]
     text = markdown_table(header, rows)
     if out.get("cider"):
         c = out["cider"]
         text += (f"\n\nCIDEr on {c['samples']:,} samples, one process: before {c['before_s']:.2f} s, after "
                  f"{c['after_s']:.2f} s: **{c['speedup']:.1f}x**; results {c['before']!r} / {c['after']!r}")
     return text
+
+
+def cpu_cell(alone: dict[str, Any], most: dict[str, Any]) -> str:
+    """Busy cores, CPU time relative to one worker's, and stolen cores, of the run with the most workers."""
+    if "busy_cores" not in most:
+        return ""
+    return f"{most['busy_cores']:.1f}, {most['cpu_s'] / max(alone['cpu_s'], 1e-9):.2f}x, {most['steal_cores']:.2f}"
 
 
 def main() -> None:

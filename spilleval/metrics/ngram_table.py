@@ -6,7 +6,8 @@ with numpy) and its text (to check every match, so the table is exact: two n-gra
 entries, and a lookup only counts an entry whose text is equal).
 
 Writing buffers (hash, text, count) rows up to `buffer_rows`, then sorts them by (hash, text), sums equal keys and
-writes them as a run: four flat files (hashes, counts, text offsets, text bytes) that readers memory-map. A count
+writes them as a run: one file of flat sections (hashes, counts, text offsets, text bytes) that readers
+memory-map (`run_file.py`). A count
 may be a row of several integers (counts of shape [rows, width]). Runs are merged by a streaming merge when there
 are more than `max_runs`, so memory holds a buffer, never the table. A count is the sum of the key's counts in
 every run, so runs may be written anywhere, in any order: a worker process writes its task's rows as runs
@@ -31,6 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .run_file import RunFileError, RunFileWriter, checked_offsets, map_run_file, run_file_rows, write_run_file
+
 BUFFER_ROWS = 1 << 18  # rows buffered before they are sorted into a run (about 10 MB of n-grams)...
 BUFFER_BYTES = 2 << 20  # ... or fewer when texts are long: 2^18 answers of 200 bytes are 52 MB, and a buffer of
 # 8 MiB grew answer_macro_f1's peak by 15 MB from 1M to 5M tokens (tests/test_memory_reader.py)
@@ -42,7 +45,6 @@ MAX_LISTED_RUNS = 512  # with a pool: runs listed before the workers merge them 
 MIN_LOOKUP_GROUP = 1024  # keys looked up between two releases of the mapped pages, at least
 LOOKUP_PAGES = 256  # pages of each mapped 8-byte array that one group of keys is sized to touch
 _ENTRIES_PER_PAGE = mmap.PAGESIZE // 8
-_FILES = ("hash.u64", "count.i64", "offsets.i64", "text.utf8")
 
 
 class RunPool(Protocol):
@@ -111,20 +113,7 @@ def prefix_keys(texts: pa.Array) -> np.ndarray:
     return first.view(">u8").ravel().astype(np.uint64)
 
 def _write_run(path: Path, hashes: np.ndarray, texts: pa.Array, counts: np.ndarray) -> None:
-    path.mkdir()  # not its parents: a run written after its scratch directory was removed fails, leaves nothing
-    texts = texts.cast(pa.large_string())
-    _, offsets, data = texts.buffers()
-    start = texts.offset
-    offset_values = np.frombuffer(offsets, dtype=np.int64)[start : start + len(texts) + 1]
-    base = int(offset_values[0])
-    with open(path / _FILES[0], "wb") as f:
-        f.write(memoryview(np.ascontiguousarray(hashes, np.uint64)))
-    with open(path / _FILES[1], "wb") as f:
-        f.write(memoryview(np.ascontiguousarray(counts, np.int64)))
-    with open(path / _FILES[2], "wb") as f:
-        f.write(memoryview(offset_values - base))
-    with open(path / _FILES[3], "wb") as f:
-        f.write(memoryview(data)[base : int(offset_values[-1])] if data is not None else b"")
+    write_run_file(path, hashes, np.asarray(counts), texts.cast(pa.large_string()))
 
 
 class Run:
@@ -133,15 +122,15 @@ class Run:
 
     def __init__(self, path: Path, start: int = 0, stop: int | None = None) -> None:
         self.path = Path(path)
-        hashes = _map(self.path / _FILES[0], np.uint64)
-        stop = len(hashes) if stop is None else stop
-        self.hashes = hashes[start:stop]
-        counts = _map(self.path / _FILES[1], np.int64)
-        width = len(counts) // max(len(hashes), 1)
-        counts = counts if width <= 1 else counts.reshape(len(hashes), width)  # [rows] or [rows, width]
-        self.counts = counts[start:stop]
-        self._offsets = _map(self.path / _FILES[2], np.int64)[start : stop + 1]
-        self._data = _map(self.path / _FILES[3], np.uint8)
+        self._mapped = map_run_file(self.path)
+        rows = len(self._mapped.hashes)
+        stop = rows if stop is None else stop
+        if not 0 <= start <= stop <= rows:
+            raise RunFileError(f"{self.path} holds {rows} rows, not the rows [{start}, {stop}) asked for")
+        self.hashes = self._mapped.hashes[start:stop]
+        self.counts = self._mapped.counts[start:stop]
+        self._offsets = checked_offsets(self._mapped.offsets[start : stop + 1], len(self._mapped.text), self.path)
+        self._data = self._mapped.text
         self.texts = pa.LargeStringArray.from_buffers(len(self.hashes), pa.py_buffer(self._offsets),
                                                       pa.py_buffer(self._data))
 
@@ -172,10 +161,7 @@ class Run:
 
     def release(self) -> None:
         """Unmap the pages a lookup touched (they stay in the page cache), so the process's memory stays flat."""
-        for array in (self.hashes, self.counts, self._offsets, self._data):
-            mapping = getattr(array, "_mmap", None)
-            if mapping is not None:
-                mapping.madvise(mmap.MADV_DONTNEED)
+        self._mapped.release()
 
     def _positions(self, hashes: np.ndarray) -> np.ndarray:
         """`np.searchsorted(self.hashes, hashes)`, searching only the stretch of the run between the smallest and
@@ -218,19 +204,13 @@ class Run:
         return found
 
 
-def _map(path: Path, dtype: type) -> np.ndarray:
-    if os.path.getsize(path) == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
-
-
 def write_runs(directory: str | os.PathLike, rows: Iterable[tuple[np.ndarray, pa.Array, np.ndarray]], *,
-               buffer_rows: int | None = None) -> list[str]:
+               buffer_rows: int | None = None) -> list["RunPart"]:
     """(hash, text, count) rows written as sorted runs of about `buffer_rows` rows each into `directory` (which
     exists): a worker's share of a table, for the parent to `adopt`. Runs get unique names, since tasks of many
     processes write into one directory. Empty parts write nothing."""
     limit = BUFFER_ROWS if buffer_rows is None else buffer_rows
-    runs: list[str] = []
+    runs: list[RunPart] = []
     pending: list[tuple[np.ndarray, pa.Array, np.ndarray]] = []
     pending_rows = 0
     for part in rows:
@@ -238,20 +218,21 @@ def write_runs(directory: str | os.PathLike, rows: Iterable[tuple[np.ndarray, pa
             pending.append(part)
             pending_rows += len(part[0])
         if pending_rows >= limit:
-            runs.append(os.fspath(_write_sorted(Path(directory), pending)))
+            runs.append(_write_sorted(Path(directory), pending))
             pending, pending_rows = [], 0
     if pending:
-        runs.append(os.fspath(_write_sorted(Path(directory), pending)))
+        runs.append(_write_sorted(Path(directory), pending))
     return runs
 
 
-def _write_sorted(directory: Path, parts: Sequence[tuple[np.ndarray, pa.Array, np.ndarray]]) -> Path:
+def _write_sorted(directory: Path, parts: Sequence[tuple[np.ndarray, pa.Array, np.ndarray]]) -> "RunPart":
     """The rows of `parts` as one new run in `directory` (sorted, equal keys summed)."""
     path = _new_run_path(directory)
-    _write_run(path, *_sorted_unique(np.concatenate([p[0] for p in parts]),
-                                     pa.concat_arrays([p[1].cast(pa.large_string()) for p in parts]),
-                                     np.concatenate([p[2] for p in parts])))
-    return path
+    hashes, texts, counts = _sorted_unique(np.concatenate([p[0] for p in parts]),
+                                           pa.concat_arrays([p[1].cast(pa.large_string()) for p in parts]),
+                                           np.concatenate([p[2] for p in parts]))
+    _write_run(path, hashes, texts, counts)
+    return RunPart(path, 0, len(hashes))
 
 
 def _new_run_path(directory: Path) -> Path:
@@ -279,7 +260,7 @@ class RunPart:
 
     @classmethod
     def whole(cls, path: Path) -> "RunPart":
-        return cls(Path(path), 0, _run_rows(Path(path)))
+        return cls(Path(path), 0, run_file_rows(path))
 
     @property
     def rows(self) -> int:
@@ -294,13 +275,7 @@ class RunPart:
 
 
 def _remove_run(path: Path) -> None:
-    for name in _FILES:
-        (path / name).unlink()
-    path.rmdir()
-
-
-def _run_rows(path: Path) -> int:
-    return os.path.getsize(path / _FILES[0]) // 8
+    path.unlink()
 
 
 class NgramCountWriter:
@@ -381,9 +356,9 @@ class NgramCountWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        path = _write_sorted(self.directory, self._pending)
+        part = _write_sorted(self.directory, self._pending)
         self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
-        self._keep(RunPart.whole(path))
+        self._keep(part)
 
     def _merge_smallest(self) -> None:
         """Merge the `max_runs` smallest runs (at least two) into one: runs of similar sizes meet, as in a
@@ -401,11 +376,8 @@ class NgramCountWriter:
         block_rows = [_block_rows(run, MERGE_ROUND_BYTES // len(opened)) for run in opened]
         cursor = [0] * len(opened)
         out = _new_run_path(self.directory)
-        out.mkdir()
-        files = [open(out / name, "wb") for name in _FILES]
-        text_bytes = 0
-        files[2].write(np.zeros(1, np.int64).tobytes())
-        try:
+        width = max((run.counts.shape[1] if run.counts.ndim == 2 else 1) for run in opened)
+        with RunFileWriter(out, max_rows=sum(len(run) for run in opened), width=width) as writer:
             while any(c < len(r) for c, r in zip(cursor, opened)):
                 stops = _round_stops(opened, cursor, block_rows)
                 block = [(run.hashes[a:b], run.texts.slice(a, b - a), run.counts[a:b])
@@ -414,18 +386,9 @@ class NgramCountWriter:
                 hashes, texts, counts = _sorted_unique(np.concatenate([p[0] for p in block]),
                                                        pa.concat_arrays([p[1] for p in block]),
                                                        np.concatenate([p[2] for p in block]), runs_of_sorted=True)
-                _, offsets, data = texts.buffers()
-                offset_values = np.frombuffer(offsets, dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
-                files[0].write(memoryview(np.ascontiguousarray(hashes, np.uint64)))
-                files[1].write(memoryview(np.ascontiguousarray(counts, np.int64)))
-                files[2].write(memoryview(offset_values[1:] - offset_values[0] + text_bytes))
-                files[3].write(memoryview(data)[int(offset_values[0]) : int(offset_values[-1])] if data else b"")
-                text_bytes += int(offset_values[-1] - offset_values[0])
+                writer.append(hashes, counts, texts)
                 for run in opened:
                     run.release()
-        finally:
-            for f in files:
-                f.close()
         for part in runs:
             part.discard()
         return out

@@ -238,8 +238,9 @@ def compute_in_parallel(reader: "SpillReader", suite: "MetricSuite", *, executor
             names = [m.name for m in suite.streaming] if sweep.streaming else []
             names += [m.name for _, m in taking_part]
             label = ", ".join(names) + (f" (pass {sweep_index + 1})" if sweep_index else "")
+            tasks = planner.tasks(min_rows=min_task_rows(m for _, m in taking_part))
             with sample_bar(reader.num_rows, label, enabled=progress) as advance, \
-                    contextlib.closing(_ordered(executor, sweep, planner.tasks(), workers)) as results:
+                    contextlib.closing(_ordered(executor, sweep, tasks, workers)) as results:
                 for task, (states, partials) in results:
                     if sweep.streaming:
                         suite.merge(states)
@@ -263,6 +264,11 @@ def compute_corpus_metrics(reader: "SpillReader", metrics: Sequence[CorpusMetric
 
     suite = MetricSuite(list(metrics), tokenizer=reader.tokenizer if any(m.needs_text for m in metrics) else None)
     return compute_in_parallel(reader, suite, executor=executor or InlineExecutor(), workers=workers)
+
+
+def min_task_rows(metrics: Iterable[Metric]) -> int:
+    """Rows a task of a sweep holds at least: the largest `task_rows` of its map/merge metrics (0: none)."""
+    return max([m.task_rows for m in metrics if isinstance(m, MapMergeMetric)], default=0)
 
 
 def _local_copy(suite: "MetricSuite") -> "MetricSuite":
@@ -331,23 +337,26 @@ class TaskPlanner:
         self.reader = reader
         self.workers = workers
 
-    def task_rows(self, remaining: int) -> int:
+    def task_rows(self, remaining: int, min_rows: int = 0) -> int:
         if self.workers <= 1:
             return max(remaining, 1)
-        return max(MIN_TASK_ROWS, math.ceil(remaining / (self.workers * TASKS_PER_WORKER)))
+        return max(min_rows, MIN_TASK_ROWS, math.ceil(remaining / (self.workers * TASKS_PER_WORKER)))
 
-    def tasks(self) -> Iterator[Task]:
+    def tasks(self, min_rows: int = 0) -> Iterator[Task]:
+        """The tasks of one sweep, of `min_rows` rows at least (its corpus metrics' `task_rows`) where the spill
+        has enough rows for two such tasks per worker, else fewer rows: every worker still gets work."""
         from ..spill.chunk import read_sample_index
 
         seen = SampleSet()
         remaining = sum(record.rows for record in self.reader.chunks)
+        min_rows = min(min_rows, remaining // (2 * max(self.workers, 1)))
         for position, record in enumerate(self.reader.chunks):
             index = read_sample_index(self.reader.chunk_path(record), record, verify=self.reader.verify)
             keep = seen.first_occurrences(index)
             kept = None if keep is None else np.flatnonzero(keep)
             start = 0
             while start < record.rows:
-                stop = min(start + self.task_rows(remaining), record.rows)
+                stop = min(start + self.task_rows(remaining, min_rows), record.rows)
                 remaining -= stop - start
                 rows = None if kept is None else kept[(kept >= start) & (kept < stop)]
                 if rows is None or len(rows):
