@@ -127,6 +127,15 @@ def test_bench_scaling_quick(tmp_path):
     assert set(out["runs"]) == {"1", "2"} == set(out["ceiling"]) and (tmp_path / "scaling.png").stat().st_size > 0
     assert out["cider"]["before"] == pytest.approx(out["cider"]["after"], rel=1e-12)
     assert "2 workers: speed-up" in done.stdout
+    assert out["runs"]["2"]["metrics"]["bleu"]["busy_cores"] > 0 and "cores stolen" in done.stdout
     # each metric's prefix is the probe (2,000 tokens) or one doubling (4,000): a prefix ends with the first sample
     # that reaches its size, so it holds up to one answer (at most 30 tokens) more
     assert all(2000 <= spill["tokens"] < 4000 + 30 for spill in out["spills"].values())
+
+
+@pytest.mark.slow
+def test_trace_workers_quick():
+    command = [sys.executable, "tools/trace_workers.py", "--tokens", "2000", "--workers", "2", "distinct_n"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "workers busy in each 1/25 of the run" in done.stdout and "run_task" in done.stdout

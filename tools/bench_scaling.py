@@ -244,6 +244,15 @@ def plot(out: dict[str, Any], path: Path) -> None:
 
 def report(out: dict[str, Any]) -> str:
     counts = sorted(int(w) for w in out["runs"])
+    text = scaling_table(out, counts) if counts else ""
+    if out.get("cider"):
+        c = out["cider"]
+        text += (f"\n\nCIDEr on {c['samples']:,} samples, one process: before {c['before_s']:.2f} s, after "
+                 f"{c['after_s']:.2f} s: **{c['speedup']:.1f}x**; results {c['before']!r} / {c['after']!r}")
+    return text
+
+
+def scaling_table(out: dict[str, Any], counts: list[int]) -> str:
     rows = []
     for name in out["metrics"]:
         base = out["runs"][str(counts[0])]["metrics"][name]["seconds"]
@@ -263,12 +272,7 @@ def report(out: dict[str, Any]) -> str:
     rows.append(["pool start (s)", "", *[f"{out['runs'][str(w)]['pool_start_s']:.1f}" for w in counts], "", ""])
     header = ["metric", "samples", "1 worker", *[f"{w} workers: speed-up (efficiency)" for w in counts[1:]],
               "first-run extra, max (s)", f"at {counts[-1]} workers: cores busy, CPU s / 1 worker's, cores stolen"]
-    text = markdown_table(header, rows)
-    if out.get("cider"):
-        c = out["cider"]
-        text += (f"\n\nCIDEr on {c['samples']:,} samples, one process: before {c['before_s']:.2f} s, after "
-                 f"{c['after_s']:.2f} s: **{c['speedup']:.1f}x**; results {c['before']!r} / {c['after']!r}")
-    return text
+    return markdown_table(header, rows)
 
 
 def cpu_cell(alone: dict[str, Any], most: dict[str, Any]) -> str:
