@@ -7,13 +7,12 @@ entries, and a lookup only counts an entry whose text is equal).
 
 Writing buffers (hash, text, count) rows up to `buffer_rows`, then sorts them by (hash, text), sums equal keys and
 writes them as a run: one file of flat sections (hashes, counts, text offsets, text bytes) that readers
-memory-map (`run_file.py`). A count
-may be a row of several integers (counts of shape [rows, width]). Runs are merged by a streaming merge when there
-are more than `max_runs`, so memory holds a buffer, never the table. A count is the sum of the key's counts in
-every run, so runs may be written anywhere, in any order: a worker process writes its task's rows as runs
-(`write_runs`, uniquely named in a directory shared by the processes) and the parent adopts them
-(`NgramCountWriter.adopt`) without reading their rows. With several worker processes, the workers also merge
-them, one key range each (`run_partitions.py`), and the table is runs of disjoint key ranges.
+memory-map (`run_file.py`). A count may be a row of several integers (counts of shape [rows, width]). Runs are
+merged by a streaming merge when there are more than `max_runs`, so memory holds a buffer, never the table. A
+count is the sum of the key's counts in every run, so runs may be written anywhere, in any order: a worker process
+writes its task's rows as runs (`write_runs`, uniquely named in a directory shared by the processes) and the parent
+adopts them (`NgramCountWriter.adopt`) without reading their rows. With several worker processes, the workers also
+merge them, one key range each (`run_partitions.py`), and the table is runs of disjoint key ranges.
 
 The key need not be a hash: any uint64 whose order agrees with the texts' order where it differs (`prefix_keys`:
 the first 8 bytes) makes the merged run sorted by text, byte by byte, which is code point order.
