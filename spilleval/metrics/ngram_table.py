@@ -31,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .run_file import RunFileError, RunFileWriter, checked_offsets, map_run_file, run_file_rows, write_run_file
+from .run_file import (RunFileError, RunFileWriter, checked_offsets, count_width, map_run_file, run_file_rows,
+                       write_run_file)
 
 BUFFER_ROWS = 1 << 18  # rows buffered before they are sorted into a run (about 10 MB of n-grams)...
 BUFFER_BYTES = 2 << 20  # ... or fewer when texts are long: 2^18 answers of 200 bytes are 52 MB, and a buffer of
@@ -375,7 +376,7 @@ class NgramCountWriter:
         block_rows = [_block_rows(run, MERGE_ROUND_BYTES // len(opened)) for run in opened]
         cursor = [0] * len(opened)
         out = _new_run_path(self.directory)
-        width = max((run.counts.shape[1] if run.counts.ndim == 2 else 1) for run in opened)
+        width = max(count_width(run.counts) for run in opened)
         with RunFileWriter(out, max_rows=sum(len(run) for run in opened), width=width) as writer:
             while any(c < len(r) for c, r in zip(cursor, opened)):
                 stops = _round_stops(opened, cursor, block_rows)

@@ -6,10 +6,10 @@ One file and one mapping per run. A run used to be a directory of four files, ea
 resolves its path component by component): with 16 workers, every key-range merge opened every task's run, and
 those opens were 5 s of the 12 s that distinct_n's 16-worker plan spent on 2.56M tokens.
 
-Rows may be appended in rounds without knowing how many will come (a streaming merge): the writer reserves each
-section for `max_rows` rows and `max_text` bytes, writes each round at its section's cursor, and records the final
-sizes in the header when it closes. The unused reserve is a hole of a sparse file (ext4, xfs, btrfs, tmpfs), not
-disk; a run written in one go has none. A file whose writer did not close has no header (zeros) and is refused.
+Rows may be appended in rounds without knowing how many will come (a streaming merge): the writer reserves the
+hash, count and offset sections for `max_rows` rows (the texts come last and need no reserve), writes each round at
+its section's cursor, and records the final sizes in the header when it closes. The unused reserve is a hole of a
+sparse file (ext4, xfs, btrfs, tmpfs), not disk; a run written in one go has none. A file whose writer did not close has no header (zeros) and is refused.
 
 Reading checks the header against the file's size before mapping, and a stretch's first and last text offsets
 before Arrow reads them: a truncated or foreign file raises `RunFileError` instead of reading out of bounds.
@@ -17,6 +17,7 @@ before Arrow reads them: a truncated or foreign file raises `RunFileError` inste
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import struct
@@ -112,8 +113,8 @@ class RunFileWriter:
         _write_at(self._fd, offset_values[1:] - first + layout.text_bytes, layout.offsets_at + 8 * (layout.rows + 1))
         if last > first:
             _write_at(self._fd, memoryview(data)[first:last], layout.text_at + layout.text_bytes)
-        self._layout = Layout(layout.rows + rows, layout.width, layout.hashes_at, layout.counts_at,
-                              layout.offsets_at, layout.text_at, layout.text_bytes + last - first)
+        self._layout = dataclasses.replace(layout, rows=layout.rows + rows,
+                                           text_bytes=layout.text_bytes + last - first)
 
     def close(self) -> None:
         os.ftruncate(self._fd, self._layout.text_at + self._layout.text_bytes)
@@ -131,10 +132,14 @@ class RunFileWriter:
         self.path.unlink(missing_ok=True)
 
 
+def count_width(counts: np.ndarray) -> int:
+    """Integers per row of a run's counts: [rows] is 1, [rows, width] is width."""
+    return counts.shape[1] if np.ndim(counts) == 2 else 1
+
+
 def write_run_file(path: str | os.PathLike, hashes: np.ndarray, counts: np.ndarray, texts: pa.Array) -> None:
     """Sorted rows written as one new run file, no reserve."""
-    width = counts.shape[1] if np.ndim(counts) == 2 else 1
-    with RunFileWriter(path, max_rows=len(hashes), width=width) as writer:
+    with RunFileWriter(path, max_rows=len(hashes), width=count_width(counts)) as writer:
         writer.append(hashes, counts, texts)
 
 
