@@ -13,7 +13,7 @@ OLDEST_STAMP := $(OLDEST_VENV)/.installed
 OLDEST_PINS  := transformers==4.46.3 "tokenizers>=0.20,<0.21" accelerate==1.1.1 peft==0.13.2
 OLDEST_TESTS := tests/test_trainer.py tests/test_capture.py tests/test_compat_matrix.py tests/test_accounting.py \
                 tests/test_generation.py tests/test_generation_format.py tests/test_distributed.py tests/test_decode.py \
-                tests/test_loggers.py tests/test_history.py
+                tests/test_loggers.py tests/test_history.py tests/test_light_tokenizer.py
 
 .PHONY: demo test test-oldest
 

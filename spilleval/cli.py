@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from enum import Enum
@@ -111,8 +112,7 @@ def compute(
     bootstrap: int = typer.Option(
         DEFAULT_RESAMPLES, "--bootstrap", min=0, max=MAX_RESAMPLES, metavar="N",
         help="Bootstrap resamples for the 95% confidence intervals (0: none). Per-sample means use the analytic "
-             "standard error instead. The streaming metrics and their intervals then come from one pass in this "
-             "process (--workers runs the corpus metrics); --bootstrap 0 spreads every metric over the workers.",
+             "standard error instead. The replicates come from the metrics' own pass, on the same workers.",
     ),
     seed: int = typer.Option(DEFAULT_SEED, "--seed", metavar="N", help="Seed of the bootstrap weights."),
     workers: int | None = typer.Option(
@@ -127,7 +127,7 @@ def compute(
 ) -> None:
     """Recompute metrics from the directory alone (tokenizer and metric settings are read from it), with 95%
     confidence intervals."""
-    from .intervals import compute_with_intervals, confidence_intervals
+    from .intervals import compute_with_intervals
     from .metrics import compute_from_spill
     from .metrics.names import parse_metrics, scale_of
     from .metrics.parallel import usable_cores
@@ -139,24 +139,21 @@ def compute(
     specs = parse_metrics(metrics, metrics_file)
     progress = wanted(quiet) and not as_json
     intervals = {}
-    if bootstrap and dask is None:  # one pass: the streaming metrics' states are sums of per-sample states
-        reader = SpillReader(spill_dir, allow_partial=allow_partial)
-        results, report = compute_with_intervals(reader, specs, resamples=bootstrap, seed=seed, progress=progress,
-                                                 corpus_workers=workers)
-        intervals = report.to_json()
-    elif dask is not None:
-        from .metrics.cluster import DaskExecutor
+    with contextlib.ExitStack() as stack:
+        executor = None
+        if dask is not None:
+            from .metrics.cluster import DaskExecutor
 
-        with DaskExecutor(dask, local_workers=workers or usable_cores()) as executor:
-            results = compute_from_spill(spill_dir, specs, allow_partial=allow_partial, progress=progress,
-                                         executor=executor, workers=executor.workers)
-        if bootstrap:  # the interval pass runs here, in one process
+            executor = stack.enter_context(DaskExecutor(dask, local_workers=workers or usable_cores()))
+            workers = executor.workers
+        if bootstrap:  # one sweep: the metrics, and the replicates of the streaming metrics' per-sample states
             reader = SpillReader(spill_dir, allow_partial=allow_partial)
-            intervals = confidence_intervals(reader, specs, results=results, resamples=bootstrap, seed=seed,
-                                             progress=progress).to_json()
-    else:
-        results = compute_from_spill(spill_dir, specs, allow_partial=allow_partial, progress=progress,
-                                     workers=workers)
+            results, report = compute_with_intervals(reader, specs, resamples=bootstrap, seed=seed, progress=progress,
+                                                     workers=workers, executor=executor)
+            intervals = report.to_json()
+        else:
+            results = compute_from_spill(spill_dir, specs, allow_partial=allow_partial, progress=progress,
+                                         workers=workers, executor=executor)
     partial_note = None
     if allow_partial:
         completeness = SpillReader(spill_dir, allow_partial=True).completeness()

@@ -42,7 +42,7 @@ def batch_decoder(tokenizer: Any) -> Decoder:
     backend = _rust_backend(tokenizer)
     if backend is None:
         return lambda rows: tokenizer.batch_decode(rows, skip_special_tokens=True)
-    clean_up = tokenizer.clean_up_tokenization if tokenizer.clean_up_tokenization_spaces else None
+    clean_up = tokenizer.clean_up_tokenization if getattr(tokenizer, "clean_up_tokenization_spaces", False) else None
 
     def decode(rows: list[list[int]]) -> list[str]:
         texts = backend.decode_batch(rows, skip_special_tokens=True)
@@ -53,6 +53,10 @@ def batch_decoder(tokenizer: Any) -> Decoder:
 
 def _rust_backend(tokenizer: Any) -> Any:
     """The `tokenizers.Tokenizer` whose `decode_batch` equals the tokenizer's `batch_decode`, or None."""
+    from .spill.light_tokenizer import LightTokenizer
+
+    if isinstance(tokenizer, LightTokenizer):  # loaded only where it is that (no clean-up): transformers not needed
+        return tokenizer.backend
     try:
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast

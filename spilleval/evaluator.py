@@ -397,7 +397,8 @@ class Evaluator:
             return {}
         try:
             report = confidence_intervals(reader, self.suite.specs(), results=results,
-                                          resamples=self.confidence_resamples, seed=self.confidence_seed)
+                                          resamples=self.confidence_resamples, seed=self.confidence_seed,
+                                          workers=self.corpus_workers)
         except Exception as e:  # noqa: BLE001 - see the docstring
             warnings.warn(f"spilleval: no confidence intervals for this evaluation ({type(e).__name__}: {e}); the "
                           f"metrics are written. Recompute them with `spilleval compute {self.spill_dir}`.",

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from spilleval.cli import app
 from spilleval.intervals import confidence_intervals
 from spilleval.intervals.estimate import replicate_pass
-from spilleval.intervals.weights import check_resamples, coin_flips, poisson_weights
+from spilleval.intervals.weights import DrawnWeights, check_resamples, coin_flips, poisson_weights
 from spilleval.spill import SpillReader
 
 REFS = {"references_column": "references"}
@@ -94,7 +94,7 @@ def test_bootstrap_replicates_equal_the_metric_on_the_resampled_corpus_in_memory
         samples = make_class_samples()
         spill = write_samples(tmp_path / "classes", samples, chunk_rows=11)
     resamples, seed = 6, 11
-    gathered = replicate_pass(SpillReader(spill), specs, lambda i: poisson_weights(seed, i, resamples), resamples)
+    gathered = replicate_pass(SpillReader(spill), specs, DrawnWeights("poisson", seed, resamples))
     weights = poisson_weights(seed, np.arange(len(samples)), resamples)
     replicate_values = {name: r.values() for name, r in gathered.replicates.items()}
     assert set(replicate_values) == {m["name"] if isinstance(m, dict) else m for m in specs}

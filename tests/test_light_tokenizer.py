@@ -3,6 +3,8 @@ transformers does (no torch import), and print stored text without terminal cont
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -46,6 +48,49 @@ def test_a_tokenizer_that_cleans_up_spaces_is_left_to_transformers(tokenizer, tm
     cleaning = type(tokenizer).from_pretrained(str(tmp_path / "plain"), clean_up_tokenization_spaces=True)
     cleaning.save_pretrained(str(tmp_path / "cleaning"))
     assert load_light_tokenizer(tmp_path / "cleaning") is None
+
+
+def test_special_tokens_out_of_step_with_tokenizer_json_are_left_to_transformers(tokenizer, tmp_path):
+    """The configuration names <image> a special token, tokenizer.json does not: transformers marks it special on
+    load and drops it when skipping special tokens, the Rust tokenizer alone would keep it."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(str(tmp_path / "plain"))
+    shutil.copytree(tmp_path / "plain", tmp_path / "odd")
+    data = json.loads((tmp_path / "plain" / "tokenizer.json").read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<image>"]
+    (tmp_path / "odd" / "tokenizer.json").write_text(json.dumps(data))
+    assert load_light_tokenizer(tmp_path / "plain") is not None
+    assert load_light_tokenizer(tmp_path / "odd") is None
+    full = AutoTokenizer.from_pretrained(str(tmp_path / "odd"))
+    ids = [full.convert_tokens_to_ids("<image>"), *range(10, 14)]
+    raw = Tokenizer.from_file(str(tmp_path / "odd" / "tokenizer.json"))
+    assert full.decode(ids, skip_special_tokens=True) != raw.decode(ids, skip_special_tokens=True)  # the case is real
+
+
+def test_a_parallel_compute_imports_torch_nowhere(spill):
+    """The parent of a parallel `compute` does not load the tokenizer (its workers do, and check it), and the
+    workers decode with the light tokenizer: neither imports torch or transformers (2 s each, before any work)."""
+    code = textwrap.dedent(f"""
+        import sys
+        from spilleval.metrics import compute_from_spill
+        from spilleval.metrics.parallel import local_executor, shutdown
+
+        if __name__ == "__main__":
+            pool = local_executor(2)
+            print(compute_from_spill({str(spill)!r}, ["text_match", "wer"], executor=pool, workers=2))
+            probe = "sorted(m for m in ('torch', 'transformers') if m in __import__('sys').modules)"
+            workers = {{str(r) for r in pool.map(eval, [probe] * 8)}}
+            shutdown(pool)
+            parent = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+            print("parent:", parent, "workers:", sorted(workers), file=sys.stderr)
+    """)
+    script = spill.parent / "parallel_imports.py"
+    script.write_text(code)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "parent: [] workers: ['[]']" in done.stderr and "exact_match_accuracy" in done.stdout
 
 
 def test_show_imports_neither_torch_nor_transformers(spill):

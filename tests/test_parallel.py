@@ -168,3 +168,28 @@ def _failing_after(ordered, count):
         finally:
             results.close()
     return wrapped
+
+
+def test_the_interval_pass_runs_in_the_workers_with_the_bits_of_one(spill, monkeypatch):
+    """`spilleval compute`'s default (bootstrap intervals): the replicates are added up by the same workers' tasks,
+    cut inside chunks, and give the same metrics and intervals as one process, and the same metrics as the plain
+    recompute; the paired test of two spills too."""
+    from spilleval.intervals import compute_with_intervals, confidence_intervals
+    from spilleval.intervals.paired import paired_test
+
+    monkeypatch.setattr(parallel, "MIN_TASK_ROWS", 2)
+    monkeypatch.setattr(MapMergeMetric, "task_rows", 2)
+    reader = SpillReader(spill)
+    one_results, one_report = compute_with_intervals(reader, resamples=40, seed=5, workers=1)
+    assert same(one_results, compute_from_spill(spill, workers=1))
+    assert len(one_report.intervals) > 20 and "bleu" in one_report.intervals and "wer" in one_report.intervals
+    for workers in (2, 3):
+        results, report = compute_with_intervals(reader, resamples=40, seed=5, workers=workers)
+        assert same(results, one_results) and report.to_json() == one_report.to_json(), workers
+        assert report.skipped == one_report.skipped
+    alone = confidence_intervals(reader, results=one_results, resamples=40, seed=5, workers=3)
+    assert alone.to_json() == one_report.to_json()
+    paired = [json.dumps({k: r.to_json() for k, r in paired_test(reader, reader, test=test, trials=30, seed=2,
+                                                                 workers=w).results.items()})  # NaN == NaN here
+              for test in ("bootstrap", "randomization") for w in (1, 2)]
+    assert paired[0] == paired[1] and paired[2] == paired[3] and len(json.loads(paired[0])) > 20

@@ -465,6 +465,9 @@ def test_tokenizer_with_another_vocabulary(tmp_path, monkeypatch, capsys):
     evaluator.update(logits, labels)
     evaluator.finalize()
     workload.TOKENIZER.save_pretrained(str(spill / TOKENIZER_DIR))  # someone copies in the wrong tokenizer
+    for workers in (1, 2):  # checked in the parent, or in the workers that load it (the parent does not)
+        with pytest.raises(TokenizerMismatchError, match="is not the tokenizer of this model"):
+            compute_from_spill(spill, ["text_match"], workers=workers)
     code, _, err = cli(monkeypatch, capsys, "compute", spill, "--metrics", "text_match")
     assert code == 2 and "is not the tokenizer of this model" in err and err.count("\n") == 1
 

@@ -120,10 +120,12 @@ def test_bench_intervals_quick(tmp_path):
 def test_bench_scaling_quick(tmp_path):
     command = [sys.executable, "tools/bench_scaling.py", "--seconds", "0.1", "--probe-tokens", "2000", "--max-tokens",
                "4000", "--workers", "1", "2", "--metrics", "bleu", "cider", "--cider-tokens", "2000", "--ceiling-seconds",
-               "0.2", "--out", str(tmp_path)]
+               "0.2", "--intervals", "20", "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads((tmp_path / "scaling.json").read_text())
+    assert out["runs"]["2"]["metrics"]["bleu"]["intervals"]["intervals"]["bleu"]["method"] == "bootstrap"
+    assert "bleu with intervals (20 replicates)" in done.stdout
     assert set(out["runs"]) == {"1", "2"} == set(out["ceiling"]) and (tmp_path / "scaling.png").stat().st_size > 0
     assert out["cider"]["before"] == pytest.approx(out["cider"]["after"], rel=1e-12)
     assert "2 workers: speed-up" in done.stdout

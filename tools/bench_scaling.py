@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench_scaling.py                  # each metric ~8 s on 1 worker, workers up to the cores
     .venv/bin/python tools/bench_scaling.py --seconds 1 --workers 1 2 --cider-tokens 20000   # a quick look
+    .venv/bin/python tools/bench_scaling.py --intervals 1000   # also `spilleval compute`'s default, with intervals
 
 The spills are bench_compute's caption spill (`CaptionData`: a real word-level tokenizer saved in the spill, 5-30
 word answers, 1-5 references per sample in a "references" column), one prefix of it per metric: its rate on a
@@ -50,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import machine_info, markdown_table  # noqa: E402
 from bench_compute import CLASS_WORDS, PrefixSpills, caption_tokenizer, metric_specs  # noqa: E402
 
+from spilleval.intervals import compute_with_intervals  # noqa: E402
 from spilleval.metrics import compute_from_spill  # noqa: E402
 from spilleval.metrics.inputs import references_of  # noqa: E402
 from spilleval.metrics.ondisk import ScratchStore  # noqa: E402
@@ -62,7 +64,7 @@ TEXT_METRICS = ["text_match", "bleu", "chrf", "ter", "rouge", "squad", "wer", "c
 
 
 def time_metrics(spill_of: dict[str, Path], specs: dict[str, dict[str, Any]], workers: int, repeats: int,
-                 warm_up_spill: Path) -> dict[str, Any]:
+                 warm_up_spill: Path, resamples: int = 0) -> dict[str, Any]:
     warm_up = {"name": "text_match", "params": {}}
     start = time.perf_counter()
     pool = local_executor(workers)
@@ -80,9 +82,27 @@ def time_metrics(spill_of: dict[str, Path], specs: dict[str, dict[str, Any]], wo
             out["metrics"][name] = {"seconds": times[best], "first_run_s": times[0], "result": result, **cpu[best]}
             print(f"  workers {workers:2d}  {name:16s} {times[best]:8.2f} s  (first run {times[0]:.2f} s; "
                   f"{cpu[best]['busy_cores']:.1f} cores busy, {cpu[best]['steal_cores']:.2f} stolen)", flush=True)
+            if resamples:
+                out["metrics"][name]["intervals"] = time_intervals(spill_of[name], specs[name], pool, workers,
+                                                                   repeats, resamples)
         return out
     finally:
         shutdown(pool)
+
+
+def time_intervals(spill: Path, spec: dict[str, Any], pool: Any, workers: int, repeats: int,
+                   resamples: int) -> dict[str, Any]:
+    """`spilleval compute`'s default: the metric and its bootstrap intervals (`resamples` replicates), one sweep
+    on the same pool; best of `repeats`."""
+    times, result = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result, report = compute_with_intervals(SpillReader(spill), [spec], resamples=resamples, executor=pool,
+                                                workers=workers)
+        times.append(time.perf_counter() - t)
+    print(f"  workers {workers:2d}  {spec['name']:16s} {min(times):8.2f} s with {resamples:,} bootstrap replicates",
+          flush=True)
+    return {"seconds": min(times), "result": result, "intervals": report.to_json()}
 
 
 def cores_used(before: Any, after: Any, wall: float) -> dict[str, float]:
@@ -270,6 +290,13 @@ def scaling_table(out: dict[str, Any], counts: list[int]) -> str:
                      *[f"{w * alone / out['ceiling'][str(w)]:.2f} ({alone / out['ceiling'][str(w)]:.2f})"
                        for w in counts[1:]], "", ""])
     rows.append(["pool start (s)", "", *[f"{out['runs'][str(w)]['pool_start_s']:.1f}" for w in counts], "", ""])
+    for name in out["metrics"]:
+        runs = [out["runs"][str(w)]["metrics"][name].get("intervals") for w in counts]
+        if runs[0] is not None:
+            base = runs[0]["seconds"]
+            rows.append([f"{name} with intervals ({out['resamples']:,} replicates)", "", f"{base:.2f} s",
+                         *[f"{base / r['seconds']:.2f} ({base / r['seconds'] / w:.2f})"
+                           for w, r in zip(counts[1:], runs[1:])], "", ""])
     header = ["metric", "samples", "1 worker", *[f"{w} workers: speed-up (efficiency)" for w in counts[1:]],
               "first-run extra, max (s)", f"at {counts[-1]} workers: cores busy, CPU s / 1 worker's, cores stolen"]
     return markdown_table(header, rows)
@@ -294,6 +321,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-scaling"))
     parser.add_argument("--ceiling-seconds", type=float, default=3.0,
                         help="the machine-ceiling loop's length alone (0: skip)")
+    parser.add_argument("--intervals", type=int, default=0, metavar="N",
+                        help="also time each metric with N bootstrap replicates, `spilleval compute`'s default "
+                             "(compute_with_intervals; 0: skip)")
     parser.add_argument("--tokenizer-threads", action="store_true",
                         help="the in-process run (1 worker, the probe, CIDEr before/after) decodes on every core")
     args = parser.parse_args()
@@ -311,7 +341,7 @@ def main() -> None:
     try:
         out: dict[str, Any] = {"machine": machine_info(), "usable_cores": cores, "seconds": args.seconds,
                                "repeats": args.repeats, "metrics": list(specs), "runs": {},
-                               "tokenizer_threads_in_process": args.tokenizer_threads}
+                               "tokenizer_threads_in_process": args.tokenizer_threads, "resamples": args.intervals}
         if args.cider_tokens:
             out["cider"] = cider_before_after(spills, args.cider_tokens, all_specs["cider"], args.repeats)
             print(f"cider before/after: {out['cider']}", flush=True)
@@ -323,11 +353,15 @@ def main() -> None:
         out["spills"] = {name: {"tokens": s.tokens, "samples": s.samples} for name, s in spill_of.items()}
         paths = {name: s.path for name, s in spill_of.items()}
         for w in counts:
-            out["runs"][str(w)] = time_metrics(paths, specs, w, args.repeats, spills.get(args.probe_tokens).path)
+            out["runs"][str(w)] = time_metrics(paths, specs, w, args.repeats, spills.get(args.probe_tokens).path,
+                                               args.intervals)
             (args.out / "scaling.json").write_text(json.dumps(out, indent=1))  # kept if a later count is cut off
         for name in specs:  # the same bits for every worker count
             results = {json.dumps(out["runs"][str(w)]["metrics"][name]["result"]) for w in counts}
             assert len(results) == 1, (name, results)
+            with_intervals = {json.dumps({k: v for k, v in (out["runs"][str(w)]["metrics"][name].get("intervals")
+                                                           or {}).items() if k != "seconds"}) for w in counts}
+            assert len(with_intervals) == 1, (name, with_intervals)
         (args.out / "scaling.json").write_text(json.dumps(out, indent=1))
         plot(out, args.out / "scaling.png")
         print(report(out))

@@ -23,7 +23,7 @@ from ..metrics.runner import MetricSpec
 from .bounds import DEFAULT_LEVEL
 from .estimate import DEFAULT_RESAMPLES, DEFAULT_SEED, replicate_pass
 from .replicates import MetricReplicates
-from .weights import coin_flips, poisson_weights
+from .weights import DrawnWeights
 
 TESTS = ("bootstrap", "randomization")
 
@@ -68,18 +68,16 @@ def paired_test(
     seed: int = DEFAULT_SEED,
     level: float = DEFAULT_LEVEL,
     progress: bool = False,
+    workers: int | None = 1,
 ) -> PairedReport:
     """Paired significance of B − A for every streaming metric output of A's recorded metrics (or `metrics`).
     The spills must hold the same samples (the caller checks: `spilleval diff` does)."""
     if test not in TESTS:
         raise ValueError(f"test must be one of {', '.join(TESTS)}, not {test!r}")
-    draw = poisson_weights if test == "bootstrap" else coin_flips
     specs = list(metrics) if metrics is not None else reader_a.manifest.metrics
-
-    def weights(index: np.ndarray) -> np.ndarray:  # row 0: every sample once (the observed systems)
-        return np.vstack([np.ones((1, len(index)), np.uint8), draw(seed, index, trials).astype(np.uint8)])
-
-    passes = [replicate_pass(r, specs, weights, trials + 1, progress=progress) for r in (reader_a, reader_b)]
+    # row 0: every sample once (the observed systems)
+    weights = DrawnWeights("poisson" if test == "bootstrap" else "coin", seed, trials, observed_row=True)
+    passes = [replicate_pass(r, specs, weights, progress=progress, workers=workers) for r in (reader_a, reader_b)]
     results: dict[str, PairedResult] = {}
     skipped = {**passes[0].skipped, **passes[1].skipped}
     for name, replicates_a in passes[0].replicates.items():

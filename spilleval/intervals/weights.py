@@ -13,6 +13,7 @@ randomization uses fair coin flips.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -65,3 +66,31 @@ def poisson_weights(seed: int, sample_index: np.ndarray, resamples: int) -> np.n
 def coin_flips(seed: int, sample_index: np.ndarray, trials: int) -> np.ndarray:
     """(trials, n) bool: in each approximate-randomization trial, whether a sample's two systems swap outputs."""
     return (_hashes(seed, _RANDOMIZATION_SALT, sample_index, trials) >> np.uint64(63)).astype(bool)
+
+
+DRAWS = {"poisson": poisson_weights, "coin": coin_flips}
+
+
+@dataclass(frozen=True)
+class DrawnWeights:
+    """index (n,) -> (rows, n) uint8 weights of `trials` replicates: Poisson(1) draws (the bootstrap) or coin flips
+    (approximate randomization), keyed by (seed, dataset index); `observed_row`: a first row of ones, every sample
+    once (the observed system, which the paired tests compare with). A value, not a closure: the workers of a
+    parallel pass draw the weights of their own samples."""
+
+    draw: str
+    seed: int
+    trials: int
+    observed_row: bool = False
+
+    def __post_init__(self) -> None:
+        if self.draw not in DRAWS:
+            raise ValueError(f"draw must be one of {', '.join(DRAWS)}, not {self.draw!r}")
+
+    @property
+    def rows(self) -> int:
+        return self.trials + int(self.observed_row)
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        drawn = DRAWS[self.draw](self.seed, index, self.trials).astype(np.uint8)
+        return np.vstack([np.ones((1, len(index)), np.uint8), drawn]) if self.observed_row else drawn

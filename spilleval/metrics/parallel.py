@@ -32,12 +32,14 @@ import numpy as np
 import pyarrow as pa
 
 from ..batch import SampleBatch
+from ..decode import decode_batch
 from ..sampleset import SampleSet
 from .base import CorpusMetric, Metric, State
 from ..progress import sample_bar
 from .mapmerge import MapMergeMetric
 
 if TYPE_CHECKING:
+    from ..intervals.tally import ReplicatePass
     from ..spill import SpillReader
     from .runner import MetricSuite
 
@@ -80,19 +82,31 @@ class Sweep:
     reads: dict[str, Any] = field(default_factory=dict)
     local_suite: Any = None  # in-process only: copies of the parent's metric objects, used instead of the specs
     local_reader: Any = None  # in-process only: the parent's reader (its tokenizer is loaded already)
+    replicates: Any = None  # a ReplicateRequest (`intervals.tally`): the streaming metrics' replicates too
+
+
+@dataclass
+class TaskResult:
+    """What a task sends back: the streaming metrics' states, each corpus metric's partials for its rows, and the
+    replicates' partial when the sweep asked for them."""
+
+    states: list[State]
+    partials: list[Any]
+    replicates: Any = None
 
 
 # ----------------------------------------------------------------------------------------------- the worker side
 _WORKER: dict[str, Any] = {}  # per process: readers and suites by sweep, the last chunk read
 
 
-def run_task(sweep: Sweep, task: Task) -> tuple[list[State], list[Any]]:
+def run_task(sweep: Sweep, task: Task) -> TaskResult:
     """Streaming states and corpus partials of one task's rows (in a worker, or in-process)."""
     from .runner import check_batch_inputs
 
     reader = _reader(sweep)
     suite = _suite(sweep, reader)
     suite.reset()
+    tally = sweep.replicates.tally(suite) if sweep.streaming and sweep.replicates is not None else None
     partials: list[list[Any]] = [[] for _ in sweep.passes]
     metrics = [suite.metrics[position] for position, _, _ in sweep.passes]
     checked = False
@@ -100,14 +114,17 @@ def run_task(sweep: Sweep, task: Task) -> tuple[list[State], list[Any]]:
         if not checked and sweep.streaming:  # corpus metrics name what they miss themselves
             check_batch_inputs(suite.streaming, batch)
             checked = True
-        if sweep.streaming:
+        if tally is not None:
+            tally.update(batch)
+        elif sweep.streaming:
             suite.update_streaming(batch)
         for i, (metric, (_, pass_index, context)) in enumerate(zip(metrics, sweep.passes)):
             partials[i].append(metric.map(pass_index, batch, context))
     reduced = [metric.reduce_task(pass_index, task_partials, context)
                for metric, (_, pass_index, context), task_partials in zip(metrics, sweep.passes, partials)]
+    replicates = tally.partial() if tally is not None else None  # first: it completes the metrics' states
     give_back_arrow_memory()
-    return (suite.states() if sweep.streaming else []), reduced
+    return TaskResult(suite.states() if sweep.streaming else [], reduced, replicates)
 
 
 def give_back_arrow_memory() -> None:
@@ -139,7 +156,8 @@ def _suite(sweep: Sweep, reader: "SpillReader") -> "MetricSuite":
         for module in sweep.modules:
             importlib.import_module(module)
         suite = MetricSuite(list(sweep.specs))
-        suite.tokenizer = reader.require_tokenizer() if suite.needs_text else None
+        # checked against the vocabulary here (the parent does not load it); light: no torch import in a worker
+        suite.tokenizer = reader.require_tokenizer(light=True) if suite.needs_text else None
         _WORKER[key] = suite
     return _WORKER[key]
 
@@ -159,10 +177,11 @@ def _task_batches(reader: "SpillReader", sweep: Sweep, task: Task) -> Iterator[S
     rows = cached[1].slice(task.start, task.stop).to_batch()
     if task.keep is not None:
         rows = rows.take(task.keep - task.start)
-    decode = any(m.needs_text for m in _suite(sweep, reader).metrics)
+    suite = _suite(sweep, reader)
+    decode = any(m.needs_text for m in suite.metrics)
     for start in range(0, len(rows), sweep.batch_size):
         batch = rows.slice(start, min(start + sweep.batch_size, len(rows)))
-        yield reader.decode(batch) if decode else batch
+        yield decode_batch(batch, suite.tokenizer) if decode else batch
 
 
 # ----------------------------------------------------------------------------------------------- the parent side
@@ -217,8 +236,10 @@ class TaskPool:
 
 
 def compute_in_parallel(reader: "SpillReader", suite: "MetricSuite", *, executor: Executor, workers: int,
-                        batch_size: int = 4096, progress: bool = False) -> dict[str, float]:
-    """Every metric of `suite` over the spill (streaming and corpus), tasks run by `executor`."""
+                        batch_size: int = 4096, progress: bool = False,
+                        replicates: "ReplicatePass | None" = None) -> dict[str, float]:
+    """Every metric of `suite` over the spill (streaming and corpus), tasks run by `executor`. `replicates`: the
+    first sweep also gathers the streaming metrics' bootstrap replicates into it (`intervals.tally`)."""
     from .runner import merge_results
 
     suite.reset()
@@ -235,17 +256,20 @@ def compute_in_parallel(reader: "SpillReader", suite: "MetricSuite", *, executor
             taking_part = [(suite.metrics.index(m), m) for m in corpus if m.passes > sweep_index]
             sweep = _sweep(reader, suite, streaming=sweep_index == 0 and bool(suite.streaming),
                            passes=tuple((pos, sweep_index, m.context(sweep_index)) for pos, m in taking_part),
-                           batch_size=batch_size, local_suite=local)
+                           batch_size=batch_size, local_suite=local,
+                           replicates=replicates.request if replicates is not None else None)
             names = [m.name for m in suite.streaming] if sweep.streaming else []
             names += [m.name for _, m in taking_part]
             label = ", ".join(names) + (f" (pass {sweep_index + 1})" if sweep_index else "")
             tasks = planner.tasks(min_rows=min_task_rows(m for _, m in taking_part))
             with sample_bar(reader.num_rows, label, enabled=progress) as advance, \
                     contextlib.closing(_ordered(executor, sweep, tasks, workers)) as results:
-                for task, (states, partials) in results:
+                for task, result in results:
                     if sweep.streaming:
-                        suite.merge(states)
-                    for (_, metric), metric_partials in zip(taking_part, partials):
+                        suite.merge(result.states)
+                        if result.replicates is not None:
+                            replicates.merge(result.replicates)
+                    for (_, metric), metric_partials in zip(taking_part, result.partials):
                         for partial in metric_partials:
                             metric.merge(sweep_index, partial)
                     give_back_arrow_memory()  # the merges' buffers (runs merged here), as a worker does its task's
@@ -281,7 +305,7 @@ def _local_copy(suite: "MetricSuite") -> "MetricSuite":
 
 
 def _sweep(reader: "SpillReader", suite: "MetricSuite", *, streaming: bool, passes: tuple, batch_size: int,
-           local_suite: "MetricSuite | None") -> Sweep:
+           local_suite: "MetricSuite | None", replicates: Any) -> Sweep:
     taking_part: list[Metric] = [suite.metrics[pos] for pos, _, _ in passes]
     if streaming:
         taking_part += suite.streaming
@@ -291,14 +315,15 @@ def _sweep(reader: "SpillReader", suite: "MetricSuite", *, streaming: bool, pass
         specs=tuple(m.spec() for m in suite.metrics),
         modules=tuple(sorted({type(m).__module__ for m in suite.metrics} - {"__main__", "__mp_main__"})),
         streaming=streaming, passes=passes, batch_size=min([batch_size, *sizes]), local_suite=local_suite,
-        local_reader=reader if local_suite is not None else None,
+        local_reader=reader if local_suite is not None else None, replicates=replicates if streaming else None,
         reads={"columns": sorted({c for m in taking_part for c in m.needs_columns}),
                "with_arrays": any(m.needs_arrays for m in taking_part),
                "with_logprob": any(m.needs_logprob for m in taking_part)},
     )
 
 
-def _ordered(executor: Executor, sweep: Sweep, tasks: Iterable[Task], workers: int) -> Iterator[tuple[Task, Any]]:
+def _ordered(executor: Executor, sweep: Sweep, tasks: Iterable[Task], workers: int
+             ) -> Iterator[tuple[Task, TaskResult]]:
     """(task, result of `run_task`) in task order, with at most 2 x workers tasks in flight. Tasks are planned as
     they are submitted: the workers start while the parent still reads the later chunks' sample indexes. Closed
     early (an error), it cancels the tasks in flight and waits for those already running: they may be writing into
@@ -365,6 +390,20 @@ class TaskPlanner:
                 if rows is None or len(rows):
                     yield Task(position, start, stop, rows)
                 start = stop
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int | None, executor: Executor | None = None) -> Iterator[tuple[Executor, int]]:
+    """(executor, workers): `executor` as given (a Dask client...), or a local pool of `workers` processes (None:
+    every usable core) that is shut down on leaving."""
+    if executor is not None:
+        yield executor, workers or 1
+        return
+    pool, count = default_executor(workers)
+    try:
+        yield pool, count
+    finally:
+        shutdown(pool)
 
 
 def default_executor(workers: int | None) -> tuple[Executor, int]:

@@ -54,6 +54,15 @@ class MetricSuite:
 
     def check(self, *, has_logprob: bool, vocab_size: int | None = None, task: str | None = None) -> None:
         """Fail before evaluating when a metric cannot be served."""
+        self.check_inputs(has_logprob=has_logprob, task=task)
+        if self.needs_text and self.tokenizer is None:
+            names = ", ".join(m.name for m in self.metrics if m.needs_text)
+            raise MetricConfigError(f"metric(s) {names} decode text and need a tokenizer: pass tokenizer=...")
+        if self.needs_text and vocab_size is not None:
+            check_tokenizer_vocab(self.tokenizer, vocab_size)
+
+    def check_inputs(self, *, has_logprob: bool, task: str | None = None) -> None:
+        """`check` without the tokenizer: what the ids, log-probabilities and task must offer."""
         if task == GENERATION_TASK and any(m.needs_aligned_ids for m in self.metrics):
             names = ", ".join(m.name for m in self.metrics if m.needs_aligned_ids)
             raise MetricConfigError(
@@ -61,11 +70,6 @@ class MetricSuite:
                 "with text metrics (bleu, rouge, cider, squad, answer_macro_f1, ...) and keep token metrics for the "
                 "teacher-forced evaluation."
             )
-        if self.needs_text and self.tokenizer is None:
-            names = ", ".join(m.name for m in self.metrics if m.needs_text)
-            raise MetricConfigError(f"metric(s) {names} decode text and need a tokenizer: pass tokenizer=...")
-        if self.needs_text and vocab_size is not None:
-            check_tokenizer_vocab(self.tokenizer, vocab_size)
         if self.needs_logprob and not has_logprob:
             names = ", ".join(m.name for m in self.metrics if m.needs_logprob)
             raise MetricConfigError(f"metric(s) {names} need label log-probabilities: evaluate with keep_logprob=True")
@@ -106,14 +110,12 @@ class MetricSuite:
 
     def compute_corpus(self, reader: Any, *, workers: int = 1) -> dict[str, float]:
         """The corpus metrics over the spill, their passes in `workers` processes (`parallel.py`)."""
-        from .parallel import compute_in_parallel, default_executor, shutdown
+        from .parallel import InlineExecutor, compute_in_parallel, worker_pool
 
-        corpus = MetricSuite(self.corpus, tokenizer=_tokenizer_for(self.corpus, reader))
-        executor, workers = default_executor(workers)
-        try:
-            results = compute_in_parallel(reader, corpus, executor=executor, workers=workers)
-        finally:
-            shutdown(executor)
+        with worker_pool(workers) as (executor, count):
+            in_process = isinstance(executor, InlineExecutor)  # else the workers load the tokenizer
+            corpus = MetricSuite(self.corpus, tokenizer=_tokenizer_for(self.corpus, reader) if in_process else None)
+            results = compute_in_parallel(reader, corpus, executor=executor, workers=count)
         self._owner.update(corpus._owner)
         return results
 
@@ -170,31 +172,31 @@ def compute_from_spill(
     for any number. `executor`: run the tasks elsewhere instead (anything with `submit`, e.g. a Dask client), with
     `workers` the number of tasks to keep in flight per worker pair."""
     from ..spill import SpillReader
-    from .parallel import compute_in_parallel, default_executor, shutdown
+    from .parallel import InlineExecutor, compute_in_parallel, worker_pool
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
-    suite = suite_for_spill(reader, metrics)
-    owned = executor is None
-    if owned:
-        executor, workers = default_executor(workers)
-    try:
-        results = compute_in_parallel(reader, suite, executor=executor, workers=workers or 1, batch_size=batch_size,
+    with worker_pool(workers, executor) as (pool, count):
+        # where workers decode, each loads the tokenizer and checks it: the parent does not wait for it
+        suite = suite_for_spill(reader, metrics, load_tokenizer=isinstance(pool, InlineExecutor))
+        results = compute_in_parallel(reader, suite, executor=pool, workers=count, batch_size=batch_size,
                                       progress=progress)
-    finally:
-        if owned:
-            shutdown(executor)
     return suite.in_order(results)
 
 
-def suite_for_spill(reader: Any, metrics: Iterable[MetricSpec] | None = None) -> MetricSuite:
-    """The metrics to recompute from a spill (default: those it recorded), checked against what it holds."""
+def suite_for_spill(reader: Any, metrics: Iterable[MetricSpec] | None = None, *,
+                    load_tokenizer: bool = True) -> MetricSuite:
+    """The metrics to recompute from a spill (default: those it recorded), checked against what it holds.
+
+    `load_tokenizer=False`: the spill is only checked to have one (for a parent whose workers decode: loading it
+    took 30-100 ms of every parallel `compute` with the workers idle, and the first load imports torch, 2 s)."""
     recorded = reader.manifest.metrics
     specs = _with_recorded_params(metrics, recorded) if metrics is not None else recorded
-    suite = MetricSuite(specs, tokenizer=reader.tokenizer if _any_text(specs) else None)
+    suite = MetricSuite(specs)
+    suite.check_inputs(has_logprob=reader.manifest.has_logprob, task=reader.manifest.task)
     if suite.needs_text:
-        reader.require_tokenizer()
-    suite.check(has_logprob=reader.manifest.has_logprob, vocab_size=reader.manifest.vocab_size,
-                task=reader.manifest.task)
+        reader.check_has_tokenizer()
+        if load_tokenizer:  # a suite only decodes with it: light, no torch import where it decodes the same
+            suite.tokenizer = reader.require_tokenizer(light=True)
     return suite
 
 
@@ -202,10 +204,6 @@ def _with_recorded_params(names: Iterable[MetricSpec], recorded: list[dict[str, 
     """A metric named by name alone (`--metrics f1`) takes the parameters it was evaluated with (labels, columns)."""
     by_name = {spec["name"]: spec for spec in recorded}
     return [by_name.get(m, m) if isinstance(m, str) else m for m in names]
-
-
-def _any_text(specs: list[MetricSpec]) -> bool:
-    return any(m.needs_text for m in build_metrics(specs))
 
 
 def merge_results(parts: Iterable[dict[str, float]]) -> dict[str, float]:

@@ -3,8 +3,12 @@
 `show`, `worst`, `diff` and `report` only decode. Importing transformers to load the tokenizer costs seconds (it
 imports torch); for transformers' own fast tokenizer class its decoding is exactly the Rust `Tokenizer.decode`
 (`PreTrainedTokenizerFast._decode`, `TokenizersBackend._decode` in transformers 5) unless it cleans up spaces
-afterwards. Only that case is served here; any other tokenizer (a subclass, a slow one, clean-up on) is loaded
-with transformers as before. `tests/test_light_tokenizer.py` checks both decode the same strings.
+afterwards, or its configuration names special tokens that `tokenizer.json` does not mark special: transformers
+marks them on load, so `skip_special_tokens=True` drops them, and the Rust tokenizer alone would keep them
+("<image> five six" against "five six"). Only the plain case is served here; any other tokenizer (a subclass, a
+slow one, clean-up on, special tokens out of step) is loaded with transformers as before. The workers of a parallel
+`compute` decode with it too (`SpillReader.require_tokenizer(light=True)`): each then starts without importing
+torch. `tests/test_light_tokenizer.py` checks both decode the same strings.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from typing import Any, Sequence
 # transformers' generic fast class (4.x) and its transformers 5 name: neither overrides the Rust decode
 PLAIN_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 MAX_CONFIG_BYTES = 4 * 2**20
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"  # transformers 4 saves the special tokens here as well
+# the configuration's fields that name special tokens (transformers 4 and 5)
+SPECIAL_TOKEN_FIELDS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+                        "additional_special_tokens", "extra_special_tokens")
 
 
 class LightTokenizer:
@@ -38,22 +46,78 @@ class LightTokenizer:
 
 
 def load_light_tokenizer(path: Path) -> LightTokenizer | None:
-    """The tokenizer saved in `path` when it is transformers' plain fast class without space clean-up; else None
-    (the caller loads it with transformers). `path` was checked to hold plain files of plausible size."""
+    """The tokenizer saved in `path` when it is transformers' plain fast class without space clean-up, its special
+    tokens marked in `tokenizer.json`; else None (the caller loads it with transformers). `path` was checked to hold
+    plain files of plausible size."""
     config_path, tokenizer_path = path / "tokenizer_config.json", path / "tokenizer.json"
-    if not (config_path.is_file() and tokenizer_path.is_file()) or config_path.stat().st_size > MAX_CONFIG_BYTES:
-        return None
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    config = _json_object(config_path)
+    if config is None or not tokenizer_path.is_file():
         return None  # transformers will say what is wrong with it
-    if not isinstance(config, dict) or config.get("tokenizer_class") not in PLAIN_FAST_CLASSES:
+    if config.get("tokenizer_class") not in PLAIN_FAST_CLASSES:
         return None
     if config.get("clean_up_tokenization_spaces", False) is not False:
         return None
     try:
         from tokenizers import Tokenizer
 
-        return LightTokenizer(Tokenizer.from_file(str(tokenizer_path)))
+        backend = Tokenizer.from_file(str(tokenizer_path))
     except Exception:  # noqa: BLE001 - the tokenizers library raises bare Exceptions on bad files
+        return None
+    named = [config, _json_object(path / SPECIAL_TOKENS_MAP) or {}]
+    return LightTokenizer(backend) if _special_tokens_in_step(backend, named, config) else None
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _special_tokens_in_step(backend: Any, configs: list[dict[str, Any]], config: dict[str, Any]) -> bool:
+    """Whether transformers would load `backend` as it is: every special token the configuration names is an added
+    token marked special in `tokenizer.json`, and every token of `added_tokens_decoder` is there as declared."""
+    added = {token.content: (index, token.special) for index, token in backend.get_added_tokens_decoder().items()}
+    for named in configs:
+        for field in SPECIAL_TOKEN_FIELDS:
+            strings = _token_strings(named.get(field))
+            if strings is None or any(not added.get(content, (None, False))[1] for content in strings):
+                return False
+    declared = config.get("added_tokens_decoder") or {}
+    if not isinstance(declared, dict):
+        return False
+    for index, token in declared.items():
+        content = token.get("content") if isinstance(token, dict) else None
+        if added.get(content) != (_int_or_none(index), bool(token.get("special"))):
+            return False
+    return True
+
+
+def _token_strings(value: Any) -> list[str] | None:
+    """The token strings of a special-token field (a string, an AddedToken dict, or a list or dict of those);
+    None for a shape not known here, which leaves the tokenizer to transformers."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict) and "content" in value:
+        return [str(value["content"])]
+    if not isinstance(value, (list, dict)):
+        return None
+    strings: list[str] = []
+    for item in value.values() if isinstance(value, dict) else value:
+        found = _token_strings(item)
+        if found is None:
+            return None
+        strings += found
+    return strings
+
+
+def _int_or_none(text: Any) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
         return None

@@ -378,17 +378,24 @@ class SpillReader:
 
         return decode_batch(batch, self.require_tokenizer())
 
-    def require_tokenizer(self) -> Any:
-        if self.tokenizer is None:
+    def require_tokenizer(self, *, light: bool = False) -> Any:
+        """The saved tokenizer, checked against the spill's vocabulary. `light`: for a process that only decodes,
+        the `display_tokenizer` (no torch import where it decodes as transformers does)."""
+        self.check_has_tokenizer()
+        from ..decode import check_tokenizer_vocab
+
+        tokenizer = self.display_tokenizer if light else self.tokenizer
+        check_tokenizer_vocab(tokenizer, self.manifest.vocab_size)
+        return tokenizer
+
+    def check_has_tokenizer(self) -> None:
+        """Fail, naming the fix, when the spill has no tokenizer (without loading it)."""
+        if not (self.path / TOKENIZER_DIR).is_dir():
             raise SpillFormatError(
                 f"{self.path} has no tokenizer/ directory, but a text metric needs one to decode ids. Pass "
                 "tokenizer=... when evaluating, or copy a tokenizer into it: tokenizer.save_pretrained("
                 f"'{self.path / TOKENIZER_DIR}')."
             )
-        from ..decode import check_tokenizer_vocab
-
-        check_tokenizer_vocab(self.tokenizer, self.manifest.vocab_size)
-        return self.tokenizer
 
     # ------------------------------------------------------------------------------------------- helpers
     def _maybe_decode(self, batch: SampleBatch, decode: bool) -> SampleBatch:
