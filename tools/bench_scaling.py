@@ -25,9 +25,11 @@ passes with pycocoevalcap's `CiderScorer` per batch and the document frequencies
 baseline) against `compute_from_spill(dir, ["cider"], workers=1)`, on the same spill in the same run; the two
 results must agree to 1e-12 relative.
 
-The machine's own ceiling (--ceiling-seconds, 0 to skip): N independent processes each run the same loop of
-sacrebleu chrF on fixed strings (no spill, no pool traffic); N x time alone / time of N together is the speed-up any
-N workers can reach on this machine (a virtual machine's 16 "cores" under load do not give 16 x one core).
+The machine's own ceiling (--ceiling-seconds, 0 to skip): N independent processes each run the same loop (no
+spill, no pool traffic); N x time alone / time of N together is the speed-up any N workers doing that kind of work
+can reach on this machine (a virtual machine's 16 "cores" under load do not give 16 x one core). Two loops:
+sacrebleu chrF on fixed strings (Python, cache-resident: the text metrics' kind), and sorting 32 MB of hashes
+(memory-bound: the corpus metrics' n-gram runs).
 
 Writes a JSON file and a plot (speed-up vs workers per metric, with the linear, 0.8 x linear and ceiling lines).
 """
@@ -133,22 +135,40 @@ def chrf_of_fixed_strings(rounds: int) -> float:
     return time.perf_counter() - start
 
 
-def machine_ceiling(counts: list[int], seconds: float) -> dict[str, float]:
-    """Seconds for N independent processes to each run the same chrF loop (about `seconds` alone), per N: what the
+def sort_of_hashes(rounds: int) -> float:
+    """Seconds of `rounds` x sorting 4M random 64-bit hashes (32 MB, beyond a core's caches) and counting the
+    distinct ones: the memory-bound work of the corpus metrics' n-gram runs, with no spill and no pool traffic."""
+    import numpy as np
+
+    hashes = np.random.default_rng(0).integers(0, 2**62, size=4_000_000, dtype=np.int64)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        order = np.argsort(hashes, kind="stable")
+        np.unique(hashes[order])
+    return time.perf_counter() - start
+
+
+CEILING_LOOPS = {"ceiling": chrf_of_fixed_strings, "ceiling_memory": sort_of_hashes}
+CEILING_NAMES = {"ceiling": "chrF loop (Python)", "ceiling_memory": "sort of 32 MB of hashes (memory)"}
+
+
+def machine_ceiling(counts: list[int], seconds: float, loop: Any = chrf_of_fixed_strings) -> dict[str, float]:
+    """Seconds for N independent processes to each run the same loop (about `seconds` alone), per N: what the
     machine itself gives N busy processes (shared caches, memory bandwidth, clock under load), the ceiling of any
-    N-worker speed-up on it. Efficiency = time alone / time of N together."""
+    N-worker speed-up on it. Efficiency = time alone / time of N together. Two loops: Python string and dict work
+    (the text metrics'), and sorting arrays larger than a core's caches (the corpus metrics' runs)."""
     import multiprocessing
 
-    rounds = max(1, round(seconds / max(chrf_of_fixed_strings(1), 1e-6)))
+    rounds = max(1, round(seconds / max(loop(1), 1e-6)))
     out = {}
     context = multiprocessing.get_context("forkserver")
     for workers in counts:
         with context.Pool(workers) as pool:
-            pool.map(chrf_of_fixed_strings, [1] * workers)  # imports, warm caches
+            pool.map(loop, [1] * workers)  # imports, warm caches
             start = time.perf_counter()
-            pool.map(chrf_of_fixed_strings, [rounds] * workers, chunksize=1)
+            pool.map(loop, [rounds] * workers, chunksize=1)
             out[str(workers)] = time.perf_counter() - start
-        print(f"  machine ceiling, {workers:2d} processes: {out[str(workers)]:.2f} s", flush=True)
+        print(f"  machine ceiling ({loop.__name__}), {workers:2d} processes: {out[str(workers)]:.2f} s", flush=True)
     return out
 
 
@@ -246,9 +266,11 @@ def plot(out: dict[str, Any], path: Path) -> None:
                 label=name, color=colors[i % len(colors)])
     ax.plot(counts, counts, "k--", label="linear")
     ax.plot(counts, [0.8 * w for w in counts], "k:", label="0.8 x linear")
-    if out.get("ceiling"):
-        alone = out["ceiling"][str(counts[0])]
-        ax.plot(counts, [w * alone / out["ceiling"][str(w)] for w in counts], "r-.", label="machine ceiling")
+    for kind, style in (("ceiling", "r-."), ("ceiling_memory", "m-.")):
+        if out.get(kind):
+            alone = out[kind][str(counts[0])]
+            ax.plot(counts, [w * alone / out[kind][str(w)] for w in counts], style,
+                    label=f"machine ceiling: {CEILING_NAMES[kind]}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks(counts, [str(w) for w in counts])
@@ -284,11 +306,12 @@ def scaling_table(out: dict[str, Any], counts: list[int]) -> str:
         runs = [out["runs"][str(w)]["metrics"][name] for w in counts]
         first = max(run["first_run_s"] - run["seconds"] for run in runs)
         rows.append([name, *cells, f"{first:.1f}", cpu_cell(runs[0], runs[-1])])
-    if out.get("ceiling"):
-        alone = out["ceiling"][str(counts[0])]
-        rows.append(["machine ceiling: chrF loop in N independent processes", "", f"{alone:.2f} s",
-                     *[f"{w * alone / out['ceiling'][str(w)]:.2f} ({alone / out['ceiling'][str(w)]:.2f})"
-                       for w in counts[1:]], "", ""])
+    for kind, name in CEILING_NAMES.items():
+        if out.get(kind):
+            alone = out[kind][str(counts[0])]
+            rows.append([f"machine ceiling: {name} in N independent processes", "", f"{alone:.2f} s",
+                         *[f"{w * alone / out[kind][str(w)]:.2f} ({alone / out[kind][str(w)]:.2f})"
+                           for w in counts[1:]], "", ""])
     rows.append(["pool start (s)", "", *[f"{out['runs'][str(w)]['pool_start_s']:.1f}" for w in counts], "", ""])
     for name in out["metrics"]:
         runs = [out["runs"][str(w)]["metrics"][name].get("intervals") for w in counts]
@@ -348,7 +371,8 @@ def main() -> None:
         if not specs:
             print(report(out) if out.get("cider") else "no metrics to time")
             return
-        out["ceiling"] = machine_ceiling(counts, args.ceiling_seconds) if args.ceiling_seconds else {}
+        for kind, loop in CEILING_LOOPS.items():
+            out[kind] = machine_ceiling(counts, args.ceiling_seconds, loop) if args.ceiling_seconds else {}
         spill_of = spill_per_metric(spills, specs, args.probe_tokens, args.seconds, args.max_tokens)
         out["spills"] = {name: {"tokens": s.tokens, "samples": s.samples} for name, s in spill_of.items()}
         paths = {name: s.path for name, s in spill_of.items()}

@@ -18,11 +18,11 @@ from fractions import Fraction
 from typing import Any
 
 from ..metrics.base import MAX_STATE_BYTES, StreamingMetric
-from ..metrics.parallel import InlineExecutor, compute_in_parallel, worker_pool
+from ..metrics.parallel import InlineExecutor, TaskPool, compute_in_parallel, worker_pool
 from ..metrics.runner import MetricSpec, MetricSuite, suite_for_spill
 from .bounds import DEFAULT_LEVEL, Interval, mean_interval, percentile_interval
 from .replicates import MetricReplicates, SampleMeanSums
-from .tally import ReplicatePass, ReplicateRequest, state_width
+from .tally import ReplicatePass, ReplicateRequest, replicate_values, state_width
 from .weights import DrawnWeights
 
 DEFAULT_RESAMPLES = 1000
@@ -60,7 +60,7 @@ def compute_with_intervals(
         gathered = _replicate_pass(suite, weights)
         results = compute_in_parallel(reader, suite, executor=pool, workers=count, progress=progress,
                                       replicates=gathered if gathered.replicates else None)
-    report = _streaming_intervals(gathered, resamples, seed, level)
+        report = _streaming_intervals(gathered, resamples, seed, level, TaskPool(pool, count))
     _corpus_intervals(suite, reader, results, resamples, seed, level, report)
     return suite.in_order(results), report
 
@@ -79,19 +79,21 @@ def confidence_intervals(
 ) -> IntervalReport:
     """Intervals of the metrics recorded in the spill (or `metrics`) at confidence `level`; `results` (the point
     estimates, unprefixed) give the intervals of corpus metrics that are means of 0/1 outcomes."""
-    gathered = replicate_pass(reader, metrics, DrawnWeights("poisson", seed, resamples), progress=progress,
-                              workers=workers, executor=executor)
-    report = _streaming_intervals(gathered, resamples, seed, level)
+    with worker_pool(workers, executor) as (pool, count):
+        gathered = replicate_pass(reader, metrics, DrawnWeights("poisson", seed, resamples), progress=progress,
+                                  workers=count, executor=pool)
+        report = _streaming_intervals(gathered, resamples, seed, level, TaskPool(pool, count))
     _corpus_intervals(gathered.suite, reader, results, resamples, seed, level, report)
     return report
 
 
-def _streaming_intervals(gathered: ReplicatePass, resamples: int, seed: int, level: float) -> IntervalReport:
+def _streaming_intervals(gathered: ReplicatePass, resamples: int, seed: int, level: float,
+                         pool: TaskPool | None = None) -> IntervalReport:
     """The streaming metrics' intervals from their replicates (and per-sample-mean sums)."""
     report = IntervalReport(skipped=dict(gathered.skipped))
     for name, replicates in gathered.replicates.items():
         means = gathered.means.get(name)
-        for key, values in replicates.values().items():
+        for key, values in replicate_values(replicates, pool).items():
             interval = None
             if means is not None and key in means.outputs:
                 totals = means.totals(key)

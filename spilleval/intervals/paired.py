@@ -19,10 +19,12 @@ import numpy as np
 
 from ..metrics import exact_sum
 from ..metrics.base import State
+from ..metrics.parallel import TaskPool, worker_pool
 from ..metrics.runner import MetricSpec
 from .bounds import DEFAULT_LEVEL
 from .estimate import DEFAULT_RESAMPLES, DEFAULT_SEED, replicate_pass
 from .replicates import MetricReplicates
+from .tally import replicate_values
 from .weights import DrawnWeights
 
 TESTS = ("bootstrap", "randomization")
@@ -77,17 +79,20 @@ def paired_test(
     specs = list(metrics) if metrics is not None else reader_a.manifest.metrics
     # row 0: every sample once (the observed systems)
     weights = DrawnWeights("poisson" if test == "bootstrap" else "coin", seed, trials, observed_row=True)
-    passes = [replicate_pass(r, specs, weights, progress=progress, workers=workers) for r in (reader_a, reader_b)]
     results: dict[str, PairedResult] = {}
+    with worker_pool(workers) as (executor, count):
+        passes = [replicate_pass(r, specs, weights, progress=progress, workers=count, executor=executor)
+                  for r in (reader_a, reader_b)]
+        pool = TaskPool(executor, count)
+        for name, replicates_a in passes[0].replicates.items():
+            replicates_b = passes[1].replicates[name]
+            if test == "bootstrap":
+                values = _paired_bootstrap(replicate_values(replicates_a, pool), replicate_values(replicates_b, pool))
+            else:
+                values = _randomization(replicates_a, replicates_b, pool)
+            for key, (observed_a, observed_b, statistic, deltas) in values.items():
+                results[key] = _result(observed_a, observed_b, statistic, deltas, test, trials, seed, level)
     skipped = {**passes[0].skipped, **passes[1].skipped}
-    for name, replicates_a in passes[0].replicates.items():
-        replicates_b = passes[1].replicates[name]
-        if test == "bootstrap":
-            values = _paired_bootstrap(replicates_a.values(), replicates_b.values())
-        else:
-            values = _randomization(replicates_a, replicates_b)
-        for key, (observed_a, observed_b, statistic, deltas) in values.items():
-            results[key] = _result(observed_a, observed_b, statistic, deltas, test, trials, seed, level)
     for metric_a, metric_b in zip(passes[0].suite.corpus, passes[1].suite.corpus):
         values_a = metric_a.bootstrap(reader_a, weights, trials + 1) if test == "bootstrap" else None
         if values_a is None:
@@ -110,12 +115,10 @@ def _paired_bootstrap(values_a: dict[str, np.ndarray], values_b: dict[str, np.nd
     return out
 
 
-def _randomization(a: MetricReplicates, b: MetricReplicates) -> dict[str, tuple]:
+def _randomization(a: MetricReplicates, b: MetricReplicates, pool: TaskPool) -> dict[str, tuple]:
     """sacrebleu's approximate randomization: |Δ| of the pseudo-systems against the observed |Δ|."""
-    swapped_a = _swap(a, b)
-    swapped_b = _swap(b, a)
-    values_a, values_b = a.values(), b.values()
-    pseudo_a, pseudo_b = swapped_a.values(), swapped_b.values()
+    values_a, values_b = replicate_values(a, pool), replicate_values(b, pool)
+    pseudo_a, pseudo_b = replicate_values(_swap(a, b), pool), replicate_values(_swap(b, a), pool)
     out = {}
     for key in values_a:
         statistic = np.abs(pseudo_b[key] - pseudo_a[key])

@@ -42,9 +42,14 @@ class MetricReplicates:
 
     def values(self) -> dict[str, np.ndarray]:
         """Each output of the metric in every replicate: {output: (resamples,) float64}."""
-        resamples = next(iter(self.states.values())).shape[0]
-        rows = [self.metric.compute_state({k: v[b] for k, v in self.states.items()}) for b in range(resamples)]
-        return {key: np.array([row[key] for row in rows], dtype=np.float64) for key in rows[0]} if rows else {}
+        return values_of(self.metric, self.states)
+
+
+def values_of(metric: StreamingMetric, states: State) -> dict[str, np.ndarray]:
+    """Each output of `metric` for every row of `states` (one state per row): {output: (rows,) float64}."""
+    count = next(iter(states.values())).shape[0]
+    rows = [metric.compute_state({k: v[b] for k, v in states.items()}) for b in range(count)]
+    return {key: np.array([row[key] for row in rows], dtype=np.float64) for key in rows[0]} if rows else {}
 
 
 class SampleMeanSums:
