@@ -31,6 +31,7 @@ SPECS = [
     {"name": "chrf", "params": REFS},
     {"name": "ter", "params": REFS},
     {"name": "squad", "params": REFS},
+    {"name": "rouge", "params": {**REFS, "rouge_types": ["rouge1", "rougeL"]}},
     {"name": "accuracy", "params": {}},
 ]
 CLASSES = VOCAB_WORDS[:4]
@@ -114,7 +115,7 @@ def test_intervals_do_not_depend_on_chunking_or_sample_order(tmp_path, spill, sa
     assert a.to_json() == b.to_json()
     assert not a.skipped
     methods = {key: interval.method for key, interval in a.intervals.items()}
-    assert methods["sequence_exact_match"] == methods["squad_f1"] == methods["accuracy"] == "analytic"
+    assert methods["sequence_exact_match"] == methods["squad_f1"] == methods["accuracy"] == methods["rougeL"] == "analytic"
     assert methods["bleu"] == methods["token_accuracy"] == methods["nll"] == methods["ter"] == "bootstrap"
     point = run_streaming(SPECS, batches_of(samples, 16)).compute_streaming()
     for key in ("bleu", "token_accuracy", "chrf", "wer"):
@@ -123,18 +124,27 @@ def test_intervals_do_not_depend_on_chunking_or_sample_order(tmp_path, spill, sa
 
 
 def test_analytic_interval_is_the_textbook_standard_error_of_a_mean(spill, samples):
+    """Also for metrics whose outputs are all per-sample means (squad, rouge): their intervals need no replicates,
+    and the interval pass draws none for them (it does for the paired tests, which compare replicates)."""
     report = confidence_intervals(SpillReader(spill), SPECS, resamples=10)
     z = NormalDist().inv_cdf(0.975)
-    per_sample = [run_streaming([{"name": "squad", "params": REFS}], batches_of(samples, 1, [i])).compute_streaming()
+    mean_specs = [spec for spec in SPECS if isinstance(spec, dict) and spec["name"] in ("squad", "rouge")]
+    per_sample = [run_streaming(mean_specs, batches_of(samples, 1, [i])).compute_streaming()
                   for i in range(len(samples))]
-    for key in ("squad_f1", "squad_exact_match"):
+    for key in ("squad_f1", "squad_exact_match", "rouge1", "rougeL"):
         x = [row[key] for row in per_sample]
         standard_error = statistics.stdev(x) / math.sqrt(len(x))
         interval = report.intervals[key]
         assert interval.standard_error == pytest.approx(standard_error, rel=1e-15)
         assert interval.low == pytest.approx(statistics.fmean(x) - z * standard_error, rel=1e-14)
         assert interval.high == pytest.approx(statistics.fmean(x) + z * standard_error, rel=1e-14)
-        assert 0 < interval.low < interval.high < 100
+        assert 0 < interval.low < interval.high < (100 if key.startswith("squad") else 1)
+    weights = DrawnWeights("poisson", 0, 10)
+    for replicate_means, want in ((False, 0), (True, 10)):
+        gathered = replicate_pass(SpillReader(spill), mean_specs + ["token_accuracy"], weights,
+                                  replicate_means=replicate_means)
+        assert [gathered.replicates[name].resamples for name in ("squad", "rouge")] == [want, want]
+        assert gathered.replicates["token_accuracy"].resamples == 10
 
 
 def test_compute_prints_intervals_and_stores_their_shape(spill):

@@ -21,7 +21,7 @@ from ..metrics.base import MAX_STATE_BYTES, StreamingMetric
 from ..metrics.parallel import InlineExecutor, TaskPool, compute_in_parallel, worker_pool
 from ..metrics.runner import MetricSpec, MetricSuite, suite_for_spill
 from .bounds import DEFAULT_LEVEL, Interval, mean_interval, percentile_interval
-from .replicates import MetricReplicates, SampleMeanSums
+from .replicates import MetricReplicates, SampleMeanSums, means_only
 from .tally import ReplicatePass, ReplicateRequest, replicate_values, state_width
 from .weights import DrawnWeights
 
@@ -57,7 +57,7 @@ def compute_with_intervals(
     weights = DrawnWeights("poisson", seed, resamples)
     with worker_pool(workers, executor) as (pool, count):
         suite = suite_for_spill(reader, metrics, load_tokenizer=isinstance(pool, InlineExecutor))
-        gathered = _replicate_pass(suite, weights)
+        gathered = _replicate_pass(suite, weights, replicate_means=False)
         results = compute_in_parallel(reader, suite, executor=pool, workers=count, progress=progress,
                                       replicates=gathered if gathered.replicates else None)
         report = _streaming_intervals(gathered, resamples, seed, level, TaskPool(pool, count))
@@ -81,7 +81,7 @@ def confidence_intervals(
     estimates, unprefixed) give the intervals of corpus metrics that are means of 0/1 outcomes."""
     with worker_pool(workers, executor) as (pool, count):
         gathered = replicate_pass(reader, metrics, DrawnWeights("poisson", seed, resamples), progress=progress,
-                                  workers=count, executor=pool)
+                                  workers=count, executor=pool, replicate_means=False)
         report = _streaming_intervals(gathered, resamples, seed, level, TaskPool(pool, count))
     _corpus_intervals(gathered.suite, reader, results, resamples, seed, level, report)
     return report
@@ -93,13 +93,15 @@ def _streaming_intervals(gathered: ReplicatePass, resamples: int, seed: int, lev
     report = IntervalReport(skipped=dict(gathered.skipped))
     for name, replicates in gathered.replicates.items():
         means = gathered.means.get(name)
-        for key, values in replicate_values(replicates, pool).items():
-            interval = None
-            if means is not None and key in means.outputs:
+        intervals = {}
+        if means is not None:
+            for key in means.outputs:
                 totals = means.totals(key)
-                interval = mean_interval(*totals, means.count, level) if totals else None
-            else:
-                interval = percentile_interval(values, level, resamples=resamples, seed=seed)
+                intervals[key] = mean_interval(*totals, means.count, level) if totals else None
+        for key, values in replicate_values(replicates, pool).items():
+            if key not in intervals:
+                intervals[key] = percentile_interval(values, level, resamples=resamples, seed=seed)
+        for key, interval in intervals.items():
             if interval is None:
                 report.skipped[key] = "undefined on this data (fewer than two samples, or not finite)"
             else:
@@ -149,12 +151,14 @@ def replicate_pass(
     progress: bool = False,
     workers: int | None = 1,
     executor: Executor | None = None,
+    replicate_means: bool = True,
 ) -> ReplicatePass:
     """One sweep over the spill: every supported streaming metric's weighted states under `weights` (and nothing
-    else: the corpus metrics and the streaming metrics without replicates are not computed)."""
+    else: the corpus metrics and the streaming metrics without replicates are not computed). Without
+    `replicate_means`, metrics whose outputs are all per-sample means get only their sums of x and x^2."""
     with worker_pool(workers, executor) as (pool, count):
         suite = suite_for_spill(reader, metrics, load_tokenizer=isinstance(pool, InlineExecutor))
-        gathered = _replicate_pass(suite, weights)
+        gathered = _replicate_pass(suite, weights, replicate_means=replicate_means)
         if gathered.replicates:
             supported = MetricSuite([r.metric for r in gathered.replicates.values()], tokenizer=suite.tokenizer)
             compute_in_parallel(reader, supported, executor=pool, workers=count, progress=progress,
@@ -162,15 +166,17 @@ def replicate_pass(
     return gathered
 
 
-def _replicate_pass(suite: MetricSuite, weights: DrawnWeights) -> ReplicatePass:
+def _replicate_pass(suite: MetricSuite, weights: DrawnWeights, *, replicate_means: bool) -> ReplicatePass:
     """The parent's empty replicate sums for `suite`'s supported metrics, and why the others have none."""
     supported, skipped = _supported(suite, weights.rows)
+    request = ReplicateRequest(weights, tuple(m.name for m in supported),
+                               () if replicate_means else tuple(m.name for m in supported if means_only(m)))
     return ReplicatePass(
         suite=suite,
-        replicates={m.name: MetricReplicates(m, weights.rows) for m in supported},
+        replicates={m.name: MetricReplicates(m, request.resamples(m)) for m in supported},
         means={m.name: SampleMeanSums(m) for m in supported if m.sample_mean_outputs},
         skipped=skipped,
-        request=ReplicateRequest(weights, tuple(m.name for m in supported)),
+        request=request,
     )
 
 

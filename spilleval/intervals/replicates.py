@@ -25,14 +25,17 @@ class MetricReplicates:
 
     def __init__(self, metric: StreamingMetric, resamples: int) -> None:
         self.metric = metric
+        self.resamples = resamples
         self.states = {name: np.zeros((resamples, *shape), dtype=np.int64)
                        for name, shape in metric.state_shapes().items()}
         self.observed = copy.copy(metric)  # the corpus itself: every sample once
         self.observed.reset()
 
-    def update(self, sample_states: State, weights: np.ndarray) -> None:
-        """Add a window: `weights` is (resamples, n), each state (n, *shape)."""
+    def update(self, sample_states: State, weights: np.ndarray | None) -> None:
+        """Add a window: `weights` is (resamples, n) (None when there are no resamples), each state (n, *shape)."""
         self.observed.merge({name: per_sample.sum(axis=0) for name, per_sample in sample_states.items()})
+        if not self.resamples or weights is None:
+            return
         for name, per_sample in sample_states.items():
             flat = per_sample.reshape(len(per_sample), -1)
             added = weighted_sum(weights, flat).reshape(self.states[name].shape)
@@ -45,8 +48,21 @@ class MetricReplicates:
         return values_of(self.metric, self.states)
 
 
+def means_only(metric: StreamingMetric) -> bool:
+    """Whether every output of the metric is a per-sample mean: an interval needs only `SampleMeanSums`, and
+    replicating its states would only cost time (rouge: a 1,000 x 280 product a window)."""
+    if not metric.sample_mean_outputs:
+        return False
+    try:  # the output keys of this instance (its parameters may select them), from its empty state
+        outputs = set(metric.compute_state({k: np.zeros(v, np.int64) for k, v in metric.state_shapes().items()}))
+    except Exception:  # a custom metric undefined on no samples: replicate, which is only slower
+        return False
+    return outputs <= set(metric.sample_mean_outputs)
+
+
 def values_of(metric: StreamingMetric, states: State) -> dict[str, np.ndarray]:
-    """Each output of `metric` for every row of `states` (one state per row): {output: (rows,) float64}."""
+    """Each output of `metric` for every row of `states` (one state per row): {output: (rows,) float64}; {} when
+    there are no rows."""
     count = next(iter(states.values())).shape[0]
     rows = [metric.compute_state({k: v[b] for k, v in states.items()}) for b in range(count)]
     return {key: np.array([row[key] for row in rows], dtype=np.float64) for key in rows[0]} if rows else {}

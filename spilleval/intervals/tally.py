@@ -39,6 +39,10 @@ class ReplicateRequest:
 
     weights: DrawnWeights
     metrics: tuple[str, ...]
+    means_only: tuple[str, ...] = ()  # metrics whose every output is a per-sample mean: sums of x and x^2 suffice
+
+    def resamples(self, metric: StreamingMetric) -> int:
+        return 0 if metric.name in self.means_only else self.weights.rows
 
     def tally(self, suite: "MetricSuite") -> "ReplicateTally":
         return ReplicateTally(self, suite)
@@ -60,14 +64,15 @@ class ReplicateTally:
         self.weights = request.weights
         self.metrics = [m for m in suite.streaming if m.name in request.metrics]
         self.others = [m for m in suite.streaming if m.name not in request.metrics]
-        self.replicates = {m.name: MetricReplicates(m, self.weights.rows) for m in self.metrics}
+        self.replicates = {m.name: MetricReplicates(m, request.resamples(m)) for m in self.metrics}
         self.means = {m.name: SampleMeanSums(m) for m in self.metrics if m.sample_mean_outputs}
         self.window_rows = window_rows(self.metrics)
+        self.replicated = any(r.resamples for r in self.replicates.values())  # else no weights to draw
 
     def update(self, batch: SampleBatch) -> None:
         for start in range(0, len(batch), self.window_rows):
             window = batch.slice(start, min(start + self.window_rows, len(batch)))
-            weights = self.weights(window.sample_index)
+            weights = self.weights(window.sample_index) if self.replicated else None
             for metric in self.metrics:
                 states = metric.sample_states(window)
                 self.replicates[metric.name].update(states, weights)
@@ -130,7 +135,7 @@ def replicate_values(replicates: MetricReplicates, pool: "TaskPool | None" = Non
     with the replicates shared out among `pool`'s workers: computing an output from a state runs the reference
     library's Python per replicate (chrF: about 1 ms, a second for 1,000 replicates in one process)."""
     metric = replicates.metric
-    rows = next(iter(replicates.states.values())).shape[0]
+    rows = replicates.resamples
     if pool is None or pool.workers <= 1 or rows < 2 * pool.workers:
         return replicates.values()
     step = math.ceil(rows / pool.workers)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Sequence
 
+import numpy as np
 from pydantic import Field
 
 from ..batch import SampleBatch
-from .base import StreamingMetric, safe_div
+from . import exact_sum
+from .base import State, StreamingMetric, safe_div
 from .deps import require
 from .inputs import references_of
 from .registry import register
@@ -57,12 +59,20 @@ class Rouge(StreamingMetric):
         }
 
     def update(self, batch: SampleBatch) -> None:
+        for rouge_type, fmeasures in self._fmeasures(batch).items():
+            self.add_float(rouge_type, fmeasures)
+        self.add("samples", len(batch))
+
+    def sample_states(self, batch: SampleBatch) -> State:
+        """Each sample scored once, its F-measures as exact-sum states (the default rescored sample by sample)."""
+        states = {t: exact_sum.per_value(f) for t, f in self._fmeasures(batch).items()}
+        return {**states, "samples": np.ones(len(batch), np.int64)}
+
+    def _fmeasures(self, batch: SampleBatch) -> dict[str, np.ndarray]:
         assert batch.pred_text is not None
         refs = references_of(batch, self.references_column, self.name)
         scores = [self.scorer.score_multi(r, p) for p, r in zip(batch.pred_text, refs)]
-        for rouge_type in self.rouge_types:
-            self.add_float(rouge_type, [s[rouge_type].fmeasure for s in scores])
-        self.add("samples", len(batch))
+        return {t: np.array([s[t].fmeasure for s in scores], dtype=np.float64) for t in self.rouge_types}
 
     def compute(self) -> dict[str, float]:
         samples = self.value("samples")

@@ -12,8 +12,11 @@ import string
 from collections import Counter
 from typing import Any
 
+import numpy as np
+
 from ..batch import SampleBatch
-from .base import StreamingMetric, safe_div
+from . import exact_sum
+from .base import State, StreamingMetric, safe_div
 from .inputs import references_of
 from .registry import register
 
@@ -76,11 +79,24 @@ class Squad(StreamingMetric):
         return {"references_column": self.references_column}
 
     def update(self, batch: SampleBatch) -> None:
+        exact, f1 = self._scores(batch)
+        self.add("exact_match", int(exact.sum()))
+        self.add_float("f1", f1)
+        self.add("samples", len(batch))
+
+    def sample_states(self, batch: SampleBatch) -> State:
+        """Each sample scored once (the default rescored sample by sample)."""
+        exact, f1 = self._scores(batch)
+        return {"exact_match": exact, "f1": exact_sum.per_value(f1), "samples": np.ones(len(batch), np.int64)}
+
+    def _scores(self, batch: SampleBatch) -> tuple[np.ndarray, np.ndarray]:
+        """Each sample's exact match (0/1) and F1, the best over its references."""
         assert batch.pred_text is not None
         refs = references_of(batch, self.references_column, self.name)
-        self.add("exact_match", sum(max(exact_match_score(p, r) for r in rs) for p, rs in zip(batch.pred_text, refs)))
-        self.add_float("f1", [max(f1_score(p, r) for r in rs) for p, rs in zip(batch.pred_text, refs)])
-        self.add("samples", len(batch))
+        pairs = list(zip(batch.pred_text, refs))
+        exact = np.array([max(exact_match_score(p, r) for r in rs) for p, rs in pairs], dtype=np.int64)
+        f1 = np.array([max(f1_score(p, r) for r in rs) for p, rs in pairs], dtype=np.float64)
+        return exact, f1
 
     def compute(self) -> dict[str, float]:
         samples = self.value("samples")
