@@ -206,3 +206,18 @@ def test_sample_without_reference_is_a_clear_error():
 def test_wer_rejects_several_references():
     with pytest.raises(MetricInputError, match="exactly one reference"):
         run_streaming([{"name": "wer", "params": REFS}], batches_of([_s("a", "a", ["a", "b"])], 1))
+
+
+ANSWER_PIECES = list(string.punctuation + string.ascii_letters + " \t\nÄéß–") + ["the", "a", "An", " an "]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(ANSWER_PIECES), max_size=30).map("".join), st.text(max_size=20))
+def test_squad_normalisation_and_f1_equal_the_official_script(text, other):
+    """The faster normalisation (str.translate) and the once-per-string scoring give the script's values."""
+    from spilleval.metrics.squad import exact_match_score, f1_score, normalize_answer
+
+    assert normalize_answer(text) == _official_normalize_answer(text)
+    assert normalize_answer(other) == _official_normalize_answer(other)
+    assert f1_score(text, other) == _official_f1(text, other)
+    assert exact_match_score(text, other) == _official_em(text, other)
