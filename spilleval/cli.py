@@ -49,6 +49,8 @@ JsonOpt = flag("--json", help="Print machine-readable JSON instead of a table.")
 AllowPartialOpt = flag("--allow-partial", help="Read a partial spill (after a crash).")
 QuietOpt = flag("--quiet", "-q", help="No progress bars.")
 ForceOpt = flag("--force", help="Replace the output file if it exists.")
+WorkersOpt = typer.Option(None, "--workers", "-w", min=1, metavar="N",
+                          help="Worker processes (default: every usable core). Same results for any number.")
 MaxTokensOpt = typer.Option(256, "--max-tokens", min=1, metavar="N", help="Tokens shown per sample (scores cover all).")
 MetricsOpt = typer.Option(
     None, "--metrics", "-m", metavar="NAME[,NAME(key=value,...)]",
@@ -115,10 +117,7 @@ def compute(
              "standard error instead. The replicates come from the metrics' own pass, on the same workers.",
     ),
     seed: int = typer.Option(DEFAULT_SEED, "--seed", metavar="N", help="Seed of the bootstrap weights."),
-    workers: int | None = typer.Option(
-        None, "--workers", "-w", min=1, metavar="N",
-        help="Worker processes (default: every usable core). Same results for any number.",
-    ),
+    workers: int | None = WorkersOpt,
     dask: str | None = typer.Option(
         None, "--dask", metavar="ADDRESS|local",
         help="Run on a Dask cluster: its scheduler address, or 'local' for a local one of --workers processes "
@@ -481,6 +480,7 @@ def diff(
     trials: int = typer.Option(DEFAULT_RESAMPLES, "--trials", min=1, max=MAX_RESAMPLES, metavar="N",
                                help="Resamples (bootstrap) or shuffles (randomization) of the paired test."),
     seed: int = typer.Option(DEFAULT_SEED, "--seed", metavar="N", help="Seed of the paired test's draws."),
+    workers: int | None = WorkersOpt,
 ) -> None:
     """Two spills of the same eval set: metric deltas (B − A) with a paired significance test, and samples that
     flipped right↔wrong."""
@@ -493,7 +493,8 @@ def diff(
     reader_b = SpillReader(dir_b, allow_partial=allow_partial)
     result = diff_spills(reader_a, reader_b, limit=limit, recompute=recompute,
                          progress_bar=show_progress(quiet) and not as_json,
-                         test=None if test is PairedTestKind.none else test.value, trials=trials, seed=seed)
+                         test=None if test is PairedTestKind.none else test.value, trials=trials, seed=seed,
+                         workers=workers)
     if as_json:
         _print_json(result.to_json())
         return

@@ -226,16 +226,19 @@ def test_diff_prints_the_paired_test_and_refuses_it_on_different_samples(tmp_pat
     spill_b = write_samples(tmp_path / "b", b, chunk_rows=9, metrics=metrics)
     spill_c = write_samples(tmp_path / "c", b[:50], chunk_rows=9, metrics=metrics, dataset_length=len(b))
     runner = CliRunner()
-    out = runner.invoke(app, ["diff", str(spill_a), str(spill_b), "--recompute", "--trials", "300", "--json"])
-    assert out.exit_code == 0, out.output
-    payload = json.loads(out.output)
+    outputs = [runner.invoke(app, ["diff", str(spill_a), str(spill_b), "--recompute", "--trials", "300", "--json",
+                                   "--workers", str(workers)]) for workers in (1, 2)]
+    assert [out.exit_code for out in outputs] == [0, 0], outputs[0].output + outputs[1].output
+    payload = json.loads(outputs[0].output)
+    assert json.loads(outputs[1].output) == payload  # recompute and paired test on 2 workers: the same bits
     want = paired_test(SpillReader(spill_a), SpillReader(spill_b), trials=300).results
     assert payload["significance"] == {key: result.to_json() for key, result in want.items()}
     assert {"token_accuracy", "bleu", "bleu_precision_4"} <= set(payload["significance"])
     table = runner.invoke(app, ["diff", str(spill_a), str(spill_b), "--recompute", "--trials", "300",
-                                "--test", "randomization"])
+                                "--test", "randomization", "--workers", "1"])
     assert table.exit_code == 0 and "approximate randomization over 300 trials" in " ".join(table.output.split())
-    refused = runner.invoke(app, ["diff", str(spill_a), str(spill_c), "--recompute", "--json", "--allow-partial"])
+    refused = runner.invoke(app, ["diff", str(spill_a), str(spill_c), "--recompute", "--json", "--allow-partial",
+                                  "--workers", "1"])
     assert refused.exit_code == 0, (refused.output, refused.exception)
     assert json.loads(refused.output)["significance"] == {}
     assert "not hold the same samples" in json.loads(refused.output)["significance_note"]

@@ -12,6 +12,7 @@ the coins m, the pseudo-systems' states are `sum(s_a) - m @ s_a + m @ s_b` and t
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,7 @@ def paired_test(
     level: float = DEFAULT_LEVEL,
     progress: bool = False,
     workers: int | None = 1,
+    executor: Executor | None = None,
 ) -> PairedReport:
     """Paired significance of B − A for every streaming metric output of A's recorded metrics (or `metrics`).
     The spills must hold the same samples (the caller checks: `spilleval diff` does)."""
@@ -80,10 +82,10 @@ def paired_test(
     # row 0: every sample once (the observed systems)
     weights = DrawnWeights("poisson" if test == "bootstrap" else "coin", seed, trials, observed_row=True)
     results: dict[str, PairedResult] = {}
-    with worker_pool(workers) as (executor, count):
-        passes = [replicate_pass(r, specs, weights, progress=progress, workers=count, executor=executor)
+    with worker_pool(workers, executor) as (processes, count):
+        passes = [replicate_pass(r, specs, weights, progress=progress, workers=count, executor=processes)
                   for r in (reader_a, reader_b)]
-        pool = TaskPool(executor, count)
+        pool = TaskPool(processes, count)
         for name, replicates_a in passes[0].replicates.items():
             replicates_b = passes[1].replicates[name]
             if test == "bootstrap":

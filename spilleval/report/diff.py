@@ -16,6 +16,7 @@ import numpy as np
 from ..batch import SampleBatch
 from ..intervals import DEFAULT_RESAMPLES, DEFAULT_SEED
 from ..intervals.paired import paired_test
+from ..metrics.parallel import worker_pool
 from ..sampleset import SampleSet
 from ..spill import SpillReader
 from .results import metric_results
@@ -120,6 +121,7 @@ def diff_spills(
     test: str | None = "bootstrap",
     trials: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
+    workers: int | None = 1,
 ) -> SpillDiff:
     from .scores import resolve_scores
 
@@ -137,16 +139,20 @@ def diff_spills(
     _check_same_labels(sa, sb, both)
     right_to_wrong = both & sa.right & sb.wrong
     wrong_to_right = both & sa.wrong & sb.right
-    results_a, source_a = metric_results(reader_a, recompute=recompute, progress_bar=progress_bar)
-    results_b, source_b = metric_results(reader_b, recompute=recompute, progress_bar=progress_bar)
     significance, note = {}, None
-    if test is not None and (len(present_a - present_b) or len(present_b - present_a)):
-        note = "no paired test: the spills do not hold the same samples (a paired test compares the same items)"
-    elif test is not None:
-        report = paired_test(reader_a, reader_b, test=test, trials=trials, seed=seed, progress=progress_bar)
-        significance = {key: result.to_json() for key, result in report.results.items()}
-        if report.skipped:
-            note = "no paired test for " + "; ".join(f"{name}: {why}" for name, why in report.skipped.items())
+    with worker_pool(workers) as (pool, count):  # processes start at the first task: none when nothing is computed
+        results_a, source_a = metric_results(reader_a, recompute=recompute, progress_bar=progress_bar,
+                                             workers=count, executor=pool)
+        results_b, source_b = metric_results(reader_b, recompute=recompute, progress_bar=progress_bar,
+                                             workers=count, executor=pool)
+        if test is not None and (len(present_a - present_b) or len(present_b - present_a)):
+            note = "no paired test: the spills do not hold the same samples (a paired test compares the same items)"
+        elif test is not None:
+            report = paired_test(reader_a, reader_b, test=test, trials=trials, seed=seed, progress=progress_bar,
+                                 workers=count, executor=pool)
+            significance = {key: result.to_json() for key, result in report.results.items()}
+            if report.skipped:
+                note = "no paired test for " + "; ".join(f"{name}: {why}" for name, why in report.skipped.items())
     return SpillDiff(
         a=str(reader_a.path),
         b=str(reader_b.path),
