@@ -112,20 +112,25 @@ def test_evaluator_finalize_runs_its_corpus_passes_in_workers(tmp_path):
     assert same(evaluator.finalize(), compute_from_spill(tmp_path / "run", workers=1))
 
 
-def _threads_setting() -> tuple[str | None, str | None, int]:
+def _threads_setting() -> tuple[str | None, str | None, int, list[int]]:
     import os
 
     import pyarrow as pa
+    from threadpoolctl import threadpool_info
 
-    return os.environ.get("TOKENIZERS_PARALLELISM"), os.environ.get("RAYON_NUM_THREADS"), pa.cpu_count()
+    blas = [pool["num_threads"] for pool in threadpool_info() if "numpy" in pool["filepath"]]
+    return os.environ.get("TOKENIZERS_PARALLELISM"), os.environ.get("RAYON_NUM_THREADS"), pa.cpu_count(), blas
 
 
 def test_pool_workers_run_one_thread_each():
-    """A worker process decoding with the Rust tokenizer's own threads, times a worker per core, oversubscribes the
-    machine: pool workers turn those threads off (the in-process worker keeps them)."""
+    """A worker process decoding with the Rust tokenizer's own threads, or multiplying the bootstrap replicates'
+    weights with numpy's BLAS on a thread per core, times a worker per core, oversubscribes the machine: pool
+    workers turn those threads off (the in-process worker keeps them)."""
     pool = parallel.local_executor(2)
     try:
-        assert pool.submit(_threads_setting).result() == ("false", "1", 1)
+        tokenizers, rayon, arrow, blas = pool.submit(_threads_setting).result()
+        assert (tokenizers, rayon, arrow) == ("false", "1", 1)
+        assert blas == [1]  # numpy's OpenBLAS
     finally:
         parallel.shutdown(pool)
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+from threadpoolctl import threadpool_limits
 
 from ..batch import SampleBatch
 from ..decode import decode_batch
@@ -156,6 +157,7 @@ def _suite(sweep: Sweep, reader: "SpillReader") -> "MetricSuite":
         for module in sweep.modules:
             importlib.import_module(module)
         suite = MetricSuite(list(sweep.specs))
+        threadpool_limits(1)  # and those the metrics' libraries loaded since
         # checked against the vocabulary here (the parent does not load it); light: no torch import in a worker
         suite.tokenizer = reader.require_tokenizer(light=True) if suite.needs_text else None
         _WORKER[key] = suite
@@ -209,12 +211,14 @@ def local_executor(workers: int) -> Executor:
 
 
 def one_thread_per_worker() -> None:
-    """A pool worker runs on one core: the Rust tokenizer's `decode_batch` (rayon) and Arrow's thread pool would
-    each start a thread per core in every worker, 16 x 16 threads on 16 cores, contending instead of scaling. One
-    worker in-process keeps their threads."""
+    """A pool worker runs on one core: the Rust tokenizer's `decode_batch` (rayon), Arrow's thread pool and numpy's
+    BLAS would each start a thread per core in every worker, 16 x 16 threads on 16 cores, contending instead of
+    scaling (the bootstrap replicates' matrix products through OpenBLAS made chrF's 16 workers do 3.7x the CPU work
+    of 16 single-threaded ones). One worker in-process keeps their threads."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the tokenizers library at each call
     os.environ["RAYON_NUM_THREADS"] = "1"
     pa.set_cpu_count(1)
+    threadpool_limits(1)  # the BLAS and OpenMP pools loaded so far (numpy's, by the forkserver's preload)
 
 
 class TaskPool:
