@@ -4,10 +4,13 @@ samples repeated across chunks (dropped as `SpillReader` drops them)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import multiprocessing
 
 import pytest
+from _imports_probe import imported
 from metric_data import batches_of, tokenizer
 from test_metrics_corpus import CORPUS_SPECS, seeded_corpus
 from typer.testing import CliRunner
@@ -131,6 +134,18 @@ def test_pool_workers_run_one_thread_each():
         tokenizers, rayon, arrow, blas = pool.submit(_threads_setting).result()
         assert (tokenizers, rayon, arrow) == ("false", "1", 1)
         assert blas == [1]  # numpy's OpenBLAS
+    finally:
+        parallel.shutdown(pool)
+
+
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="no forkserver here")
+def test_pool_workers_start_with_what_every_task_imports():
+    """Each worker's first task imported the spill reader, the tokenizers library and (through pyarrow's
+    `to_numpy`) pandas on its own, 0.4 s of CPU a worker: the forkserver imports them once, before forking."""
+    pool = parallel.local_executor(2)
+    try:
+        wanted = tuple(name for name in parallel.WORKER_PRELOAD if importlib.util.find_spec(name) is not None)
+        assert pool.submit(imported, wanted).result() == list(wanted)
     finally:
         parallel.shutdown(pool)
 
