@@ -34,7 +34,7 @@ class MetricReplicates:
     def update(self, sample_states: State, weights: np.ndarray | None) -> None:
         """Add a window: `weights` is (resamples, n) (None when there are no resamples), each state (n, *shape)."""
         self.observed.merge({name: per_sample.sum(axis=0) for name, per_sample in sample_states.items()})
-        if not self.resamples or weights is None:
+        if not self.resamples:
             return
         for name, per_sample in sample_states.items():
             flat = per_sample.reshape(len(per_sample), -1)

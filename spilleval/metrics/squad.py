@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -52,6 +52,18 @@ def exact_match_score(prediction: str, ground_truth: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(ground_truth)
 
 
+def best_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's exact match (0/1) and F1, the best over its references, as the script scores them: each
+    string normalised once (the script normalises once per pair and score)."""
+    exact, f1 = [], []
+    for prediction, refs in zip(predictions, references):
+        normal = normalize_answer(prediction)
+        normal_refs = [normalize_answer(r) for r in refs]
+        exact.append(max(normal == r for r in normal_refs))
+        f1.append(max(token_f1(normal.split(), r.split()) for r in normal_refs))
+    return np.array(exact, dtype=np.int64), np.array(f1, dtype=np.float64)
+
+
 @register("squad")
 class Squad(StreamingMetric):
     """squad_exact_match and squad_f1 (0-100), max over each sample's references."""
@@ -85,16 +97,8 @@ class Squad(StreamingMetric):
         return {"exact_match": exact, "f1": exact_sum.per_value(f1), "samples": np.ones(len(batch), np.int64)}
 
     def _scores(self, batch: SampleBatch) -> tuple[np.ndarray, np.ndarray]:
-        """Each sample's exact match (0/1) and F1, the best over its references."""
         assert batch.pred_text is not None
-        refs = references_of(batch, self.references_column, self.name)
-        exact, f1 = [], []
-        for prediction, references in zip(batch.pred_text, refs):
-            normal = normalize_answer(prediction)  # once per string (the script normalises once per pair and score)
-            normal_refs = [normalize_answer(r) for r in references]
-            exact.append(max(normal == r for r in normal_refs))
-            f1.append(max(token_f1(normal.split(), r.split()) for r in normal_refs))
-        return np.array(exact, dtype=np.int64), np.array(f1, dtype=np.float64)
+        return best_scores(batch.pred_text, references_of(batch, self.references_column, self.name))
 
     def compute(self) -> dict[str, float]:
         samples = self.value("samples")

@@ -30,7 +30,7 @@ import numpy as np
 from ..batch import SampleBatch
 from ..metrics.deps import require
 from ..metrics.inputs import references_of
-from ..metrics.squad import exact_match_score, f1_score
+from ..metrics.squad import best_scores
 from .scores import SampleScore, ScoreError
 
 if TYPE_CHECKING:
@@ -139,11 +139,11 @@ def _predictions(batch: SampleBatch) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- the scorers
 def _squad_f1(preds: list[str], refs: list[list[str]]) -> list[float]:
-    return [100.0 * max(f1_score(p, r) for r in rs) for p, rs in zip(preds, refs)]
+    return (100.0 * best_scores(preds, refs)[1]).tolist()
 
 
 def _squad_exact_match(preds: list[str], refs: list[list[str]]) -> list[float]:
-    return [100.0 * max(exact_match_score(p, r) for r in rs) for p, rs in zip(preds, refs)]
+    return (100.0 * best_scores(preds, refs)[0]).tolist()
 
 
 def answer_matches(prediction: str, refs: list[str]) -> list[bool]:
