@@ -5,8 +5,10 @@
 
 The spill is bench_compute's caption spill (`CaptionData`: 5-30 word tokens a sample, a real word-level tokenizer,
 1-5 references a sample, label log-probs), cut at --samples samples. Each row runs the `spilleval compute` command
-in a fresh process on the same metrics, best of --repeats wall time, and reads that process's peak RSS
-(`resource.getrusage(RUSAGE_CHILDREN)` of a one-shot child): the baseline is the same command with
+in a fresh process on the same metrics (`--workers N`, default: the command's own, every usable core), best of
+--repeats wall time, and reads that process's peak RSS (`getrusage`) and its pool workers' largest RSS (sampled
+every 20 ms with psutil over the process's descendants, the forkserver's children included; printed by the one-shot
+process as it ends): the baseline is the same command with
 `--bootstrap 0` measured in the same run, so the table reads as ratios.
 """
 
@@ -51,17 +53,37 @@ def write_caption_spill(path: Path, samples: int) -> int:
     return written
 
 
-def run_compute(spill: Path, bootstrap: int) -> tuple[float, float, dict]:
-    """(seconds, peak RSS MiB, JSON payload) of one `spilleval compute` process."""
-    code = ("import resource, sys; from spilleval.cli import main; sys.argv = sys.argv[1:]\n"
-            "try:\n    main()\nfinally:\n"
-            "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+# run first in the one-shot process: a daemon thread keeping the largest RSS (bytes) of any descendant process
+WORKER_RSS_PROBE = """
+import threading, time, psutil
+WORKER_PEAK = [0]
+def _watch_workers():
+    me = psutil.Process()
+    while True:
+        for child in me.children(recursive=True):
+            try:
+                WORKER_PEAK[0] = max(WORKER_PEAK[0], child.memory_info().rss)
+            except psutil.Error:
+                pass
+        time.sleep(0.02)
+threading.Thread(target=_watch_workers, daemon=True).start()
+"""
+
+
+def run_compute(spill: Path, bootstrap: int, workers: int | None) -> tuple[float, float, float, dict]:
+    """(seconds, peak RSS MiB of the process, largest peak RSS MiB of its workers, JSON payload) of one
+    `spilleval compute` process."""
+    code = WORKER_RSS_PROBE + (
+        "import resource, sys; from spilleval.cli import main; sys.argv = sys.argv[1:]\n"
+        "try:\n    main()\nfinally:\n"
+        "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, WORKER_PEAK[0] // 1024, file=sys.stderr)")
+    command = ["spilleval", "compute", str(spill), "--json", "-q", "--bootstrap", str(bootstrap)]
+    command += ["--workers", str(workers)] if workers is not None else []
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, "spilleval", "compute", str(spill), "--json", "-q",
-                           "--bootstrap", str(bootstrap)], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - start
-    peak_kib = int(done.stderr.strip().splitlines()[-1])
-    return seconds, peak_kib / 1024, json.loads(done.stdout)
+    own_kib, workers_kib = map(int, done.stderr.strip().splitlines()[-1].split())
+    return seconds, own_kib / 1024, workers_kib / 1024, json.loads(done.stdout)
 
 
 def main() -> None:
@@ -69,23 +91,27 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, help="Write the raw results here.")
+    parser.add_argument("--workers", type=int, help="`compute --workers N` (default: the command's own)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         spill = Path(tmp) / "caption"
         samples = write_caption_spill(spill, args.samples)
-        rows, raw = [], {"machine": machine_info(), "samples": samples, "metrics": METRICS, "runs": {}}
+        rows, raw = [], {"machine": machine_info(), "samples": samples, "metrics": METRICS, "workers": args.workers,
+                         "runs": {}}
         for bootstrap in (0, 1000):
-            runs = [run_compute(spill, bootstrap) for _ in range(args.repeats)]
-            seconds = min(r[0] for r in runs)
-            peak = max(r[1] for r in runs)
-            raw["runs"][bootstrap] = {"seconds": seconds, "peak_rss_mib": peak,
-                                      "intervals": runs[0][2].get("intervals", {})}
+            runs = [run_compute(spill, bootstrap, args.workers) for _ in range(args.repeats)]
+            raw["runs"][bootstrap] = {"seconds": min(r[0] for r in runs), "peak_rss_mib": max(r[1] for r in runs),
+                                      "worker_peak_rss_mib": max(r[2] for r in runs),
+                                      "intervals": runs[0][3].get("intervals", {})}
         base = raw["runs"][0]
         for bootstrap, run in raw["runs"].items():
             rows.append([f"--bootstrap {bootstrap}", f"{run['seconds']:.1f} s", f"{run['seconds'] / base['seconds']:.2f}x",
-                         f"{run['peak_rss_mib']:.0f} MiB", f"{run['peak_rss_mib'] / base['peak_rss_mib']:.2f}x"])
-    print(f"{samples:,} samples; metrics: {', '.join(METRICS)}; machine: {json.dumps(raw['machine'])}")
-    print(markdown_table(["command", "wall", "vs --bootstrap 0", "peak RSS", "vs --bootstrap 0"], rows))
+                         f"{run['peak_rss_mib']:.0f} MiB", f"{run['peak_rss_mib'] / base['peak_rss_mib']:.2f}x",
+                         f"{run['worker_peak_rss_mib']:.0f} MiB"])
+    print(f"{samples:,} samples; metrics: {', '.join(METRICS)}; workers: {args.workers or 'the default'}; "
+          f"machine: {json.dumps(raw['machine'])}")
+    print(markdown_table(["command", "wall", "vs --bootstrap 0", "peak RSS", "vs --bootstrap 0",
+                          "largest worker's peak RSS"], rows))
     if args.json:
         args.json.write_text(json.dumps(raw, indent=2))
 
