@@ -20,7 +20,7 @@ from spilleval.cli import app
 from spilleval.metrics import build_metric, compute_from_spill
 from spilleval.metrics import ngram_table, parallel, run_partitions
 from spilleval.metrics.mapmerge import MapMergeMetric
-from spilleval.spill import Manifest, SpillReader, SpillWriter
+from spilleval.spill import Manifest, SpillReader, SpillWriter, chunk
 from spilleval.spill.manifest import library_versions
 
 REFS = {"references_column": "references"}
@@ -37,9 +37,20 @@ EVERY_METRIC = [
 @pytest.fixture(scope="module")
 def spill(tmp_path_factory):
     """60 samples in chunks of 9 rows; samples 3..7 written a second time in the last chunk (a padded rank)."""
+    return write_corpus_spill(tmp_path_factory.mktemp("parallel") / "spill")
+
+
+@pytest.fixture(scope="module")
+def spill_of_small_record_batches(tmp_path_factory):
+    """The same, its chunks cut into record batches of 4 rows: tasks of 2 rows start and end inside them."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chunk, "RECORD_BATCH_ROWS", 4)
+        return write_corpus_spill(tmp_path_factory.mktemp("parallel") / "spill")
+
+
+def write_corpus_spill(directory):
     samples = seeded_corpus(60, seed=3)
     order = [*range(60), *range(3, 8)]
-    directory = tmp_path_factory.mktemp("parallel") / "spill"
     tok = tokenizer()
     manifest = Manifest(task="causal_lm", vocab_size=len(tok), id_dtype="uint16", metrics=[build_metric(m).spec() for m in EVERY_METRIC],
                         has_logprob=True, dataset_length=60, versions=library_versions(),
@@ -76,6 +87,16 @@ def test_workers_give_the_bits_of_one_worker(spill, monkeypatch, in_ranges):
     tasks = list(planner.tasks())
     assert len(tasks) > len(planner.reader.chunks)  # chunks were cut
     assert any(t.keep is not None for t in tasks)  # and the repeated samples left out
+
+
+def test_tasks_inside_record_batches_give_the_bits_of_one_worker(spill, spill_of_small_record_batches, monkeypatch):
+    """Workers decode only the record batches of their tasks' rows (`ChunkRows`): tasks of 2 rows start and end
+    inside record batches of 4, and every metric gives the bits of one worker on the spill of one-batch chunks."""
+    monkeypatch.setattr(parallel, "MIN_TASK_ROWS", 2)
+    monkeypatch.setattr(MapMergeMetric, "task_rows", 2)
+    one = compute_from_spill(spill, workers=1)
+    assert same(compute_from_spill(spill_of_small_record_batches, workers=1), one)
+    assert same(compute_from_spill(spill_of_small_record_batches, workers=3), one)
 
 
 def test_corpus_sweeps_take_a_batch_per_task_where_the_spill_has_rows_for_it(spill, monkeypatch):

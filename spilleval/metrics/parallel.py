@@ -165,18 +165,18 @@ def _suite(sweep: Sweep, reader: "SpillReader") -> "MetricSuite":
 
 
 def _task_batches(reader: "SpillReader", sweep: Sweep, task: Task) -> Iterator[SampleBatch]:
-    """The task's rows in batches of `sweep.batch_size`, decoded when a metric of the sweep reads text. The chunk
-    stays in Arrow between the tasks of a worker; each task converts only its own rows."""
-    from ..spill.chunk import read_chunk_table
+    """The task's rows in batches of `sweep.batch_size`, decoded when a metric of the sweep reads text. A worker
+    keeps its last chunk's checked bytes (`ChunkRows`) and decodes only the record batches of each task's rows."""
+    from ..spill.chunk import ChunkRows
 
     record = reader.chunks[task.chunk]
     key = ("chunk", sweep.spill_dir, record.rank, record.seq, repr(sorted(sweep.reads.items())))
     cached = _WORKER.get("chunk")
     if cached is None or cached[0] != key:
         _WORKER.pop("chunk", None)  # drop the last chunk before reading the next: one chunk per worker
-        chunk = read_chunk_table(reader.chunk_path(record), record, verify=reader.verify, **sweep.reads)
+        chunk = ChunkRows(reader.chunk_path(record), record, verify=reader.verify, **sweep.reads)
         _WORKER["chunk"] = cached = (key, chunk)
-    rows = cached[1].slice(task.start, task.stop).to_batch()
+    rows = cached[1].rows(task.start, task.stop).to_batch()
     if task.keep is not None:
         rows = rows.take(task.keep - task.start)
     suite = _suite(sweep, reader)

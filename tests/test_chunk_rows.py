@@ -1,0 +1,96 @@
+"""A chunk's tokens.arrow is cut into record batches of `RECORD_BATCH_ROWS` rows, and `ChunkRows` decodes only the
+record batches that hold the rows asked for: a worker of the parallel recompute decodes its tasks' rows, not the
+whole chunk. Any range reads exactly as the same rows of the whole chunk, in the default layout and in chunks
+written as one record batch (as every chunk was before)."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import make_manifest, random_batch, write_spill
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spilleval.batch import SampleBatch
+from spilleval.spill import SpillReader, chunk
+from spilleval.spill.chunk import RECORD_BATCH_ROWS, ChunkRows, read_chunk
+
+ROWS = 2 * RECORD_BATCH_ROWS + 37
+
+
+def one_chunk_spill(path: Path) -> Path:
+    """ROWS samples in one chunk, with log-probs and a dataset column of strings."""
+    batch = random_batch(np.random.default_rng(0), ROWS, logprob=True, max_len=6)
+    batch.columns = {"note": [f"sample {i}" * (i % 3) for i in range(ROWS)]}
+    return write_spill(path, [batch], make_manifest(dataset_length=ROWS, has_logprob=True, columns=["note"]),
+                       chunk_rows=ROWS)
+
+
+@pytest.fixture(scope="module")
+def spills(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("chunk_rows")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chunk, "RECORD_BATCH_ROWS", 1 << 30)  # one record batch per chunk, the layout before
+        single = one_chunk_spill(root / "single")
+    return {"default": one_chunk_spill(root / "default"), "single": single}
+
+
+def tokens_file(spill: Path) -> pa.ipc.RecordBatchFileReader:
+    (path,) = glob.glob(str(spill / "shards/*/chunk-*/tokens.arrow"))
+    return pa.ipc.open_file(path)
+
+
+def test_tokens_arrow_holds_record_batches_of_the_default_rows(spills):
+    default = tokens_file(spills["default"])
+    assert [default.get_batch(i).num_rows for i in range(default.num_record_batches)] == \
+        [RECORD_BATCH_ROWS, RECORD_BATCH_ROWS, 37]
+    assert tokens_file(spills["single"]).num_record_batches == 1
+
+
+def assert_same_rows(part: SampleBatch, whole: SampleBatch) -> None:
+    np.testing.assert_array_equal(part.sample_index, whole.sample_index)
+    np.testing.assert_array_equal(part.offsets, whole.offsets)
+    np.testing.assert_array_equal(part.pred_ids, whole.pred_ids)
+    np.testing.assert_array_equal(part.label_ids, whole.label_ids)
+    np.testing.assert_array_equal(part.label_logprob, whole.label_logprob)
+    assert part.columns == whole.columns
+
+
+class Decoded:
+    """The record batches a `ChunkRows` decodes (its file reader, wrapped)."""
+
+    def __init__(self, file: pa.ipc.RecordBatchFileReader) -> None:
+        self.file, self.schema, self.asked = file, file.schema, []
+
+    def get_batch(self, i: int) -> pa.RecordBatch:
+        self.asked.append(i)
+        return self.file.get_batch(i)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layout=st.sampled_from(["default", "single"]), start=st.integers(0, ROWS - 1), length=st.integers(1, 2500),
+       then=st.integers(0, ROWS - 1))
+def test_any_range_reads_as_those_rows_of_the_whole_chunk(spills, layout, start, length, then):
+    reader = SpillReader(spills[layout])
+    (record,) = reader.chunks
+    whole = read_chunk(reader.chunk_path(record), record)
+    rows = ChunkRows(reader.chunk_path(record), record)
+    rows._file = decoded = Decoded(rows._file)
+    for first in (start, then):  # a second range after the first: what a worker's next task does
+        stop = min(first + length, ROWS)
+        decoded.asked.clear()
+        assert_same_rows(rows.rows(first, stop).to_batch(), whole.slice(first, stop))
+        if layout == "default" and (first, stop) != (0, ROWS):  # only the record batches that hold the rows
+            assert set(decoded.asked) <= set(range(first // RECORD_BATCH_ROWS, (stop - 1) // RECORD_BATCH_ROWS + 1))
+
+
+def test_a_whole_chunk_read_is_one_piece_per_column(spills):
+    """`read_chunk` of a chunk of several record batches gives numpy arrays over one buffer each, as before."""
+    reader = SpillReader(spills["default"])
+    (record,) = reader.chunks
+    table = ChunkRows(reader.chunk_path(record), record).rows(0, ROWS).table
+    assert all(column.num_chunks == 1 for column in table.columns)
