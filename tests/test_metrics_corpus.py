@@ -154,6 +154,18 @@ def test_corpus_metrics_equal_references_on_random_data(tmp_path_factory, sample
         assert all(math.isnan(v) for v in percentiles)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_distinct_n_takes_sizes_in_any_order_with_repeats_and_gaps(tmp_path, workers):
+    """Every size is a column of one table: sizes 3 and 1 (3 asked twice, 2 not at all) each equal the reference
+    (a repeated size made two tables of one name before, and failed)."""
+    samples = seeded_corpus(40, seed=5)
+    spill = write_samples(tmp_path, samples, chunk_rows=7)
+    got = compute_from_spill(spill, [{"name": "distinct_n", "params": {"orders": [3, 1, 3], "batch_size": 5}}],
+                             workers=workers)
+    assert got == {f"distinct_{n}": reference_distinct(samples, n) for n in (3, 1)}
+    assert 0 < got["distinct_1"] < got["distinct_3"] <= 1
+
+
 @pytest.mark.parametrize("targets", [[1, 1, 1], [0], [0, 1, 1, 0]], ids=["one class only", "single sample", "ties"])
 def test_scores_edge_cases(tmp_path, targets):
     samples = [Sample(pred=["a"], label=["a"], columns={"target": t}, arrays={"class_scores": np.float32([0.5, 0.5])})

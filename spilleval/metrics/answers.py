@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,6 @@ from .base import BatchSize
 from .mapmerge import MapMergeMetric
 from .ngram_table import NgramCountWriter, Run, prefix_keys, write_runs
 from .registry import register
-
-SCAN_ROWS = 8192  # answers whose F1 is computed at once in the final scan (a few hundred KB of temporaries)
 
 Rows = tuple[np.ndarray, pa.Array, np.ndarray]  # (prefix keys, answers, [tp, fp, fn] counts)
 
@@ -62,16 +59,9 @@ class AnswerMacroF1(MapMergeMetric):
             self._table.adopt(run)
 
     def finish(self) -> dict[str, float]:
-        f1 = np.concatenate([_f1(counts) for run in map(Run, self._table.finish()) for counts in _blocks(run)]
+        f1 = np.concatenate([_f1(counts) for run in map(Run, self._table.finish()) for counts in run.count_blocks(3)]
                             or [np.zeros(0)])
         return {"answer_macro_f1": float(np.mean(f1)) if len(f1) else 0.0}
-
-
-def _blocks(run: Run) -> Iterator[np.ndarray]:
-    """The run's [tp, fp, fn] rows, a block at a time (the mapped pages given back after each)."""
-    for start in range(0, len(run), SCAN_ROWS):
-        yield np.array(run.counts[start : start + SCAN_ROWS]).reshape(-1, 3)
-        run.release()
 
 
 def _f1(counts: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from .base import BatchSize, NgramOrder
 from .cider_vectors import occurrences
 from .inputs import MetricInputError
 from .mapmerge import MapMergeMetric
-from .ngram_table import NgramCounts, NgramCountWriter, write_runs
+from .ngram_table import NgramCountWriter, Run, write_runs
 from .ondisk import ScratchStore
 from .registry import register
 
@@ -192,35 +192,43 @@ class DistinctN(MapMergeMetric):
 
     def start(self, near: Path) -> None:
         self._runs = self.scratch_directory(near)
-        self._tables = {n: NgramCountWriter(self._runs / f"ngrams_{n}", pool=self.pool) for n in self.orders}
-        self._totals = dict.fromkeys(self.orders, 0)
+        self._table = NgramCountWriter(self._runs / "ngrams", pool=self.pool)
+        self._sizes = sorted(set(self.orders))  # a column of counts per n-gram size
+        self._totals = np.zeros(len(self._sizes), np.int64)
 
-    def context(self, pass_index: int) -> str:
-        return str(self._runs)
+    def context(self, pass_index: int) -> tuple[str, list[int]]:
+        return str(self._runs), sorted(set(self.orders))
 
-    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> dict[int, tuple[np.ndarray, pa.Array,
-                                                                                   np.ndarray]]:
-        """Each order's distinct n-grams of the batch (hash, text, count), counted in numpy: an n-gram's text is
-        its words joined by a space, as `str.split()` cuts them (`cider_vectors.occurrences`)."""
-        found = occurrences(list(batch.pred_text or []), orders=max(self.orders))
+    def map(self, pass_index: int, batch: SampleBatch, context: Any) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+        """The batch's distinct n-grams of every size asked for, in one table (hash, text, [occurrences of each
+        size]: an n-gram's row is 0 but in its own size's column), counted in numpy. An n-gram's text is its words
+        joined by a space, as `str.split()` cuts them (`cider_vectors.occurrences`), so texts of different sizes
+        never meet. One table, not one per size: a task writes one run, and one merge in key ranges counts all."""
+        sizes = context[1]
+        found = occurrences(list(batch.pred_text or []), orders=max(sizes))
         counts = np.bincount(found.gram, minlength=len(found.gram_order)).astype(np.int64)
-        out = {}
-        for n in self.orders:
-            grams = np.flatnonzero(found.gram_order == n - 1)
-            out[n] = (found.gram_hash[grams], found.texts(grams), counts[grams])
-        return out
+        column = np.full(max(sizes), -1)
+        column[np.array(sizes) - 1] = np.arange(len(sizes))
+        grams = np.flatnonzero(column[found.gram_order] >= 0)
+        per_size = np.zeros((len(grams), len(sizes)), np.int64)
+        per_size[np.arange(len(grams)), column[found.gram_order[grams]]] = counts[grams]
+        return found.gram_hash[grams], found.texts(grams), per_size
 
-    def reduce_task(self, pass_index: int, partials: list[Any], context: Any) -> list[dict[int, tuple[int, list[str]]]]:
-        """Per order: (n-grams of the task, the runs its distinct n-grams were written to)."""
-        return [{n: (sum(int(p[n][2].sum()) for p in partials), write_runs(context, (p[n] for p in partials)))
-                 for n in self.orders}]
+    def reduce_task(self, pass_index: int, partials: list[Any], context: Any) -> list[tuple[list[int], list]]:
+        """(n-grams of each size in the task, the runs its distinct n-grams were written to)."""
+        totals = np.sum([p[2].sum(axis=0) for p in partials], axis=0, dtype=np.int64)
+        return [(np.atleast_1d(totals).tolist(), write_runs(context[0], partials))]
 
-    def merge(self, pass_index: int, partial: dict[int, tuple[int, list[str]]]) -> None:
-        for n, (total, runs) in partial.items():
-            self._totals[n] += total
-            for run in runs:
-                self._tables[n].adopt(run)
+    def merge(self, pass_index: int, partial: tuple[list[int], list]) -> None:
+        totals, runs = partial
+        self._totals += np.asarray(totals, np.int64)
+        for run in runs:
+            self._table.adopt(run)
 
     def finish(self) -> dict[str, float]:
-        distinct = {n: sum(len(run) for run in NgramCounts(self._tables[n].finish()).runs) for n in self.orders}
-        return {f"distinct_{n}": distinct[n] / self._totals[n] if self._totals[n] else 0.0 for n in self.orders}
+        distinct = np.zeros(len(self._sizes), np.int64)
+        for run in map(Run, self._table.finish()):
+            for counts in run.count_blocks(len(self._sizes)):
+                distinct += np.count_nonzero(counts, axis=0)
+        ratio = {n: int(d) / int(t) if t else 0.0 for n, d, t in zip(self._sizes, distinct, self._totals)}
+        return {f"distinct_{n}": ratio[n] for n in self.orders}

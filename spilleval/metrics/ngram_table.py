@@ -25,7 +25,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +43,7 @@ SMALL_RUN_FRACTION = 4  # an adopted run under 1/4 of a buffer of rows is read i
 MIN_MERGE_BLOCK = 256  # rows per run and round, at least: hundreds of rows per numpy call
 MAX_LISTED_RUNS = 512  # with a pool: runs listed before the workers merge them (`NgramCountWriter._listed`)
 MIN_LOOKUP_GROUP = 1024  # keys looked up between two releases of the mapped pages, at least
+SCAN_ROWS = 8192  # rows a scan of the table reads at a time (`Run.count_blocks`): a few hundred KB of temporaries
 LOOKUP_PAGES = 256  # pages of each mapped 8-byte array that one group of keys is sized to touch
 _ENTRIES_PER_PAGE = mmap.PAGESIZE // 8
 
@@ -162,6 +163,13 @@ class Run:
     def release(self) -> None:
         """Unmap the pages a lookup touched (they stay in the page cache), so the process's memory stays flat."""
         self._mapped.release()
+
+    def count_blocks(self, width: int, rows: int = SCAN_ROWS) -> Iterator[np.ndarray]:
+        """The counts as [rows, width] blocks, in key order (the mapped pages given back after each): a scan of
+        the whole table in bounded memory."""
+        for start in range(0, len(self), rows):
+            yield np.array(self.counts[start : start + rows]).reshape(-1, width)
+            self.release()
 
     def _positions(self, hashes: np.ndarray) -> np.ndarray:
         """`np.searchsorted(self.hashes, hashes)`, searching only the stretch of the run between the smallest and
