@@ -2,11 +2,17 @@
 workers are busy in each 1/25 of the run, and the parent's steps (building the suite, the key-range merges).
 
     .venv/bin/python tools/trace_workers.py --tokens 640000 --workers 16 cider wer
+    .venv/bin/python tools/trace_workers.py --tokens 640000 --workers 16 --processes 1 cider   # the plan's own cost
 
 The spill is bench_compute's caption spill (a prefix of --tokens tokens). Each metric is run twice untimed (the
 workers import its library and read the spill), then once traced. Busy workers per slice show idle cores and when
 (the start, the switch between chunks, the step between CIDEr's passes, the last tasks); compare with
-tools/bench_scaling.py, which times the same runs.
+tools/bench_scaling.py, which times the same runs. Per kind of task (a sweep and the passes it runs, or a metric's
+own jobs such as the key-range merges): tasks, wall and CPU seconds in the workers (`time.process_time`).
+
+`--processes 1` runs the task plan of --workers workers (the same tasks and merges) on one worker process: on an
+idle machine, its CPU seconds against `--workers 1` are the plan's own cost; against --workers processes, the rest is
+the machine's (shared caches, memory bandwidth, clocks under load).
 """
 
 from __future__ import annotations
@@ -30,11 +36,19 @@ SLICES = 25
 PARENT_STEPS: list[tuple[str, float, float]] = []  # (step, start, seconds), in the parent
 
 
-def timed_call(fn: Callable[..., Any], *args: Any) -> tuple[Any, tuple[str, int, float, float]]:
-    """In a worker: fn(*args) and (its name, the worker's pid, start time, seconds)."""
-    start = time.time()
+def timed_call(fn: Callable[..., Any], *args: Any) -> tuple[Any, tuple[str, int, float, float, float]]:
+    """In a worker: fn(*args) and (its kind, the worker's pid, start time, seconds, CPU seconds)."""
+    start, cpu = time.time(), time.process_time()
     out = fn(*args)
-    return out, (getattr(fn, "__name__", "?"), os.getpid(), start, time.time() - start)
+    return out, (task_kind(fn, args), os.getpid(), start, time.time() - start, time.process_time() - cpu)
+
+
+def task_kind(fn: Callable[..., Any], args: tuple) -> str:
+    """`run_task` with the passes its sweep runs ("run_task (pass 2)"), or the function's name."""
+    name = getattr(fn, "__name__", "?")
+    if name == "run_task" and args[0].passes:
+        return f"{name} (pass {'+'.join(str(index + 1) for _, index, _ in args[0].passes)})"
+    return name
 
 
 class TracingExecutor:
@@ -75,7 +89,8 @@ def trace_parent_step(owner: Any, name: str) -> None:
 
 def busy_per_slice(log: list[tuple[str, int, float, float]], start: float, wall: float) -> list[float]:
     edges = [start + wall * i / SLICES for i in range(SLICES + 1)]
-    return [sum(max(0.0, min(b, t + d) - max(a, t)) for _, _, t, d in log) / (b - a) for a, b in zip(edges, edges[1:])]
+    return [sum(max(0.0, min(b, t + d) - max(a, t)) for _, _, t, d, _ in log) / (b - a)
+            for a, b in zip(edges, edges[1:])]
 
 
 def trace(pool: Executor, spill: Path, spec: dict[str, Any], workers: int) -> None:
@@ -87,26 +102,38 @@ def trace(pool: Executor, spill: Path, spec: dict[str, Any], workers: int) -> No
     compute_from_spill(spill, [spec], executor=tracing, workers=workers)
     wall = time.time() - start
     log = sorted(tracing.log, key=lambda timing: timing[2])
-    busy = sum(d for *_, d in log)
+    busy = sum(d for _, _, _, d, _ in log)
     print(f"wall {wall:.3f} s, {len(log)} tasks, {busy:.3f} s of task time (= {busy / wall:.1f} workers busy)")
     print(f"first task starts at +{log[0][2] - start:.3f} s, the last ends at "
-          f"+{max(t + d for _, _, t, d in log) - start:.3f} s")
+          f"+{max(t + d for _, _, t, d, _ in log) - start:.3f} s")
     for name, at, seconds in PARENT_STEPS:
         print(f"  parent: {name} at +{at - start:.3f} s for {seconds:.3f} s")
     print(f"workers busy in each 1/{SLICES} of the run:",
           " ".join(f"{v:.0f}" for v in busy_per_slice(log, start, wall)))
-    kinds: dict[str, list[float]] = {}
-    for name, _, _, seconds in log:
-        kinds.setdefault(name, []).append(seconds)
+    kinds: dict[str, list[tuple[float, float]]] = {}
+    for name, _, _, seconds, cpu in log:
+        kinds.setdefault(name, []).append((seconds, cpu))
     for name, times in kinds.items():
-        print(f"  {name}: {len(times)} tasks, {sum(times):.3f} s in all, longest {max(times):.3f} s")
+        print(f"  {name}: {len(times)} tasks, {sum(t for t, _ in times):.3f} s in all (CPU "
+              f"{sum(c for _, c in times):.3f} s), longest {max(t for t, _ in times):.3f} s")
+
+
+def one_process_pool() -> Executor:
+    """One worker process, started as the recompute's pools start theirs (a task plan of many workers runs in it)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
+                                          else "spawn")
+    return ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=parallel.one_thread_per_worker)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("metrics", nargs="+")
     parser.add_argument("--tokens", type=int, default=640_000, help="size of the caption spill's prefix")
-    parser.add_argument("--workers", type=int, default=parallel.usable_cores())
+    parser.add_argument("--workers", type=int, default=parallel.usable_cores(), help="the task plan's workers")
+    parser.add_argument("--processes", type=int, default=None, help="worker processes (default: --workers)")
     args = parser.parse_args()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     for owner, name in ((runner, "suite_for_spill"), (run_partitions, "merge_in_ranges")):
@@ -116,10 +143,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="trace-workers-") as root:
         spills = PrefixSpills(Path(root), args.tokens, tokenizer, specs)
         spill = spills.get(args.tokens)
-        pool = parallel.local_executor(args.workers)
+        processes = args.processes or args.workers
+        pool = one_process_pool() if processes == 1 < args.workers else parallel.local_executor(processes)
         try:
             for name in args.metrics:
-                print(f"== {name}: {spill.tokens:,} tokens, {spill.samples:,} samples, {args.workers} workers")
+                print(f"== {name}: {spill.tokens:,} tokens, {spill.samples:,} samples, the plan of {args.workers} "
+                      f"workers on {processes} process(es)")
                 trace(pool, spill.path, specs[name], args.workers)
         finally:
             parallel.shutdown(pool)
