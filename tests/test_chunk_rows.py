@@ -16,6 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spilleval.batch import SampleBatch
+from spilleval.metrics import compute_from_spill
+from spilleval.metrics.parallel import TaskPlanner
 from spilleval.spill import SpillReader, chunk
 from spilleval.spill.chunk import RECORD_BATCH_ROWS, ChunkRows, read_chunk
 
@@ -94,3 +96,17 @@ def test_a_whole_chunk_read_is_one_piece_per_column(spills):
     (record,) = reader.chunks
     table = ChunkRows(reader.chunk_path(record), record).rows(0, ROWS).table
     assert all(column.num_chunks == 1 for column in table.columns)
+
+
+def test_default_settings_workers_match_the_rows(spills):
+    """Default chunk, record batch and task sizes, 2 workers: tasks start and end inside record batches of 4,096
+    rows, and the numbers are one worker's and those of the rows themselves."""
+    reader = SpillReader(spills["default"])
+    (record,) = reader.chunks
+    rows = read_chunk(reader.chunk_path(record), record)
+    metrics = ["token_accuracy", "sequence_exact_match", "loss_percentiles"]
+    one = compute_from_spill(spills["default"], metrics, workers=1)
+    assert compute_from_spill(spills["default"], metrics, workers=2) == one
+    assert one["token_accuracy"] == np.mean(rows.pred_ids == rows.label_ids)
+    starts = [t.start for t in TaskPlanner(reader, 2).tasks()]
+    assert any(s % RECORD_BATCH_ROWS for s in starts)  # tasks begin inside record batches
