@@ -214,7 +214,7 @@ class ChunkRows:
     """A chunk whose files are read and checked once (lengths, CRC-32, what the headers declare against its record
     and decode budget), and whose rows are decoded a range at a time: only the record batches that hold them. A
     worker of the parallel recompute keeps one and decodes its tasks' rows; it holds the compressed bytes and the
-    last range decoded, never the whole decoded chunk."""
+    last range decoded, not the whole decoded chunk (its per-sample arrays, if asked for, are decoded whole)."""
 
     def __init__(self, directory: Path, record: ChunkRecord, *, verify: bool = True,
                  columns: Iterable[str] | None = None, with_arrays: bool = True, with_logprob: bool = True) -> None:
@@ -234,7 +234,8 @@ class ChunkRows:
         self._decoded: tuple[tuple[int, int], pa.Table] | None = None  # the last range: (first, end batch), rows
 
     def rows(self, start: int, stop: int) -> ChunkTable:
-        """Rows [start, stop) of the chunk, checked (all of them: exactly as `read_chunk` checks a chunk)."""
+        """Rows [start, stop) of the chunk, their record batches' values checked once decoded (`check_values`;
+        the whole chunk, `check_rows`: its sample indices span exactly its record's)."""
         first = max(int(np.searchsorted(self._starts, start, side="right")) - 1, 0)
         end = max(int(np.searchsorted(self._starts, stop, side="left")), first)
         if (start, stop) == (0, self.record.rows):  # the whole chunk: not kept (nothing else to read here)
