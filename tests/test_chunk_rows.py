@@ -5,7 +5,10 @@ written as one record batch (as every chunk was before)."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,7 @@ from spilleval.batch import SampleBatch
 from spilleval.metrics import compute_from_spill
 from spilleval.metrics.parallel import TaskPlanner
 from spilleval.spill import SpillReader, chunk
-from spilleval.spill.chunk import RECORD_BATCH_ROWS, ChunkRows, read_chunk
+from spilleval.spill.chunk import RECORD_BATCH_ROWS, ChunkCorruptError, ChunkRows, read_chunk
 
 ROWS = 2 * RECORD_BATCH_ROWS + 37
 
@@ -110,3 +113,28 @@ def test_default_settings_workers_match_the_rows(spills):
     assert one["token_accuracy"] == np.mean(rows.pred_ids == rows.label_ids)
     starts = [t.start for t in TaskPlanner(reader, 2).tasks()]
     assert any(s % RECORD_BATCH_ROWS for s in starts)  # tasks begin inside record batches
+
+
+def test_a_crafted_record_batch_is_refused_when_its_rows_are_read(spills, tmp_path):
+    """A chunk whose second record batch holds sample indices outside its record's range (its CRC made valid, as a
+    crafted file's would be): the first batch's rows read, the second's raise a named error, as does the whole."""
+    reader = SpillReader(spills["default"])
+    (record,) = reader.chunks
+    directory = tmp_path / "chunk"
+    shutil.copytree(reader.chunk_path(record), directory)
+    table = pa.ipc.open_file(directory / "tokens.arrow").read_all()
+    index = table.column("sample_index").to_numpy().copy()
+    index[RECORD_BATCH_ROWS + 5] = record.max_index + 1_000
+    table = table.set_column(0, table.schema.field(0), pa.array(index))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+        writer.write_table(table, max_chunksize=RECORD_BATCH_ROWS)
+    data = sink.getvalue().to_pybytes()
+    (directory / "tokens.arrow").write_bytes(data)
+    crafted = dataclasses.replace(record, files={**record.files,
+                                                 "tokens.arrow": {"bytes": len(data), "crc32": zlib.crc32(data)}})
+    rows = ChunkRows(directory, crafted)
+    assert len(rows.rows(0, 100).to_batch()) == 100
+    for start, stop in ((RECORD_BATCH_ROWS, RECORD_BATCH_ROWS + 10), (0, ROWS)):
+        with pytest.raises(ChunkCorruptError, match="sample indices"):
+            rows.rows(start, stop)
