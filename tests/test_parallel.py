@@ -8,6 +8,9 @@ import importlib.util
 import json
 import math
 import multiprocessing
+import shutil
+import subprocess
+import sys
 
 import pytest
 from _imports_probe import imported
@@ -169,6 +172,43 @@ def test_pool_workers_start_with_what_every_task_imports():
         assert pool.submit(imported, wanted).result() == list(wanted)
     finally:
         parallel.shutdown(pool)
+
+
+PROBE = """
+from spilleval.metrics import parallel
+
+
+def where():
+    return parallel.package_directory()
+
+
+if __name__ == "__main__":
+    pool = parallel.local_executor(2)
+    try:
+        print(pool.submit(where).result(), parallel.package_directory())
+    finally:
+        parallel.shutdown(pool)
+"""
+
+
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods() or sys.version_info < (3, 11),
+                    reason="forkserver with PYTHONSAFEPATH (Python 3.11+)")
+def test_workers_run_the_parents_spilleval_from_a_directory_holding_another(tmp_path):
+    """Run from a directory that holds a copy of spilleval (a checkout of another version), the forkserver's
+    preload imported that copy (`python -c` puts the working directory first on its path), and the workers ran its
+    code under this one's parent; the pool starts it with PYTHONSAFEPATH now."""
+    here = parallel.package_directory()
+    shutil.copytree(here, tmp_path / "elsewhere" / "spilleval", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "probe.py").write_text(PROBE)
+    done = subprocess.run([sys.executable, str(tmp_path / "probe.py")], cwd=tmp_path / "elsewhere",
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [here, here]
+
+
+def test_a_worker_with_another_copy_of_spilleval_refuses_to_start():
+    with pytest.raises(RuntimeError, match="imported spilleval from .* its parent from /elsewhere"):
+        parallel.one_thread_per_worker("/elsewhere")
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -214,14 +214,48 @@ def local_executor(workers: int) -> Executor:
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:
         context.set_forkserver_preload(list(WORKER_PRELOAD))
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=one_thread_per_worker)
+        start_forkserver_off_the_working_directory()
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=one_thread_per_worker,
+                               initargs=(package_directory(),))
 
 
-def one_thread_per_worker() -> None:
+def start_forkserver_off_the_working_directory() -> None:
+    """Start the forkserver (if it is not running) with PYTHONSAFEPATH=1. It runs `python -c`, which puts the
+    working directory first on its path, and CPython imports the preload there, not on this process's path: run
+    from a directory holding another copy of spilleval (a checkout), the workers ran that copy's code under this
+    one's parent (seen: a benchmark of an older tree got the newer tree's workers). Python 3.10 ignores the
+    variable; the workers' check (`one_thread_per_worker`) then names the problem."""
+    from multiprocessing import forkserver
+
+    before = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        forkserver.ensure_running()
+    finally:
+        if before is None:
+            del os.environ["PYTHONSAFEPATH"]
+        else:
+            os.environ["PYTHONSAFEPATH"] = before
+
+
+def package_directory() -> str:
+    """Where this process imported spilleval from."""
+    import spilleval
+
+    return os.path.dirname(os.path.abspath(spilleval.__file__))
+
+
+def one_thread_per_worker(parent_package: str | None = None) -> None:
     """A pool worker runs on one core: the Rust tokenizer's `decode_batch` (rayon), Arrow's thread pool and numpy's
     BLAS would each start a thread per core in every worker, 16 x 16 threads on 16 cores, contending instead of
     scaling (the bootstrap replicates' matrix products through OpenBLAS made chrF's 16 workers do 3.7x the CPU work
-    of 16 single-threaded ones). One worker in-process keeps their threads."""
+    of 16 single-threaded ones). One worker in-process keeps their threads. `parent_package`: the parent's
+    spilleval directory, which must be the worker's (else its numbers would be another version's)."""
+    if parent_package is not None and package_directory() != parent_package:
+        raise RuntimeError(f"this worker process imported spilleval from {package_directory()}, its parent from "
+                           f"{parent_package}: two copies of the library would compute one result. Run from a "
+                           "directory that holds no other copy of spilleval (Python before 3.11 puts the working "
+                           "directory first on a worker's path)")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the tokenizers library at each call
     os.environ["RAYON_NUM_THREADS"] = "1"
     pa.set_cpu_count(1)
