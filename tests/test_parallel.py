@@ -206,6 +206,17 @@ def test_workers_run_the_parents_spilleval_from_a_directory_holding_another(tmp_
     assert done.stdout.split() == [here, here]
 
 
+def test_a_pool_that_runs_nothing_starts_no_process():
+    """`spilleval diff` of two results files computes nothing: its pool must not start the forkserver."""
+    probe = ("from multiprocessing import forkserver\n"
+             "from spilleval.metrics import parallel\n"
+             "parallel.shutdown(parallel.local_executor(2))\n"
+             "print(forkserver._forkserver._forkserver_pid)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "None"
+
+
 def test_a_worker_with_another_copy_of_spilleval_refuses_to_start():
     with pytest.raises(RuntimeError, match="imported spilleval from .* its parent from /elsewhere"):
         parallel.one_thread_per_worker("/elsewhere")

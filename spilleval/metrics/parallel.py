@@ -214,13 +214,27 @@ def local_executor(workers: int) -> Executor:
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:
         context.set_forkserver_preload(list(WORKER_PRELOAD))
-        start_forkserver_off_the_working_directory()
+        return ForkserverPool(max_workers=workers, mp_context=context, initializer=one_thread_per_worker,
+                              initargs=(package_directory(),))
     return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=one_thread_per_worker,
                                initargs=(package_directory(),))
 
 
+class ForkserverPool(ProcessPoolExecutor):
+    """A process pool whose forkserver starts off the working directory, at the first task: a command that
+    computes nothing (`spilleval diff` of two results files) starts no process."""
+
+    _started = False
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
+        if not self._started:
+            start_forkserver_off_the_working_directory()
+            self._started = True
+        return super().submit(fn, *args, **kwargs)
+
+
 def start_forkserver_off_the_working_directory() -> None:
-    """Start the forkserver (if it is not running) with PYTHONSAFEPATH=1. It runs `python -c`, which puts the
+    """Start the forkserver, if it is not running, with PYTHONSAFEPATH=1. It runs `python -c`, which puts the
     working directory first on its path, and CPython imports the preload there, not on this process's path: run
     from a directory holding another copy of spilleval (a checkout), the workers ran that copy's code under this
     one's parent (seen: a benchmark of an older tree got the newer tree's workers). Python 3.10 ignores the
