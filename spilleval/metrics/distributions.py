@@ -197,7 +197,7 @@ class DistinctN(MapMergeMetric):
         self._totals = np.zeros(len(self._sizes), np.int64)
 
     def context(self, pass_index: int) -> tuple[str, list[int]]:
-        return str(self._runs), sorted(set(self.orders))
+        return str(self._runs), self._sizes
 
     def map(self, pass_index: int, batch: SampleBatch, context: Any) -> tuple[np.ndarray, pa.Array, np.ndarray]:
         """The batch's distinct n-grams of every size asked for, in one table (hash, text, [occurrences of each
