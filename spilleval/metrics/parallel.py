@@ -214,10 +214,9 @@ def local_executor(workers: int) -> Executor:
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:
         context.set_forkserver_preload(list(WORKER_PRELOAD))
-        return ForkserverPool(max_workers=workers, mp_context=context, initializer=one_thread_per_worker,
-                              initargs=(package_directory(),))
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=one_thread_per_worker,
-                               initargs=(package_directory(),))
+    pool = ForkserverPool if "forkserver" in methods else ProcessPoolExecutor
+    return pool(max_workers=workers, mp_context=context, initializer=one_thread_per_worker,
+                initargs=(package_directory(),))
 
 
 class ForkserverPool(ProcessPoolExecutor):

@@ -220,13 +220,8 @@ class ChunkRows:
                  columns: Iterable[str] | None = None, with_arrays: bool = True, with_logprob: bool = True) -> None:
         self.directory, self.record = directory, record
         self.columns = None if columns is None else list(columns)
-        names = [n for n in record.files if with_arrays or not n.startswith(ARRAYS_DIR)]
-        payloads = {name: _read_verified(directory, name, record.files[name], verify=verify) for name in names}
-        has_arrays = with_arrays and any(n.startswith(f"{ARRAYS_DIR}/") for n in record.files)
+        payloads, layout, has_arrays = _checked_files(directory, record, verify=verify, with_arrays=with_arrays)
         with _named_errors(directory):
-            layout = check_tokens(payloads[TOKENS_FILE], record)
-            arrays_bytes = check_arrays(payloads, record.rows, prefix=f"{ARRAYS_DIR}/").decoded_bytes if has_arrays else 0
-            check_budget(record, layout.decoded_bytes + arrays_bytes)
             self._file = pa.ipc.open_file(pa.BufferReader(payloads[TOKENS_FILE]),
                                           options=_read_options(layout.schema, self.columns, with_logprob))
             self.arrays = _read_arrays(payloads) if has_arrays else None
@@ -257,6 +252,21 @@ class ChunkRows:
                 return table
             check_rows(table, self.record)
         return _combined(table)
+
+
+def _checked_files(directory: Path, record: ChunkRecord, *, verify: bool,
+                   with_arrays: bool) -> tuple[dict[str, bytes], IpcLayout, bool]:
+    """(the chunk's files' bytes, tokens.arrow's layout, whether arrays were read): every file read and checked
+    (length, CRC-32), and what the headers declare checked against the record and the decode budget, before
+    anything is decoded. Arrays are read only `with_arrays`."""
+    names = [n for n in record.files if with_arrays or not n.startswith(ARRAYS_DIR)]
+    payloads = {name: _read_verified(directory, name, record.files[name], verify=verify) for name in names}
+    has_arrays = with_arrays and any(n.startswith(f"{ARRAYS_DIR}/") for n in record.files)
+    with _named_errors(directory):
+        layout = check_tokens(payloads[TOKENS_FILE], record)
+        arrays_bytes = check_arrays(payloads, record.rows, prefix=f"{ARRAYS_DIR}/").decoded_bytes if has_arrays else 0
+        check_budget(record, layout.decoded_bytes + arrays_bytes)
+    return payloads, layout, has_arrays
 
 
 def _combined(table: pa.Table) -> pa.Table:
@@ -342,38 +352,29 @@ def check_budget(record: ChunkRecord, decoded_bytes: int) -> None:
 
 def check_rows(table: pa.Table, record: ChunkRecord) -> None:
     """After decoding a whole chunk: `check_values`, and its sample indices span exactly what its record says."""
-    check_values(table, record)
-    index = table.column("sample_index")
-    if len(index):
-        import pyarrow.compute as pc
-
-        bounds = pc.min_max(index)
-        low, high = bounds["min"].as_py(), bounds["max"].as_py()
-        if (low, high) != (record.min_index, record.max_index):
-            raise ValueError(
-                f"{TOKENS_FILE} holds sample indices {low}..{high}; chunk.json records {record.min_index}.."
-                f"{record.max_index}"
-            )
+    check_values(table, record, whole=True)
 
 
-def check_values(table: pa.Table, record: ChunkRecord) -> None:
+def check_values(table: pa.Table, record: ChunkRecord, *, whole: bool = False) -> None:
     """After decoding some of a chunk's rows: valid offsets, no missing values in the token columns, sample
-    indices within those its record spans."""
+    indices within those its record spans (`whole`: spanning exactly those)."""
     table.validate(full=True)
     for name in TOKEN_COLUMNS:
         if name in table.column_names and table.column(name).null_count:
             raise ValueError(f"{TOKENS_FILE}: column {name} has missing values")
     index = table.column("sample_index")
-    if len(index):
-        import pyarrow.compute as pc
+    if not len(index):
+        return
+    import pyarrow.compute as pc
 
-        bounds = pc.min_max(index)
-        low, high = bounds["min"].as_py(), bounds["max"].as_py()
-        if low < record.min_index or high > record.max_index:
-            raise ValueError(
-                f"{TOKENS_FILE} holds sample indices {low}..{high}, outside the {record.min_index}.."
-                f"{record.max_index} that chunk.json records"
-            )
+    bounds = pc.min_max(index)
+    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    if whole and (low, high) != (record.min_index, record.max_index):
+        raise ValueError(f"{TOKENS_FILE} holds sample indices {low}..{high}; chunk.json records {record.min_index}.."
+                         f"{record.max_index}")
+    if low < record.min_index or high > record.max_index:
+        raise ValueError(f"{TOKENS_FILE} holds sample indices {low}..{high}, outside the {record.min_index}.."
+                         f"{record.max_index} that chunk.json records")
 
 
 def _read_options(schema: pa.Schema, columns: list[str] | None, with_logprob: bool) -> pa.ipc.IpcReadOptions:
@@ -398,6 +399,12 @@ def _decode_sample_index(directory: Path, data: bytes, record: ChunkRecord) -> n
     with _named_errors(directory):
         layout = check_tokens(data, record)
         check_budget(record, layout.decoded_bytes)
+    return _sample_index_column(directory, data, record)
+
+
+def _sample_index_column(directory: Path, data: bytes, record: ChunkRecord) -> np.ndarray:
+    """The sample_index column of tokens.arrow bytes whose layout was checked."""
+    with _named_errors(directory):
         options = pa.ipc.IpcReadOptions(included_fields=[0], use_threads=False)
         table = pa.ipc.open_file(pa.BufferReader(data), options=options).read_all()
         check_rows(table, record)
@@ -407,13 +414,8 @@ def _decode_sample_index(directory: Path, data: bytes, record: ChunkRecord) -> n
 def verify_chunk(directory: Path, record: ChunkRecord) -> np.ndarray:
     """Check every file of a chunk (length, CRC-32, what its headers declare) without decoding its rows; return
     its sample indices. What `spilleval inspect` does to tell an intact chunk from a damaged one."""
-    payloads = {name: _read_verified(directory, name, entry, verify=True) for name, entry in record.files.items()}
-    with _named_errors(directory):
-        layout = check_tokens(payloads[TOKENS_FILE], record)
-        has_arrays = any(n.startswith(f"{ARRAYS_DIR}/") for n in record.files)
-        arrays_bytes = check_arrays(payloads, record.rows, prefix=f"{ARRAYS_DIR}/").decoded_bytes if has_arrays else 0
-        check_budget(record, layout.decoded_bytes + arrays_bytes)
-    return _decode_sample_index(directory, payloads[TOKENS_FILE], record)
+    payloads, _, _ = _checked_files(directory, record, verify=True, with_arrays=True)
+    return _sample_index_column(directory, payloads[TOKENS_FILE], record)
 
 
 def table_to_batch(table: pa.Table, *, columns: Iterable[str] | None = None) -> SampleBatch:
