@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from spilleval.batch import SampleBatch
 from spilleval.metrics import compute_from_spill
-from spilleval.metrics.parallel import TaskPlanner
+from spilleval.metrics.parallel import TaskPlanner, local_executor, shutdown
 from spilleval.spill import SpillReader, chunk
 from spilleval.spill.chunk import RECORD_BATCH_ROWS, ChunkCorruptError, ChunkRows, read_chunk
 
@@ -138,3 +138,24 @@ def test_a_crafted_record_batch_is_refused_when_its_rows_are_read(spills, tmp_pa
     for start, stop in ((RECORD_BATCH_ROWS, RECORD_BATCH_ROWS + 10), (0, ROWS)):
         with pytest.raises(ChunkCorruptError, match="sample indices"):
             rows.rows(start, stop)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_chunk_rewritten_under_its_name_is_read_again(tmp_path, workers):
+    """A process keeps its reader and last chunk between tasks, and between computes (in-process, or a pool that
+    outlives them): a chunk rewritten under the same rank and sequence number (as compaction renumbers chunks) is
+    read again, not served from the copy kept."""
+    rng = np.random.default_rng(1)
+    first, second = (random_batch(rng, 50, p_correct=p) for p in (0.2, 0.9))
+    for name, batch in (("first", first), ("second", second)):
+        write_spill(tmp_path / name, [batch], make_manifest(dataset_length=50))
+    spill = tmp_path / "spill"
+    pool = local_executor(workers)
+    try:
+        for batch in (first, second):
+            shutil.rmtree(spill, ignore_errors=True)
+            shutil.copytree(tmp_path / ("first" if batch is first else "second"), spill)
+            got = compute_from_spill(spill, ["token_accuracy"], executor=pool, workers=workers)
+            assert got["token_accuracy"] == np.mean(batch.pred_ids == batch.label_ids)
+    finally:
+        shutdown(pool)

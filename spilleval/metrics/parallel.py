@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib
 import math
 import multiprocessing
@@ -75,6 +76,7 @@ class Sweep:
 
     spill_dir: str
     allow_partial: bool
+    spill_state: str  # `spill_state(reader)`: what a worker's cached reader, suite and chunk must have been made from
     specs: tuple[dict[str, Any], ...]  # every metric of the suite, rebuilt in the worker
     modules: tuple[str, ...]  # modules that register them (custom metrics), imported first in the worker
     streaming: bool  # update the streaming metrics (the first sweep)
@@ -141,7 +143,7 @@ def _reader(sweep: Sweep) -> "SpillReader":
 
     if sweep.local_reader is not None:
         return sweep.local_reader
-    key = ("reader", sweep.spill_dir, sweep.allow_partial)
+    key = ("reader", sweep.spill_dir, sweep.spill_state, sweep.allow_partial)
     if key not in _WORKER:
         _WORKER[key] = SpillReader(sweep.spill_dir, allow_partial=sweep.allow_partial)
     return _WORKER[key]
@@ -152,7 +154,7 @@ def _suite(sweep: Sweep, reader: "SpillReader") -> "MetricSuite":
 
     if sweep.local_suite is not None:
         return sweep.local_suite
-    key = ("suite", sweep.spill_dir, repr(sweep.specs))
+    key = ("suite", sweep.spill_dir, sweep.spill_state, repr(sweep.specs))
     if key not in _WORKER:
         for module in sweep.modules:
             importlib.import_module(module)
@@ -170,7 +172,7 @@ def _task_batches(reader: "SpillReader", sweep: Sweep, task: Task) -> Iterator[S
     from ..spill.chunk import ChunkRows
 
     record = reader.chunks[task.chunk]
-    key = ("chunk", sweep.spill_dir, record.rank, record.seq, repr(sorted(sweep.reads.items())))
+    key = ("chunk", sweep.spill_dir, sweep.spill_state, task.chunk, repr(sorted(sweep.reads.items())))
     cached = _WORKER.get("chunk")
     if cached is None or cached[0] != key:
         _WORKER.pop("chunk", None)  # drop the last chunk before reading the next: one chunk per worker
@@ -362,6 +364,13 @@ def _local_copy(suite: "MetricSuite") -> "MetricSuite":
     return MetricSuite([copy.deepcopy(m) for m in suite.metrics], tokenizer=suite.tokenizer)
 
 
+def spill_state(reader: "SpillReader") -> str:
+    """A digest of the spill's chunk records (names, rows, sample ranges, files' lengths and CRC-32s). A worker keeps
+    its reader, suite and last chunk between tasks and between computes; they are reused only for the same state of
+    the same spill: compaction gives other rows an old chunk's (rank, seq), a resumed run adds chunks."""
+    return hashlib.blake2b(repr(reader.chunks).encode(), digest_size=16).hexdigest()
+
+
 def _sweep(reader: "SpillReader", suite: "MetricSuite", *, streaming: bool, passes: tuple, batch_size: int,
            local_suite: "MetricSuite | None", replicates: Any) -> Sweep:
     taking_part: list[Metric] = [suite.metrics[pos] for pos, _, _ in passes]
@@ -369,7 +378,7 @@ def _sweep(reader: "SpillReader", suite: "MetricSuite", *, streaming: bool, pass
         taking_part += suite.streaming
     sizes = [getattr(m, "batch_size", batch_size) for m in taking_part]
     return Sweep(
-        spill_dir=os.fspath(reader.path), allow_partial=reader.allow_partial,
+        spill_dir=os.fspath(reader.path), allow_partial=reader.allow_partial, spill_state=spill_state(reader),
         specs=tuple(m.spec() for m in suite.metrics),
         modules=tuple(sorted({type(m).__module__ for m in suite.metrics} - {"__main__", "__mp_main__"})),
         streaming=streaming, passes=passes, batch_size=min([batch_size, *sizes]), local_suite=local_suite,
