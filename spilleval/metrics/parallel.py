@@ -168,7 +168,8 @@ def _suite(sweep: Sweep, reader: "SpillReader") -> "MetricSuite":
 
 def _task_batches(reader: "SpillReader", sweep: Sweep, task: Task) -> Iterator[SampleBatch]:
     """The task's rows in batches of `sweep.batch_size`, decoded when a metric of the sweep reads text. A worker
-    keeps its last chunk's checked bytes (`ChunkRows`) and decodes only the record batches of each task's rows."""
+    keeps its last chunk's checked bytes (`ChunkRows`) and converts one batch of rows at a time, decoding only the
+    record batches that hold them: a batch aligned with them is their buffers, with no copy of the chunk."""
     from ..spill.chunk import ChunkRows
 
     record = reader.chunks[task.chunk]
@@ -178,13 +179,16 @@ def _task_batches(reader: "SpillReader", sweep: Sweep, task: Task) -> Iterator[S
         _WORKER.pop("chunk", None)  # drop the last chunk before reading the next: one chunk per worker
         chunk = ChunkRows(reader.chunk_path(record), record, verify=reader.verify, **sweep.reads)
         _WORKER["chunk"] = cached = (key, chunk)
-    rows = cached[1].rows(task.start, task.stop).to_batch()
-    if task.keep is not None:
-        rows = rows.take(task.keep - task.start)
     suite = _suite(sweep, reader)
     decode = any(m.needs_text for m in suite.metrics)
-    for start in range(0, len(rows), sweep.batch_size):
-        batch = rows.slice(start, min(start + sweep.batch_size, len(rows)))
+    for start in range(task.start, task.stop, sweep.batch_size):
+        stop = min(start + sweep.batch_size, task.stop)
+        batch = cached[1].rows(start, stop).to_batch()
+        if task.keep is not None:
+            kept = task.keep[(task.keep >= start) & (task.keep < stop)]
+            if not len(kept):
+                continue
+            batch = batch.take(kept - start)
         yield decode_batch(batch, suite.tokenizer) if decode else batch
 
 

@@ -226,30 +226,33 @@ class ChunkRows:
                                           options=_read_options(layout.schema, self.columns, with_logprob))
             self.arrays = _read_arrays(payloads) if has_arrays else None
         self._starts = np.cumsum([0, *(b.length for b in layout.batches)])  # each record batch's first row
-        self._decoded: tuple[tuple[int, int], pa.Table] | None = None  # the last range: (first, end batch), rows
+        self._kept: dict[int, pa.RecordBatch] = {}  # the record batches of the last range read, checked
 
     def rows(self, start: int, stop: int) -> ChunkTable:
         """Rows [start, stop) of the chunk, their record batches' values checked once decoded (`check_values`;
-        the whole chunk, `check_rows`: its sample indices span exactly its record's)."""
+        the whole chunk, `check_rows`: its sample indices span exactly its record's). The record batches of the
+        last range are kept: the next range, which usually starts where it stopped, decodes only the others."""
         first = max(int(np.searchsorted(self._starts, start, side="right")) - 1, 0)
         end = max(int(np.searchsorted(self._starts, stop, side="left")), first)
         if (start, stop) == (0, self.record.rows):  # the whole chunk: not kept (nothing else to read here)
-            table = self._decode(first, end, whole=True)
+            table = self._whole(first, end)
         else:
-            if self._decoded is None or self._decoded[0] != (first, end):
-                self._decoded = None  # dropped before the next range is decoded
-                self._decoded = ((first, end), self._decode(first, end, whole=False))
-            table = self._decoded[1].slice(start - int(self._starts[first]), stop - start)
+            self._kept = {i: self._kept[i] if i in self._kept else self._checked_batch(i) for i in range(first, end)}
+            table = pa.Table.from_batches([self._kept[i] for i in range(first, end)], schema=self._file.schema)
+            table = table.slice(start - int(self._starts[first]), stop - start)
         arrays = None if self.arrays is None else {k: v[start:stop] for k, v in self.arrays.items()}
         return ChunkTable(self.directory, table, arrays, self.columns)
 
-    def _decode(self, first: int, end: int, *, whole: bool) -> pa.Table:
+    def _checked_batch(self, index: int) -> pa.RecordBatch:
+        with _named_errors(self.directory):
+            batch = self._file.get_batch(index)
+            check_values(pa.Table.from_batches([batch]), self.record)
+        return batch
+
+    def _whole(self, first: int, end: int) -> pa.Table:
         with _named_errors(self.directory):
             table = pa.Table.from_batches([self._file.get_batch(i) for i in range(first, end)],
                                           schema=self._file.schema)
-            if not whole:
-                check_values(table, self.record)
-                return table
             check_rows(table, self.record)
         return _combined(table)
 
