@@ -166,6 +166,50 @@ def check_ranges_against_one_merge(root, seed: int, tasks: int, workers: int, ke
     assert not list(root.rglob("range-*"))
 
 
+def counts_in_order(blocks) -> np.ndarray:
+    """A summary (`NgramCountWriter.summarize`) that keeps every count: the table's counts in key order."""
+    return np.concatenate([*blocks, np.zeros((0, 2), np.int64)])
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), tasks=st.integers(1, 9), workers=st.integers(1, 5), listed=st.integers(0, 4),
+       key=st.sampled_from(["prefix", "collide", "hash"]), round_bytes=st.sampled_from([1, 300, 1 << 23]))
+def test_a_summary_of_the_table_sees_the_counts_of_one_merge_in_key_order(tmp_path_factory, seed, tasks, workers,
+                                                                          listed, key, round_bytes) -> None:
+    """`summarize` (distinct_n, answer_macro_f1: a table read once) hands the summary the counts the single merge
+    writes, in key order, one call per key range, whether the runs are merged in ranges by a pool (listed runs
+    merged every `listed` runs, then their ranges merged again; `listed` 0: all of them merged once, and the
+    ranges of that merge summarized as they are) or by this process, with merge rounds of any size; nothing is
+    written, and no run is left behind."""
+    root = tmp_path_factory.mktemp("summary")
+    rng = np.random.default_rng(seed)
+    texts, counts = random_rows(rng, 1500)
+    text_array = pa.array(texts, pa.large_string())
+    keys = {"prefix": prefix_keys(text_array), "collide": np.uint64(7) * (prefix_keys(text_array) % 3),
+            "hash": text_hashes(text_array)}[key]
+    single = NgramCountWriter(root / "single")
+    summarized = NgramCountWriter(root / "summarized", pool=InProcessPool(workers))
+    cuts = np.sort(rng.integers(0, len(texts), size=tasks - 1))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_partitions, "MIN_RANGE_ROWS", 1)
+        patch.setattr(run_partitions, "RANGE_ROUND_BYTES", round_bytes)
+        patch.setattr(ngram_table, "MERGE_ROUND_BYTES", round_bytes)
+        runs = []
+        for part in np.split(np.arange(len(texts)), cuts):
+            pieces = [(keys[b], text_array.take(pa.array(b)), counts[b]) for b in np.array_split(part, 3)]
+            for piece in pieces:
+                single.add(*piece)
+            runs += write_runs(root, pieces, buffer_rows=max(1, len(part) // 3))
+        patch.setattr(ngram_table, "MAX_LISTED_RUNS", listed or len(runs) - 1)
+        for run in runs:
+            summarized.adopt(run)
+        (one,) = single.finish()
+        found = summarized.summarize(counts_in_order)
+    assert 1 <= len(found) <= workers
+    assert np.array_equal(np.concatenate(found), np.asarray(Run(one).counts))
+    assert {p for p in root.rglob("run-*")} == {Path(one)}
+
+
 def test_a_table_with_empty_runs_looks_keys_up(tmp_path) -> None:
     """Empty runs beside (or instead of) filled ones: keys are routed past them (all empty used to index an empty
     array of range starts)."""
@@ -173,7 +217,7 @@ def test_a_table_with_empty_runs_looks_keys_up(tmp_path) -> None:
     asked = np.array([5, 7], np.uint64)
     empties = []
     for _ in range(2):
-        path = ngram_table._new_run_path(tmp_path)
+        path = ngram_table.new_run_path(tmp_path)
         ngram_table._write_run(path, np.zeros(0, np.uint64), pa.array([], pa.large_string()), np.zeros(0, np.int64))
         empties.append(path)
     (full,) = (run.path for run in write_runs(tmp_path, [(np.array([5], np.uint64), pa.array(["a"], pa.large_string()),

@@ -79,13 +79,16 @@ def test_workers_give_the_bits_of_one_worker(spill, monkeypatch, in_ranges):
     if in_ranges:
         monkeypatch.setattr(run_partitions, "MIN_RANGE_ROWS", 1)
         monkeypatch.setattr(ngram_table, "MAX_LISTED_RUNS", 3)
-        real = run_partitions.merge_in_ranges
-        monkeypatch.setattr(run_partitions, "merge_in_ranges", lambda *a: ranges.append(len(out := real(*a))) or out)
+        for name in ("merge_in_ranges", "summarize_in_ranges"):  # (tables looked up; tables summarized)
+            real = getattr(run_partitions, name)
+            monkeypatch.setattr(run_partitions, name,
+                                lambda *a, real=real, name=name: ranges.append((name, len(out := real(*a)))) or out)
     one = compute_from_spill(spill, workers=1)
     assert len(one) > 40 and one["cider"] > 0
     for workers in (2, 3):
         assert same(compute_from_spill(spill, workers=workers), one), workers
-    assert not in_ranges or max(ranges) == 3
+    assert not in_ranges or {name: n for name, n in sorted(ranges, key=lambda r: r[1])} == {
+        "merge_in_ranges": 3, "summarize_in_ranges": 3}
     planner = parallel.TaskPlanner(SpillReader(spill), 3)
     tasks = list(planner.tasks())
     assert len(tasks) > len(planner.reader.chunks)  # chunks were cut

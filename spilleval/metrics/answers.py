@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from ..batch import SampleBatch
 from .base import BatchSize
 from .mapmerge import MapMergeMetric
-from .ngram_table import NgramCountWriter, Run, prefix_keys, write_runs
+from .ngram_table import NgramCountWriter, prefix_keys, write_runs
 from .registry import register
 
 Rows = tuple[np.ndarray, pa.Array, np.ndarray]  # (prefix keys, answers, [tp, fp, fn] counts)
@@ -59,9 +59,13 @@ class AnswerMacroF1(MapMergeMetric):
             self._table.adopt(run)
 
     def finish(self) -> dict[str, float]:
-        f1 = np.concatenate([_f1(counts) for run in map(Run, self._table.finish()) for counts in run.count_blocks(3)]
-                            or [np.zeros(0)])
+        f1 = np.concatenate(self._table.summarize(answer_f1) or [np.zeros(0)])
         return {"answer_macro_f1": float(np.mean(f1)) if len(f1) else 0.0}
+
+
+def answer_f1(blocks: Iterator[np.ndarray]) -> np.ndarray:
+    """Each answer's F1, in key order, from [rows, (tp, fp, fn)] blocks of counts."""
+    return np.concatenate([_f1(counts) for counts in blocks] or [np.zeros(0)])
 
 
 def _f1(counts: np.ndarray) -> np.ndarray:

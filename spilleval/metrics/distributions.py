@@ -8,7 +8,7 @@ text, so two n-grams are one only when their texts are equal).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -22,7 +22,7 @@ from .base import BatchSize, NgramOrder
 from .cider_vectors import occurrences
 from .inputs import MetricInputError
 from .mapmerge import MapMergeMetric
-from .ngram_table import NgramCountWriter, Run, write_runs
+from .ngram_table import NgramCountWriter, write_runs
 from .ondisk import ScratchStore
 from .registry import register
 
@@ -171,6 +171,11 @@ def _values_at_ranks(table: Any, ranks: list[int]) -> dict[int, float]:
     return found
 
 
+def distinct_per_column(blocks: Iterator[np.ndarray]) -> np.ndarray | int:
+    """Keys with a nonzero count in each column (each n-gram size), over [rows, sizes] blocks of counts."""
+    return sum((np.count_nonzero(counts, axis=0) for counts in blocks), 0)
+
+
 @register("distinct_n")
 class DistinctN(MapMergeMetric):
     """distinct_1, distinct_2, ...: distinct n-grams / all n-grams over every prediction (whitespace tokens)."""
@@ -227,8 +232,7 @@ class DistinctN(MapMergeMetric):
 
     def finish(self) -> dict[str, float]:
         distinct = np.zeros(len(self._sizes), np.int64)
-        for run in map(Run, self._table.finish()):
-            for counts in run.count_blocks(len(self._sizes)):
-                distinct += np.count_nonzero(counts, axis=0)
+        for found in self._table.summarize(distinct_per_column):
+            distinct += found
         ratio = {n: int(d) / int(t) if t else 0.0 for n, d, t in zip(self._sizes, distinct, self._totals)}
         return {f"distinct_{n}": ratio[n] for n in self.orders}

@@ -43,7 +43,6 @@ SMALL_RUN_FRACTION = 4  # an adopted run under 1/4 of a buffer of rows is read i
 MIN_MERGE_BLOCK = 256  # rows per run and round, at least: hundreds of rows per numpy call
 MAX_LISTED_RUNS = 512  # with a pool: runs listed before the workers merge them (`NgramCountWriter._listed`)
 MIN_LOOKUP_GROUP = 1024  # keys looked up between two releases of the mapped pages, at least
-SCAN_ROWS = 8192  # rows a scan of the table reads at a time (`Run.count_blocks`): a few hundred KB of temporaries
 LOOKUP_PAGES = 256  # pages of each mapped 8-byte array that one group of keys is sized to touch
 _ENTRIES_PER_PAGE = mmap.PAGESIZE // 8
 
@@ -164,13 +163,6 @@ class Run:
         """Unmap the pages a lookup touched (they stay in the page cache), so the process's memory stays flat."""
         self._mapped.release()
 
-    def count_blocks(self, width: int, rows: int = SCAN_ROWS) -> Iterator[np.ndarray]:
-        """The counts as [rows, width] blocks, in key order (the mapped pages given back after each): a scan of
-        the whole table in bounded memory."""
-        for start in range(0, len(self), rows):
-            yield np.array(self.counts[start : start + rows]).reshape(-1, width)
-            self.release()
-
     def _positions(self, hashes: np.ndarray) -> np.ndarray:
         """`np.searchsorted(self.hashes, hashes)`, searching only the stretch of the run between the smallest and
         the largest key. numpy searches each of sorted keys from the previous key's position to the end of the
@@ -235,7 +227,7 @@ def write_runs(directory: str | os.PathLike, rows: Iterable[tuple[np.ndarray, pa
 
 def _write_sorted(directory: Path, parts: Sequence[tuple[np.ndarray, pa.Array, np.ndarray]]) -> "RunPart":
     """The rows of `parts` as one new run in `directory` (sorted, equal keys summed)."""
-    path = _new_run_path(directory)
+    path = new_run_path(directory)
     hashes, texts, counts = _sorted_unique(np.concatenate([p[0] for p in parts]),
                                            pa.concat_arrays([p[1].cast(pa.large_string()) for p in parts]),
                                            np.concatenate([p[2] for p in parts]))
@@ -243,7 +235,7 @@ def _write_sorted(directory: Path, parts: Sequence[tuple[np.ndarray, pa.Array, n
     return RunPart(path, 0, len(hashes))
 
 
-def _new_run_path(directory: Path) -> Path:
+def new_run_path(directory: Path) -> Path:
     return directory / f"run-{uuid.uuid4().hex}"
 
 
@@ -265,6 +257,10 @@ class RunPart:
     start: int
     stop: int
     owned: bool = True
+
+    def stretch(self) -> tuple[str, int, int]:
+        """(path, start, stop), as a key-range job receives it (`run_partitions`)."""
+        return os.fspath(self.path), self.start, self.stop
 
     @classmethod
     def whole(cls, path: Path) -> "RunPart":
@@ -349,17 +345,45 @@ class NgramCountWriter:
     def finish(self) -> list[Path]:
         """Write what is buffered and merge the runs: the runs to read with `NgramCounts`, one, or with a pool
         several of disjoint key ranges in key order."""
-        self._flush()
-        runs = self._merged + self._runs
+        runs, ranges = self._table_runs()
         if self.pool is not None:
-            if len(runs) > 1 and (self._runs or self._merges > 1):  # (the ranges of one merge: done)
+            if not ranges:
                 from .run_partitions import merge_in_ranges
 
                 runs = merge_in_ranges(runs, self.directory, self.pool)
         elif len(runs) > 1 or (runs and not runs[0].owned):
             runs = [RunPart.whole(self._merge(runs))]
-        self._runs, self._merged, self._merges = runs, [], 0
+        self._runs = runs
         return [part.path for part in runs]
+
+    def summarize(self, summary: Callable[[Iterator[np.ndarray]], Any]) -> list[Any]:
+        """`summary` of the table's counts, read in key order as [rows, width] blocks, once per part of the table
+        (key ranges, in key order): for a table read once, at the end (distinct n-grams, answers). No merged run
+        is written: the merge's rounds go to `summary` as they come, with a pool in the workers that merge each
+        key range. `summary` must be picklable (a module-level function) for the pool's workers."""
+        runs, ranges = self._table_runs()
+        if self.pool is None or len(runs) < 2:
+            results = [summarize_rounds(merged_rounds(runs), summary)] if runs else []
+        elif ranges:
+            from .run_partitions import summarize_slices
+
+            results = self.pool.map(summarize_slices, [([part.stretch()], summary) for part in runs])
+        else:
+            from .run_partitions import summarize_in_ranges
+
+            return summarize_in_ranges(runs, self.pool, summary)  # (removes the runs)
+        for part in runs:
+            part.discard()
+        return results
+
+    def _table_runs(self) -> tuple[list[RunPart], bool]:
+        """Every run of the table (what is buffered written first), and whether they are the disjoint key ranges
+        of one merge already (with a pool)."""
+        self._flush()
+        runs = self._merged + self._runs
+        ranges = len(runs) < 2 or (not self._runs and self._merges <= 1)
+        self._runs, self._merged, self._merges = [], [], 0
+        return runs, ranges
 
     def _flush(self) -> None:
         if not self._pending:
@@ -376,30 +400,58 @@ class NgramCountWriter:
         self._runs = [*by_size[len(picked) :], RunPart.whole(self._merge(picked))]
 
     def _merge(self, runs: Sequence[RunPart]) -> Path:
-        """Streaming merge: each round takes, from every run, the rows whose key (hash, text) is at most the
-        smallest of the keys that end the runs' next blocks, so equal keys always meet in one round, and a round
-        reads about MERGE_ROUND_BYTES from its runs together, however many keys share a hash and however long the
-        texts (answers of 200 bytes: a budget in rows held 17 runs x 1,927 rows, 20 MB with the round's copies)."""
-        opened = [part.open() for part in runs]
-        block_rows = [_block_rows(run, MERGE_ROUND_BYTES // len(opened)) for run in opened]
-        cursor = [0] * len(opened)
-        out = _new_run_path(self.directory)
-        width = max(count_width(run.counts) for run in opened)
-        with RunFileWriter(out, max_rows=sum(len(run) for run in opened), width=width) as writer:
-            while any(c < len(r) for c, r in zip(cursor, opened)):
-                stops = _round_stops(opened, cursor, block_rows)
-                block = [(run.hashes[a:b], run.texts.slice(a, b - a), run.counts[a:b])
-                         for run, a, b in zip(opened, cursor, stops) if b > a]
-                cursor = stops
-                hashes, texts, counts = _sorted_unique(np.concatenate([p[0] for p in block]),
-                                                       pa.concat_arrays([p[1] for p in block]),
-                                                       np.concatenate([p[2] for p in block]), runs_of_sorted=True)
-                writer.append(hashes, counts, texts)
-                for run in opened:
-                    run.release()
+        """The runs merged into one new run (`write_merged`), the owned ones removed."""
+        out = new_run_path(self.directory)
+        write_merged(out, runs)
         for part in runs:
             part.discard()
         return out
+
+
+def write_merged(path: Path, runs: Sequence[RunPart], round_bytes: int | None = None) -> None:
+    """The rows of `runs` (stretches of sorted runs) merged, equal keys summed, into one new run at `path`."""
+    opened = [part.open() for part in runs]
+    width = max(count_width(run.counts) for run in opened)
+    with RunFileWriter(path, max_rows=sum(len(run) for run in opened), width=width) as writer:
+        for hashes, texts, counts in _rounds(opened, round_bytes):
+            writer.append(hashes, counts, texts)
+
+
+def summarize_rounds(rounds: Iterable[tuple[np.ndarray, pa.Array, np.ndarray]],
+                     summary: Callable[[Iterator[np.ndarray]], Any]) -> Any:
+    """`summary` of the rounds' counts, as [rows, width] blocks."""
+    return summary(np.asarray(counts).reshape(len(counts), -1) for _, _, counts in rounds)
+
+
+def merged_rounds(runs: Sequence[RunPart], round_bytes: int | None = None,
+                  ) -> Iterator[tuple[np.ndarray, pa.Array, np.ndarray]]:
+    """The rows of `runs` (stretches of sorted runs) in key order, equal keys summed (see `_rounds`)."""
+    return _rounds([part.open() for part in runs], round_bytes)
+
+
+def _rounds(opened: Sequence[Run], round_bytes: int | None) -> Iterator[tuple[np.ndarray, pa.Array, np.ndarray]]:
+    """The rows of the `opened` runs in key order, equal keys summed, in rounds of about
+    `round_bytes` (MERGE_ROUND_BYTES) of input: a streaming merge. Each round takes, from every run, the rows whose
+    key (hash, text) is at most the smallest of the keys that end the runs' next blocks, so equal keys always meet
+    in one round, however many keys share a hash and however long the texts (answers of 200 bytes: a budget in
+    rows held 17 runs x 1,927 rows, 20 MB with the round's copies). A round's rows are copies: the mapped pages
+    are given back after each."""
+    budget = (MERGE_ROUND_BYTES if round_bytes is None else round_bytes) // max(len(opened), 1)
+    block_rows = [_block_rows(run, budget) for run in opened]
+    cursor = [0] * len(opened)
+    while any(c < len(r) for c, r in zip(cursor, opened)):
+        stops = _round_stops(opened, cursor, block_rows)
+        block = [(run.hashes[a:b], run.texts.slice(a, b - a), run.counts[a:b])
+                 for run, a, b in zip(opened, cursor, stops) if b > a]
+        cursor = stops
+        if len(opened) == 1:  # one run's rows are sorted and unique already
+            (hashes, texts, counts), = block
+            yield np.array(hashes), texts.take(pa.array(np.arange(len(texts)))), np.array(counts)
+        else:
+            yield _sorted_unique(np.concatenate([p[0] for p in block]), pa.concat_arrays([p[1] for p in block]),
+                                 np.concatenate([p[2] for p in block]), runs_of_sorted=True)
+        for run in opened:
+            run.release()
 
 
 def _block_rows(run: Run, budget: int) -> int:
