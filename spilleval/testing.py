@@ -343,19 +343,21 @@ def pad_multimodal_batch(items: list[dict[str, Any]], pad_id: int = 0, *, side: 
 # pytest worker would report the parent's peak and the growth would read 0.
 
 
-def reset_peak_rss() -> int:
-    """Restart the high-water mark from the current RSS (Linux /proc/self/clear_refs); return the RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
+def reset_peak_rss(pid: int | str = "self") -> int:
+    """Restart the high-water mark of a process (this one by default) from its current RSS (Linux
+    /proc/PID/clear_refs); return the RSS in bytes."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
         f.write("5")
-    return _proc_status_bytes("VmRSS")
+    return _proc_status_bytes("VmRSS", pid)
 
 
-def peak_rss() -> int:
-    """This process's peak RSS in bytes since it started or since the last `reset_peak_rss()`."""
-    return _proc_status_bytes("VmHWM")
+def peak_rss(pid: int | str = "self") -> int:
+    """A process's (this one's by default) peak RSS in bytes since it started or since the last
+    `reset_peak_rss()`."""
+    return _proc_status_bytes("VmHWM", pid)
 
 
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
+def _proc_status_bytes(field: str, pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as status:
         line = next(line for line in status if line.startswith(f"{field}:"))
     return int(line.split()[1]) * 1024

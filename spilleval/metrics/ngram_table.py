@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .run_file import (RunFileError, RunFileWriter, checked_offsets, count_width, map_run_file, run_file_rows,
+from .run_file import (RowReader, RunFileError, RunFileWriter, checked_offsets, map_run_file, run_file_rows,
                        write_run_file)
 
 BUFFER_ROWS = 1 << 18  # rows buffered before they are sorted into a run (about 10 MB of n-grams)...
@@ -137,25 +137,6 @@ class Run:
     def __len__(self) -> int:
         return len(self.hashes)
 
-    def rows_through(self, start: int, key_hash: np.uint64, key_text: bytes) -> int:
-        """The end of the rows from `start` whose key (hash, text) is at most the given one: a binary search on
-        the hashes, then on the texts of the rows that share that hash (sorted by their bytes)."""
-        low = max(start, int(np.searchsorted(self.hashes, key_hash, side="left")))
-        high = max(low, int(np.searchsorted(self.hashes, key_hash, side="right")))
-        while low < high:
-            middle = (low + high) // 2
-            if self.text_bytes(middle) <= key_text:
-                low = middle + 1
-            else:
-                high = middle
-        return low
-
-    def mean_row_bytes(self) -> float:
-        """Bytes of a row, on average: its hash, counts, text offset and text."""
-        rows = max(len(self), 1)
-        text = int(self._offsets[-1] - self._offsets[0]) if len(self) else 0
-        return self.hashes.itemsize + self.counts.itemsize * (self.counts.size // rows) + 8 + text / rows
-
     def text_bytes(self, row: int) -> bytes:
         return bytes(self._data[int(self._offsets[row]) : int(self._offsets[row + 1])])
 
@@ -240,12 +221,13 @@ def new_run_path(directory: Path) -> Path:
 
 
 def _read_run(part: "RunPart") -> tuple[np.ndarray, pa.Array, np.ndarray]:
-    """A stretch of a run's rows, copied into memory (hash, text, counts); the mapped pages given back."""
-    run = part.open()
-    hashes, counts = np.array(run.hashes), np.array(run.counts)
-    texts = run.texts.cast(pa.large_string()).take(pa.array(np.arange(len(run))))  # a copy, off the mapping
-    run.release()
-    return hashes, texts, counts
+    """A stretch of a run's rows, read into memory (hash, text, counts)."""
+    reader = part.reader()
+    try:
+        rows = reader.rows(0, len(reader))  # (the reader's buffers, which only these rows use)
+    finally:
+        reader.close()
+    return rows.hashes, rows.texts, rows.counts
 
 
 @dataclass(frozen=True)
@@ -272,6 +254,9 @@ class RunPart:
 
     def open(self) -> Run:
         return Run(self.path, self.start, self.stop)
+
+    def reader(self) -> RowReader:
+        return RowReader(self.path, self.start, self.stop)
 
     def discard(self) -> None:
         if self.owned:
@@ -408,12 +393,13 @@ class NgramCountWriter:
         return out
 
 
-def write_merged(path: Path, runs: Sequence[RunPart], round_bytes: int | None = None) -> None:
+def write_merged(path: Path, runs: Sequence[RunPart], round_bytes: int | None = None, *,
+                 release: bool = False) -> None:
     """The rows of `runs` (stretches of sorted runs) merged, equal keys summed, into one new run at `path`."""
-    opened = [part.open() for part in runs]
-    width = max(count_width(run.counts) for run in opened)
-    with RunFileWriter(path, max_rows=sum(len(run) for run in opened), width=width) as writer:
-        for hashes, texts, counts in _rounds(opened, round_bytes):
+    readers = [part.reader() for part in runs]
+    width = max(reader.layout.width for reader in readers)
+    with RunFileWriter(path, max_rows=sum(map(len, readers)), width=width) as writer:
+        for hashes, texts, counts in _rounds(readers, round_bytes, release):
             writer.append(hashes, counts, texts)
 
 
@@ -423,51 +409,49 @@ def summarize_rounds(rounds: Iterable[tuple[np.ndarray, pa.Array, np.ndarray]],
     return summary(np.asarray(counts).reshape(len(counts), -1) for _, _, counts in rounds)
 
 
-def merged_rounds(runs: Sequence[RunPart], round_bytes: int | None = None,
+def merged_rounds(runs: Sequence[RunPart], round_bytes: int | None = None, *, release: bool = False,
                   ) -> Iterator[tuple[np.ndarray, pa.Array, np.ndarray]]:
     """The rows of `runs` (stretches of sorted runs) in key order, equal keys summed (see `_rounds`)."""
-    return _rounds([part.open() for part in runs], round_bytes)
+    return _rounds([part.reader() for part in runs], round_bytes, release)
 
 
-def _rounds(opened: Sequence[Run], round_bytes: int | None) -> Iterator[tuple[np.ndarray, pa.Array, np.ndarray]]:
-    """The rows of the `opened` runs in key order, equal keys summed, in rounds of about
-    `round_bytes` (MERGE_ROUND_BYTES) of input: a streaming merge. Each round takes, from every run, the rows whose
-    key (hash, text) is at most the smallest of the keys that end the runs' next blocks, so equal keys always meet
-    in one round, however many keys share a hash and however long the texts (answers of 200 bytes: a budget in
-    rows held 17 runs x 1,927 rows, 20 MB with the round's copies). A round's rows are copies: the mapped pages
-    are given back after each."""
-    budget = (MERGE_ROUND_BYTES if round_bytes is None else round_bytes) // max(len(opened), 1)
-    block_rows = [_block_rows(run, budget) for run in opened]
-    cursor = [0] * len(opened)
-    while any(c < len(r) for c, r in zip(cursor, opened)):
-        stops = _round_stops(opened, cursor, block_rows)
-        block = [(run.hashes[a:b], run.texts.slice(a, b - a), run.counts[a:b])
-                 for run, a, b in zip(opened, cursor, stops) if b > a]
-        cursor = stops
-        if len(opened) == 1:  # one run's rows are sorted and unique already
-            (hashes, texts, counts), = block
-            yield np.array(hashes), texts.take(pa.array(np.arange(len(texts)))), np.array(counts)
-        else:
-            yield _sorted_unique(np.concatenate([p[0] for p in block]), pa.concat_arrays([p[1] for p in block]),
-                                 np.concatenate([p[2] for p in block]), runs_of_sorted=True)
-        for run in opened:
-            run.release()
+def _rounds(readers: Sequence[RowReader], round_bytes: int | None, release: bool = False,
+            ) -> Iterator[tuple[np.ndarray, pa.Array, np.ndarray]]:
+    """The rows of the runs in key order, equal keys summed, in rounds of about `round_bytes`
+    (MERGE_ROUND_BYTES) of input, at least MIN_MERGE_BLOCK rows per run: a streaming merge, which closes the
+    readers. Each round reads the next block of every run and takes, from each, the rows whose key (hash, text) is
+    at most the smallest of the keys that end the blocks, so equal keys always meet in one round, however many
+    keys share a hash and however long the texts (answers of 200 bytes: a budget in rows held 17 runs x 1,927 rows,
+    20 MB with the round's copies). Rows read but not taken are read again by the next round.
 
-
-def _block_rows(run: Run, budget: int) -> int:
-    """Rows of `run` that take about `budget` bytes."""
-    return max(MIN_MERGE_BLOCK, int(budget / run.mean_row_bytes()))
-
-
-def _round_stops(opened: Sequence[Run], cursor: Sequence[int], block_rows: Sequence[int]) -> list[int]:
-    """Where one merge round ends in each run: every row up to the smallest key that ends a run's next block (a
-    run whose rest fits in its block bounds nothing)."""
-    ends = [(run.hashes[c + rows - 1], run.text_bytes(c + rows - 1))
-            for c, run, rows in zip(cursor, opened, block_rows) if c + rows < len(run)]
-    if not ends:
-        return [len(run) for run in opened]
-    bound_hash, bound_text = min(ends)
-    return [run.rows_through(c, bound_hash, bound_text) for c, run in zip(cursor, opened)]
+    `release`: after each round, Arrow's allocator gives back the memory it no longer uses (the key-range merges
+    in the workers). mimalloc (pyarrow's default) kept it there: a worker's peak during a merge of 80 runs was
+    21 MB higher than for 20 runs of the same rounds, and equal with the system allocator or with the release. In
+    the parent's merges the release did the opposite: answer_macro_f1's peak on 5M tokens, 1 worker, rose by
+    17 MB (`tests/test_memory_reader.py`)."""
+    try:
+        budget = (MERGE_ROUND_BYTES if round_bytes is None else round_bytes) / max(len(readers), 1)
+        block_rows = [max(MIN_MERGE_BLOCK, int(budget / reader.mean_row_bytes())) for reader in readers]
+        cursor = [0] * len(readers)
+        while live := [i for i, reader in enumerate(readers) if cursor[i] < len(reader)]:
+            blocks = {i: readers[i].rows(cursor[i], min(cursor[i] + block_rows[i], len(readers[i]))) for i in live}
+            ends = [(block.hashes[-1], block.text_bytes(len(block) - 1)) for i, block in blocks.items()
+                    if cursor[i] + len(block) < len(readers[i])]  # (a block that ends its run bounds nothing)
+            taken = [block.head(block.through(*min(ends))) if ends else block for block in blocks.values()]
+            for i, block in zip(blocks, taken):
+                cursor[i] += len(block)
+            if len(readers) == 1:  # one run's rows are sorted and unique already (copied off the reader's buffers)
+                rows = taken[0].copy()
+                yield rows.hashes, rows.texts, rows.counts
+            else:
+                yield _sorted_unique(np.concatenate([b.hashes for b in taken]),
+                                     pa.concat_arrays([b.texts for b in taken]),
+                                     np.concatenate([b.counts for b in taken]), runs_of_sorted=True)
+                if release:
+                    pa.default_memory_pool().release_unused()
+    finally:
+        for reader in readers:
+            reader.close()
 
 
 class NgramCounts:
