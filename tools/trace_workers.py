@@ -136,7 +136,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=None, help="worker processes (default: --workers)")
     args = parser.parse_args()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    for owner, name in ((runner, "suite_for_spill"), (run_partitions, "merge_in_ranges")):
+    for owner, name in ((runner, "suite_for_spill"), (run_partitions, "merge_in_ranges"),
+                        (run_partitions, "summarize_in_ranges")):
         trace_parent_step(owner, name)
     tokenizer = caption_tokenizer()
     specs = metric_specs(tokenizer.convert_tokens_to_ids(list(CLASS_WORDS)))
