@@ -6,9 +6,11 @@ with numpy) and its text (to check every match, so the table is exact: two n-gra
 entries, and a lookup only counts an entry whose text is equal).
 
 Writing buffers (hash, text, count) rows up to `buffer_rows`, then sorts them by (hash, text), sums equal keys and
-writes them as a run: one file of flat sections (hashes, counts, text offsets, text bytes) that readers
-memory-map (`run_file.py`). A count may be a row of several integers (counts of shape [rows, width]). Runs are
-merged by a streaming merge when there are more than `max_runs`, so memory holds a buffer, never the table. A
+writes them as a run: one file of flat sections (hashes, counts, text offsets, text bytes) that lookups
+memory-map and merges read with `pread` (`run_file.py`). A count may be a row of several integers (counts of shape
+[rows, width]). Runs are merged by a streaming merge when there are more than `max_runs`, so memory holds a buffer
+and a merge round, never the table. A table that is only read once, at the end, need not be written merged:
+`NgramCountWriter.summarize` hands the merge's rounds to a summary. A
 count is the sum of the key's counts in every run, so runs may be written anywhere, in any order: a worker process
 writes its task's rows as runs (`write_runs`, uniquely named in a directory shared by the processes) and the parent
 adopts them (`NgramCountWriter.adopt`) without reading their rows. With several worker processes, the workers also
@@ -117,8 +119,8 @@ def _write_run(path: Path, hashes: np.ndarray, texts: pa.Array, counts: np.ndarr
 
 
 class Run:
-    """One sorted run, memory-mapped read-only; `start`/`stop`: a stretch of its rows only (a merge of key ranges
-    reads one stretch of each run, `run_partitions.py`)."""
+    """One sorted run, memory-mapped read-only, for lookups; `start`/`stop`: a stretch of its rows only. (Merges
+    read runs with `run_file.RowReader` instead.)"""
 
     def __init__(self, path: Path, start: int = 0, stop: int | None = None) -> None:
         self.path = Path(path)
