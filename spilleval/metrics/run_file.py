@@ -224,10 +224,15 @@ class RowReader:
     def __init__(self, path: str | os.PathLike, start: int = 0, stop: int | None = None) -> None:
         self.path = Path(path)
         self._file = open(self.path, "rb", buffering=0)
-        self.layout = Layout.parse(self._file.read(HEADER.size), os.fstat(self._file.fileno()).st_size, self.path)
-        stop = self.layout.rows if stop is None else stop
-        if not 0 <= start <= stop <= self.layout.rows:
-            raise RunFileError(f"{self.path} holds {self.layout.rows} rows, not the rows [{start}, {stop}) asked for")
+        try:
+            self.layout = Layout.parse(self._file.read(HEADER.size), os.fstat(self._file.fileno()).st_size, self.path)
+            stop = self.layout.rows if stop is None else stop
+            if not 0 <= start <= stop <= self.layout.rows:
+                raise RunFileError(f"{self.path} holds {self.layout.rows} rows, not the rows [{start}, {stop}) "
+                                   f"asked for")
+        except BaseException:
+            self._file.close()
+            raise
         self.start, self.stop = start, stop
         self._buffers: dict[str, np.ndarray] = {}
 
@@ -255,9 +260,8 @@ class RowReader:
         return Rows(hashes, counts.reshape(count, layout.width) if layout.width > 1 else counts, offsets, data)
 
     def _read(self, name: str, at: int, values: int, dtype: type) -> np.ndarray:
-        """`values` values at byte `at`, into this reader's buffer for `name` (reused from call to call: a merge
-        reads a block of each of its runs per round, and fresh arrays for each left the allocators holding
-        several MB more per hundred runs)."""
+        """`values` values at byte `at`, into this reader's buffer for `name`, reused from call to call (a merge
+        reads a block of each of its runs every round)."""
         buffer = self._buffers.get(name)
         if buffer is None or len(buffer) < values:
             buffer = self._buffers[name] = np.empty(values, dtype)
