@@ -252,9 +252,7 @@ class RowReader:
         hashes = self._read("hashes", layout.hashes_at + 8 * first, count, np.uint64)
         counts = self._read("counts", layout.counts_at + 8 * layout.width * first, count * layout.width, np.int64)
         offsets = self._read("offsets", layout.offsets_at + 8 * first, count + 1, np.int64)
-        if len(offsets) and (offsets[0] < 0 or offsets[-1] > layout.text_bytes or np.any(offsets[1:] < offsets[:-1])):
-            raise RunFileError(f"{self.path}: text offsets outside its text section; the file is damaged; delete "
-                               f"the scratch directory and recompute")
+        checked_offsets(offsets, layout.text_bytes, self.path, every=True)
         data = self._read("data", layout.text_at + int(offsets[0]), int(offsets[-1] - offsets[0]), np.uint8)
         offsets -= offsets[0]
         return Rows(hashes, counts.reshape(count, layout.width) if layout.width > 1 else counts, offsets, data)
@@ -282,10 +280,12 @@ def run_file_rows(path: str | os.PathLike) -> int:
         return Layout.parse(f.read(HEADER.size), os.fstat(f.fileno()).st_size, path).rows
 
 
-def checked_offsets(offsets: np.ndarray, text_bytes: int, path: Path) -> np.ndarray:
+def checked_offsets(offsets: np.ndarray, text_bytes: int, path: Path, *, every: bool = False) -> np.ndarray:
     """A stretch's text offsets, its first and last checked to lie in the text section (in increasing order, as
-    every run this module writes has them)."""
-    if len(offsets) and not 0 <= int(offsets[0]) <= int(offsets[-1]) <= text_bytes:
+    every run this module writes has them); `every`: each offset checked not to go back, too (rows read into
+    memory, whose texts Arrow reads from a buffer of just the stretch's bytes)."""
+    outside = len(offsets) and not 0 <= int(offsets[0]) <= int(offsets[-1]) <= text_bytes
+    if outside or (every and len(offsets) and bool(np.any(offsets[1:] < offsets[:-1]))):
         raise RunFileError(f"{path}: text offsets outside its text section; the file is damaged; delete the "
                            f"scratch directory and recompute")
     return offsets
