@@ -159,3 +159,44 @@ def test_a_chunk_rewritten_under_its_name_is_read_again(tmp_path, workers):
             assert got["token_accuracy"] == np.mean(batch.pred_ids == batch.label_ids)
     finally:
         shutdown(pool)
+
+
+def damaged_last_batch(spill: Path, directory: Path) -> Path:
+    """A copy of the spill's chunk with a byte of its last record batch's body changed (the record's CRC-32 left
+    as it was, so the file fails its check)."""
+    shutil.copytree(Path(glob.glob(str(spill / "shards/*/chunk-*"))[0]), directory)
+    tokens = directory / "tokens.arrow"
+    data = bytearray(tokens.read_bytes())
+    data[len(data) - 2_000] ^= 0xFF  # before the footer, after the first record batches (checked by the caller)
+    tokens.write_bytes(bytes(data))
+    return directory
+
+
+def test_rows_are_read_from_their_record_batches_only(spills, tmp_path):
+    """`ChunkRows` reads tokens.arrow a record batch at a time: where the caller checked the CRC-32 already
+    (`tokens_verified`, as the parallel recompute's workers, whose parent checked it), rows of an intact record
+    batch read exactly though another batch of the file is damaged; without it, the damage is found before
+    anything is decoded."""
+    reader = SpillReader(spills["default"])
+    (record,) = reader.chunks
+    whole = read_chunk(reader.chunk_path(record), record)
+    directory = damaged_last_batch(spills["default"], tmp_path / "chunk")
+    with ChunkRows(directory, record, tokens_verified=True) as rows:
+        assert_same_rows(rows.rows(10, 4_000).to_batch(), whole.slice(10, 4_000))
+        with pytest.raises(ChunkCorruptError):  # the damage is in the rows of the last record batch
+            rows.rows(ROWS - 5, ROWS).to_batch()
+    with pytest.raises(chunk.ChunkChecksumError, match="tokens.arrow fails its CRC-32 check"):
+        ChunkRows(directory, record)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_damaged_chunk_is_named_by_the_parallel_recompute(spills, tmp_path, workers):
+    """The workers leave tokens.arrow's CRC-32 to the parent's planner, which checks each chunk before handing out
+    its rows: damage is still a named error, whatever the number of workers."""
+    spill = tmp_path / "spill"
+    shutil.copytree(spills["default"], spill)
+    chunk_dir = Path(glob.glob(str(spill / "shards/*/chunk-*"))[0])
+    shutil.rmtree(chunk_dir)
+    damaged_last_batch(spills["default"], chunk_dir)
+    with pytest.raises(chunk.ChunkChecksumError, match="tokens.arrow fails its CRC-32 check"):
+        compute_from_spill(spill, ["token_accuracy"], workers=workers)

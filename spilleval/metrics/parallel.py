@@ -168,16 +168,20 @@ def _suite(sweep: Sweep, reader: "SpillReader") -> "MetricSuite":
 
 def _task_batches(reader: "SpillReader", sweep: Sweep, task: Task) -> Iterator[SampleBatch]:
     """The task's rows in batches of `sweep.batch_size`, decoded when a metric of the sweep reads text. A worker
-    keeps its last chunk's checked bytes (`ChunkRows`) and converts one batch of rows at a time, decoding only the
-    record batches that hold them: a batch aligned with them is their buffers, with no copy of the chunk."""
+    keeps its last chunk open and checked (`ChunkRows`) and converts one batch of rows at a time, reading and decoding
+    only the record batches that hold them: a batch aligned with them is their buffers, with no copy of the chunk."""
     from ..spill.chunk import ChunkRows
 
     record = reader.chunks[task.chunk]
     key = ("chunk", sweep.spill_dir, sweep.spill_state, task.chunk, repr(sorted(sweep.reads.items())))
     cached = _WORKER.get("chunk")
     if cached is None or cached[0] != key:
-        _WORKER.pop("chunk", None)  # drop the last chunk before reading the next: one chunk per worker
-        chunk = ChunkRows(reader.chunk_path(record), record, verify=reader.verify, **sweep.reads)
+        if cached is not None:  # drop the last chunk before reading the next: one chunk per worker
+            _WORKER.pop("chunk")[1].close()
+        # tokens.arrow's CRC-32 was checked in the parent by `TaskPlanner.tasks`, which reads each chunk's sample
+        # indices before handing out its rows
+        chunk = ChunkRows(reader.chunk_path(record), record, verify=reader.verify, tokens_verified=True,
+                          **sweep.reads)
         _WORKER["chunk"] = cached = (key, chunk)
     suite = _suite(sweep, reader)
     decode = any(m.needs_text for m in suite.metrics)
@@ -443,7 +447,9 @@ class TaskPlanner:
         """The tasks of one sweep, of `min_rows` rows at least (its corpus metrics' `task_rows`), or fewer where
         the spill has too few rows for TAIL_TASKS_PER_WORKER of them per worker: the last tasks must be short for
         the workers to finish together (16 workers with tasks of 4,096 rows on 146k samples: 36 tasks, and for
-        the last quarter of the sweep 3-8 of the 16 workers were busy)."""
+        the last quarter of the sweep 3-8 of the 16 workers were busy). Reading each chunk's sample indices checks
+        its tokens.arrow (length, CRC-32 unless the reader skips them, headers) before any task of it is handed out:
+        the workers do not check the CRC again."""
         from ..spill.chunk import read_sample_index
 
         seen = SampleSet()

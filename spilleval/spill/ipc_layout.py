@@ -6,15 +6,18 @@ anyone, so the reader reads these declarations first, checks them against `chunk
 (`spilleval.spill.limits`), and only then lets pyarrow decode.
 
 The metadata are flatbuffers (Arrow's `File.fbs` / `Message.fbs`); this module reads the few tables it needs, each
-access bounds-checked. Layout of a file: ``ARROW1\\0\\0``, the stream of encapsulated messages (continuation marker
+access bounds-checked. It reads them from bytes in memory or from an open file (`FileBytes`: a few small `pread`s
+per record batch, so a reader that wants some rows of a file never reads the whole of it). Layout of a file: ``ARROW1\\0\\0``, the stream of encapsulated messages (continuation marker
 0xFFFFFFFF, int32 metadata length, the `Message` flatbuffer, the body), the `Footer` flatbuffer, its int32 length,
 ``ARROW1``. The footer's blocks locate the record batches that `pyarrow.ipc.open_file` reads.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 import pyarrow as pa
 
@@ -55,11 +58,55 @@ class IpcLayout:
         return sum(b.node_lengths[index] for b in self.batches)
 
 
-def read_ipc_layout(data: bytes | memoryview) -> IpcLayout:
-    """The declarations of an Arrow IPC file held in `data`; raises `IpcLayoutError` for anything malformed."""
-    view = memoryview(data)
+class IpcBytes(Protocol):
+    """The bytes of an Arrow IPC file, read a range at a time. A range past the end comes back short."""
+
+    size: int
+
+    def at(self, offset: int, length: int) -> bytes | memoryview: ...
+
+    def arrow(self) -> pa.NativeFile: ...
+
+
+class HeldBytes:
+    """A file's bytes already in memory."""
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self.view = memoryview(data)
+        self.size = len(self.view)
+
+    def at(self, offset: int, length: int) -> memoryview:
+        if offset < 0 or length < 0:
+            raise IpcLayoutError(f"a read of {length} bytes at offset {offset}")
+        return self.view[offset : offset + length]
+
+    def arrow(self) -> pa.NativeFile:
+        return pa.BufferReader(pa.py_buffer(self.view))
+
+
+class FileBytes:
+    """An open file, read with `pread` (no mapping: a file cut short under the reader gives an error, not a
+    SIGBUS), through a pyarrow `OSFile`, which pyarrow's IPC reader also reads a record batch at a time."""
+
+    def __init__(self, file: pa.OSFile) -> None:
+        self.file = file
+        self.size = file.size()
+
+    def at(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise IpcLayoutError(f"a read of {length} bytes at offset {offset}")
+        return os.pread(self.file.fileno(), min(length, max(self.size - offset, 0)), offset)
+
+    def arrow(self) -> pa.NativeFile:
+        return self.file
+
+
+def read_ipc_layout(data: bytes | memoryview | IpcBytes) -> IpcLayout:
+    """The declarations of an Arrow IPC file (its bytes, or an `IpcBytes`); raises `IpcLayoutError` for anything
+    malformed."""
+    source = HeldBytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
-        return _read(view)
+        return _read(source)
     except (struct.error, IndexError, OverflowError) as e:
         raise IpcLayoutError(f"malformed Arrow metadata ({e})") from None
 
@@ -78,25 +125,25 @@ def _node_count(type_: pa.DataType) -> int:
     return 1 + sum(_node_count(type_.field(i).type) for i in range(type_.num_fields))
 
 
-def _read(view: memoryview) -> IpcLayout:
-    size = len(view)
-    if size < 18 or bytes(view[:6]) != MAGIC or bytes(view[-6:]) != MAGIC:
+def _read(source: IpcBytes) -> IpcLayout:
+    size = source.size
+    if size < 18 or bytes(source.at(0, 6)) != MAGIC or bytes(source.at(size - 6, 6)) != MAGIC:
         raise IpcLayoutError("not an Arrow IPC file (magic bytes missing)")
-    footer_length = _i32(view, size - 10)
+    footer_length = _i32(source.at(size - 10, 4), 0)
     footer_start = size - 10 - footer_length
     if footer_length <= 0 or footer_start < 8:
         raise IpcLayoutError(f"footer length {footer_length} does not fit in a file of {size} bytes")
-    footer = _Table.root(view[footer_start : size - 10])
+    footer = _Table.root(memoryview(source.at(footer_start, footer_length)))
     if footer.vector_length(2, 24):
         raise IpcLayoutError("dictionary batches are not part of a spill")
     try:
-        schema = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(view))).schema  # the footer's, as pyarrow reads it
+        schema = pa.ipc.open_file(source.arrow()).schema  # the footer's, as pyarrow reads it
     except pa.ArrowException as e:
         raise IpcLayoutError(f"unreadable Arrow schema ({e})") from None
     batches = []
     for block in range(footer.vector_length(3, 24)):
         offset, meta_length, body_length = footer.struct_in_vector(3, block, 24, "<qi4xq")
-        batches.append(_record_batch(view, offset, meta_length, body_length, footer_start))
+        batches.append(_record_batch(source, offset, meta_length, body_length, footer_start))
     if len(batches) > MAX_BLOCKS:
         raise IpcLayoutError(f"{len(batches)} record batches")
     nodes = _node_count(pa.struct(list(schema))) - 1
@@ -106,15 +153,17 @@ def _read(view: memoryview) -> IpcLayout:
     return IpcLayout(schema, batches)
 
 
-def _record_batch(view: memoryview, offset: int, meta_length: int, body_length: int, end: int) -> RecordBatchLayout:
+def _record_batch(source: IpcBytes, offset: int, meta_length: int, body_length: int, end: int
+                  ) -> RecordBatchLayout:
     if offset < 8 or meta_length < 8 or body_length < 0 or offset + meta_length + body_length > end:
         raise IpcLayoutError(
             f"a record batch block (offset {offset}, metadata {meta_length}, body {body_length} bytes) lies outside "
             "the file"
         )
-    if _u32(view, offset) != CONTINUATION or not 0 < _i32(view, offset + 4) <= meta_length - 8:
+    metadata = memoryview(source.at(offset, meta_length))
+    if _u32(metadata, 0) != CONTINUATION or not 0 < _i32(metadata, 4) <= meta_length - 8:
         raise IpcLayoutError(f"no message at offset {offset}")
-    message = _Table.root(view[offset + 8 : offset + meta_length])
+    message = _Table.root(metadata[8:])
     if message.scalar(1, "<B", 0) != RECORD_BATCH or message.scalar(3, "<q", 0) != body_length:
         raise IpcLayoutError(f"the message at offset {offset} is not the record batch its block says")
     header = message.table(2)
@@ -138,17 +187,17 @@ def _record_batch(view: memoryview, offset: int, meta_length: int, body_length: 
         start, length_ = header.struct_in_vector(2, i, 16, "<qq")
         if start < 0 or length_ < 0 or start + length_ > body_length:
             raise IpcLayoutError(f"buffer {i} (offset {start}, {length_} bytes) lies outside its body")
-        decoded += _decoded_size(view, body + start, length_) if compression is not None else length_
+        decoded += _decoded_size(source, body + start, length_) if compression is not None else length_
     return RecordBatchLayout(length, node_lengths, decoded)
 
 
-def _decoded_size(view: memoryview, start: int, length: int) -> int:
+def _decoded_size(source: IpcBytes, start: int, length: int) -> int:
     """A compressed buffer starts with its uncompressed length (int64; -1: stored uncompressed)."""
     if length == 0:
         return 0
     if length < 8:
         raise IpcLayoutError(f"a compressed buffer of {length} bytes has no length prefix")
-    declared = _i64(view, start)
+    declared = _i64(source.at(start, 8), 0)
     if declared == -1:
         return length - 8
     if declared < 0:
@@ -156,19 +205,19 @@ def _decoded_size(view: memoryview, start: int, length: int) -> int:
     return declared
 
 
-def _i32(view: memoryview, at: int) -> int:
+def _i32(view: bytes | memoryview, at: int) -> int:
     return _unpack("<i", view, at)
 
 
-def _u32(view: memoryview, at: int) -> int:
+def _u32(view: bytes | memoryview, at: int) -> int:
     return _unpack("<I", view, at)
 
 
-def _i64(view: memoryview, at: int) -> int:
+def _i64(view: bytes | memoryview, at: int) -> int:
     return _unpack("<q", view, at)
 
 
-def _unpack(fmt: str, view: memoryview, at: int) -> int:
+def _unpack(fmt: str, view: bytes | memoryview, at: int) -> int:
     if at < 0:
         raise IpcLayoutError(f"negative offset {at}")
     return struct.unpack_from(fmt, view, at)[0]
