@@ -295,14 +295,15 @@ class LazyText:
     """Ragged id rows that become strings on the first read (`SampleBatch.pred_text`): slicing or taking rows
     before that keeps them undecoded, so only the rows that are read get decoded, once."""
 
-    def __init__(self, decode: Callable[[list[list[int]]], list[str]], ids: np.ndarray, offsets: np.ndarray) -> None:
+    def __init__(self, decode: Callable[[np.ndarray, np.ndarray], list[str]], ids: np.ndarray,
+                 offsets: np.ndarray) -> None:
         self._decode, self._ids, self._offsets = decode, ids, offsets
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
 
     def texts(self) -> list[str]:
-        return self._decode(split_rows(self._ids, self._offsets))
+        return self._decode(self._ids, self._offsets)
 
     def __getitem__(self, rows: slice) -> "LazyText":
         start, stop, _ = rows.indices(len(self))

@@ -8,18 +8,23 @@ whose `_decode` is exactly the Rust decode followed, when `clean_up_tokenization
 `clean_up_tokenization`. transformers 5 skips that clean-up for BPE models (with a warning) where transformers 4
 applies it, so a BPE tokenizer that asks for it keeps `batch_decode`, as does every other tokenizer.
 `tests/test_decode.py` checks both paths give the same strings (special and added tokens, clean-up, byte-level
-BPE, broken UTF-8).
+BPE, broken UTF-8). Where the Rust tokenizer's decoder works a token at a time, its strings are gathered with numpy
+instead (`piece_decode.py`, 4x faster; `tests/test_piece_decode.py`).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
+import numpy as np
 
-from .batch import LazyText, SampleBatch
+from .batch import LazyText, SampleBatch, split_rows
+from .piece_decode import PieceDecoder
 
-Decoder = Callable[[list[list[int]]], list[str]]
+Decoder = Callable[[np.ndarray, np.ndarray], list[str]]  # (ids, row offsets) -> the rows' strings
 _OWN_DECODING = ("decode", "batch_decode", "_decode")
+_DECODERS: "weakref.WeakKeyDictionary[Any, Decoder]" = weakref.WeakKeyDictionary()  # one per tokenizer object
 
 
 class TokenizerMismatchError(ValueError):
@@ -37,15 +42,34 @@ def decode_batch(batch: SampleBatch, tokenizer: Any) -> SampleBatch:
 
 
 def batch_decoder(tokenizer: Any) -> Decoder:
-    """`rows -> tokenizer.batch_decode(rows, skip_special_tokens=True)`, through the Rust tokenizer when that is the
-    same function (see the module docstring)."""
-    backend = _rust_backend(tokenizer)
-    if backend is None:
-        return lambda rows: tokenizer.batch_decode(rows, skip_special_tokens=True)
-    clean_up = tokenizer.clean_up_tokenization if getattr(tokenizer, "clean_up_tokenization_spaces", False) else None
+    """`(ids, offsets) -> tokenizer.batch_decode(rows, skip_special_tokens=True)`, through the Rust tokenizer when
+    that is the same function (see the module docstring), and then by gathering each token's piece of text with
+    numpy where its decoder works a token at a time (`piece_decode.py`). Made once per tokenizer object."""
+    try:
+        return _DECODERS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    decode = _decoder(tokenizer)
+    try:
+        _DECODERS[tokenizer] = decode
+    except TypeError:  # an object that takes no weak reference: not kept
+        pass
+    return decode
 
-    def decode(rows: list[list[int]]) -> list[str]:
-        texts = backend.decode_batch(rows, skip_special_tokens=True)
+
+def _decoder(tokenizer: Any) -> Decoder:
+    backend = _rust_backend(tokenizer)
+    if backend is None:  # (no rows: no call; transformers 5.17 gives [""] for none)
+        return lambda ids, offsets: tokenizer.batch_decode(split_rows(ids, offsets), skip_special_tokens=True) \
+            if len(offsets) > 1 else []
+    clean_up = tokenizer.clean_up_tokenization if getattr(tokenizer, "clean_up_tokenization_spaces", False) else None
+    pieces = PieceDecoder.of(backend)
+
+    def decode(ids: np.ndarray, offsets: np.ndarray) -> list[str]:
+        if pieces is not None:
+            texts = pieces.decode(ids, offsets)
+        else:
+            texts = backend.decode_batch(split_rows(ids, offsets), skip_special_tokens=True)
         return [clean_up(t) for t in texts] if clean_up is not None else texts
 
     return decode
