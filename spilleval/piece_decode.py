@@ -25,6 +25,7 @@ lazily, for the ids a batch holds, so a worker pays for the part of the vocabula
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,7 @@ class PieceDecoder:
         self._data = bytearray()
         self._view = np.zeros(0, np.uint8)
         self._broken = False  # a piece could not be learnt: the Rust decoder decodes from then on
+        self._lock = threading.Lock()
         self._bytes = gpt2_bytes() if kind in BYTE_DECODERS else None
         self._anchor = next((i for i in range(self.size) if not self._skip[i]), None)
 
@@ -125,12 +127,16 @@ class PieceDecoder:
         return strings.to_pylist()  # (pieces are whole UTF-8 strings: their concatenations are valid)
 
     def _learn(self, ids: np.ndarray) -> None:
-        """Learn the pieces of the ids not seen yet."""
-        if self._broken or not len(ids):
+        """Learn the pieces of the ids not seen yet (one thread at a time: an id is marked known only once its
+        bytes are in `_view`, so a thread that finds it known reads them there)."""
+        if self._broken or not len(ids) or self._known[ids].all():
             return
-        new = np.unique(ids[~self._known[ids]]).tolist()
-        if not new:
-            return
+        with self._lock:
+            new = np.unique(ids[~self._known[ids]]).tolist()
+            if new and not self._broken:
+                self._learn_new(new)
+
+    def _learn_new(self, new: list[int]) -> None:
         if self._bytes is not None:
             first = rest = [self._byte_piece(self.backend.id_to_token(i)) for i in new]
         else:
@@ -147,8 +153,8 @@ class PieceDecoder:
             self._starts[side, new] = len(self._data) + np.cumsum(lengths) - lengths
             self._lengths[side, new] = lengths
             self._data += b"".join(pieces)
-        self._known[new] = True
         self._view = np.frombuffer(bytes(self._data), np.uint8)
+        self._known[new] = True
 
     def _byte_piece(self, token: str) -> bytes:
         """`ByteLevel`: the token's characters mapped back to bytes, or its UTF-8 bytes if one is not in the table."""
