@@ -40,7 +40,7 @@ from spilleval.spill import (
 )
 from spilleval.spill.chunk import batch_to_table
 from spilleval.spill.integrity import INTEGRITY_NAME, seal
-from spilleval.spill.ipc_layout import read_ipc_layout
+from spilleval.spill.ipc_layout import MAX_METADATA_BYTES, FileBytes, IpcLayoutError, read_ipc_layout
 from spilleval.spill.manifest import MANIFEST_NAME, RESULTS_NAME, SHARD_DONE, SHARDS_DIR, UnsafePathError
 
 N = 24
@@ -438,3 +438,16 @@ def test_ipc_layout_reads_what_pyarrow_decodes(compression):
     assert layout.rows == 11 and len(layout.batches) == 3
     assert layout.child_length("pred_ids") == layout.child_length("label_logprob") == offsets[-1]
     assert layout.decoded_bytes >= decoded.nbytes
+
+
+def test_a_footer_length_past_the_bound_is_refused_before_it_is_read(tmp_path):
+    """tokens.arrow is read from the file a range at a time: a footer that declares hundreds of megabytes (in a
+    sparse file that large) is refused from its length, not read."""
+    path = tmp_path / "tokens.arrow"
+    size = MAX_METADATA_BYTES + (64 << 20)
+    with open(path, "wb") as f:
+        f.write(b"ARROW1\0\0")
+        f.seek(size - 10)
+        f.write((MAX_METADATA_BYTES + 1).to_bytes(4, "little", signed=True) + b"ARROW1")
+    with pa.OSFile(str(path)) as file, pytest.raises(IpcLayoutError, match="a footer of"):
+        read_ipc_layout(FileBytes(file))

@@ -26,6 +26,8 @@ CONTINUATION = 0xFFFFFFFF
 RECORD_BATCH = 3  # MessageHeader union tag
 MAX_BLOCKS = 1 << 20  # record batches in one file; far above what a writer makes (one per chunk)
 MAX_VECTOR = 1 << 20  # nodes / buffers in one record batch
+MAX_METADATA_BYTES = 64 << 20  # a footer or a message's metadata: above what MAX_BLOCKS / MAX_VECTOR entries take,
+# and checked before the bytes are read (a crafted length in a large file would otherwise be read whole)
 
 
 class IpcLayoutError(ValueError):
@@ -133,6 +135,8 @@ def _read(source: IpcBytes) -> IpcLayout:
     footer_start = size - 10 - footer_length
     if footer_length <= 0 or footer_start < 8:
         raise IpcLayoutError(f"footer length {footer_length} does not fit in a file of {size} bytes")
+    if footer_length > MAX_METADATA_BYTES:
+        raise IpcLayoutError(f"a footer of {footer_length:,} bytes (at most {MAX_METADATA_BYTES:,})")
     footer = _Table.root(memoryview(source.at(footer_start, footer_length)))
     if footer.vector_length(2, 24):
         raise IpcLayoutError("dictionary batches are not part of a spill")
@@ -160,6 +164,8 @@ def _record_batch(source: IpcBytes, offset: int, meta_length: int, body_length: 
             f"a record batch block (offset {offset}, metadata {meta_length}, body {body_length} bytes) lies outside "
             "the file"
         )
+    if meta_length > MAX_METADATA_BYTES:
+        raise IpcLayoutError(f"a record batch's metadata of {meta_length:,} bytes (at most {MAX_METADATA_BYTES:,})")
     metadata = memoryview(source.at(offset, meta_length))
     if _u32(metadata, 0) != CONTINUATION or not 0 < _i32(metadata, 4) <= meta_length - 8:
         raise IpcLayoutError(f"no message at offset {offset}")
