@@ -6,8 +6,9 @@ metrics and runs the first pass of every map/merge corpus metric (`mapmerge.py`)
 (CIDEr's scores need the document frequencies of the whole corpus, which the first sweep made). A worker opens its
 own `SpillReader`, reads the record batches that hold a task's rows (keeping its last chunk open, the parent having
 checked the chunk's CRC-32: memory is a few record batches per worker), decodes once per batch, and returns the
-streaming metrics' states and each corpus metric's partial for its rows. The parent merges them in task order. States are integer counts and exact float sums, so the results are the same bits
-whatever the number of workers or the task boundaries. A corpus metric that only implements `compute(reader)`
+streaming metrics' states and each corpus metric's partial for its rows. The parent merges them in task order.
+States are integer counts and exact float sums, so the results are the same bits whatever the number of workers or
+the task boundaries. A corpus metric that only implements `compute(reader)`
 (a user's own) runs in the parent after the sweeps.
 
 Executors: in-process (one worker), a local process pool (`concurrent.futures`, forkserver), or anything with

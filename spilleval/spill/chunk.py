@@ -522,7 +522,7 @@ def _open_checked(directory: Path, name: str, expected: dict[str, int], *, verif
             raise ChunkCorruptError(f"chunk {directory}: {name} is not a regular file. {RECOVER_CHUNK}")
         file = pa.OSFile(os.fspath(path))
     except FileNotFoundError:
-        raise ChunkTruncatedError(f"chunk {directory}: file {name} is missing. {RECOVER_CHUNK}") from None
+        raise _missing_error(directory, name) from None
     try:
         _check_length(directory, name, file.size(), expected)
         if verify and _crc32_of(file) != expected["crc32"]:
@@ -550,9 +550,7 @@ def _read_verified(directory: Path, name: str, expected: dict[str, int], *, veri
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ChunkTruncatedError(
-            f"chunk {directory}: file {name} is missing. {RECOVER_CHUNK}"
-        ) from None
+        raise _missing_error(directory, name) from None
     _check_length(directory, name, len(data), expected)
     if verify and zlib.crc32(data) != expected["crc32"]:
         raise _checksum_error(directory, name)
@@ -565,6 +563,10 @@ def _check_length(directory: Path, name: str, size: int, expected: dict[str, int
             f"chunk {directory}: {name} has {size} bytes, expected {expected['bytes']} (truncated or "
             f"overwritten). {RECOVER_CHUNK}"
         )
+
+
+def _missing_error(directory: Path, name: str) -> ChunkTruncatedError:
+    return ChunkTruncatedError(f"chunk {directory}: file {name} is missing. {RECOVER_CHUNK}")
 
 
 def _checksum_error(directory: Path, name: str) -> ChunkChecksumError:
