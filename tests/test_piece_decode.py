@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from spilleval import piece_decode
 from spilleval.piece_decode import PieceDecoder
 
 CORPUS = ["the cat sat on the mat .", "it's a café , isn't it ?", "日本語 😀 naïve ÉCOLE", "don't stop , we're here !",
@@ -95,8 +96,11 @@ def decode(pieces: PieceDecoder, rows: list[list[int]]) -> list[str]:
     return pieces.decode(ids, np.cumsum([0, *map(len, rows)]))
 
 
+@pytest.mark.parametrize("gather_bytes", [piece_decode.GATHER_BYTES, 5])
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_encoded_sentence_decodes_as_the_rust_decoder_does(kind):
+def test_every_encoded_sentence_decodes_as_the_rust_decoder_does(kind, gather_bytes, monkeypatch):
+    """At the default size of a gathering step, and at 5 bytes (steps that end inside rows and after empty pieces)."""
+    monkeypatch.setattr(piece_decode, "GATHER_BYTES", gather_bytes)
     tok, pieces = built(kind)
     assert pieces is not None  # the numpy path is the one tested
     specials = [tok.token_to_id(t) for t in ("<s>", "<img>", "</s>")]
