@@ -23,6 +23,7 @@ from spilleval.metrics import compute_from_spill
 from spilleval.metrics.parallel import TaskPlanner, local_executor, shutdown
 from spilleval.spill import SpillReader, chunk
 from spilleval.spill.chunk import RECORD_BATCH_ROWS, ChunkCorruptError, ChunkRows, read_chunk
+from spilleval.spill.ipc_layout import read_ipc_index
 
 ROWS = 2 * RECORD_BATCH_ROWS + 37
 
@@ -200,3 +201,31 @@ def test_a_damaged_chunk_is_named_by_the_parallel_recompute(spills, tmp_path, wo
     damaged_last_batch(spills["default"], chunk_dir)
     with pytest.raises(chunk.ChunkChecksumError, match="tokens.arrow fails its CRC-32 check"):
         compute_from_spill(spill, ["token_accuracy"], workers=workers)
+
+
+def test_a_record_batch_declaring_gigabytes_is_refused_before_it_is_decoded(spills, tmp_path):
+    """The workers' `ChunkRows` (`tokens_verified`: the parent checked every header of the file) reads each record
+    batch's header when it first decodes that batch. A crafted last record batch (valid CRC) whose first buffer
+    declares a terabyte once decompressed: the rows of the other batches read, the last batch's rows raise the
+    decode budget's error before pyarrow allocates anything; a full check (no `tokens_verified`) refuses the
+    chunk when it is opened."""
+    reader = SpillReader(spills["default"])
+    (record,) = reader.chunks
+    directory = tmp_path / "chunk"
+    shutil.copytree(reader.chunk_path(record), directory)
+    data = bytearray((directory / "tokens.arrow").read_bytes())
+    offset, meta_length, _ = read_ipc_index(bytes(data)).blocks[-1]
+    body = offset + meta_length  # the first non-empty buffer starts the body, its uncompressed length first
+    assert int.from_bytes(data[body:body + 8], "little", signed=True) > 0
+    data[body:body + 8] = (1 << 40).to_bytes(8, "little", signed=True)
+    (directory / "tokens.arrow").write_bytes(bytes(data))
+    crafted = dataclasses.replace(record, files={**record.files,
+                                                 "tokens.arrow": {"bytes": len(data), "crc32": zlib.crc32(data)}})
+    whole = read_chunk(reader.chunk_path(record), record)
+    with ChunkRows(directory, crafted, tokens_verified=True) as rows:
+        assert_same_rows(rows.rows(5, 2 * RECORD_BATCH_ROWS).to_batch(), whole.slice(5, 2 * RECORD_BATCH_ROWS))
+        for start, stop in ((ROWS - 3, ROWS), (0, ROWS)):
+            with pytest.raises(ChunkCorruptError, match="declare 1,09[\\d,]* bytes once decoded"):
+                rows.rows(start, stop)
+    with pytest.raises(ChunkCorruptError, match="decompression bomb"):
+        ChunkRows(directory, crafted)

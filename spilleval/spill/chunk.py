@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..batch import SampleBatch
-from .ipc_layout import FileBytes, IpcBytes, IpcLayout, IpcLayoutError, read_ipc_layout
+from .ipc_layout import FileBytes, IpcIndex, IpcLayout, IpcLayoutError, read_ipc_index
 from .limits import chunk_decode_budget
 from .manifest import (
     ARRAYS_DIR,
@@ -219,27 +219,29 @@ class ChunkRows:
     read from tokens.arrow with `pread`. A worker of the parallel recompute keeps one and decodes its tasks' rows; it
     holds the last range decoded, not the chunk's bytes (its per-sample arrays, if asked for, are read whole).
 
-    `tokens_verified`: the caller checked tokens.arrow's CRC-32 already (the parallel recompute's planner does, in
-    the parent, for every chunk of a sweep before it hands out its rows), so each of 16 workers touching a chunk
-    does not read and check the whole file again (they did: 1.3 CPU-s of CRC-32 and 1.3 of reads per 10M tokens
-    at 16 workers, against 0.2 for one). Its length and its headers are still checked here."""
+    `tokens_verified`: the caller checked tokens.arrow already, its CRC-32 and every header (the parallel
+    recompute's planner does, in the parent, for every chunk of a sweep before it hands out its rows), so each of
+    16 workers touching a chunk does not read and check the whole file again (they did: 1.3 CPU-s of CRC-32 and 1.3
+    of reads per 10M tokens at 16 workers, against 0.2 for one; then parsing every record batch's header at each
+    open, 2x the tasks' CPU on 2 cores). Its length, schema and rows are still checked here, and each record
+    batch's header before that batch is decoded."""
 
     def __init__(self, directory: Path, record: ChunkRecord, *, verify: bool = True, tokens_verified: bool = False,
                  columns: Iterable[str] | None = None, with_arrays: bool = True, with_logprob: bool = True) -> None:
         self.directory, self.record = directory, record
         self.columns = None if columns is None else list(columns)
-        self._tokens, layout, arrays = _checked_files(directory, record, verify=verify,
-                                                      verify_tokens=verify and not tokens_verified,
-                                                      with_arrays=with_arrays)
+        self._tokens, self._index, arrays, self._arrays_bytes = _checked_files(
+            directory, record, verify=verify, verify_tokens=verify and not tokens_verified, with_arrays=with_arrays,
+            every_header=not tokens_verified)
         try:
             with _named_errors(directory):
-                self._file = pa.ipc.open_file(self._tokens, options=_read_options(layout.schema, self.columns,
+                self._file = pa.ipc.open_file(self._tokens, options=_read_options(self._index.schema, self.columns,
                                                                                   with_logprob))
                 self.arrays = _read_arrays(arrays) if arrays else None
         except BaseException:
             self.close()
             raise
-        self._starts = np.cumsum([0, *(b.length for b in layout.batches)])  # each record batch's first row
+        self._starts = np.cumsum([0, *self._index.lengths])  # each record batch's first row
         self._kept: dict[int, pa.RecordBatch] = {}  # the record batches of the last range read, checked
 
     def close(self) -> None:
@@ -258,6 +260,7 @@ class ChunkRows:
         last range are kept: the next range, which usually starts where it stopped, decodes only the others."""
         first = max(int(np.searchsorted(self._starts, start, side="right")) - 1, 0)
         end = max(int(np.searchsorted(self._starts, stop, side="left")), first)
+        self._check_declared(first, end)
         if (start, stop) == (0, self.record.rows):  # the whole chunk: not kept (nothing else to read here)
             table = self._whole(first, end)
         else:
@@ -266,6 +269,13 @@ class ChunkRows:
             table = table.slice(start - int(self._starts[first]), stop - start)
         arrays = None if self.arrays is None else {k: v[start:stop] for k, v in self.arrays.items()}
         return ChunkTable(self.directory, table, arrays, self.columns)
+
+    def _check_declared(self, first: int, end: int) -> None:
+        """Before record batches [first, end) are decoded: what their headers declare, with the arrays, fits the
+        chunk's decode budget (each header is read once; all of them at the start unless `tokens_verified`)."""
+        with _named_errors(self.directory):
+            check_budget(self.record, self._arrays_bytes + sum(self._index.batch(i).decoded_bytes
+                                                               for i in range(first, end)))
 
     def _checked_batch(self, index: int) -> pa.RecordBatch:
         with _named_errors(self.directory):
@@ -281,24 +291,28 @@ class ChunkRows:
         return _combined(table)
 
 
-def _checked_files(directory: Path, record: ChunkRecord, *, verify: bool, verify_tokens: bool,
-                   with_arrays: bool) -> tuple[pa.OSFile, IpcLayout, dict[str, bytes]]:
-    """(tokens.arrow open, its layout, the bytes of the arrays' files): every file's length checked, and its
-    CRC-32 where asked (`verify_tokens` for tokens.arrow, `verify` for the others), and what the headers declare
-    checked against the record and the decode budget, before anything is decoded. Arrays are read only
-    `with_arrays`."""
+def _checked_files(directory: Path, record: ChunkRecord, *, verify: bool, verify_tokens: bool, with_arrays: bool,
+                   every_header: bool = True) -> tuple[pa.OSFile, IpcIndex, dict[str, bytes], int]:
+    """(tokens.arrow open, its index, the bytes of the arrays' files, their decoded size): every file's length
+    checked, and its CRC-32 where asked (`verify_tokens` for tokens.arrow, `verify` for the others), and what the
+    headers declare checked against the record and the decode budget, before anything is decoded: every record
+    batch's header, or (not `every_header`) the schema and rows, the others left to the reader of each record
+    batch. Arrays are read only `with_arrays`."""
     tokens = _open_checked(directory, TOKENS_FILE, record.files[TOKENS_FILE], verify=verify_tokens)
     try:
         arrays = {name: _read_verified(directory, name, expected, verify=verify)
                   for name, expected in record.files.items() if with_arrays and name.startswith(f"{ARRAYS_DIR}/")}
         with _named_errors(directory):
-            layout = check_tokens(FileBytes(tokens), record)
+            index = read_ipc_index(FileBytes(tokens))
+            check_index(index, record)
+            if every_header:
+                check_layout(index.layout(), record)
             arrays_bytes = check_arrays(arrays, record.rows, prefix=f"{ARRAYS_DIR}/").decoded_bytes if arrays else 0
-            check_budget(record, layout.decoded_bytes + arrays_bytes)
+            check_budget(record, (index.layout().decoded_bytes if every_header else 0) + arrays_bytes)
     except BaseException:
         tokens.close()
         raise
-    return tokens, layout, arrays
+    return tokens, index, arrays, arrays_bytes
 
 
 def _combined(table: pa.Table) -> pa.Table:
@@ -331,20 +345,22 @@ def _named_errors(directory: Path) -> Iterator[None]:
             from e
 
 
-def check_tokens(data: bytes | IpcBytes, record: ChunkRecord) -> IpcLayout:
-    """What tokens.arrow declares, checked against its chunk record before anything is decoded."""
-    layout = read_ipc_layout(data)
+def check_index(index: IpcIndex, record: ChunkRecord) -> None:
+    """tokens.arrow's schema is a spill's, and its record batches hold the rows its chunk record says."""
+    _check_token_schema(index.schema)
+    if index.rows != record.rows:
+        raise IpcLayoutError(f"{TOKENS_FILE} declares {index.rows} rows; chunk.json records {record.rows}")
+
+
+def check_layout(layout: IpcLayout, record: ChunkRecord) -> None:
+    """Every record batch of tokens.arrow declares, in all, the tokens its chunk record says."""
     schema = layout.schema
-    _check_token_schema(schema)
-    if layout.rows != record.rows:
-        raise IpcLayoutError(f"{TOKENS_FILE} declares {layout.rows} rows; chunk.json records {record.rows}")
     ragged = RAGGED_LABELS_KEY in (schema.metadata or {})
     per_token = ["pred_ids"] + ([] if ragged else ["label_ids"]) + [n for n in PER_TOKEN_COLUMNS if n in schema.names]
     for name in per_token:
         declared = layout.child_length(name)
         if declared != record.tokens:
             raise IpcLayoutError(f"{TOKENS_FILE} declares {declared} {name}; chunk.json records {record.tokens} tokens")
-    return layout
 
 
 def _check_token_schema(schema: pa.Schema) -> None:
@@ -432,7 +448,7 @@ def verify_chunk(directory: Path, record: ChunkRecord, *, verify: bool = True, w
                  ) -> np.ndarray:
     """Check every file of a chunk (length, CRC-32, what its headers declare) without decoding its rows; return
     its sample indices. What `spilleval inspect` does to tell an intact chunk from a damaged one."""
-    tokens, _, _ = _checked_files(directory, record, verify=verify, verify_tokens=verify, with_arrays=with_arrays)
+    tokens, *_ = _checked_files(directory, record, verify=verify, verify_tokens=verify, with_arrays=with_arrays)
     with tokens, _named_errors(directory):
         options = pa.ipc.IpcReadOptions(included_fields=[0], use_threads=False)
         table = pa.ipc.open_file(tokens, options=options).read_all()
