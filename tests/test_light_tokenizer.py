@@ -42,6 +42,30 @@ def test_the_light_tokenizer_decodes_as_transformers(spill, tokenizer):
             tokenizer.decode(r, skip_special_tokens=skip) for r in rows[:50]]
 
 
+def test_readers_of_one_tokenizer_share_what_is_learnt_of_it(spill, tokenizer, tmp_path):
+    """Each `SpillReader` loads its own tokenizer object. Built from the same tokenizer.json bytes, they share one
+    piece decoder (each token's text, learnt once: a one-worker compute re-learnt it on every call); a tokenizer
+    with other bytes (a token added) gets its own, and each decodes as its Rust tokenizer does."""
+    from spilleval.decode import _piece_decoder, batch_decoder
+
+    first, second = (SpillReader(spill).display_tokenizer for _ in range(2))
+    assert first is not second and first.fingerprint == second.fingerprint
+    pieces = _piece_decoder(first.backend, first.fingerprint)
+    assert pieces is not None and _piece_decoder(second.backend, second.fingerprint) is pieces
+    changed = type(tokenizer).from_pretrained(str(spill / "tokenizer"))
+    changed.add_tokens(["<extra>"])
+    changed.save_pretrained(str(tmp_path / "changed"))
+    other = load_light_tokenizer(tmp_path / "changed")
+    assert other.fingerprint != first.fingerprint
+    assert _piece_decoder(other.backend, other.fingerprint) is not pieces
+    rng = np.random.default_rng(3)
+    for light in (first, second, other):
+        ids = rng.integers(0, len(light), size=400)
+        offsets = np.array([0, 3, 3, 50, 211, 400])
+        rows = [ids[a:b].tolist() for a, b in zip(offsets, offsets[1:])]
+        assert batch_decoder(light)(ids, offsets) == light.backend.decode_batch(rows, skip_special_tokens=True)
+
+
 def test_a_tokenizer_that_cleans_up_spaces_is_left_to_transformers(tokenizer, tmp_path):
     tokenizer.save_pretrained(str(tmp_path / "plain"))
     assert load_light_tokenizer(tmp_path / "plain") is not None

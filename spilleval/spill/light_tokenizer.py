@@ -13,6 +13,7 @@ torch. `tests/test_light_tokenizer.py` checks both decode the same strings.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,10 +28,13 @@ SPECIAL_TOKEN_FIELDS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad
 
 
 class LightTokenizer:
-    """`decode`, `batch_decode` and `len` of a saved fast tokenizer, as transformers would give them."""
+    """`decode`, `batch_decode` and `len` of a saved fast tokenizer, as transformers would give them. `fingerprint`:
+    a digest of the `tokenizer.json` bytes it was built from, so two readers of one tokenizer can share what is
+    learnt about it (`decode.batch_decoder`: each token's piece of text)."""
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Any, fingerprint: bytes | None = None) -> None:
         self.backend = backend
+        self.fingerprint = fingerprint
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
@@ -60,11 +64,14 @@ def load_light_tokenizer(path: Path) -> LightTokenizer | None:
     try:
         from tokenizers import Tokenizer
 
-        backend = Tokenizer.from_file(str(tokenizer_path))
+        data = tokenizer_path.read_bytes()  # the digest is of the very bytes the tokenizer is built from
+        backend = Tokenizer.from_str(data.decode("utf-8"))
     except Exception:  # noqa: BLE001 - the tokenizers library raises bare Exceptions on bad files
         return None
     named = [config, _json_object(path / SPECIAL_TOKENS_MAP) or {}]
-    return LightTokenizer(backend) if _special_tokens_in_step(backend, named, config) else None
+    if not _special_tokens_in_step(backend, named, config):
+        return None
+    return LightTokenizer(backend, hashlib.blake2b(data, digest_size=16).digest())
 
 
 def _json_object(path: Path) -> dict[str, Any] | None:
