@@ -31,6 +31,12 @@ can reach on this machine (a virtual machine's 16 "cores" under load do not give
 sacrebleu chrF on fixed strings (Python, cache-resident: the text metrics' kind), and sorting 32 MB of hashes
 (memory-bound: the corpus metrics' n-gram runs).
 
+The metric's own ceiling (--workload-ceiling): in the pool of the largest worker count, after its timed runs, each
+of its N workers computes the metric alone, `compute_from_spill(spill, [spec], workers=1)`, all at once (once to warm
+up, then timed): N copies of the one-worker computation, with no task traffic between them. Its efficiency (time of
+one worker alone / time of the N copies together) is what the machine gives that workload at N processes; the
+N-worker run's efficiency against it is what the parallel recompute itself loses.
+
 Writes a JSON file and a plot (speed-up vs workers per metric, with the linear, 0.8 x linear and ceiling lines).
 """
 
@@ -66,7 +72,8 @@ TEXT_METRICS = ["text_match", "bleu", "chrf", "ter", "rouge", "squad", "wer", "c
 
 
 def time_metrics(spill_of: dict[str, Path], specs: dict[str, dict[str, Any]], workers: int, repeats: int,
-                 warm_up_spill: Path, resamples: int = 0) -> dict[str, Any]:
+                 warm_up_spill: Path, resamples: int = 0, alone_s: dict[str, float] | None = None,
+                 ) -> dict[str, Any]:
     warm_up = {"name": "text_match", "params": {}}
     start = time.perf_counter()
     pool = local_executor(workers)
@@ -87,9 +94,32 @@ def time_metrics(spill_of: dict[str, Path], specs: dict[str, dict[str, Any]], wo
             if resamples:
                 out["metrics"][name]["intervals"] = time_intervals(spill_of[name], specs[name], pool, workers,
                                                                    repeats, resamples)
+            if alone_s is not None:
+                out["metrics"][name]["workload_ceiling"] = workload_ceiling(pool, workers, spill_of[name],
+                                                                            specs[name], alone_s[name])
         return out
     finally:
         shutdown(pool)
+
+
+def one_worker_compute(spill: Path, spec: dict[str, Any]) -> float:
+    """In a pool worker: seconds of the metric computed alone in this process (`workers=1`)."""
+    start = time.perf_counter()
+    compute_from_spill(spill, [spec], workers=1)
+    return time.perf_counter() - start
+
+
+def workload_ceiling(pool: Any, workers: int, spill: Path, spec: dict[str, Any], alone_s: float) -> dict[str, Any]:
+    """Each of the pool's `workers` processes computes the metric alone, all at once (warmed up once, then timed):
+    efficiency = `alone_s` (one worker, nothing else running) / the time until the last copy is done."""
+    for _ in range(2):
+        start = time.perf_counter()
+        futures = [pool.submit(one_worker_compute, spill, spec) for _ in range(workers)]
+        each = [future.result() for future in futures]
+        together = time.perf_counter() - start
+    print(f"  workload ceiling {spec['name']:16s} {workers} copies at once {together:.2f} s (each {min(each):.2f}-"
+          f"{max(each):.2f} s), alone {alone_s:.2f} s: efficiency {alone_s / together:.2f}", flush=True)
+    return {"together_s": together, "each_s": each, "efficiency": alone_s / together}
 
 
 def time_intervals(spill: Path, spec: dict[str, Any], pool: Any, workers: int, repeats: int,
@@ -322,7 +352,24 @@ def scaling_table(out: dict[str, Any], counts: list[int]) -> str:
                            for w, r in zip(counts[1:], runs[1:])], "", ""])
     header = ["metric", "samples", "1 worker", *[f"{w} workers: speed-up (efficiency)" for w in counts[1:]],
               "first-run extra, max (s)", f"at {counts[-1]} workers: cores busy, CPU s / 1 worker's, cores stolen"]
-    return markdown_table(header, rows)
+    return markdown_table(header, rows) + workload_table(out, counts)
+
+
+def workload_table(out: dict[str, Any], counts: list[int]) -> str:
+    """Per metric, the efficiency of the most workers against that of as many copies of the one-worker run."""
+    most = str(counts[-1])
+    rows = []
+    for name in out["metrics"]:
+        run = out["runs"][most]["metrics"][name]
+        if "workload_ceiling" in run:
+            efficiency = out["runs"][str(counts[0])]["metrics"][name]["seconds"] / run["seconds"] / counts[-1]
+            ceiling = run["workload_ceiling"]["efficiency"]
+            rows.append([name, f"{efficiency:.2f}", f"{ceiling:.2f}", f"{efficiency / ceiling:.2f}"])
+    if not rows:
+        return ""
+    header = ["metric", f"{most} workers: efficiency", f"{most} copies of the 1-worker run: efficiency (ceiling)",
+              "efficiency / ceiling"]
+    return "\n\n" + markdown_table(header, rows)
 
 
 def cpu_cell(alone: dict[str, Any], most: dict[str, Any]) -> str:
@@ -347,6 +394,8 @@ def main() -> None:
     parser.add_argument("--intervals", type=int, default=0, metavar="N",
                         help="also time each metric with N bootstrap replicates, `spilleval compute`'s default "
                              "(compute_with_intervals; 0: skip)")
+    parser.add_argument("--workload-ceiling", action="store_true",
+                        help="also run each metric's one-worker computation in as many copies as the most workers")
     parser.add_argument("--tokenizer-threads", action="store_true",
                         help="the in-process run (1 worker, the probe, CIDEr before/after) decodes on every core")
     args = parser.parse_args()
@@ -377,8 +426,10 @@ def main() -> None:
         out["spills"] = {name: {"tokens": s.tokens, "samples": s.samples} for name, s in spill_of.items()}
         paths = {name: s.path for name, s in spill_of.items()}
         for w in counts:
+            alone = {name: out["runs"]["1"]["metrics"][name]["seconds"] for name in specs} \
+                if args.workload_ceiling and w == counts[-1] > 1 else None
             out["runs"][str(w)] = time_metrics(paths, specs, w, args.repeats, spills.get(args.probe_tokens).path,
-                                               args.intervals)
+                                               args.intervals, alone)
             (args.out / "scaling.json").write_text(json.dumps(out, indent=1))  # kept if a later count is cut off
         for name in specs:  # the same bits for every worker count
             results = {json.dumps(out["runs"][str(w)]["metrics"][name]["result"]) for w in counts}
