@@ -6,6 +6,7 @@ and importing their modules would pull torch into every command's start-up.
 """
 
 from .decode import TokenizerMismatchError
+from .metrics.parallel import WorkerLostError
 from .metrics.runner import MetricConfigError
 from .plugins import PluginError
 from .report import ExportError, ScoreError, SpillsDifferError
@@ -22,6 +23,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     SpillWriteError,
     SpillsDifferError,
     TokenizerMismatchError,
+    WorkerLostError,
     KeyError,
     FileNotFoundError,
 )

@@ -8,12 +8,14 @@ import importlib.util
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 from _imports_probe import imported
+from conftest import SPILLEVAL_SCRIPT
 from metric_data import batches_of, tokenizer
 from test_metrics_corpus import CORPUS_SPECS, seeded_corpus
 from typer.testing import CliRunner
@@ -288,3 +290,60 @@ def test_the_interval_pass_runs_in_the_workers_with_the_bits_of_one(spill, monke
                                                                  workers=w).results.items()})  # NaN == NaN here
               for test in ("bootstrap", "randomization") for w in (1, 2)]
     assert paired[0] == paired[1] and paired[2] == paired[3] and len(json.loads(paired[0])) > 20
+
+
+DYING_PLUGIN = "spilleval_test_dying_metric"
+DYING_SOURCE = '''
+import multiprocessing, os, signal
+from spilleval.metrics import StreamingMetric, register
+
+
+@register("dies_in_a_worker")
+class DiesInAWorker(StreamingMetric):
+    """Counts samples in-process; a pool worker that updates it is killed, as the out-of-memory killer would."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("samples")
+
+    def update(self, batch):
+        if multiprocessing.parent_process() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.add("samples", len(batch))
+
+    def compute(self):
+        return {"dies_in_a_worker": int(self.value("samples"))}
+'''
+
+
+def test_a_worker_killed_mid_compute_is_one_clear_error(spill, tmp_path, monkeypatch):
+    """A pool worker killed with SIGKILL (what the out-of-memory killer sends): the recompute raises
+    `WorkerLostError`, which names the signal and the fix, leaves the spill as it was, and is one line and exit
+    code 2 from `spilleval compute`."""
+    (tmp_path / f"{DYING_PLUGIN}.py").write_text(DYING_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module(DYING_PLUGIN)
+    before = sorted(p.name for p in spill.iterdir())
+    specs = ["dies_in_a_worker", "distinct_n", {"name": "cider", "params": REFS}]
+    assert compute_from_spill(spill, specs[:1], workers=1)["dies_in_a_worker"] == 60
+    with pytest.raises(parallel.WorkerLostError, match=r"\(killed by SIGKILL\).*--workers 2\), or --workers 1"):
+        compute_from_spill(spill, specs, workers=4)
+    assert sorted(p.name for p in spill.iterdir()) == before
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([str(SPILLEVAL_SCRIPT), "compute", str(spill), "--metrics", "dies_in_a_worker",
+                             "--plugin", DYING_PLUGIN, "--workers", "2"], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "killed by SIGKILL" in result.stderr and "--workers 1" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_killed_worker_is_named_every_time(spill, tmp_path, monkeypatch):
+    """The pool breaking is process teardown: 30 runs, each must end in `WorkerLostError` naming the signal (not a
+    hang, not another error)."""
+    (tmp_path / f"{DYING_PLUGIN}.py").write_text(DYING_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module(DYING_PLUGIN)
+    for _ in range(30):
+        with pytest.raises(parallel.WorkerLostError, match="killed by SIGKILL"):
+            compute_from_spill(spill, ["dies_in_a_worker"], workers=2)

@@ -25,8 +25,10 @@ import importlib
 import math
 import multiprocessing
 import os
+import signal
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
@@ -49,6 +51,11 @@ if TYPE_CHECKING:
 TASKS_PER_WORKER = 4  # a task takes 1/(this x workers) of the rows still to plan (guided sizes, `TaskPlanner`)
 MIN_TASK_ROWS = 64  # a task costs a pickled round trip: a few hundred microseconds
 TAIL_TASKS_PER_WORKER = 8  # a corpus sweep's smallest tasks: 1/(this x workers) of the spill, or a batch if less
+
+
+class WorkerLostError(RuntimeError):
+    """A worker process of the recompute died without returning its task (the kernel's out-of-memory killer, most
+    often); `spilleval compute` prints it as one line with the fix."""
 
 
 def usable_cores() -> int:
@@ -346,9 +353,32 @@ def compute_in_parallel(reader: "SpillReader", suite: "MetricSuite", *, executor
         out = suite.compute_streaming()
         return merge_results([out, *(suite.computed(m, m.finish()) for m in corpus),
                               *(suite.computed(m, m.compute(reader)) for m in parent_only)])
+    except BrokenProcessPool as e:
+        raise _lost_worker(executor, workers) from e
     finally:
         for metric in corpus:
             metric.close()
+
+
+def _lost_worker(executor: Executor, workers: int) -> WorkerLostError:
+    """What to tell when a pool worker died: how (its exit code, where the pool still knows it) and the fix."""
+    codes = sorted({p.exitcode for p in (getattr(executor, "_processes", None) or {}).values() if p.exitcode})
+    how = ", ".join(_exit_name(code) for code in codes)
+    fewer = f"fewer workers (--workers {workers // 2}), or " if workers // 2 > 1 else ""
+    return WorkerLostError(
+        f"a worker process of the recompute stopped before returning its task{f' ({how})' if how else ''}; the "
+        "spill is unchanged. The usual cause is memory: the kernel's out-of-memory killer ends the largest process. "
+        f"Run with {fewer}--workers 1 to compute in this process"
+    )
+
+
+def _exit_name(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def compute_corpus_metrics(reader: "SpillReader", metrics: Sequence[CorpusMetric], *,
@@ -424,8 +454,9 @@ def _settle(futures: Iterable[Future]) -> None:
     for future in futures:
         future.cancel()
     for future in futures:
-        with contextlib.suppress(Exception):
-            future.result()
+        if not future.cancelled():
+            future.exception()  # waits; not `result()`: raising one error (a broken pool's) per future grew its
+            # traceback by a few frames each time, to hundreds of lines
 
 
 class TaskPlanner:
