@@ -363,6 +363,8 @@ def compute_in_parallel(reader: "SpillReader", suite: "MetricSuite", *, executor
 def _lost_worker(executor: Executor, workers: int) -> WorkerLostError:
     """What to tell when a pool worker died: how (its exit code, where the pool still knows it) and the fix."""
     codes = sorted({p.exitcode for p in (getattr(executor, "_processes", None) or {}).values() if p.exitcode})
+    if len(codes) > 1:  # the pool ends the other workers with SIGTERM once one is lost: those are not the cause
+        codes = [code for code in codes if code != -signal.SIGTERM]
     how = ", ".join(_exit_name(code) for code in codes)
     fewer = f"fewer workers (--workers {workers // 2}), or " if workers // 2 > 1 else ""
     return WorkerLostError(
