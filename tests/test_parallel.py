@@ -12,6 +12,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from _imports_probe import imported
@@ -347,3 +349,35 @@ def test_a_killed_worker_is_named_every_time(spill, tmp_path, monkeypatch):
     for _ in range(30):
         with pytest.raises(parallel.WorkerLostError, match="killed by SIGKILL"):
             compute_from_spill(spill, ["dies_in_a_worker"], workers=2)
+
+
+def test_a_slow_task_at_the_head_does_not_idle_the_workers(monkeypatch):
+    """Results are merged in task order, but a slow first task does not stop the later ones: they run and wait,
+    finished, up to HELD_PER_WORKER x workers tasks held, and no more (the parent's bound on what it holds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    release, started, lock = threading.Event(), [], threading.Lock()
+
+    def run_task(sweep, task):
+        if task.start == 0:
+            assert release.wait(30)
+        with lock:
+            started.append(task.start)
+        return task.start
+
+    monkeypatch.setattr(parallel, "run_task", run_task)
+    workers = 2
+    held = parallel.HELD_PER_WORKER * workers
+    tasks = [parallel.Task(0, i, i + 1) for i in range(40)]
+    results = []
+    with ThreadPoolExecutor(max_workers=parallel.RUNNING_PER_WORKER * workers) as executor:
+        consumer = threading.Thread(target=lambda: results.extend(parallel._ordered(executor, None, tasks, workers)))
+        consumer.start()
+        deadline = time.monotonic() + 10
+        while len(started) < held - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert sorted(started) == list(range(1, held))  # more than the running bound, up to the held one
+        release.set()
+        consumer.join(30)
+    assert [start for _, start in results] == list(range(40))

@@ -32,8 +32,8 @@ sacrebleu chrF on fixed strings (Python, cache-resident: the text metrics' kind)
 (memory-bound: the corpus metrics' n-gram runs).
 
 The metric's own ceiling (--workload-ceiling): in the pool of the largest worker count, after its timed runs, each
-of its N workers computes the metric alone, `compute_from_spill(spill, [spec], workers=1)`, all at once (once to warm
-up, then timed): N copies of the one-worker computation, with no task traffic between them. Its efficiency (time of
+of its N workers computes the metric alone, `compute_from_spill(spill, [spec], workers=1)`, all at once (warmed up by
+the timed runs' tasks): N copies of the one-worker computation, with no task traffic between them. Its efficiency (time of
 one worker alone / time of the N copies together) is what the machine gives that workload at N processes; the
 N-worker run's efficiency against it is what the parallel recompute itself loses.
 
@@ -110,13 +110,13 @@ def one_worker_compute(spill: Path, spec: dict[str, Any]) -> float:
 
 
 def workload_ceiling(pool: Any, workers: int, spill: Path, spec: dict[str, Any], alone_s: float) -> dict[str, Any]:
-    """Each of the pool's `workers` processes computes the metric alone, all at once (warmed up once, then timed):
-    efficiency = `alone_s` (one worker, nothing else running) / the time until the last copy is done."""
-    for _ in range(2):
-        start = time.perf_counter()
-        futures = [pool.submit(one_worker_compute, spill, spec) for _ in range(workers)]
-        each = [future.result() for future in futures]
-        together = time.perf_counter() - start
+    """Each of the pool's `workers` processes computes the metric alone, all at once: efficiency = `alone_s` (one
+    worker, nothing else running) / the time until the last copy is done. The workers have run the metric's tasks
+    already (its library imported, the tokenizer's pieces learnt, shared by every reader of the same bytes)."""
+    start = time.perf_counter()
+    futures = [pool.submit(one_worker_compute, spill, spec) for _ in range(workers)]
+    each = [future.result() for future in futures]
+    together = time.perf_counter() - start
     print(f"  workload ceiling {spec['name']:16s} {workers} copies at once {together:.2f} s (each {min(each):.2f}-"
           f"{max(each):.2f} s), alone {alone_s:.2f} s: efficiency {alone_s / together:.2f}", flush=True)
     return {"together_s": together, "each_s": each, "efficiency": alone_s / together}

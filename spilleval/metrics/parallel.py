@@ -12,8 +12,9 @@ the task boundaries. A corpus metric that only implements `compute(reader)`
 (a user's own) runs in the parent after the sweeps.
 
 Executors: in-process (one worker), a local process pool (`concurrent.futures`, forkserver), or anything with
-`submit(fn, *args) -> future` such as a Dask `Client` (`spilleval.metrics.cluster`). At most `2 x workers` tasks are in
-flight, so the parent holds a bounded number of partials.
+`submit(fn, *args) -> future` such as a Dask `Client` (`spilleval.metrics.cluster`). At most `2 x workers` tasks are
+unfinished and `4 x workers` held (finished ones wait to be merged in order), so the parent holds a bounded number
+of partials.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -51,6 +53,8 @@ if TYPE_CHECKING:
 TASKS_PER_WORKER = 4  # a task takes 1/(this x workers) of the rows still to plan (guided sizes, `TaskPlanner`)
 MIN_TASK_ROWS = 64  # a task costs a pickled round trip: a few hundred microseconds
 TAIL_TASKS_PER_WORKER = 8  # a corpus sweep's smallest tasks: 1/(this x workers) of the spill, or a batch if less
+RUNNING_PER_WORKER = 2  # tasks submitted and not finished, per worker: each worker has its next task queued
+HELD_PER_WORKER = 4  # tasks held by the parent, finished or not, per worker: the bound on the partials it holds
 
 
 class WorkerLostError(RuntimeError):
@@ -432,22 +436,41 @@ def _sweep(reader: "SpillReader", suite: "MetricSuite", *, streaming: bool, pass
 
 def _ordered(executor: Executor, sweep: Sweep, tasks: Iterable[Task], workers: int
              ) -> Iterator[tuple[Task, TaskResult]]:
-    """(task, result of `run_task`) in task order, with at most 2 x workers tasks in flight. Tasks are planned as
-    they are submitted: the workers start while the parent still reads the later chunks' sample indexes. Closed
-    early (an error), it cancels the tasks in flight and waits for those already running: they may be writing into
-    the metrics' scratch directories, which must not be removed under them."""
-    in_flight: deque[tuple[Task, Future]] = deque()
+    """(task, result of `run_task`) in task order. Up to RUNNING_PER_WORKER x workers tasks are unfinished at a
+    time, and up to HELD_PER_WORKER x workers held: tasks that finish while an earlier one still runs wait to be
+    merged, and the workers go on with later ones. (With one bound for both, a slow task at the head stopped new
+    submissions once the others had finished, and the workers idled: guided task sizes put the largest task at the
+    head.) Tasks are planned as they are submitted: the workers start while the parent still reads the later chunks'
+    sample indexes. Closed early (an error), it cancels the tasks in flight and waits for those already running:
+    they may be writing into the metrics' scratch directories, which must not be removed under them."""
+    running_cap, held_cap = RUNNING_PER_WORKER * max(workers, 1), HELD_PER_WORKER * max(workers, 1)
+    held: deque[tuple[Task, Future]] = deque()
+    planned = iter(tasks)
+    more = True
+    finished = threading.Event()  # set by each task's future when it is done (a pool's, or a Dask client's)
     try:
-        for task in tasks:
-            in_flight.append((task, executor.submit(run_task, sweep, task)))
-            if len(in_flight) >= 2 * max(workers, 1):
-                done, future = in_flight.popleft()
-                yield done, future.result()
-        while in_flight:
-            done, future = in_flight.popleft()
-            yield done, future.result()
+        while True:
+            finished.clear()  # before the count: a task done after it sets the event again
+            unfinished = sum(not future.done() for _, future in held)
+            while more and len(held) < held_cap and unfinished < running_cap:
+                task = next(planned, None)
+                if task is None:
+                    more = False
+                    break
+                future = executor.submit(run_task, sweep, task)
+                future.add_done_callback(lambda _: finished.set())
+                held.append((task, future))
+                unfinished += 1
+            if not held:
+                return
+            task, future = held[0]
+            if future.done() or not more or len(held) >= held_cap:
+                held.popleft()
+                yield task, future.result()
+            else:  # room for more once any task finishes
+                finished.wait()
     finally:
-        _settle(future for _, future in in_flight)
+        _settle(future for _, future in held)
 
 
 def _settle(futures: Iterable[Future]) -> None:
