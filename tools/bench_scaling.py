@@ -294,6 +294,10 @@ def plot(out: dict[str, Any], path: Path) -> None:
         base = out["runs"][str(counts[0])]["metrics"][name]["seconds"]
         ax.plot(counts, [base / out["runs"][str(w)]["metrics"][name]["seconds"] for w in counts], marker="o",
                 label=name, color=colors[i % len(colors)])
+        ceiling = out["runs"][str(counts[-1])]["metrics"][name].get("workload_ceiling")
+        if ceiling:  # the metric's own ceiling: as many copies of its one-worker run at once
+            ax.plot([counts[-1]], [counts[-1] * ceiling["efficiency"]], marker="x", markersize=9,
+                    color=colors[i % len(colors)])
     ax.plot(counts, counts, "k--", label="linear")
     ax.plot(counts, [0.8 * w for w in counts], "k:", label="0.8 x linear")
     for kind, style in (("ceiling", "r-."), ("ceiling_memory", "m-.")):
@@ -305,7 +309,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log", base=2)
     ax.set_xticks(counts, [str(w) for w in counts])
     ax.set_xlabel("worker processes")
-    ax.set_ylabel("speed-up over 1 worker")
+    ax.set_ylabel("speed-up over 1 worker (x: N copies of the 1-worker run at once)")
     ax.set_title(f"spilleval compute --workers N, caption spills of ~{out['seconds']:g} s on 1 worker\n"
                  f"{out['machine']['cpu']}",
                  fontsize=9)
