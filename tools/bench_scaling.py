@@ -32,10 +32,10 @@ sacrebleu chrF on fixed strings (Python, cache-resident: the text metrics' kind)
 (memory-bound: the corpus metrics' n-gram runs).
 
 The metric's own ceiling (--workload-ceiling): in the pool of the largest worker count, after its timed runs, each
-of its N workers computes the metric alone, `compute_from_spill(spill, [spec], workers=1)`, all at once (warmed up by
-the timed runs' tasks): N copies of the one-worker computation, with no task traffic between them. Its efficiency (time of
-one worker alone / time of the N copies together) is what the machine gives that workload at N processes; the
-N-worker run's efficiency against it is what the parallel recompute itself loses.
+of its N workers computes the metric alone, `compute_from_spill(spill, [spec], workers=1)`, all at once (warmed up
+by the timed runs' tasks): N copies of the one-worker computation, with no task traffic between them. Its efficiency
+(time of one worker alone / time of the N copies together) is what the machine gives that workload at N processes;
+the N-worker run's efficiency against it is what the parallel recompute itself loses.
 
 Writes a JSON file and a plot (speed-up vs workers per metric, with the linear, 0.8 x linear and ceiling lines).
 """

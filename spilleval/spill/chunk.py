@@ -222,9 +222,9 @@ class ChunkRows:
     `tokens_verified`: the caller checked tokens.arrow already, its CRC-32 and every header (the parallel
     recompute's planner does, in the parent, for every chunk of a sweep before it hands out its rows), so each of
     16 workers touching a chunk does not read and check the whole file again (they did: 1.3 CPU-s of CRC-32 and 1.3
-    of reads per 10M tokens at 16 workers, against 0.2 for one; then parsing every record batch's header at each
-    open, 2x the tasks' CPU on 2 cores). Its length, schema and rows are still checked here, and each record
-    batch's header before that batch is decoded."""
+    of reads per 10M tokens at 16 workers, against 0.2 for one; then every record batch's header at each open: a
+    139k-row chunk opened and 1,300 rows read in 4.3 ms, now 3.0). Its length, schema and rows are still checked
+    here, and each record batch's header before that batch is decoded."""
 
     def __init__(self, directory: Path, record: ChunkRecord, *, verify: bool = True, tokens_verified: bool = False,
                  columns: Iterable[str] | None = None, with_arrays: bool = True, with_logprob: bool = True) -> None:

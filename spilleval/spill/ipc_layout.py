@@ -7,9 +7,10 @@ anyone, so the reader reads these declarations first, checks them against `chunk
 
 The metadata are flatbuffers (Arrow's `File.fbs` / `Message.fbs`); this module reads the few tables it needs, each
 access bounds-checked. It reads them from bytes in memory or from an open file (`FileBytes`: a few small `pread`s
-per record batch, so a reader that wants some rows of a file never reads the whole of it). Layout of a file: ``ARROW1\\0\\0``, the stream of encapsulated messages (continuation marker
-0xFFFFFFFF, int32 metadata length, the `Message` flatbuffer, the body), the `Footer` flatbuffer, its int32 length,
-``ARROW1``. The footer's blocks locate the record batches that `pyarrow.ipc.open_file` reads.
+per record batch, so a reader that wants some rows of a file never reads the whole of it). Layout of a file:
+``ARROW1\\0\\0``, the stream of encapsulated messages (continuation marker 0xFFFFFFFF, int32 metadata length, the
+`Message` flatbuffer, the body), the `Footer` flatbuffer, its int32 length, ``ARROW1``. The footer's blocks locate
+the record batches that `pyarrow.ipc.open_file` reads.
 """
 
 from __future__ import annotations
@@ -144,9 +145,8 @@ def _node_count(type_: pa.DataType) -> int:
 class IpcIndex:
     """The footer of an Arrow IPC file, its schema and each record batch's rows, read with one small read per
     record batch; a record batch's nodes and buffers are read the first time it is asked for (`batch`). A reader
-    that wants some rows of a file checks the declarations of the record batches it decodes, not of all of them:
-    16 workers that each parsed every header of every chunk they opened did 2x the CPU of one worker's tasks
-    (answer_macro_f1 on 2.56M tokens, 109 tasks)."""
+    that wants some rows of a file checks the declarations of the record batches it decodes, not of all of them
+    (a pool worker opening a 139k-row chunk of 34 record batches to read 1,300 rows: 3.0 ms against 4.3)."""
 
     def __init__(self, source: IpcBytes) -> None:
         self.source = source
