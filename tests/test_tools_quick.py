@@ -120,7 +120,7 @@ def test_bench_intervals_quick(tmp_path):
 def test_bench_scaling_quick(tmp_path):
     command = [sys.executable, "tools/bench_scaling.py", "--seconds", "0.1", "--probe-tokens", "2000", "--max-tokens",
                "4000", "--workers", "1", "2", "--metrics", "bleu", "cider", "--cider-tokens", "2000", "--ceiling-seconds",
-               "0.2", "--intervals", "20", "--out", str(tmp_path)]
+               "0.2", "--intervals", "20", "--workload-ceiling", "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads((tmp_path / "scaling.json").read_text())
@@ -130,6 +130,8 @@ def test_bench_scaling_quick(tmp_path):
     assert (tmp_path / "scaling.png").stat().st_size > 0
     assert out["cider"]["before"] == pytest.approx(out["cider"]["after"], rel=1e-12)
     assert "2 workers: speed-up" in done.stdout
+    assert out["runs"]["2"]["metrics"]["bleu"]["workload_ceiling"]["efficiency"] > 0
+    assert "2 copies of the 1-worker run: efficiency (ceiling)" in done.stdout
     assert out["runs"]["2"]["metrics"]["bleu"]["busy_cores"] > 0 and "cores stolen" in done.stdout
     # each metric's prefix is the probe (2,000 tokens) or one doubling (4,000): a prefix ends with the first sample
     # that reaches its size, so it holds up to one answer (at most 30 tokens) more

@@ -37,6 +37,11 @@ by the timed runs' tasks): N copies of the one-worker computation, with no task 
 (time of one worker alone / time of the N copies together) is what the machine gives that workload at N processes;
 the N-worker run's efficiency against it is what the parallel recompute itself loses.
 
+Every timed run starts with every `functools.lru_cache` emptied, in this process and in each worker
+(`clear_caches`): sacrebleu's tokenizers (13a for BLEU, TER's) keep the last 65,536 strings, so a repeat on the same
+spill found its strings tokenized where they fitted, in each of 16 workers' shares of the spill but not in one
+worker's whole spill, and BLEU's speed-up over one worker came out 1.8x at 2 workers on 2 cores.
+
 Writes a JSON file and a plot (speed-up vs workers per metric, with the linear, 0.8 x linear and ceiling lines).
 """
 
@@ -71,18 +76,46 @@ TEXT_METRICS = ["text_match", "bleu", "chrf", "ter", "rouge", "squad", "wer", "c
                 "cider"]
 
 
+def clear_caches(barrier: Any = None) -> None:
+    """Empty every `functools.lru_cache` of this process (see the module docstring); with a barrier, wait for the
+    other workers, so that each worker of a pool runs this once."""
+    import functools
+    import gc
+    import warnings
+
+    with warnings.catch_warnings():  # isinstance on some of torch's deprecated objects warns
+        warnings.simplefilter("ignore")
+        caches = [item for item in gc.get_objects() if isinstance(item, functools._lru_cache_wrapper)]
+    for cache in caches:
+        cache.cache_clear()
+    if barrier is not None:
+        barrier.wait(120)
+
+
+def clear_caches_everywhere(pool: Any, workers: int, manager: Any) -> None:
+    clear_caches()
+    if workers > 1:
+        barrier = manager.Barrier(workers)
+        for future in [pool.submit(clear_caches, barrier) for _ in range(workers)]:
+            future.result()
+
+
 def time_metrics(spill_of: dict[str, Path], specs: dict[str, dict[str, Any]], workers: int, repeats: int,
                  warm_up_spill: Path, resamples: int = 0, alone_s: dict[str, float] | None = None,
                  ) -> dict[str, Any]:
+    import multiprocessing
+
     warm_up = {"name": "text_match", "params": {}}
     start = time.perf_counter()
     pool = local_executor(workers)
+    manager = multiprocessing.get_context("forkserver").Manager()
     try:
         compute_from_spill(warm_up_spill, [warm_up], executor=pool, workers=workers)  # loads the tokenizer
         out: dict[str, Any] = {"pool_start_s": time.perf_counter() - start, "metrics": {}}
         for name in specs:
             times, cpu, result = [], [], None
             for _ in range(repeats):
+                clear_caches_everywhere(pool, workers, manager)
                 before, t = psutil.cpu_times(), time.perf_counter()
                 result = compute_from_spill(spill_of[name], [specs[name]], executor=pool, workers=workers)
                 times.append(time.perf_counter() - t)
@@ -92,14 +125,17 @@ def time_metrics(spill_of: dict[str, Path], specs: dict[str, dict[str, Any]], wo
             print(f"  workers {workers:2d}  {name:16s} {times[best]:8.2f} s  (first run {times[0]:.2f} s; "
                   f"{cpu[best]['busy_cores']:.1f} cores busy, {cpu[best]['steal_cores']:.2f} stolen)", flush=True)
             if resamples:
-                out["metrics"][name]["intervals"] = time_intervals(spill_of[name], specs[name], pool, workers,
-                                                                   repeats, resamples)
+                out["metrics"][name]["intervals"] = time_intervals(
+                    spill_of[name], specs[name], pool, workers, repeats, resamples,
+                    clear=lambda: clear_caches_everywhere(pool, workers, manager))
             if alone_s is not None:
+                clear_caches_everywhere(pool, workers, manager)
                 out["metrics"][name]["workload_ceiling"] = workload_ceiling(pool, workers, spill_of[name],
                                                                             specs[name], alone_s[name])
         return out
     finally:
         shutdown(pool)
+        manager.shutdown()
 
 
 def one_worker_compute(spill: Path, spec: dict[str, Any]) -> float:
@@ -123,11 +159,12 @@ def workload_ceiling(pool: Any, workers: int, spill: Path, spec: dict[str, Any],
 
 
 def time_intervals(spill: Path, spec: dict[str, Any], pool: Any, workers: int, repeats: int,
-                   resamples: int) -> dict[str, Any]:
+                   resamples: int, clear: Any = lambda: None) -> dict[str, Any]:
     """`spilleval compute`'s default: the metric and its bootstrap intervals (`resamples` replicates), one sweep
     on the same pool; best of `repeats`."""
     times, result = [], None
     for _ in range(repeats):
+        clear()
         t = time.perf_counter()
         result, report = compute_with_intervals(SpillReader(spill), [spec], resamples=resamples, executor=pool,
                                                 workers=workers)
@@ -204,21 +241,30 @@ def machine_ceiling(counts: list[int], seconds: float, loop: Any = chrf_of_fixed
 
 def spill_per_metric(spills: PrefixSpills, specs: dict[str, dict[str, Any]], probe: int, seconds: float,
                      max_tokens: int) -> dict[str, Any]:
-    """The prefix each metric is timed on: about `seconds` of one worker, from its rate on the probe prefix."""
+    """The prefix each metric is timed on: about `seconds` of one worker. The probe prefix's rate gives a first
+    size; while a timed run there takes under half of `seconds`, the prefix doubles (the probe's fixed costs made a
+    fast metric's rate look 5x lower than on millions of tokens, and its spill too short to scale)."""
     probe_spill = spills.get(probe)
     sizes = {}
     for name, spec in specs.items():
         compute_from_spill(probe_spill.path, [spec], workers=1)  # imports, caches
-        t = time.perf_counter()
-        compute_from_spill(probe_spill.path, [spec], workers=1)
-        rate = probe_spill.tokens / (time.perf_counter() - t)
+        rate = probe_spill.tokens / one_worker_seconds(probe_spill.path, spec)
         tokens = probe
         while tokens * 2 <= max_tokens and tokens / rate < seconds / 1.5:
+            tokens *= 2
+        while tokens * 2 <= max_tokens and one_worker_seconds(spills.get(tokens).path, spec) < seconds / 2:
             tokens *= 2
         sizes[name] = spills.get(tokens)
         print(f"  {name:16s} {rate:12,.0f} tokens/s on the probe -> timed on {sizes[name].tokens:,} tokens "
               f"({sizes[name].samples:,} samples)", flush=True)
     return sizes
+
+
+def one_worker_seconds(spill: Path, spec: dict[str, Any]) -> float:
+    clear_caches()
+    start = time.perf_counter()
+    compute_from_spill(spill, [spec], workers=1)
+    return time.perf_counter() - start
 
 
 def cider_before(spill: Path, spec: dict[str, Any]) -> float:
