@@ -57,12 +57,20 @@ NAMES = ["mean_prediction_words", "longest_answer", "same_first_letter"]
 
 @pytest.fixture
 def plugin_dir(tmp_path, monkeypatch):
+    """The plugin importable and its metrics registered for one test: the registry and the module are put back
+    after it (a later test in the same process that lists every metric must not meet them)."""
+    from spilleval.metrics import available_metrics, registry
+
+    available_metrics()  # the built-ins registered first, in the registry that is kept
     path = tmp_path / "plugins"
     path.mkdir()
     (path / f"{PLUGIN}.py").write_text(PLUGIN_SOURCE)
     monkeypatch.syspath_prepend(str(path))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.delitem(sys.modules, PLUGIN, raising=False)
     importlib.import_module(PLUGIN)
-    return path
+    yield path
+    sys.modules.pop(PLUGIN, None)
 
 
 def run_cli(*args: str, plugin_dir) -> subprocess.CompletedProcess:

@@ -318,20 +318,33 @@ class DiesInAWorker(StreamingMetric):
 '''
 
 
-def test_a_worker_killed_mid_compute_is_one_clear_error(spill, tmp_path, monkeypatch):
+@pytest.fixture
+def dying_metric(tmp_path, monkeypatch):
+    """`dies_in_a_worker` registered for one test: the registry and the plugin's module are put back after it (a
+    later test that lists every metric must not meet it)."""
+    from spilleval.metrics import available_metrics, registry
+
+    available_metrics()  # the built-ins registered first, in the registry that is kept
+    (tmp_path / f"{DYING_PLUGIN}.py").write_text(DYING_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.delitem(sys.modules, DYING_PLUGIN, raising=False)
+    importlib.import_module(DYING_PLUGIN)
+    yield tmp_path
+    sys.modules.pop(DYING_PLUGIN, None)
+
+
+def test_a_worker_killed_mid_compute_is_one_clear_error(spill, dying_metric):
     """A pool worker killed with SIGKILL (what the out-of-memory killer sends): the recompute raises
     `WorkerLostError`, which names the signal and the fix, leaves the spill as it was, and is one line and exit
     code 2 from `spilleval compute`."""
-    (tmp_path / f"{DYING_PLUGIN}.py").write_text(DYING_SOURCE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.import_module(DYING_PLUGIN)
     before = sorted(p.name for p in spill.iterdir())
     specs = ["dies_in_a_worker", "distinct_n", {"name": "cider", "params": REFS}]
     assert compute_from_spill(spill, specs[:1], workers=1)["dies_in_a_worker"] == 60
     with pytest.raises(parallel.WorkerLostError, match=r"\(killed by SIGKILL\).*--workers 2\), or --workers 1"):
         compute_from_spill(spill, specs, workers=4)
     assert sorted(p.name for p in spill.iterdir()) == before
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(dying_metric), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([str(SPILLEVAL_SCRIPT), "compute", str(spill), "--metrics", "dies_in_a_worker",
                              "--plugin", DYING_PLUGIN, "--workers", "2"], capture_output=True, text=True, env=env,
                             timeout=120)
@@ -340,12 +353,9 @@ def test_a_worker_killed_mid_compute_is_one_clear_error(spill, tmp_path, monkeyp
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_a_killed_worker_is_named_every_time(spill, tmp_path, monkeypatch):
+def test_a_killed_worker_is_named_every_time(spill, dying_metric):
     """The pool breaking is process teardown: 30 runs, each must end in `WorkerLostError` naming the signal (not a
     hang, not another error)."""
-    (tmp_path / f"{DYING_PLUGIN}.py").write_text(DYING_SOURCE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.import_module(DYING_PLUGIN)
     for _ in range(30):
         with pytest.raises(parallel.WorkerLostError, match="killed by SIGKILL"):
             compute_from_spill(spill, ["dies_in_a_worker"], workers=2)
