@@ -57,6 +57,9 @@ RUNNING_PER_WORKER = 2  # tasks submitted and not finished, per worker: each wor
 HELD_PER_WORKER = 4  # tasks held by the parent, finished or not, per worker: the bound on the partials it holds
 
 
+UNREAD_STATUS = 255  # what multiprocessing gives as a forkserver child's exit code when its status was not read
+
+
 class WorkerLostError(RuntimeError):
     """A worker process of the recompute died without returning its task (the kernel's out-of-memory killer, most
     often); `spilleval compute` prints it as one line with the fix."""
@@ -367,8 +370,10 @@ def compute_in_parallel(reader: "SpillReader", suite: "MetricSuite", *, executor
 def _lost_worker(executor: Executor, workers: int) -> WorkerLostError:
     """What to tell when a pool worker died: how (its exit code, where the pool still knows it) and the fix."""
     codes = sorted({p.exitcode for p in (getattr(executor, "_processes", None) or {}).values() if p.exitcode})
-    if len(codes) > 1:  # the pool ends the other workers with SIGTERM once one is lost: those are not the cause
-        codes = [code for code in codes if code != -signal.SIGTERM]
+    # not the cause: the SIGTERM the pool sends the other workers once one is lost, and 255, a forkserver child's
+    # status where the parent could not read it (`popen_forkserver.Popen.poll`; 10 of 150 runs of a SIGKILLed one)
+    codes = [code for code in codes if code not in (-signal.SIGTERM, UNREAD_STATUS)] or \
+        [code for code in codes if code == -signal.SIGTERM]
     how = ", ".join(_exit_name(code) for code in codes)
     fewer = f"fewer workers (--workers {workers // 2}), or " if workers // 2 > 1 else ""
     return WorkerLostError(
