@@ -55,8 +55,6 @@ MIN_TASK_ROWS = 64  # a task costs a pickled round trip: a few hundred microseco
 TAIL_TASKS_PER_WORKER = 8  # a corpus sweep's smallest tasks: 1/(this x workers) of the spill, or a batch if less
 RUNNING_PER_WORKER = 2  # tasks submitted and not finished, per worker: each worker has its next task queued
 HELD_PER_WORKER = 4  # tasks held by the parent, finished or not, per worker: the bound on the partials it holds
-
-
 UNREAD_STATUS = 255  # what multiprocessing gives as a forkserver child's exit code when its status was not read
 
 
@@ -484,9 +482,9 @@ def _settle(futures: Iterable[Future]) -> None:
     for future in futures:
         future.cancel()
     for future in futures:
-        if not future.cancelled():
-            future.exception()  # waits; not `result()`: raising one error (a broken pool's) per future grew its
-            # traceback by a few frames each time, to hundreds of lines
+        if not future.cancelled():  # waits with `exception()`, not `result()`: raising one error (a broken pool's)
+            with contextlib.suppress(Exception):  # per future grew its traceback, to hundreds of lines
+                future.exception()
 
 
 class TaskPlanner:

@@ -214,8 +214,6 @@ class IpcIndex:
         buffers = header.struct_vector(2, 16, "<i8")
         if len(nodes) != self.nodes:
             raise IpcLayoutError(f"a record batch has {len(nodes)} field nodes, the schema {self.nodes}")
-        if len(buffers) > MAX_VECTOR:
-            raise IpcLayoutError(f"a record batch declares {len(buffers)} buffers")
         bad = np.flatnonzero((nodes[:, 0] < 0) | (nodes[:, 1] < 0) | (nodes[:, 1] > nodes[:, 0]))
         if len(bad):
             i = int(bad[0])
