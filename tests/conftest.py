@@ -6,9 +6,10 @@ Everything is real and local (no downloads, no mocks): `spilleval.testing` build
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -116,3 +117,19 @@ def spill_builder(tmp_path) -> Callable[..., Path]:
                            chunk_rows=chunk_rows)
 
     return build
+
+
+def registered_plugin(monkeypatch: pytest.MonkeyPatch, directory: Path, module: str, source: str) -> Iterator[Path]:
+    """For one test (a fixture yields from it): `source` saved as `module` in `directory`, importable, and its
+    metrics registered; the registry and the module are put back after it, so a later test in the same process
+    that lists every metric does not meet them."""
+    from spilleval.metrics import available_metrics, registry
+
+    available_metrics()  # the built-ins registered first, in the registry that is kept
+    (directory / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(directory))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    importlib.import_module(module)
+    yield directory
+    sys.modules.pop(module, None)

@@ -116,6 +116,14 @@ def test_default_settings_workers_match_the_rows(spills):
     assert any(s % RECORD_BATCH_ROWS for s in starts)  # tasks begin inside record batches
 
 
+def with_tokens(directory: Path, record: chunk.ChunkRecord, data: bytes) -> chunk.ChunkRecord:
+    """`data` written as the chunk's tokens.arrow, and its record with that file's length and CRC-32, as a crafted
+    spill's would be."""
+    (directory / "tokens.arrow").write_bytes(data)
+    return dataclasses.replace(record, files={**record.files,
+                                              "tokens.arrow": {"bytes": len(data), "crc32": zlib.crc32(data)}})
+
+
 def test_a_crafted_record_batch_is_refused_when_its_rows_are_read(spills, tmp_path):
     """A chunk whose second record batch holds sample indices outside its record's range (its CRC made valid, as a
     crafted file's would be): the first batch's rows read, the second's raise a named error, as does the whole."""
@@ -131,9 +139,7 @@ def test_a_crafted_record_batch_is_refused_when_its_rows_are_read(spills, tmp_pa
     with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
         writer.write_table(table, max_chunksize=RECORD_BATCH_ROWS)
     data = sink.getvalue().to_pybytes()
-    (directory / "tokens.arrow").write_bytes(data)
-    crafted = dataclasses.replace(record, files={**record.files,
-                                                 "tokens.arrow": {"bytes": len(data), "crc32": zlib.crc32(data)}})
+    crafted = with_tokens(directory, record, data)
     rows = ChunkRows(directory, crafted)
     assert len(rows.rows(0, 100).to_batch()) == 100
     for start, stop in ((RECORD_BATCH_ROWS, RECORD_BATCH_ROWS + 10), (0, ROWS)):
@@ -218,9 +224,7 @@ def test_a_record_batch_declaring_gigabytes_is_refused_before_it_is_decoded(spil
     body = offset + meta_length  # the first non-empty buffer starts the body, its uncompressed length first
     assert int.from_bytes(data[body:body + 8], "little", signed=True) > 0
     data[body:body + 8] = (1 << 40).to_bytes(8, "little", signed=True)
-    (directory / "tokens.arrow").write_bytes(bytes(data))
-    crafted = dataclasses.replace(record, files={**record.files,
-                                                 "tokens.arrow": {"bytes": len(data), "crc32": zlib.crc32(data)}})
+    crafted = with_tokens(directory, record, bytes(data))
     whole = read_chunk(reader.chunk_path(record), record)
     with ChunkRows(directory, crafted, tokens_verified=True) as rows:
         assert_same_rows(rows.rows(5, 2 * RECORD_BATCH_ROWS).to_batch(), whole.slice(5, 2 * RECORD_BATCH_ROWS))

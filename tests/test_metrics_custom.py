@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import SPILLEVAL_SCRIPT
+from conftest import SPILLEVAL_SCRIPT, registered_plugin
 from metric_data import Sample, batches_of, decoded_texts, run_streaming, tokenizer
 
 from spilleval import Evaluator
@@ -57,20 +56,10 @@ NAMES = ["mean_prediction_words", "longest_answer", "same_first_letter"]
 
 @pytest.fixture
 def plugin_dir(tmp_path, monkeypatch):
-    """The plugin importable and its metrics registered for one test: the registry and the module are put back
-    after it (a later test in the same process that lists every metric must not meet them)."""
-    from spilleval.metrics import available_metrics, registry
-
-    available_metrics()  # the built-ins registered first, in the registry that is kept
+    """The plugin importable and its metrics registered for one test."""
     path = tmp_path / "plugins"
     path.mkdir()
-    (path / f"{PLUGIN}.py").write_text(PLUGIN_SOURCE)
-    monkeypatch.syspath_prepend(str(path))
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.delitem(sys.modules, PLUGIN, raising=False)
-    importlib.import_module(PLUGIN)
-    yield path
-    sys.modules.pop(PLUGIN, None)
+    yield from registered_plugin(monkeypatch, path, PLUGIN, PLUGIN_SOURCE)
 
 
 def run_cli(*args: str, plugin_dir) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ import time
 
 import pytest
 from _imports_probe import imported
-from conftest import SPILLEVAL_SCRIPT
+from conftest import SPILLEVAL_SCRIPT, registered_plugin
 from metric_data import batches_of, tokenizer
 from test_metrics_corpus import CORPUS_SPECS, seeded_corpus
 from typer.testing import CliRunner
@@ -323,18 +323,8 @@ class DiesInAWorker(StreamingMetric):
 
 @pytest.fixture
 def dying_metric(tmp_path, monkeypatch):
-    """`dies_in_a_worker` registered for one test: the registry and the plugin's module are put back after it (a
-    later test that lists every metric must not meet it)."""
-    from spilleval.metrics import available_metrics, registry
-
-    available_metrics()  # the built-ins registered first, in the registry that is kept
-    (tmp_path / f"{DYING_PLUGIN}.py").write_text(DYING_SOURCE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.delitem(sys.modules, DYING_PLUGIN, raising=False)
-    importlib.import_module(DYING_PLUGIN)
-    yield tmp_path
-    sys.modules.pop(DYING_PLUGIN, None)
+    """`dies_in_a_worker` registered for one test."""
+    yield from registered_plugin(monkeypatch, tmp_path, DYING_PLUGIN, DYING_SOURCE)
 
 
 def test_a_worker_killed_mid_compute_is_one_clear_error(spill, dying_metric):
