@@ -108,7 +108,7 @@ def time_metrics(spill_of: dict[str, Path], specs: dict[str, dict[str, Any]], wo
     warm_up = {"name": "text_match", "params": {}}
     start = time.perf_counter()
     pool = local_executor(workers)
-    manager = multiprocessing.get_context("forkserver").Manager()
+    manager = multiprocessing.get_context("forkserver").Manager() if workers > 1 else None  # workers' barriers
     try:
         compute_from_spill(warm_up_spill, [warm_up], executor=pool, workers=workers)  # loads the tokenizer
         out: dict[str, Any] = {"pool_start_s": time.perf_counter() - start, "metrics": {}}
@@ -135,7 +135,8 @@ def time_metrics(spill_of: dict[str, Path], specs: dict[str, dict[str, Any]], wo
         return out
     finally:
         shutdown(pool)
-        manager.shutdown()
+        if manager is not None:
+            manager.shutdown()
 
 
 def one_worker_compute(spill: Path, spec: dict[str, Any]) -> float:
@@ -261,10 +262,9 @@ def spill_per_metric(spills: PrefixSpills, specs: dict[str, dict[str, Any]], pro
 
 
 def one_worker_seconds(spill: Path, spec: dict[str, Any]) -> float:
+    """`one_worker_compute` with this process's caches emptied first."""
     clear_caches()
-    start = time.perf_counter()
-    compute_from_spill(spill, [spec], workers=1)
-    return time.perf_counter() - start
+    return one_worker_compute(spill, spec)
 
 
 def cider_before(spill: Path, spec: dict[str, Any]) -> float:

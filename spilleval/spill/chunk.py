@@ -305,10 +305,11 @@ def _checked_files(directory: Path, record: ChunkRecord, *, verify: bool, verify
         with _named_errors(directory):
             index = read_ipc_index(FileBytes(tokens))
             check_index(index, record)
-            if every_header:
-                check_layout(index.layout(), record)
+            layout = index.layout() if every_header else None
+            if layout is not None:
+                check_layout(layout, record)
             arrays_bytes = check_arrays(arrays, record.rows, prefix=f"{ARRAYS_DIR}/").decoded_bytes if arrays else 0
-            check_budget(record, (index.layout().decoded_bytes if every_header else 0) + arrays_bytes)
+            check_budget(record, (layout.decoded_bytes if layout is not None else 0) + arrays_bytes)
     except BaseException:
         tokens.close()
         raise
