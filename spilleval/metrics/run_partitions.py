@@ -9,15 +9,15 @@ stretch of every run that falls in its range (`merge_slices`). The result is one
 disjoint and in key order, so a key is in one run only (`NgramCounts` looks it up there alone) and reading the
 runs one after the other reads the table in key order.
 
-A range's job merges the stretches of all the runs at once, in one streaming merge (`ngram_table.merged_rounds`)
-of rounds of RANGE_ROUND_BYTES, reading each run's blocks with `pread` (`run_file.RowReader`), so the job's memory
-is a round (at least MIN_MERGE_BLOCK rows of each run), whatever its range's rows. It used to adopt them into a
-writer, which read the small stretches into its buffer, sorted and wrote them as runs, then merged those: every
-row was sorted and written twice. Measured on 2 cores, 2.56M tokens, the 16 ranges one after the other,
-alternating with the old code: CIDEr's 16.8M rows 3.35-3.75 s instead of 5.76-6.12 s, distinct_n's 2.7M 0.57-0.66 s
-instead of 0.97-1.14 s, answer_macro_f1's 0.23-0.24 s instead of 0.38-0.43 s. A round costs Python calls per stretch, which the 100-odd
-stretches of a range share: rounds of 1 MiB (the parent's merges) took distinct_n 1.35x the time of 8 MiB. A table
-read once at the end (`summarize_in_ranges`) is not written at all: each job hands its range's counts to the
+A range's job merges the stretches of all the runs at once, in one streaming merge (`ngram_table.merged_rounds`) of
+rounds of RANGE_ROUND_BYTES, reading each run's blocks with `pread` (`run_file.RowReader`), so the job's memory is a
+round (at least MIN_MERGE_BLOCK rows of each run), whatever its range's rows. It used to adopt them into a writer,
+which read the small stretches into its buffer, sorted and wrote them as runs, then merged those: every row
+was sorted and written twice. Measured on 2 cores, 2.56M tokens, the 16 ranges one after the other, alternating with
+the old code: CIDEr's 16.8M rows 3.35-3.75 s instead of 5.76-6.12 s, distinct_n's 2.7M 0.57-0.66 s instead of
+0.97-1.14 s, answer_macro_f1's 0.23-0.24 s instead of 0.38-0.43 s. A round costs Python calls per stretch, which the
+100-odd stretches of a range share: rounds of 1 MiB (the parent's merges) took distinct_n 1.35x the time of 8 MiB. A
+table read once at the end (`summarize_in_ranges`) is not written at all: each job hands its range's counts to the
 metric's summary as the rounds come.
 
 Cut points are hash values: every row of a hash is in one range, so keys whose hashes collide (or answers that
