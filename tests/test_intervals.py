@@ -322,33 +322,100 @@ def test_loss_percentile_replicates_equal_numpy_on_the_resampled_losses(spill, s
     assert set(report.intervals) == {"loss_p50", "loss_p90", "loss_p99"} and not report.skipped
 
 
-@pytest.mark.parametrize("classes", [2, 3])
-def test_auroc_replicates_equal_the_metric_on_the_resampled_corpus(tmp_path, classes):
-    """Scores quantised to a few values (many ties, tie groups longer than a scan block) and two or three classes:
-    every replicate equals `auroc` computed on the corpus with sample i repeated w_i times, to the bit."""
+@pytest.mark.parametrize("name", ["auroc", "average_precision", "ece"])
+@pytest.mark.parametrize("classes", [2, 3, 9])
+def test_score_metric_replicates_equal_the_metric_on_the_resampled_corpus(tmp_path, classes, name):
+    """Scores quantised to a few values (many ties, tie groups longer than a scan block, confidences on the ECE bin
+    edges) and two, three or nine classes (a macro mean of 9: numpy sums 8 or more values pairwise): every
+    replicate equals the metric computed on the corpus with sample i repeated w_i times, to the bit, and
+    replicates differ."""
     from spilleval.metrics.registry import build_metric
-    from spilleval.metrics.scores import _weighted_auroc  # noqa: F401 - the path under test
 
     rng = np.random.default_rng(classes)
     names = VOCAB_WORDS[:classes]
     n = 700
     true = rng.integers(0, classes, size=n)
     scores = rng.dirichlet(np.ones(classes), size=n)
-    scores[np.arange(n), true] += 0.3
-    scores = np.round(scores, 1).astype(np.float32)
+    scores[np.arange(n), true] += 0.6 / classes  # right more often than not, far from always
+    scores = np.round(scores / scores.sum(axis=1, keepdims=True), 1).astype(np.float32)
     samples = [Sample(pred=[names[t]], label=[names[t]], arrays={"class_scores": scores[i]})
                for i, t in enumerate(true)]
-    spec = {"name": "auroc", "params": {"labels": names, "batch_size": 64}}
+    spec = {"name": name, "params": {"labels": names, "batch_size": 64}}
     spill = write_samples(tmp_path / "s", samples, chunk_rows=50)
     metric = build_metric(spec)
     resamples = 8
     values = metric.bootstrap(SpillReader(spill), lambda index: poisson_weights(3, index, resamples), resamples)
     weights = poisson_weights(3, np.arange(n), resamples)
+    assert len(set(values[name].tolist())) == resamples and 0.05 < values[name].mean() < 0.95
     for b in range(resamples):
         order = [i for i in range(n) for _ in range(weights[b, i])]
         resampled = write_samples(tmp_path / f"r{b}", [samples[i] for i in order], chunk_rows=500, batch_size=500)
-        want = build_metric(spec).compute(SpillReader(resampled))["auroc"]
-        assert values["auroc"][b] == want, b
+        want = build_metric(spec).compute(SpillReader(resampled))[name]
+        assert values[name][b] == want, b
+
+
+def test_score_metric_bootstraps_walk_replicates_in_blocks_of_any_size(tmp_path, monkeypatch):
+    """A block of one row (each replicate's counts carried across every block) and the default blocks give the
+    same replicates; a thousand replicates fit one step of the scan or of ECE's exact products."""
+    from spilleval.metrics import scores as score_module
+    from spilleval.metrics.registry import build_metric
+
+    rng = np.random.default_rng(5)
+    n = 300
+    probs = np.round(rng.random(n), 2).astype(np.float32)
+    truth = (rng.random(n) < probs).astype(int)
+    samples = [Sample(pred=["a"], label=["a"], arrays={"class_scores": [probs[i]]}, columns={"target": int(truth[i])})
+               for i in range(n)]
+    spill = write_samples(tmp_path / "s", samples, chunk_rows=40)
+    weights = DrawnWeights("poisson", 4, 1000)
+    specs = [{"name": name, "params": {"target_column": "target"}} for name in ("auroc", "average_precision", "ece")]
+    default = [build_metric(spec).bootstrap(SpillReader(spill), weights, 1000) for spec in specs]
+    monkeypatch.setattr(score_module, "REPLICATE_CELLS", 1000)  # one row (ECE: one sample) per step
+    for spec, want in zip(specs, default):
+        got = build_metric(spec).bootstrap(SpillReader(spill), weights, 1000)
+        assert np.array_equal(got[spec["name"]], want[spec["name"]], equal_nan=True), spec["name"]
+    report = confidence_intervals(SpillReader(spill), [*specs[:2], {"name": "ece", "params": {
+        "target_column": "target", "n_bins": 1000}}], resamples=1000, seed=4)
+    assert set(report.intervals) == {"auroc", "average_precision"} and list(report.skipped) == ["ece"]
+    assert "lower --bootstrap or n_bins" in report.skipped["ece"]  # 1000 bins x 1000 replicates: 568 MB
+    for spec, replicates in zip(specs[:2], default):
+        name = spec["name"]
+        interval = report.intervals[name]
+        assert interval.low < build_metric(spec).compute(SpillReader(spill))[name] < interval.high
+        assert (interval.low, interval.high) == tuple(np.quantile(replicates[name], [0.025, 0.975]))
+
+
+def test_diff_of_score_metrics_pairs_their_own_bootstraps(tmp_path):
+    """`diff` of two systems on the same samples: auroc, average_precision and ece are paired (their replicates
+    share each sample's weights), observed values are the metrics' own."""
+    from spilleval.intervals.paired import paired_test
+    from spilleval.metrics.registry import build_metric
+
+    rng = np.random.default_rng(8)
+    n = 400
+    truth = rng.integers(0, 2, size=n)
+    sharp = np.clip(truth + rng.normal(0, 0.45, size=n), 0, 1).astype(np.float32)
+    blunt = np.clip(truth + rng.normal(0, 0.9, size=n), 0, 1).astype(np.float32)
+    spills = [write_samples(tmp_path / name, [Sample(pred=["a"], label=["a"], arrays={"class_scores": [p[i]]},
+                                                     columns={"target": int(truth[i])}) for i in range(n)],
+                            chunk_rows=64) for name, p in (("a", blunt), ("b", sharp))]
+    specs = [{"name": name, "params": {"target_column": "target"}} for name in ("auroc", "average_precision", "ece")]
+    report = paired_test(SpillReader(spills[0]), SpillReader(spills[1]), specs, trials=300, seed=2)
+    assert not report.skipped
+    for spec in specs:
+        name = spec["name"]
+        result = report.results[name]
+        a, b = (build_metric(spec).compute(SpillReader(s))[name] for s in spills)
+        assert (result.a, result.b) == (a, b) and result.delta_low < b - a < result.delta_high
+        assert result.p_value < 0.05, name  # sharper scores: better ranking and calibration, on 400 samples
+
+
+def test_ece_refuses_a_bootstrap_that_would_not_fit_and_says_why():
+    from spilleval.metrics.registry import build_metric
+
+    metric = build_metric({"name": "ece", "params": {"target_column": "target", "n_bins": 1000}})
+    assert metric.bootstrap_refusal(200) is None
+    assert "lower --bootstrap or n_bins" in metric.bootstrap_refusal(1000)
 
 
 def test_compute_with_intervals_gives_compute_from_spills_numbers_in_one_pass(spill):

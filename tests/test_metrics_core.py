@@ -174,6 +174,31 @@ def test_nll_is_exact_whatever_the_batching():
         assert got["nll"] == want and got["perplexity"] == math.exp(want)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=0, max_size=40),
+                min_size=1, max_size=6))
+def test_exact_sums_of_many_rows_at_once_equal_each_rows_fsum(rows):
+    """`exact_sum.add_rows` (a bootstrap's replicates of a float sum) is `add` of each row: math.fsum's value,
+    whatever the magnitudes, subnormals, signs, NaN and infinities."""
+    from spilleval.metrics import exact_sum
+
+    width = max(len(row) for row in rows)
+    values = np.zeros((len(rows), width))
+    for r, row in enumerate(rows):
+        values[r, : len(row)] = row
+    start = np.stack([exact_sum.add(exact_sum.zeros(), [0.1 * r, -3e-310]) for r in range(len(rows))])
+    got = exact_sum.add_rows(start, values)
+    for r in range(len(rows)):
+        assert np.array_equal(got[r], exact_sum.add(start[r], values[r]))
+        finite = [x for x in rows[r] if math.isfinite(x)]
+        if len(finite) == len(rows[r]):
+            try:
+                want = math.fsum([0.1 * r, -3e-310, *finite])
+            except OverflowError:  # fsum's intermediate overflow; the superaccumulator has headroom
+                continue
+            assert exact_sum.value(got[r]) == want
+
+
 # ----------------------------------------------------------------------------------------------- edge cases
 def test_empty_rows_and_empty_data(tokenizer):
     data = SampleBatch.from_rows([0, 1, 2], [[], [7], []], [[], [8], []], vocab_size=len(tokenizer),

@@ -117,6 +117,10 @@ def _corpus_intervals(suite: MetricSuite, reader: Any, results: dict[str, Any] |
             report.skipped.pop(metric.name, None)
             _binary_mean_intervals(metric.binary_mean_outputs, results, level, report)
             continue
+        refusal = metric.bootstrap_refusal(resamples)
+        if refusal is not None:
+            report.skipped[metric.name] = refusal
+            continue
         replicate_values = metric.bootstrap(reader, DrawnWeights("poisson", seed, resamples), resamples)
         if replicate_values is not None:
             report.skipped.pop(metric.name, None)

@@ -96,6 +96,10 @@ def paired_test(
                 results[key] = _result(observed_a, observed_b, statistic, deltas, test, trials, seed, level)
     skipped = {**passes[0].skipped, **passes[1].skipped}
     for metric_a, metric_b in zip(passes[0].suite.corpus, passes[1].suite.corpus):
+        refusal = metric_a.bootstrap_refusal(trials + 1) if test == "bootstrap" else None
+        if refusal is not None:
+            skipped[metric_a.name] = refusal
+            continue
         values_a = metric_a.bootstrap(reader_a, weights, trials + 1) if test == "bootstrap" else None
         if values_a is None:
             continue

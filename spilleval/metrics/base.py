@@ -195,6 +195,10 @@ class CorpusMetric(Metric):
         b ({output: (replicates,) float64}); None when the metric has no bootstrap (`spilleval.intervals`)."""
         return None
 
+    def bootstrap_refusal(self, replicates: int) -> str | None:
+        """Why `bootstrap` would not run with this many replicates (the memory it would take), or None."""
+        return None
+
 
 def safe_div(num: float, den: float) -> float:
     return float(num) / float(den) if den else 0.0

@@ -81,6 +81,27 @@ def per_value(values: Any) -> np.ndarray:
     return normalise_rows(out)
 
 
+def add_rows(states: np.ndarray, values: Any) -> np.ndarray:
+    """Row r of `states` (rows x STATE_SIZE) plus every value of row r of `values` (rows x n), exactly: `add` of
+    each row, in a few numpy calls over all the rows (a bootstrap's replicates of a sum of floats)."""
+    x = np.asarray(values, dtype=np.float64).reshape(len(states), -1)
+    out = np.array(states, dtype=np.int64, copy=True)
+    out[:, _NAN] += np.isnan(x).sum(axis=1)
+    out[:, _POS_INF] += np.isposinf(x).sum(axis=1)
+    out[:, _NEG_INF] += np.isneginf(x).sum(axis=1)
+    row, column = np.nonzero(np.isfinite(x) & (x != 0))
+    finite = x[row, column]
+    # a slot (row, limb) gets at most _SLICE pieces < 2^33 per bincount: exact in float64, as in `_accumulate`
+    for start in range(0, len(finite), _SLICE):
+        part = slice(start, start + _SLICE)
+        for limb, piece in _pieces(finite[part]):
+            slot = row[part] * NUM_LIMBS + limb
+            sums = np.bincount(slot, weights=piece.astype(np.float64), minlength=len(out) * NUM_LIMBS)
+            out[:, :NUM_LIMBS] += sums.reshape(len(out), NUM_LIMBS).astype(np.int64)
+        out = normalise_rows(out)
+    return out
+
+
 def normalise_rows(states: np.ndarray) -> np.ndarray:
     """`_normalise` of every row of a 2-D array of states (carries propagated column by column, vectorised)."""
     out = np.array(states, dtype=np.int64, copy=True)

@@ -138,9 +138,10 @@ class RowTable:
             raise
         self.db.execute("COMMIT")
 
-    def scan_rows(self, *, block_rows: int = SCAN_BLOCK_ROWS) -> Iterator[tuple[Any, ...]]:
+    def scan_rows(self, *, descending: bool = False, block_rows: int = SCAN_BLOCK_ROWS) -> Iterator[tuple[Any, ...]]:
         """Every row, sorted by the key (fetched a block at a time)."""
-        query = f"SELECT {', '.join(self.columns)} FROM {self.name} ORDER BY {', '.join(self.key)}"
+        order = ", ".join(f"{column} {'DESC' if descending else 'ASC'}" for column in self.key)
+        query = f"SELECT {', '.join(self.columns)} FROM {self.name} ORDER BY {order}"
         cursor = self.db.execute(query)
         while rows := cursor.fetchmany(block_rows):
             yield from rows

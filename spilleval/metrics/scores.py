@@ -24,7 +24,7 @@ ECE = sum over bins of |bin| / N * |accuracy(bin) - mean confidence(bin)|. Its s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -34,7 +34,7 @@ from pydantic import Field
 
 from ..batch import SampleBatch
 from . import exact_sum
-from .base import BatchSize
+from .base import MAX_STATE_BYTES, BatchSize
 from .inputs import ClassTarget, MetricInputError
 from .mapmerge import MapMergeMetric
 from .ondisk import ScratchStore
@@ -46,6 +46,9 @@ if TYPE_CHECKING:
     from ..spill import SpillReader
 
 DEFAULT_SCORES = "class_scores"
+REPLICATE_BLOCK_ROWS = 512  # (score, sample) rows per step of a bootstrap's scan...
+REPLICATE_CELLS = 1 << 22  # ... fewer where replicates x rows would pass this: 32 MiB an int64 array
+EXACT_PRODUCT_ROWS = 1 << 12  # samples per exact float64 product of uint8 weights and 32-bit limbs (ECE)
 
 
 class ClassScoreMetric(MapMergeMetric):
@@ -109,9 +112,14 @@ class ClassScoreMetric(MapMergeMetric):
 
 
 class RankingMetric(ClassScoreMetric):
-    """Fills one (score -> positives, negatives) table per scored class, then computes from sorted scans."""
+    """Fills one (score -> positives, negatives) table per scored class, then computes from sorted scans.
+
+    Its bootstrap is exact too: per class, the (score, sample, positive) rows sorted on disk and scanned once, in
+    the order `from_sorted` reads them, with every replicate's weighted counts of each group of equal score
+    (`_weighted_groups`); `replicates_from_groups` is `from_sorted` of each resampled corpus at once."""
 
     result_key = ""
+    descending = False  # the score order `from_sorted` scans in
 
     def start(self, near: Path) -> None:
         self._scratch_store = self.scratch(near)
@@ -119,8 +127,7 @@ class RankingMetric(ClassScoreMetric):
 
     def map(self, pass_index: int, batch: SampleBatch, context: Any) -> dict[int, list[tuple[float, int, int]]]:
         scores, true = self.scored(batch)
-        binary = scores.shape[1] == 2
-        return {c: _score_counts(scores[:, c], true == c) for c in ([1] if binary else range(scores.shape[1]))}
+        return {c: _score_counts(scores[:, c], true == c) for c in _scored_classes(scores)}
 
     def merge(self, pass_index: int, partial: dict[int, list[tuple[float, int, int]]]) -> None:
         for c, rows in partial.items():
@@ -137,15 +144,47 @@ class RankingMetric(ClassScoreMetric):
     def from_sorted(self, table: Any) -> float:
         raise NotImplementedError
 
+    def bootstrap(self, reader: SpillReader, weights: Callable[[np.ndarray], np.ndarray],
+                  replicates: int) -> dict[str, np.ndarray]:
+        """The metric on every resampled corpus (sample i counted w_i times), equal to it to the bit."""
+        block_rows = max(1, min(REPLICATE_BLOCK_ROWS, REPLICATE_CELLS // replicates))
+        with ScratchStore(reader.path) as store:
+            tables: dict[int, Any] = {}
+            for batch in reader.iter_batches(self.batch_size, decode=self.needs_text, with_arrays=True):
+                scores, true = self.scored(batch)
+                for c in _scored_classes(scores):
+                    if c not in tables:
+                        tables[c] = store.rows(f"class_{c}", key=(("score", "REAL"), ("sample", "INTEGER")),
+                                               values=(("positive", "INTEGER"),))
+                    tables[c].add(zip(scores[:, c].tolist(), batch.sample_index.tolist(),
+                                      (true == c).astype(int).tolist()))
+            if not tables:
+                return {self.result_key: np.full(replicates, math.nan)}
+            per_class = np.stack([
+                self.replicates_from_groups(_weighted_groups(tables[c].scan_rows(descending=self.descending),
+                                                             weights, replicates, block_rows), replicates)
+                for c in sorted(tables)])
+        # `finish`'s average of each replicate's classes, column by column: the same sums in the same order
+        return {self.result_key: np.array([np.average(np.ascontiguousarray(per_class[:, b]))
+                                           for b in range(replicates)])}
 
-def _weighted_auroc(table: Any, weights: Callable[[np.ndarray], np.ndarray], replicates: int,
-                    block_rows: int = 512) -> np.ndarray:
-    """`Auroc.from_sorted` of each replicate: twice the Mann-Whitney U in integers over groups of equal score. The
-    last group of a block stays open (its weighted counts carried) until a new score starts, so ties are never
-    split and memory stays one block whatever the number of tied samples."""
-    sums = {k: np.zeros(replicates, dtype=np.int64) for k in ("twice_u", "negatives", "positives")}
-    open_score, open_neg, open_pos = None, np.zeros(replicates, np.int64), np.zeros(replicates, np.int64)
-    rows = table.scan_rows()
+    def replicates_from_groups(self, groups: Iterator[tuple[np.ndarray, np.ndarray]], replicates: int) -> np.ndarray:
+        """`from_sorted` of each replicate, from its (negatives, positives) per group of equal score."""
+        raise NotImplementedError
+
+
+def _scored_classes(scores: np.ndarray) -> list[int]:
+    """The classes a ranking metric scores: class 1 of a binary task, every class of a multiclass one."""
+    return [1] if scores.shape[1] == 2 else list(range(scores.shape[1]))
+
+
+def _weighted_groups(rows: Iterator[tuple[float, int, int]], weights: Callable[[np.ndarray], np.ndarray],
+                     replicates: int, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(negatives, positives) of every replicate in each group of equal score, in the order of the (score,
+    sample, positive) rows, as [replicates, groups] blocks. A block's last group stays open (its weighted counts
+    carried) until a new score starts, so ties are never split and memory stays one block whatever the number
+    of tied samples. Groups of no weight in a replicate are there, with zero counts."""
+    open_score, open_neg, open_pos = None, None, None
     while block := list(islice(rows, block_rows)):
         scores = np.array([r[0] for r in block])
         w = weights(np.array([r[1] for r in block])).astype(np.int64)
@@ -157,23 +196,12 @@ def _weighted_auroc(table: Any, weights: Callable[[np.ndarray], np.ndarray], rep
             neg[:, 0] += open_neg
             pos[:, 0] += open_pos
         elif open_score is not None:
-            _add_groups(sums, open_neg[:, None], open_pos[:, None])
-        _add_groups(sums, neg[:, :-1], pos[:, :-1])
+            yield open_neg[:, None], open_pos[:, None]
+        if len(starts) > 1:
+            yield neg[:, :-1], pos[:, :-1]
         open_score, open_neg, open_pos = scores[-1], neg[:, -1], pos[:, -1]
     if open_score is not None:
-        _add_groups(sums, open_neg[:, None], open_pos[:, None])
-    positives, negatives = sums["positives"], sums["negatives"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where((positives > 0) & (negatives > 0), sums["twice_u"] / (2 * positives * negatives), math.nan)
-
-
-def _add_groups(sums: dict[str, np.ndarray], neg: np.ndarray, pos: np.ndarray) -> None:
-    """Finished score groups, ascending (replicates x groups): each positive beats the negatives below it and ties
-    the negatives of its own score (one half)."""
-    below = sums["negatives"][:, None] + np.cumsum(neg, axis=1) - neg
-    sums["twice_u"] += np.sum(pos * (2 * below + neg), axis=1)
-    sums["negatives"] += neg.sum(axis=1)
-    sums["positives"] += pos.sum(axis=1)
+        yield open_neg[:, None], open_pos[:, None]
 
 
 def _score_counts(scores: np.ndarray, positive: np.ndarray) -> list[tuple[float, int, int]]:
@@ -191,25 +219,6 @@ class Auroc(RankingMetric):
     result_key = "auroc"
     scale = "0–1"
 
-    def bootstrap(self, reader: SpillReader, weights: Callable[[np.ndarray], np.ndarray],
-                  replicates: int) -> dict[str, np.ndarray]:
-        """AUROC of every resampled corpus (sample i counted w_i times), exactly: per class, the (score, sample,
-        positive) rows sorted on disk and scanned once with each replicate's weighted Mann-Whitney sums."""
-        with ScratchStore(reader.path) as store:
-            tables: dict[int, Any] = {}
-            for batch in reader.iter_batches(self.batch_size, decode=self.needs_text, with_arrays=True):
-                scores, true = self.scored(batch)
-                for c in [1] if scores.shape[1] == 2 else range(scores.shape[1]):
-                    if c not in tables:
-                        tables[c] = store.rows(f"class_{c}", key=(("score", "REAL"), ("sample", "INTEGER")),
-                                               values=(("positive", "INTEGER"),))
-                    tables[c].add(zip(scores[:, c].tolist(), batch.sample_index.tolist(),
-                                      (true == c).astype(int).tolist()))
-            if not tables:
-                return {self.result_key: np.full(replicates, math.nan)}
-            per_class = np.stack([_weighted_auroc(tables[c], weights, replicates) for c in sorted(tables)])
-        return {self.result_key: np.average(per_class, axis=0)}
-
     def from_sorted(self, table: Any) -> float:
         """Mann-Whitney U in integers: pairs (pos, neg) with pos scored higher, ties counted one half."""
         twice_u, negatives_below, positives = 0, 0, 0
@@ -224,6 +233,17 @@ class Auroc(RankingMetric):
             return math.nan
         return twice_u / (2 * positives * negatives_below)
 
+    def replicates_from_groups(self, groups: Iterator[tuple[np.ndarray, np.ndarray]], replicates: int) -> np.ndarray:
+        """Twice each replicate's Mann-Whitney U, in integers, over the groups in ascending score."""
+        twice_u, negatives, positives = (np.zeros(replicates, np.int64) for _ in range(3))
+        for neg, pos in groups:
+            below = negatives[:, None] + np.cumsum(neg, axis=1) - neg
+            twice_u += np.sum(pos * (2 * below + neg), axis=1)
+            negatives += neg.sum(axis=1)
+            positives += pos.sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where((positives > 0) & (negatives > 0), twice_u / (2 * positives * negatives), math.nan)
+
 
 @register("average_precision")
 class AveragePrecision(RankingMetric):
@@ -231,6 +251,7 @@ class AveragePrecision(RankingMetric):
 
     result_key = "average_precision"
     scale = "0–1"
+    descending = True
 
     def from_sorted(self, table: Any) -> float:
         """sum over distinct thresholds (highest first) of recall increase x precision, as sklearn."""
@@ -244,6 +265,19 @@ class AveragePrecision(RankingMetric):
             weighted.add(pos * (cum_tp / (cum_tp + cum_fp)))
             tp, fp = int(cum_tp[-1]), int(cum_fp[-1])
         return weighted.value / tp if tp else 0.0
+
+    def replicates_from_groups(self, groups: Iterator[tuple[np.ndarray, np.ndarray]], replicates: int) -> np.ndarray:
+        """`from_sorted`'s exact sum of each replicate's terms, over the groups in descending score. A group of no
+        positive adds nothing (its term is 0, or 0/0 for a group of no weight, which the resampled corpus lacks)."""
+        weighted = np.zeros((replicates, exact_sum.STATE_SIZE), np.int64)
+        tp, fp = np.zeros(replicates, np.int64), np.zeros(replicates, np.int64)
+        for neg, pos in groups:
+            cum_tp = tp[:, None] + np.cumsum(pos, axis=1)
+            cum_fp = fp[:, None] + np.cumsum(neg, axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                weighted = exact_sum.add_rows(weighted, np.where(pos > 0, pos * (cum_tp / (cum_tp + cum_fp)), 0.0))
+            tp, fp = cum_tp[:, -1], cum_fp[:, -1]
+        return np.array([exact_sum.value(weighted[b]) / tp[b] if tp[b] else 0.0 for b in range(replicates)])
 
 
 @register("ece")
@@ -276,13 +310,7 @@ class ExpectedCalibrationError(ClassScoreMetric):
 
     def map(self, pass_index: int, batch: SampleBatch, context: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """Per-bin sample counts, right answers and exact confidence sums of the batch."""
-        scores, true = self.scored(batch)
-        edges = np.linspace(0.0, 1.0, self.n_bins + 1)
-        conf = scores.max(axis=1)
-        if (conf < 0).any() or (conf > 1).any():
-            raise MetricInputError(f"metric 'ece': {self.scores!r} must hold probabilities in [0, 1]")
-        bins = np.searchsorted(edges, conf, side="left") - 1  # bin k holds (edges[k], edges[k+1]]
-        hit = scores.argmax(axis=1) == true
+        bins, hit, conf = self._binned(batch)
         count = np.zeros(self.n_bins, dtype=np.int64)
         correct = np.zeros(self.n_bins, dtype=np.int64)
         confidence = np.zeros((self.n_bins, exact_sum.STATE_SIZE), dtype=np.int64)
@@ -291,7 +319,17 @@ class ExpectedCalibrationError(ClassScoreMetric):
             count[k] = int(in_bin.sum())
             correct[k] = int(hit[in_bin].sum())
             confidence[k] = exact_sum.add(confidence[k], conf[in_bin])
-        return count, correct, confidence, len(true)
+        return count, correct, confidence, len(hit)
+
+    def _binned(self, batch: SampleBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each sample's bin (-1: confidence 0, in no bin), whether its prediction is right, and its confidence."""
+        scores, true = self.scored(batch)
+        edges = np.linspace(0.0, 1.0, self.n_bins + 1)
+        conf = scores.max(axis=1)
+        if (conf < 0).any() or (conf > 1).any():
+            raise MetricInputError(f"metric 'ece': {self.scores!r} must hold probabilities in [0, 1]")
+        bins = np.searchsorted(edges, conf, side="left") - 1  # bin k holds (edges[k], edges[k+1]]
+        return bins, scores.argmax(axis=1) == true, conf
 
     def merge(self, pass_index: int, partial: tuple[np.ndarray, np.ndarray, np.ndarray, int]) -> None:
         count, correct, confidence, samples = partial
@@ -302,12 +340,49 @@ class ExpectedCalibrationError(ClassScoreMetric):
         self._samples += samples
 
     def finish(self) -> dict[str, float]:
-        if self._samples == 0:
-            return {"ece": math.nan}
-        count, correct = self._count, self._correct
-        gaps = [
-            abs(correct[k] / count[k] - exact_sum.value(self._confidence[k]) / count[k]) * (count[k] / self._samples)
-            for k in range(self.n_bins)
-            if count[k]
-        ]
-        return {"ece": math.fsum(gaps)}
+        return {"ece": _ece(self._count, self._correct, self._confidence, self._samples)}
+
+    def bootstrap_refusal(self, replicates: int) -> str | None:
+        size = replicates * self.n_bins * exact_sum.STATE_SIZE * 8
+        if size > MAX_STATE_BYTES:
+            return (f"{replicates:,} replicates of its {self.n_bins:,} bins' exact confidence sums would take "
+                    f"{size:,} bytes: lower --bootstrap or n_bins")
+        return None
+
+    def bootstrap(self, reader: SpillReader, weights: Callable[[np.ndarray], np.ndarray],
+                  replicates: int) -> dict[str, np.ndarray]:
+        """ECE of every resampled corpus (sample i counted w_i times), equal to it to the bit, in one pass: each
+        replicate's per-bin weighted counts, right answers and exact confidence sums. A confidence sum is the
+        weights times each sample's `exact_sum` limbs, a float64 matrix product that is exact: weights below 2^8
+        over EXACT_PRODUCT_ROWS samples times limbs below 2^32 stay below 2^52."""
+        count = np.zeros((replicates, self.n_bins), np.int64)
+        correct = np.zeros((replicates, self.n_bins), np.int64)
+        confidence = np.zeros((replicates, self.n_bins, exact_sum.STATE_SIZE), np.int64)
+        samples = np.zeros(replicates, np.int64)
+        step = max(1, min(EXACT_PRODUCT_ROWS, REPLICATE_CELLS // replicates))
+        for batch in reader.iter_batches(self.batch_size, decode=self.needs_text, with_arrays=True):
+            bins, hit, conf = self._binned(batch)
+            for start in range(0, len(bins), step):
+                part = slice(start, start + step)
+                w = weights(batch.sample_index[part]).astype(np.int64)
+                samples += w.sum(axis=1)
+                for k in np.unique(bins[part][bins[part] >= 0]).tolist():
+                    in_bin = np.flatnonzero(bins[part] == k)
+                    count[:, k] += w[:, in_bin].sum(axis=1)
+                    correct[:, k] += w[:, in_bin[hit[part][in_bin]]].sum(axis=1)
+                    limbs = exact_sum.per_value(conf[part][in_bin]).astype(np.float64)
+                    added = (w[:, in_bin].astype(np.float64) @ limbs).astype(np.int64)
+                    confidence[:, k] = exact_sum.normalise_rows(confidence[:, k] + added)
+        return {"ece": np.array([_ece(count[b], correct[b], confidence[b], samples[b]) for b in range(replicates)])}
+
+
+def _ece(count: np.ndarray, correct: np.ndarray, confidence: np.ndarray, samples: int) -> float:
+    """sum over bins of |bin| / N * |accuracy(bin) - mean confidence(bin)|, from the per-bin sums."""
+    if samples == 0:
+        return math.nan
+    gaps = [
+        abs(correct[k] / count[k] - exact_sum.value(confidence[k]) / count[k]) * (count[k] / samples)
+        for k in range(len(count))
+        if count[k]
+    ]
+    return math.fsum(gaps)
