@@ -7,7 +7,8 @@ The data is heavy per sample on purpose, so that keeping any per-sample structur
 Python floats), per-token log-probs (loss percentiles). The bound, 6 MB, is 400 bytes per extra sample.
 
 Bounded buffers fill up as the data grows, and a comparison of two sizes would count them as growth: SQLite's page
-cache, CIDEr's n-gram run buffer and its merge fan-in are capped in the probe (1 MiB, 2^15 rows, 4 runs), and the
+cache, CIDEr's n-gram run buffer, its merge fan-in and merge round are capped in the probe (1 MiB, 2^15 rows, 4 runs,
+256 KiB: the 5,000-sample answers table, 0.5 MB, did not fill a 1 MiB round, the 20,000-sample one did), and the
 smaller spill has 5,000 samples because below that the allocators' pools (pyarrow's mimalloc, glibc's arenas) are
 still filling: from 1,000 to 5,000 samples the peak rose 2-7 MB run to run, from 5,000 to 20,000 by -2 to +4 MB.
 
@@ -91,7 +92,7 @@ def cap_bounded_buffers() -> None:
     from spilleval.metrics import ngram_table, ondisk, run_partitions
 
     ondisk.DEFAULT_CACHE_MIB = 1
-    ngram_table.BUFFER_ROWS, ngram_table.MAX_RUNS = 1 << 15, 4
+    ngram_table.BUFFER_ROWS, ngram_table.MAX_RUNS, ngram_table.MERGE_ROUND_BYTES = 1 << 15, 4, 1 << 18
     run_partitions.RANGE_ROUND_BYTES = 1 << 20
 
 

@@ -280,3 +280,48 @@ def test_a_run_file_written_in_rounds_reads_as_one_written_whole_and_damage_is_n
     with pytest.raises(ValueError, match="more rows"), run_file.RunFileWriter(tmp_path / "over", max_rows=1, width=1) as w:
         w.append(hashes[:2], counts[:2, 0], array.slice(0, 2))
     assert not (tmp_path / "over").exists()  # a writer left by an error removes its partial file
+
+
+def test_runs_are_merged_by_size_tier_each_row_a_logarithmic_number_of_times(tmp_path, monkeypatch) -> None:
+    """64 runs of 500 rows, fan-in 4: 16 merges of 4 runs, 4 of 4, 1 of 4, so every row is read by 3 merges.
+    Merging the 4 smallest runs whenever there were more than 4 put the last merge's run into each next one."""
+    rng = np.random.default_rng(3)
+    read: list[int] = []
+    merge = ngram_table.write_merged
+    monkeypatch.setattr(ngram_table, "write_merged", lambda path, runs, *a, **k: (
+        read.append(sum(part.rows for part in runs)), merge(path, runs, *a, **k))[1])
+    writer = NgramCountWriter(tmp_path / "table", buffer_rows=100, max_runs=4)
+    for task in range(64):
+        texts = pa.array([f"t{task}-{i}" for i in range(500)], pa.large_string())
+        for run in write_runs(tmp_path, [(rng.integers(0, 2**63, 500).astype(np.uint64), texts, np.ones(500))]):
+            writer.adopt(run)
+    (table,) = writer.finish()
+    assert len(Run(table)) == 64 * 500
+    assert len(read) == 16 + 4 + 1 and sum(read) == 3 * 64 * 500
+
+
+def test_a_merge_reads_each_run_in_blocks_in_proportion_to_its_rows(tmp_path, monkeypatch) -> None:
+    """A run of 20,000 rows merged with three of 500 (keys of one distribution): each round reads about its share
+    of the round's bytes from each, so the rounds are about the table's bytes / the round's. With equal shares the
+    small runs' blocks reached far past the large run's, and the rounds took slivers of them: 39 rounds."""
+    rng = np.random.default_rng(4)
+    parts = []
+    for index, rows in enumerate([20_000, 500, 500, 500]):
+        texts = pa.array([f"r{index}-{i}" for i in range(rows)], pa.large_string())
+        parts += write_runs(tmp_path, [(rng.integers(0, 2**63, rows).astype(np.uint64), texts, np.ones(rows))])
+    rounds = [0]
+    original = ngram_table._rounds
+
+    def counted(*args, **kwargs):
+        for block in original(*args, **kwargs):
+            rounds[0] += 1
+            yield block
+
+    monkeypatch.setattr(ngram_table, "_rounds", counted)
+    ngram_table.write_merged(tmp_path / "merged", parts, round_bytes=64 << 10)
+    readers = [part.reader() for part in parts]
+    table_bytes = sum(reader.mean_row_bytes() * len(reader) for reader in readers)
+    for reader in readers:
+        reader.close()
+    assert len(Run(tmp_path / "merged")) == 21_500
+    assert rounds[0] <= table_bytes / (64 << 10) + 2, (rounds, table_bytes)  # 673,560 bytes: 11 rounds
