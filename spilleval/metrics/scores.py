@@ -366,14 +366,22 @@ class ExpectedCalibrationError(ClassScoreMetric):
                 part = slice(start, start + step)
                 w = weights(batch.sample_index[part]).astype(np.int64)
                 samples += w.sum(axis=1)
-                for k in np.unique(bins[part][bins[part] >= 0]).tolist():
-                    in_bin = np.flatnonzero(bins[part] == k)
-                    count[:, k] += w[:, in_bin].sum(axis=1)
-                    correct[:, k] += w[:, in_bin[hit[part][in_bin]]].sum(axis=1)
-                    limbs = exact_sum.per_value(conf[part][in_bin]).astype(np.float64)
-                    added = (w[:, in_bin].astype(np.float64) @ limbs).astype(np.int64)
-                    confidence[:, k] = exact_sum.normalise_rows(confidence[:, k] + added)
+                _add_weighted_bins((count, correct, confidence), w, bins[part], hit[part], conf[part])
         return {"ece": np.array([_ece(count[b], correct[b], confidence[b], samples[b]) for b in range(replicates)])}
+
+
+def _add_weighted_bins(sums: tuple[np.ndarray, np.ndarray, np.ndarray], w: np.ndarray, bins: np.ndarray,
+                       hit: np.ndarray, conf: np.ndarray) -> None:
+    """Add each replicate's weighted sample count, right answers and exact confidence sum of every bin of these
+    samples (w: [replicates, samples]) to `sums` (count, correct, confidence), in place."""
+    count, correct, confidence = sums
+    for k in np.unique(bins[bins >= 0]).tolist():
+        members = np.flatnonzero(bins == k)
+        count[:, k] += w[:, members].sum(axis=1)
+        correct[:, k] += w[:, members[hit[members]]].sum(axis=1)
+        limbs = exact_sum.per_value(conf[members]).astype(np.float64)
+        added = (w[:, members].astype(np.float64) @ limbs).astype(np.int64)
+        confidence[:, k] = exact_sum.normalise_rows(confidence[:, k] + added)
 
 
 def _ece(count: np.ndarray, correct: np.ndarray, confidence: np.ndarray, samples: int) -> float:
