@@ -95,12 +95,14 @@ def paired_test(
             for key, (observed_a, observed_b, statistic, deltas) in values.items():
                 results[key] = _result(observed_a, observed_b, statistic, deltas, test, trials, seed, level)
     skipped = {**passes[0].skipped, **passes[1].skipped}
-    for metric_a, metric_b in zip(passes[0].suite.corpus, passes[1].suite.corpus):
-        refusal = metric_a.bootstrap_refusal(trials + 1) if test == "bootstrap" else None
+    # corpus metrics have their own bootstraps, and no randomization test
+    corpus = zip(passes[0].suite.corpus, passes[1].suite.corpus) if test == "bootstrap" else ()
+    for metric_a, metric_b in corpus:
+        refusal = metric_a.bootstrap_refusal(trials + 1)
         if refusal is not None:
             skipped[metric_a.name] = refusal
             continue
-        values_a = metric_a.bootstrap(reader_a, weights, trials + 1) if test == "bootstrap" else None
+        values_a = metric_a.bootstrap(reader_a, weights, trials + 1)
         if values_a is None:
             continue
         skipped.pop(metric_a.name, None)
