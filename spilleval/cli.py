@@ -129,7 +129,7 @@ def compute(
     from .intervals import compute_with_intervals
     from .metrics import compute_from_spill
     from .metrics.names import parse_metrics, scale_of
-    from .metrics.parallel import usable_cores
+    from .metrics.pool import usable_cores
     from .progress import wanted
     from .report.terminal import interval_text
     from .spill import SpillReader

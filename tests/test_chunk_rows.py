@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from spilleval.batch import SampleBatch
 from spilleval.metrics import compute_from_spill
-from spilleval.metrics.parallel import TaskPlanner, local_executor, shutdown
+from spilleval.metrics.parallel import TaskPlanner
+from spilleval.metrics.pool import local_executor, shutdown
 from spilleval.spill import SpillReader, chunk
 from spilleval.spill.chunk import RECORD_BATCH_ROWS, ChunkCorruptError, ChunkRows, read_chunk
 from spilleval.spill.ipc_layout import read_ipc_index

@@ -99,7 +99,7 @@ def test_a_parallel_compute_imports_torch_nowhere(spill):
     code = textwrap.dedent(f"""
         import sys
         from spilleval.metrics import compute_from_spill
-        from spilleval.metrics.parallel import local_executor, shutdown
+        from spilleval.metrics.pool import local_executor, shutdown
 
         if __name__ == "__main__":
             pool = local_executor(2)

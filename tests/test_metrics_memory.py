@@ -98,9 +98,9 @@ def cap_bounded_buffers() -> None:
 
 def capped_worker() -> None:
     """A pool worker's initializer: the recompute's own (one thread, the parent's package), then the caps."""
-    from spilleval.metrics import parallel
+    from spilleval.metrics import pool
 
-    parallel.one_thread_per_worker(parallel.package_directory())
+    pool.one_thread_per_worker(pool.package_directory())
     cap_bounded_buffers()
 
 

@@ -9,13 +9,13 @@ word answers, 1-5 references per sample in a "references" column), one prefix of
 --probe-tokens prefix (one process) sets the prefix that takes about --seconds with one worker (prefixes are probe
 x 2^k tokens, at most --max-tokens), so a fast metric is not timed on a spill that leaves its workers idle and a
 slow one does not take minutes. For each worker count, one process pool
-(`spilleval.metrics.parallel.local_executor`) is started (its start, until every worker has loaded the tokenizer,
+(`spilleval.metrics.pool.local_executor`) is started (its start, until every worker has loaded the tokenizer,
 is "pool start"), then each metric is timed alone, `compute_from_spill(dir, [spec], executor=pool)`, best of
 --repeats: the first repeat also pays each worker's first use of the metric (importing its reference library:
 rouge-score's nltk takes about 2 s), reported as "first run". Every metric's result must be the same bits for every
 worker count. Speed-up = time with 1 worker / time with N; efficiency = speed-up / N.
 
-One core per worker: pool workers decode without the Rust tokenizer's threads (`parallel.one_thread_per_worker`),
+One core per worker: pool workers decode without the Rust tokenizer's threads (`pool.one_thread_per_worker`),
 and so does the 1-worker baseline here (TOKENIZERS_PARALLELISM=false, set at start), else the baseline would run
 `decode_batch` on every core and the ratios would not measure workers. --tokenizer-threads leaves the in-process
 run its threads (what `--workers 1` does for a user).
@@ -68,7 +68,7 @@ from spilleval.intervals import compute_with_intervals  # noqa: E402
 from spilleval.metrics import compute_from_spill  # noqa: E402
 from spilleval.metrics.inputs import references_of  # noqa: E402
 from spilleval.metrics.ondisk import ScratchStore  # noqa: E402
-from spilleval.metrics.parallel import local_executor, shutdown, usable_cores  # noqa: E402
+from spilleval.metrics.pool import local_executor, shutdown, usable_cores  # noqa: E402
 from spilleval.metrics.sums import ExactSum  # noqa: E402
 from spilleval.spill import SpillReader  # noqa: E402
 

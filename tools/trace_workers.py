@@ -30,7 +30,8 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compute import CLASS_WORDS, PrefixSpills, caption_tokenizer, metric_specs  # noqa: E402
 
-from spilleval.metrics import compute_from_spill, parallel, run_partitions, runner  # noqa: E402
+from spilleval.metrics import compute_from_spill, run_partitions, runner  # noqa: E402
+from spilleval.metrics.pool import local_executor, one_thread_per_worker, shutdown, usable_cores  # noqa: E402
 
 SLICES = 25
 PARENT_STEPS: list[tuple[str, float, float]] = []  # (step, start, seconds), in the parent
@@ -125,14 +126,14 @@ def one_process_pool() -> Executor:
 
     context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
                                           else "spawn")
-    return ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=parallel.one_thread_per_worker)
+    return ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=one_thread_per_worker)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("metrics", nargs="+")
     parser.add_argument("--tokens", type=int, default=640_000, help="size of the caption spill's prefix")
-    parser.add_argument("--workers", type=int, default=parallel.usable_cores(), help="the task plan's workers")
+    parser.add_argument("--workers", type=int, default=usable_cores(), help="the task plan's workers")
     parser.add_argument("--processes", type=int, default=None, help="worker processes (default: --workers)")
     args = parser.parse_args()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -145,14 +146,14 @@ def main() -> None:
         spills = PrefixSpills(Path(root), args.tokens, tokenizer, specs)
         spill = spills.get(args.tokens)
         processes = args.processes or args.workers
-        pool = one_process_pool() if processes == 1 < args.workers else parallel.local_executor(processes)
+        pool = one_process_pool() if processes == 1 < args.workers else local_executor(processes)
         try:
             for name in args.metrics:
                 print(f"== {name}: {spill.tokens:,} tokens, {spill.samples:,} samples, the plan of {args.workers} "
                       f"workers on {processes} process(es)")
                 trace(pool, spill.path, specs[name], args.workers)
         finally:
-            parallel.shutdown(pool)
+            shutdown(pool)
             spills.close()
 
 

@@ -18,7 +18,8 @@ from fractions import Fraction
 from typing import Any
 
 from ..metrics.base import MAX_STATE_BYTES, StreamingMetric
-from ..metrics.parallel import InlineExecutor, TaskPool, compute_in_parallel, worker_pool
+from ..metrics.parallel import TaskPool, compute_in_parallel
+from ..metrics.pool import InlineExecutor, worker_pool
 from ..metrics.runner import MetricSpec, MetricSuite, suite_for_spill
 from .bounds import DEFAULT_LEVEL, Interval, mean_interval, percentile_interval
 from .replicates import MetricReplicates, SampleMeanSums, means_only

@@ -20,7 +20,8 @@ import numpy as np
 
 from ..metrics import exact_sum
 from ..metrics.base import State
-from ..metrics.parallel import TaskPool, worker_pool
+from ..metrics.parallel import TaskPool
+from ..metrics.pool import worker_pool
 from ..metrics.runner import MetricSpec
 from .bounds import DEFAULT_LEVEL
 from .estimate import DEFAULT_RESAMPLES, DEFAULT_SEED, replicate_pass

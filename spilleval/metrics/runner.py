@@ -110,7 +110,8 @@ class MetricSuite:
 
     def compute_corpus(self, reader: Any, *, workers: int = 1) -> dict[str, float]:
         """The corpus metrics over the spill, their passes in `workers` processes (`parallel.py`)."""
-        from .parallel import InlineExecutor, compute_in_parallel, worker_pool
+        from .parallel import compute_in_parallel
+        from .pool import InlineExecutor, worker_pool
 
         with worker_pool(workers) as (executor, count):
             in_process = isinstance(executor, InlineExecutor)  # else the workers load the tokenizer
@@ -172,7 +173,8 @@ def compute_from_spill(
     for any number. `executor`: run the tasks elsewhere instead (anything with `submit`, e.g. a Dask client), with
     `workers` the number of tasks to keep in flight per worker pair."""
     from ..spill import SpillReader
-    from .parallel import InlineExecutor, compute_in_parallel, worker_pool
+    from .parallel import compute_in_parallel
+    from .pool import InlineExecutor, worker_pool
 
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
     with worker_pool(workers, executor) as (pool, count):

@@ -16,7 +16,7 @@ import numpy as np
 from ..batch import SampleBatch
 from ..intervals import DEFAULT_RESAMPLES, DEFAULT_SEED
 from ..intervals.paired import paired_test
-from ..metrics.parallel import worker_pool
+from ..metrics.pool import worker_pool
 from ..sampleset import SampleSet
 from ..spill import SpillReader
 from .results import metric_results

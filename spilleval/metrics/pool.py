@@ -1,0 +1,141 @@
+"""The recompute's worker processes: how they start, and the in-process executor of one worker.
+
+A pool's workers come from a forkserver that has imported what every task needs (`WORKER_PRELOAD`), run one
+thread each (`one_thread_per_worker`), and check that they run the parent's copy of spilleval. They do not import
+the parent's main module (`without_main`), unless it registers a metric the tasks rebuild by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from typing import Any, Iterator
+
+import pyarrow as pa
+from threadpoolctl import threadpool_limits
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), the default number of workers."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class InlineExecutor(Executor):
+    """Runs each task when it is submitted, in this process: one worker, no pickling."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:  # noqa: BLE001 - re-raised by result(), as a pool would
+            future.set_exception(error)
+        return future
+
+
+# What every worker imports, imported once by the forkserver that forks them (a missing one is skipped): each
+# worker's first task otherwise imported them itself, 0.4 s of CPU per worker (16 workers on 2 cores: 3.6 s before
+# the first results). pandas is never used, but pyarrow's `to_numpy` imports it when it is installed.
+WORKER_PRELOAD = ("spilleval.metrics.parallel", "spilleval.metrics.builtin", "spilleval.spill",
+                  "spilleval.spill.light_tokenizer", "tokenizers", "pandas")
+
+
+def local_executor(workers: int) -> Executor:
+    """`workers` processes (forkserver where there is one: workers start from a clean parent), or in-process."""
+    if workers <= 1:
+        return InlineExecutor()
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        context.set_forkserver_preload(list(WORKER_PRELOAD))
+    pool = ForkserverPool if "forkserver" in methods else ProcessPoolExecutor
+    return pool(max_workers=workers, mp_context=context, initializer=one_thread_per_worker,
+                initargs=(package_directory(),))
+
+
+class ForkserverPool(ProcessPoolExecutor):
+    """A process pool whose forkserver starts off the working directory, at the first task: a command that
+    computes nothing (`spilleval diff` of two results files) starts no process."""
+
+    _started = False
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
+        if not self._started:
+            start_forkserver_off_the_working_directory()
+            self._started = True
+        return super().submit(fn, *args, **kwargs)
+
+
+def start_forkserver_off_the_working_directory() -> None:
+    """Start the forkserver, if it is not running, with PYTHONSAFEPATH=1. It runs `python -c`, which puts the
+    working directory first on its path, and CPython imports the preload there, not on this process's path: run
+    from a directory holding another copy of spilleval (a checkout), the workers ran that copy's code under this
+    one's parent (seen: a benchmark of an older tree got the newer tree's workers). Python 3.10 ignores the
+    variable; the workers' check (`one_thread_per_worker`) then names the problem."""
+    from multiprocessing import forkserver
+
+    before = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        forkserver.ensure_running()
+    finally:
+        if before is None:
+            del os.environ["PYTHONSAFEPATH"]
+        else:
+            os.environ["PYTHONSAFEPATH"] = before
+
+
+def package_directory() -> str:
+    """Where this process imported spilleval from."""
+    import spilleval
+
+    return os.path.dirname(os.path.abspath(spilleval.__file__))
+
+
+def one_thread_per_worker(parent_package: str | None = None) -> None:
+    """A pool worker runs on one core: the Rust tokenizer's `decode_batch` (rayon), Arrow's thread pool and numpy's
+    BLAS would each start a thread per core in every worker, 16 x 16 threads on 16 cores, contending instead of
+    scaling (the bootstrap replicates' matrix products through OpenBLAS made chrF's 16 workers do 3.7x the CPU work
+    of 16 single-threaded ones). One worker in-process keeps their threads. `parent_package`: the parent's
+    spilleval directory, which must be the worker's (else its numbers would be another version's)."""
+    if parent_package is not None and package_directory() != parent_package:
+        raise RuntimeError(f"this worker process imported spilleval from {package_directory()}, its parent from "
+                           f"{parent_package}: two copies of the library would compute one result. Run from a "
+                           "directory that holds no other copy of spilleval (Python before 3.11 puts the working "
+                           "directory first on a worker's path)")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the tokenizers library at each call
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    pa.set_cpu_count(1)
+    threadpool_limits(1)  # the BLAS and OpenMP pools loaded so far (numpy's, by the forkserver's preload)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int | None, executor: Executor | None = None) -> Iterator[tuple[Executor, int]]:
+    """(executor, workers): `executor` as given (a Dask client...), or a local pool of `workers` processes (None:
+    every usable core) that is shut down on leaving."""
+    if executor is not None:
+        yield executor, workers or 1
+        return
+    pool, count = default_executor(workers)
+    try:
+        yield pool, count
+    finally:
+        shutdown(pool)
+
+
+def default_executor(workers: int | None) -> tuple[Executor, int]:
+    """(executor, workers) for `workers` local processes (None: every usable core)."""
+    count = usable_cores() if workers is None else workers
+    if count < 1:
+        raise ValueError(f"workers must be at least 1, got {count}")
+    return local_executor(count), count
+
+
+def shutdown(executor: Executor) -> None:
+    if not isinstance(executor, InlineExecutor):
+        executor.shutdown(wait=True, cancel_futures=True)
+
