@@ -4,20 +4,15 @@ samples repeated across chunks (dropped as `SpillReader` drops them)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import multiprocessing
 import os
 import re
-import shutil
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from _imports_probe import imported
 from conftest import SPILLEVAL_SCRIPT, registered_plugin
 from metric_data import batches_of, tokenizer
 from test_metrics_corpus import CORPUS_SPECS, seeded_corpus
@@ -27,7 +22,6 @@ from spilleval import Evaluator
 from spilleval.cli import app
 from spilleval.metrics import build_metric, compute_from_spill
 from spilleval.metrics import ngram_table, parallel, run_partitions
-from spilleval.metrics import pool as worker_processes
 from spilleval.metrics.mapmerge import MapMergeMetric
 from spilleval.spill import Manifest, SpillReader, SpillWriter, chunk
 from spilleval.spill.manifest import library_versions
@@ -146,84 +140,6 @@ def test_evaluator_finalize_runs_its_corpus_passes_in_workers(tmp_path):
     for batch in batches_of(samples, 4):
         evaluator.add(batch, vocab_size=len(tokenizer()))
     assert same(evaluator.finalize(), compute_from_spill(tmp_path / "run", workers=1))
-
-
-def _threads_setting() -> tuple[str | None, str | None, int, list[int]]:
-    import os
-
-    import pyarrow as pa
-    from threadpoolctl import threadpool_info
-
-    blas = [pool["num_threads"] for pool in threadpool_info() if "numpy" in pool["filepath"]]
-    return os.environ.get("TOKENIZERS_PARALLELISM"), os.environ.get("RAYON_NUM_THREADS"), pa.cpu_count(), blas
-
-
-def test_pool_workers_run_one_thread_each():
-    """A worker process decoding with the Rust tokenizer's own threads, or multiplying the bootstrap replicates'
-    weights with numpy's BLAS on a thread per core, times a worker per core, oversubscribes the machine: pool
-    workers turn those threads off (the in-process worker keeps them)."""
-    pool = worker_processes.local_executor(2)
-    try:
-        tokenizers, rayon, arrow, blas = pool.submit(_threads_setting).result()
-        assert (tokenizers, rayon, arrow) == ("false", "1", 1)
-        assert blas == [1]  # numpy's OpenBLAS
-    finally:
-        worker_processes.shutdown(pool)
-
-
-@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="no forkserver here")
-def test_pool_workers_start_with_what_every_task_imports():
-    """Each worker's first task imported the spill reader, the tokenizers library and (through pyarrow's
-    `to_numpy`) pandas on its own, 0.4 s of CPU a worker: the forkserver imports them once, before forking."""
-    pool = worker_processes.local_executor(2)
-    try:
-        wanted = tuple(name for name in worker_processes.WORKER_PRELOAD if importlib.util.find_spec(name) is not None)
-        assert pool.submit(imported, wanted).result() == list(wanted)
-    finally:
-        worker_processes.shutdown(pool)
-
-
-PROBE = """
-from spilleval.metrics import pool as worker_processes
-
-if __name__ == "__main__":
-    pool = worker_processes.local_executor(2)
-    try:
-        print(pool.submit(worker_processes.package_directory).result(), worker_processes.package_directory())
-    finally:
-        worker_processes.shutdown(pool)
-"""
-
-
-@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods() or sys.version_info < (3, 11),
-                    reason="forkserver with PYTHONSAFEPATH (Python 3.11+)")
-def test_workers_run_the_parents_spilleval_from_a_directory_holding_another(tmp_path):
-    """Run from a directory that holds a copy of spilleval (a checkout of another version), the forkserver's
-    preload imported that copy (`python -c` puts the working directory first on its path), and the workers ran its
-    code under this one's parent; the pool starts it with PYTHONSAFEPATH now."""
-    here = worker_processes.package_directory()
-    shutil.copytree(here, tmp_path / "elsewhere" / "spilleval", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "probe.py").write_text(PROBE)
-    done = subprocess.run([sys.executable, str(tmp_path / "probe.py")], cwd=tmp_path / "elsewhere",
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == [here, here]
-
-
-def test_a_pool_that_runs_nothing_starts_no_process():
-    """`spilleval diff` of two results files computes nothing: its pool must not start the forkserver."""
-    probe = ("from multiprocessing import forkserver\n"
-             "from spilleval.metrics import pool as worker_processes\n"
-             "worker_processes.shutdown(worker_processes.local_executor(2))\n"
-             "print(forkserver._forkserver._forkserver_pid)\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == "None"
-
-
-def test_a_worker_with_another_copy_of_spilleval_refuses_to_start():
-    with pytest.raises(RuntimeError, match="imported spilleval from .* its parent from /elsewhere"):
-        worker_processes.one_thread_per_worker("/elsewhere")
 
 
 @pytest.mark.parametrize("workers", [1, 2])

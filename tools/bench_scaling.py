@@ -62,6 +62,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import machine_info, markdown_table  # noqa: E402
+from _pool_tasks import clear_caches, one_worker_compute  # noqa: E402
 from bench_compute import CLASS_WORDS, PrefixSpills, caption_tokenizer, metric_specs  # noqa: E402
 
 from spilleval.intervals import compute_with_intervals  # noqa: E402
@@ -74,22 +75,6 @@ from spilleval.spill import SpillReader  # noqa: E402
 
 TEXT_METRICS = ["text_match", "bleu", "chrf", "ter", "rouge", "squad", "wer", "cer", "answer_macro_f1", "distinct_n",
                 "cider"]
-
-
-def clear_caches(barrier: Any = None) -> None:
-    """Empty every `functools.lru_cache` of this process (see the module docstring); with a barrier, wait for the
-    other workers, so that each worker of a pool runs this once."""
-    import functools
-    import gc
-    import warnings
-
-    with warnings.catch_warnings():  # isinstance on some of torch's deprecated objects warns
-        warnings.simplefilter("ignore")
-        caches = [item for item in gc.get_objects() if isinstance(item, functools._lru_cache_wrapper)]
-    for cache in caches:
-        cache.cache_clear()
-    if barrier is not None:
-        barrier.wait(120)
 
 
 def clear_caches_everywhere(pool: Any, workers: int, manager: Any) -> None:
@@ -137,13 +122,6 @@ def time_metrics(spill_of: dict[str, Path], specs: dict[str, dict[str, Any]], wo
         shutdown(pool)
         if manager is not None:
             manager.shutdown()
-
-
-def one_worker_compute(spill: Path, spec: dict[str, Any]) -> float:
-    """In a pool worker: seconds of the metric computed alone in this process (`workers=1`)."""
-    start = time.perf_counter()
-    compute_from_spill(spill, [spec], workers=1)
-    return time.perf_counter() - start
 
 
 def workload_ceiling(pool: Any, workers: int, spill: Path, spec: dict[str, Any], alone_s: float) -> dict[str, Any]:

@@ -28,28 +28,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _pool_tasks import timed_call  # noqa: E402
 from bench_compute import CLASS_WORDS, PrefixSpills, caption_tokenizer, metric_specs  # noqa: E402
 
 from spilleval.metrics import compute_from_spill, run_partitions, runner  # noqa: E402
-from spilleval.metrics.pool import local_executor, one_thread_per_worker, shutdown, usable_cores  # noqa: E402
+from spilleval.metrics.pool import (WorkerPool, local_executor, one_thread_per_worker, package_directory,  # noqa: E402
+                                   shutdown, usable_cores)
 
 SLICES = 25
 PARENT_STEPS: list[tuple[str, float, float]] = []  # (step, start, seconds), in the parent
-
-
-def timed_call(fn: Callable[..., Any], *args: Any) -> tuple[Any, tuple[str, int, float, float, float]]:
-    """In a worker: fn(*args) and (its kind, the worker's pid, start time, seconds, CPU seconds)."""
-    start, cpu = time.time(), time.process_time()
-    out = fn(*args)
-    return out, (task_kind(fn, args), os.getpid(), start, time.time() - start, time.process_time() - cpu)
-
-
-def task_kind(fn: Callable[..., Any], args: tuple) -> str:
-    """`run_task` with the passes its sweep runs ("run_task (pass 2)"), or the function's name."""
-    name = getattr(fn, "__name__", "?")
-    if name == "run_task" and args[0].passes:
-        return f"{name} (pass {'+'.join(str(index + 1) for _, index, _ in args[0].passes)})"
-    return name
 
 
 class TracingExecutor:
@@ -122,11 +109,11 @@ def trace(pool: Executor, spill: Path, spec: dict[str, Any], workers: int) -> No
 def one_process_pool() -> Executor:
     """One worker process, started as the recompute's pools start theirs (a task plan of many workers runs in it)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
                                           else "spawn")
-    return ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=one_thread_per_worker)
+    return WorkerPool(max_workers=1, mp_context=context, initializer=one_thread_per_worker,
+                      initargs=(package_directory(),))
 
 
 def main() -> None:

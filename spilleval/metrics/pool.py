@@ -1,8 +1,8 @@
 """The recompute's worker processes: how they start, and the in-process executor of one worker.
 
 A pool's workers come from a forkserver that has imported what every task needs (`WORKER_PRELOAD`), run one
-thread each (`one_thread_per_worker`), and check that they run the parent's copy of spilleval. They do not import
-the parent's main module (`without_main`), unless it registers a metric the tasks rebuild by name.
+thread each (`one_thread_per_worker`), check that they run the parent's copy of spilleval, and do not import the
+parent's main module (`without_main`) unless a metric registered there is needed.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import threading
+from multiprocessing import spawn
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, Iterator
 
@@ -52,22 +54,68 @@ def local_executor(workers: int) -> Executor:
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:
         context.set_forkserver_preload(list(WORKER_PRELOAD))
-    pool = ForkserverPool if "forkserver" in methods else ProcessPoolExecutor
-    return pool(max_workers=workers, mp_context=context, initializer=one_thread_per_worker,
-                initargs=(package_directory(),))
+    return WorkerPool(max_workers=workers, mp_context=context, initializer=one_thread_per_worker,
+                      initargs=(package_directory(),))
 
 
-class ForkserverPool(ProcessPoolExecutor):
-    """A process pool whose forkserver starts off the working directory, at the first task: a command that
-    computes nothing (`spilleval diff` of two results files) starts no process."""
+class WorkerPool(ProcessPoolExecutor):
+    """A process pool whose workers start at its first task (a command that computes nothing, `spilleval diff` of
+    two results files, starts no process), from a forkserver started off the working directory, and without the
+    parent's main module (`without_main`). Workers start in `submit` (Python 3.9+ starts them as tasks come)."""
 
     _started = False
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
         if not self._started:
-            start_forkserver_off_the_working_directory()
+            if self._mp_context.get_start_method() == "forkserver":
+                start_forkserver_off_the_working_directory()
             self._started = True
-        return super().submit(fn, *args, **kwargs)
+        with without_main(unless=main_registers_metrics()):
+            return super().submit(fn, *args, **kwargs)
+
+
+_SPAWNING = threading.local()  # `skip_main`: this thread is starting a pool's workers, which skip the main module
+_STDLIB_PREPARATION_DATA = spawn.get_preparation_data
+
+
+@contextlib.contextmanager
+def without_main(*, unless: bool = False) -> Iterator[None]:
+    """Processes that this thread starts meanwhile do not import the parent's main module, unless `unless`.
+
+    multiprocessing's forkserver and spawn children run the parent's main script (as `__mp_main__`) before their
+    first task, so that functions and classes defined there can be unpickled. The tasks name none: they are
+    spilleval's functions, and metrics are rebuilt by name from modules the workers import. Run from a training
+    script, each worker imported torch, transformers and the user's model code (2 s of CPU and a few hundred MB
+    each), and from a script without an `if __name__ == "__main__":` guard, each worker ran the whole script
+    again: the training too, until multiprocessing refused to start a process from it. A metric registered in the
+    main module (`unless`) needs it: its class is found there. Filters what `multiprocessing.spawn` sends a child
+    (`get_preparation_data`: the main module's name or path), for this thread only."""
+    _install_preparation_filter()
+    _SPAWNING.skip_main = not unless
+    try:
+        yield
+    finally:
+        _SPAWNING.skip_main = False
+
+
+def _install_preparation_filter() -> None:
+    if spawn.get_preparation_data is not _preparation_data:
+        spawn.get_preparation_data = _preparation_data
+
+
+def _preparation_data(name: str) -> dict[str, Any]:
+    data = _STDLIB_PREPARATION_DATA(name)
+    if getattr(_SPAWNING, "skip_main", False):
+        data.pop("init_main_from_name", None)
+        data.pop("init_main_from_path", None)
+    return data
+
+
+def main_registers_metrics() -> bool:
+    """Whether a metric was registered by a class of the main module: workers then need the main module."""
+    from .registry import registered_in_main
+
+    return registered_in_main()
 
 
 def start_forkserver_off_the_working_directory() -> None:

@@ -31,6 +31,12 @@ def register(name: str | None = None) -> Callable[[M], M]:
     return wrap
 
 
+def registered_in_main() -> bool:
+    """Whether a class of the main module (a user's script) is registered: processes that rebuild metrics by name
+    must import that module to find it (`pool.without_main`)."""
+    return any(cls.__module__ == "__main__" for cls in _REGISTRY.values())
+
+
 def available_metrics() -> dict[str, type[Metric]]:
     _load_builtins()
     return dict(sorted(_REGISTRY.items()))
