@@ -74,6 +74,33 @@ def test_a_tokenizer_that_cleans_up_spaces_is_left_to_transformers(tokenizer, tm
     assert load_light_tokenizer(tmp_path / "cleaning") is None
 
 
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json"])
+def test_a_configuration_nested_too_deep_is_read_without_a_crash(spill, tmp_path, monkeypatch, capsys, name):
+    """A crafted configuration of arrays nested 100,000 deep made Python's JSON parser raise RecursionError, which
+    the light loader did not expect: `compute` ended in "unexpected RecursionError" (exit 1, found by
+    test_hostile_fuzz). Its parser now has a bounded depth. tokenizer_config.json is then left to transformers,
+    whose load error is the spill's format error (exit 2, one line); special_tokens_map.json is ignored where it
+    cannot be read, as it was when its JSON was invalid."""
+    from spilleval.spill.integrity import seal
+
+    copy = tmp_path / "spill"
+    shutil.copytree(spill, copy)
+    (copy / "tokenizer" / name).write_text("[" * 100_000 + "]" * 100_000)
+    if (copy / "integrity.json").exists():
+        seal(copy)  # as a crafted spill would carry it
+    monkeypatch.setattr(sys, "argv", ["spilleval", "compute", str(copy), "--metrics", "text_match", "--workers", "1"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    err = capsys.readouterr().err
+    assert "unexpected" not in err
+    if name == "tokenizer_config.json":
+        assert load_light_tokenizer(copy / "tokenizer") is None
+        assert exited.value.code == 2 and "tokenizer" in err and len(err.strip().splitlines()) == 1, err
+    else:
+        assert load_light_tokenizer(copy / "tokenizer") is not None
+        assert not exited.value.code, err
+
+
 def test_special_tokens_out_of_step_with_tokenizer_json_are_left_to_transformers(tokenizer, tmp_path):
     """The configuration names <image> a special token, tokenizer.json does not: transformers marks it special on
     load and drops it when skipping special tokens, the Rust tokenizer alone would keep it."""

@@ -14,9 +14,10 @@ torch. `tests/test_light_tokenizer.py` checks both decode the same strings.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Sequence
+
+import pydantic_core
 
 # transformers' generic fast class (4.x) and its transformers 5 name: neither overrides the Rust decode
 PLAIN_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
@@ -77,9 +78,10 @@ def load_light_tokenizer(path: Path) -> LightTokenizer | None:
 def _json_object(path: Path) -> dict[str, Any] | None:
     if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
         return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    try:  # a parser of bounded depth: json.loads of arrays nested 100,000 deep raised RecursionError, or, under a
+        # raised recursion limit, overflowed the C stack
+        value = pydantic_core.from_json(path.read_bytes())
+    except ValueError:  # also invalid UTF-8, and nesting deeper than 200
         return None
     return value if isinstance(value, dict) else None
 

@@ -553,7 +553,7 @@ def _locked_message(path: Path, fd: int) -> str:
         holder = f"pid {info['pid']} on host {info['host']} (rank {info['rank']}, since " + time.strftime(
             "%Y-%m-%d %H:%M:%S", time.localtime(info["since"])
         ) + ")"
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # (a file of 4,096 bytes nests 4,096 deep at most)
         holder = "an unknown process"
     return (
         f"{path.parent} is being written by another writer: {holder}. Two writers cannot share a spill shard: "
