@@ -280,11 +280,18 @@ def _lost_worker(executor: Executor, workers: int) -> WorkerLostError:
         [code for code in codes if code == -signal.SIGTERM]
     how = ", ".join(_exit_name(code) for code in codes)
     fewer = f"fewer workers (--workers {workers // 2}), or " if workers // 2 > 1 else ""
+    cause = _OWN_ERROR if codes and all(code > 0 for code in codes) else _MEMORY
     return WorkerLostError(
         f"a worker process of the recompute stopped before returning its task{f' ({how})' if how else ''}; the "
-        "spill is unchanged. The usual cause is memory: the kernel's out-of-memory killer ends the largest process. "
-        f"Run with {fewer}--workers 1 to compute in this process"
+        f"spill is unchanged. {cause} Run with {fewer}--workers 1 to compute in this process"
     )
+
+
+_MEMORY = "The usual cause is memory: the kernel's out-of-memory killer ends the largest process."
+# a worker that exits with a code of its own was not killed: it failed, and printed why
+_OWN_ERROR = ("It exited on an error of its own, printed above by the worker. One that fails as it starts is often a "
+              "script without `if __name__ == \"__main__\":` that registers a metric: the workers import that script "
+              "to find the metric, and it runs again in each of them.")
 
 
 def _exit_name(code: int) -> str:
