@@ -11,8 +11,8 @@ import contextlib
 import multiprocessing
 import os
 import threading
-from multiprocessing import spawn
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from multiprocessing import spawn
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -91,11 +91,12 @@ def without_main(*, unless: bool = False) -> Iterator[None]:
     main module (`unless`) needs it: its class is found there. Filters what `multiprocessing.spawn` sends a child
     (`get_preparation_data`: the main module's name or path), for this thread only."""
     _install_preparation_filter()
+    before = getattr(_SPAWNING, "skip_main", False)
     _SPAWNING.skip_main = not unless
     try:
         yield
     finally:
-        _SPAWNING.skip_main = False
+        _SPAWNING.skip_main = before
 
 
 def _install_preparation_filter() -> None:
