@@ -32,8 +32,7 @@ from _pool_tasks import timed_call  # noqa: E402
 from bench_compute import CLASS_WORDS, PrefixSpills, caption_tokenizer, metric_specs  # noqa: E402
 
 from spilleval.metrics import compute_from_spill, run_partitions, runner  # noqa: E402
-from spilleval.metrics.pool import (WorkerPool, local_executor, one_thread_per_worker, package_directory,  # noqa: E402
-                                   shutdown, usable_cores)
+from spilleval.metrics.pool import local_executor, process_pool, shutdown, usable_cores  # noqa: E402
 
 SLICES = 25
 PARENT_STEPS: list[tuple[str, float, float]] = []  # (step, start, seconds), in the parent
@@ -106,16 +105,6 @@ def trace(pool: Executor, spill: Path, spec: dict[str, Any], workers: int) -> No
               f"{sum(c for _, c in times):.3f} s), longest {max(t for t, _ in times):.3f} s")
 
 
-def one_process_pool() -> Executor:
-    """One worker process, started as the recompute's pools start theirs (a task plan of many workers runs in it)."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
-                                          else "spawn")
-    return WorkerPool(max_workers=1, mp_context=context, initializer=one_thread_per_worker,
-                      initargs=(package_directory(),))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("metrics", nargs="+")
@@ -133,7 +122,7 @@ def main() -> None:
         spills = PrefixSpills(Path(root), args.tokens, tokenizer, specs)
         spill = spills.get(args.tokens)
         processes = args.processes or args.workers
-        pool = one_process_pool() if processes == 1 < args.workers else local_executor(processes)
+        pool = process_pool(1) if processes == 1 < args.workers else local_executor(processes)
         try:
             for name in args.metrics:
                 print(f"== {name}: {spill.tokens:,} tokens, {spill.samples:,} samples, the plan of {args.workers} "

@@ -63,7 +63,6 @@ class WorkerLostError(RuntimeError):
     often); `spilleval compute` prints it as one line with the fix."""
 
 
-
 # ----------------------------------------------------------------------------------------------- what travels
 @dataclass(frozen=True)
 class Task:

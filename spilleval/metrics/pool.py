@@ -18,6 +18,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 from threadpoolctl import threadpool_limits
 
+from .registry import registered_in_main
+
 
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity), the default number of workers."""
@@ -47,9 +49,12 @@ WORKER_PRELOAD = ("spilleval.metrics.parallel", "spilleval.metrics.builtin", "sp
 
 
 def local_executor(workers: int) -> Executor:
-    """`workers` processes (forkserver where there is one: workers start from a clean parent), or in-process."""
-    if workers <= 1:
-        return InlineExecutor()
+    """`workers` processes (`process_pool`), or in-process for one."""
+    return InlineExecutor() if workers <= 1 else process_pool(workers)
+
+
+def process_pool(workers: int) -> WorkerPool:
+    """`workers` processes, forked by a forkserver where there is one: workers start from a clean parent."""
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:
@@ -61,16 +66,19 @@ def local_executor(workers: int) -> Executor:
 class WorkerPool(ProcessPoolExecutor):
     """A process pool whose workers start at its first task (a command that computes nothing, `spilleval diff` of
     two results files, starts no process), from a forkserver started off the working directory, and without the
-    parent's main module (`without_main`). Workers start in `submit` (Python 3.9+ starts them as tasks come)."""
+    parent's main module (`without_main`). Workers start in `submit` (Python 3.9+ starts them as tasks come); whether
+    they import the main module is decided at the first task, so every worker of the pool starts alike."""
 
     _started = False
+    _needs_main = False
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
         if not self._started:
             if self._mp_context.get_start_method() == "forkserver":
                 start_forkserver_off_the_working_directory()
+            self._needs_main = registered_in_main()
             self._started = True
-        with without_main(unless=main_registers_metrics()):
+        with without_main(unless=self._needs_main):
             return super().submit(fn, *args, **kwargs)
 
 
@@ -110,13 +118,6 @@ def _preparation_data(name: str) -> dict[str, Any]:
         data.pop("init_main_from_name", None)
         data.pop("init_main_from_path", None)
     return data
-
-
-def main_registers_metrics() -> bool:
-    """Whether a metric was registered by a class of the main module: workers then need the main module."""
-    from .registry import registered_in_main
-
-    return registered_in_main()
 
 
 def start_forkserver_off_the_working_directory() -> None:
