@@ -6,6 +6,7 @@ torch nor transformers, and neither should the benchmark's)."""
 from __future__ import annotations
 
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -36,11 +37,18 @@ def one_worker_compute(spill: Path, spec: dict[str, Any]) -> float:
     return time.perf_counter() - start
 
 
-def timed_call(fn: Callable[..., Any], *args: Any) -> tuple[Any, tuple[str, int, float, float, float]]:
-    """In a worker: fn(*args) and (its kind, the worker's pid, start time, seconds, CPU seconds)."""
-    start, cpu = time.time(), time.process_time()
+Timing = tuple[str, int, float, float, float, float, int]
+
+
+def timed_call(fn: Callable[..., Any], *args: Any) -> tuple[Any, Timing]:
+    """In a worker: fn(*args) and (its kind, the worker's pid, start time, seconds, CPU seconds, of them system
+    seconds, minor page faults)."""
+    start, before = time.time(), resource.getrusage(resource.RUSAGE_SELF)
     out = fn(*args)
-    return out, (task_kind(fn, args), os.getpid(), start, time.time() - start, time.process_time() - cpu)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return out, (task_kind(fn, args), os.getpid(), start, time.time() - start, user + system, system,
+                 after.ru_minflt - before.ru_minflt)
 
 
 def task_kind(fn: Callable[..., Any], args: tuple) -> str:

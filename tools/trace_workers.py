@@ -76,7 +76,7 @@ def trace_parent_step(owner: Any, name: str) -> None:
 
 def busy_per_slice(log: list[tuple[str, int, float, float]], start: float, wall: float) -> list[float]:
     edges = [start + wall * i / SLICES for i in range(SLICES + 1)]
-    return [sum(max(0.0, min(b, t + d) - max(a, t)) for _, _, t, d, _ in log) / (b - a)
+    return [sum(max(0.0, min(b, t + d) - max(a, t)) for _, _, t, d, *_ in log) / (b - a)
             for a, b in zip(edges, edges[1:])]
 
 
@@ -89,20 +89,21 @@ def trace(pool: Executor, spill: Path, spec: dict[str, Any], workers: int) -> No
     compute_from_spill(spill, [spec], executor=tracing, workers=workers)
     wall = time.time() - start
     log = sorted(tracing.log, key=lambda timing: timing[2])
-    busy = sum(d for _, _, _, d, _ in log)
+    busy = sum(d for _, _, _, d, *_ in log)
     print(f"wall {wall:.3f} s, {len(log)} tasks, {busy:.3f} s of task time (= {busy / wall:.1f} workers busy)")
     print(f"first task starts at +{log[0][2] - start:.3f} s, the last ends at "
-          f"+{max(t + d for _, _, t, d, _ in log) - start:.3f} s")
+          f"+{max(t + d for _, _, t, d, *_ in log) - start:.3f} s")
     for name, at, seconds in PARENT_STEPS:
         print(f"  parent: {name} at +{at - start:.3f} s for {seconds:.3f} s")
     print(f"workers busy in each 1/{SLICES} of the run:",
           " ".join(f"{v:.0f}" for v in busy_per_slice(log, start, wall)))
-    kinds: dict[str, list[tuple[float, float]]] = {}
-    for name, _, _, seconds, cpu in log:
-        kinds.setdefault(name, []).append((seconds, cpu))
+    kinds: dict[str, list[tuple[float, float, float, int]]] = {}
+    for name, _, _, seconds, cpu, system, faults in log:
+        kinds.setdefault(name, []).append((seconds, cpu, system, faults))
     for name, times in kinds.items():
-        print(f"  {name}: {len(times)} tasks, {sum(t for t, _ in times):.3f} s in all (CPU "
-              f"{sum(c for _, c in times):.3f} s), longest {max(t for t, _ in times):.3f} s")
+        print(f"  {name}: {len(times)} tasks, {sum(t[0] for t in times):.3f} s in all (CPU "
+              f"{sum(t[1] for t in times):.3f} s, of it system {sum(t[2] for t in times):.3f} s; "
+              f"{sum(t[3] for t in times):,} minor page faults), longest {max(t[0] for t in times):.3f} s")
 
 
 def main() -> None:
