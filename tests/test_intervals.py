@@ -427,3 +427,48 @@ def test_compute_with_intervals_gives_compute_from_spills_numbers_in_one_pass(sp
     assert results == compute_from_spill(spill, specs)
     assert list(results) == list(compute_from_spill(spill, specs))
     assert report.to_json() == confidence_intervals(SpillReader(spill), specs, resamples=20, seed=1).to_json()
+
+
+def test_corpus_bootstraps_on_workers_give_the_one_process_replicates(tmp_path):
+    """The corpus metrics' own bootstraps (auroc, average_precision, ece, loss_percentiles), cut into blocks of
+    replicates on 3 workers, give every replicate of the one-process bootstrap, to the bit; so do `compute`'s
+    intervals at the default 1,000 resamples and `diff`'s paired bootstrap (its observed row in the first block)."""
+    from spilleval.intervals.corpus_bootstrap import corpus_bootstraps
+    from spilleval.intervals.paired import paired_test
+    from spilleval.metrics.parallel import TaskPool
+    from spilleval.metrics.pool import local_executor, shutdown
+    from spilleval.metrics.registry import build_metric
+
+    rng = np.random.default_rng(11)
+    n = 400
+    truth = rng.integers(0, 2, size=n)
+    spills = []
+    for name, noise in (("a", 0.9), ("b", 0.45)):
+        probs = np.round(np.clip(truth + rng.normal(0, noise, size=n), 0, 1), 2).astype(np.float32)
+        samples = [Sample(pred=["a"], label=["a"], arrays={"class_scores": [probs[i]]}, columns={"target": int(truth[i])},
+                          logprob=[float(-rng.exponential(1.5))]) for i in range(n)]
+        spills.append(write_samples(tmp_path / name, samples, chunk_rows=64))
+    specs = [*({"name": name, "params": {"target_column": "target"}} for name in ("auroc", "average_precision", "ece")),
+             {"name": "loss_percentiles", "params": {"percentiles": [10, 50, 90]}}]
+    weights = DrawnWeights("poisson", 4, 1000)
+    metrics = [build_metric(spec) for spec in specs]
+    alone = [metric.bootstrap(SpillReader(spills[1]), weights, 1000) for metric in metrics]
+    pool = local_executor(3)
+    try:
+        spread = corpus_bootstraps(metrics, SpillReader(spills[1]), weights, TaskPool(pool, 3))
+    finally:
+        shutdown(pool)
+    for spec, want, got in zip(specs, alone, spread):
+        assert want.keys() == got.keys(), spec
+        for key in want:
+            assert np.array_equal(want[key], got[key], equal_nan=True), key
+            assert len(set(want[key].tolist())) > 100, key  # replicates differ
+
+    reports = [confidence_intervals(SpillReader(spills[1]), [*specs, "distinct_n"], workers=workers)
+               for workers in (1, 3)]
+    assert reports[0].to_json() == reports[1].to_json() and len(reports[0].intervals) == 6
+    assert reports[0].skipped == reports[1].skipped and "distinct_n" in reports[1].skipped  # no bootstrap of its own
+    paired = [paired_test(SpillReader(spills[0]), SpillReader(spills[1]), specs, trials=200, seed=2, workers=workers)
+              for workers in (1, 3)]
+    assert paired[0] == paired[1] and not paired[0].skipped
+    assert paired[0].results["auroc"].p_value < 0.05  # sharper scores rank better

@@ -21,6 +21,7 @@ from ..metrics.base import MAX_STATE_BYTES, StreamingMetric
 from ..metrics.parallel import TaskPool, compute_in_parallel
 from ..metrics.pool import InlineExecutor, worker_pool
 from ..metrics.runner import MetricSpec, MetricSuite, suite_for_spill
+from .corpus_bootstrap import corpus_bootstraps
 from .bounds import DEFAULT_LEVEL, Interval, mean_interval, percentile_interval
 from .replicates import MetricReplicates, SampleMeanSums, means_only
 from .tally import ReplicatePass, ReplicateRequest, replicate_values, state_width
@@ -62,7 +63,7 @@ def compute_with_intervals(
         results = compute_in_parallel(reader, suite, executor=pool, workers=count, progress=progress,
                                       replicates=gathered if gathered.replicates else None)
         report = _streaming_intervals(gathered, resamples, seed, level, TaskPool(pool, count))
-    _corpus_intervals(suite, reader, results, resamples, seed, level, report)
+        _corpus_intervals(suite, reader, results, resamples, seed, level, report, TaskPool(pool, count))
     return suite.in_order(results), report
 
 
@@ -84,7 +85,7 @@ def confidence_intervals(
         gathered = replicate_pass(reader, metrics, DrawnWeights("poisson", seed, resamples), progress=progress,
                                   workers=count, executor=pool, replicate_means=False)
         report = _streaming_intervals(gathered, resamples, seed, level, TaskPool(pool, count))
-    _corpus_intervals(gathered.suite, reader, results, resamples, seed, level, report)
+        _corpus_intervals(gathered.suite, reader, results, resamples, seed, level, report, TaskPool(pool, count))
     return report
 
 
@@ -111,8 +112,10 @@ def _streaming_intervals(gathered: ReplicatePass, resamples: int, seed: int, lev
 
 
 def _corpus_intervals(suite: MetricSuite, reader: Any, results: dict[str, Any] | None, resamples: int, seed: int,
-                      level: float, report: IntervalReport) -> None:
-    """Corpus metrics: a proportion's normal interval from its point estimate, or the metric's own bootstrap."""
+                      level: float, report: IntervalReport, pool: TaskPool | None = None) -> None:
+    """Corpus metrics: a proportion's normal interval from its point estimate, or the metric's own bootstrap (on
+    the pool's workers, a block of replicates each: `corpus_bootstrap`)."""
+    bootstrapped = []
     for metric in suite.corpus:
         if metric.binary_mean_outputs and results is not None:
             report.skipped.pop(metric.name, None)
@@ -121,16 +124,19 @@ def _corpus_intervals(suite: MetricSuite, reader: Any, results: dict[str, Any] |
         refusal = metric.bootstrap_refusal(resamples)
         if refusal is not None:
             report.skipped[metric.name] = refusal
+        else:
+            bootstrapped.append(metric)
+    values = corpus_bootstraps(bootstrapped, reader, DrawnWeights("poisson", seed, resamples), pool)
+    for metric, outputs in zip(bootstrapped, values):
+        if outputs is None:
             continue
-        replicate_values = metric.bootstrap(reader, DrawnWeights("poisson", seed, resamples), resamples)
-        if replicate_values is not None:
-            report.skipped.pop(metric.name, None)
-            for key, values in replicate_values.items():
-                interval = percentile_interval(values, level, resamples=resamples, seed=seed)
-                if interval is None:
-                    report.skipped[key] = "undefined on this data (no finite replicate)"
-                else:
-                    report.intervals[key] = interval
+        report.skipped.pop(metric.name, None)
+        for key, replicates in outputs.items():
+            interval = percentile_interval(replicates, level, resamples=resamples, seed=seed)
+            if interval is None:
+                report.skipped[key] = "undefined on this data (no finite replicate)"
+            else:
+                report.intervals[key] = interval
 
 
 def _binary_mean_intervals(outputs: dict[str, str], results: dict[str, Any], level: float,

@@ -24,6 +24,7 @@ from ..metrics.parallel import TaskPool
 from ..metrics.pool import worker_pool
 from ..metrics.runner import MetricSpec
 from .bounds import DEFAULT_LEVEL
+from .corpus_bootstrap import corpus_bootstraps
 from .estimate import DEFAULT_RESAMPLES, DEFAULT_SEED, replicate_pass
 from .replicates import MetricReplicates
 from .tally import replicate_values
@@ -95,22 +96,32 @@ def paired_test(
                 values = _randomization(replicates_a, replicates_b, pool)
             for key, (observed_a, observed_b, statistic, deltas) in values.items():
                 results[key] = _result(observed_a, observed_b, statistic, deltas, test, trials, seed, level)
-    skipped = {**passes[0].skipped, **passes[1].skipped}
-    # corpus metrics have their own bootstraps, and no randomization test
-    corpus = zip(passes[0].suite.corpus, passes[1].suite.corpus) if test == "bootstrap" else ()
-    for metric_a, metric_b in corpus:
-        refusal = metric_a.bootstrap_refusal(trials + 1)
+        skipped = {**passes[0].skipped, **passes[1].skipped}
+        if test == "bootstrap":  # corpus metrics have their own bootstraps, and no randomization test
+            _paired_corpus_bootstraps(passes[0].suite.corpus, passes[1].suite.corpus, (reader_a, reader_b), weights,
+                                      pool, skipped, results, (test, trials, seed, level))
+    return PairedReport(results, skipped)
+
+
+def _paired_corpus_bootstraps(metrics_a: list, metrics_b: list, readers: tuple[Any, Any], weights: DrawnWeights,
+                              pool: TaskPool, skipped: dict[str, str], results: dict[str, PairedResult],
+                              settings: tuple[str, int, int, float]) -> None:
+    """The paired bootstrap of each corpus metric from its own bootstraps of A and of B (`corpus_bootstraps`)."""
+    chosen = []
+    for metric_a, metric_b in zip(metrics_a, metrics_b):
+        refusal = metric_a.bootstrap_refusal(weights.rows)
         if refusal is not None:
             skipped[metric_a.name] = refusal
-            continue
-        values_a = metric_a.bootstrap(reader_a, weights, trials + 1)
-        if values_a is None:
+        else:
+            chosen.append((metric_a, metric_b))
+    values_a = corpus_bootstraps([a for a, _ in chosen], readers[0], weights, pool)
+    values_b = corpus_bootstraps([b for _, b in chosen], readers[1], weights, pool)
+    for (metric_a, _), a, b in zip(chosen, values_a, values_b):
+        if a is None or b is None:
             continue
         skipped.pop(metric_a.name, None)
-        paired = _paired_bootstrap(values_a, metric_b.bootstrap(reader_b, weights, trials + 1))
-        for key, (observed_a, observed_b, statistic, deltas) in paired.items():
-            results[key] = _result(observed_a, observed_b, statistic, deltas, test, trials, seed, level)
-    return PairedReport(results, skipped)
+        for key, (observed_a, observed_b, statistic, deltas) in _paired_bootstrap(a, b).items():
+            results[key] = _result(observed_a, observed_b, statistic, deltas, *settings)
 
 
 def _paired_bootstrap(values_a: dict[str, np.ndarray], values_b: dict[str, np.ndarray]) -> dict[str, tuple]:

@@ -37,14 +37,15 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _hashes(seed: int, salt: int, sample_index: np.ndarray, replicates: int) -> np.ndarray:
-    """(replicates, n) uint64: one independent-looking 64-bit value per (replicate, sample)."""
+def _hashes(seed: int, salt: int, sample_index: np.ndarray, replicates: int, first: int = 0) -> np.ndarray:
+    """(replicates, n) uint64: one independent-looking 64-bit value per (replicate, sample), for the replicates
+    first, first + 1, ... (a replicate's values do not depend on which others are drawn with it)."""
     if not 0 < replicates <= MAX_RESAMPLES:
         raise ValueError(f"the number of resamples must be in 1..{MAX_RESAMPLES:,}, not {replicates}")
     key = np.uint64((int(seed) * 0x9E3779B1 + salt) % (1 << 64))
     with np.errstate(over="ignore"):
         per_sample = _mix(_mix(np.asarray(sample_index, dtype=np.int64).astype(np.uint64) + _GOLDEN) ^ key)
-        counters = (np.arange(1, replicates + 1, dtype=np.uint64) * _GOLDEN)[:, None]
+        counters = (np.arange(first + 1, first + replicates + 1, dtype=np.uint64) * _GOLDEN)[:, None]
         return _mix(per_sample[None, :] + counters)
 
 
@@ -57,15 +58,17 @@ def _poisson_one_cdf(max_k: int = 40) -> np.ndarray:
 _POISSON_CDF = _poisson_one_cdf()
 
 
-def poisson_weights(seed: int, sample_index: np.ndarray, resamples: int) -> np.ndarray:
-    """(resamples, n) uint8: how many times each sample is drawn in each bootstrap replicate (Poisson(1))."""
-    uniform = (_hashes(seed, _BOOTSTRAP_SALT, sample_index, resamples) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+def poisson_weights(seed: int, sample_index: np.ndarray, resamples: int, first: int = 0) -> np.ndarray:
+    """(resamples, n) uint8: how many times each sample is drawn in each bootstrap replicate (Poisson(1)), for the
+    replicates first, first + 1, ..."""
+    uniform = (_hashes(seed, _BOOTSTRAP_SALT, sample_index, resamples, first) >> np.uint64(11)).astype(np.float64) * 2.0**-53
     return np.searchsorted(_POISSON_CDF, uniform, side="right").astype(np.uint8)
 
 
-def coin_flips(seed: int, sample_index: np.ndarray, trials: int) -> np.ndarray:
-    """(trials, n) bool: in each approximate-randomization trial, whether a sample's two systems swap outputs."""
-    return (_hashes(seed, _RANDOMIZATION_SALT, sample_index, trials) >> np.uint64(63)).astype(bool)
+def coin_flips(seed: int, sample_index: np.ndarray, trials: int, first: int = 0) -> np.ndarray:
+    """(trials, n) bool: in each approximate-randomization trial (first, first + 1, ...), whether a sample's two
+    systems swap outputs."""
+    return (_hashes(seed, _RANDOMIZATION_SALT, sample_index, trials, first) >> np.uint64(63)).astype(bool)
 
 
 DRAWS = {"poisson": poisson_weights, "coin": coin_flips}
@@ -76,12 +79,14 @@ class DrawnWeights:
     """index (n,) -> (rows, n) uint8 weights of `trials` replicates: Poisson(1) draws (the bootstrap) or coin flips
     (approximate randomization), keyed by (seed, dataset index); `observed_row`: a first row of ones, every sample
     once (the observed system, which the paired tests compare with). A value, not a closure: the workers of a
-    parallel pass draw the weights of their own samples."""
+    parallel pass draw the weights of their own samples. `first`: the index of its first draw, in a block of the
+    rows of a larger set (`blocks`)."""
 
     draw: str
     seed: int
     trials: int
     observed_row: bool = False
+    first: int = 0
 
     def __post_init__(self) -> None:
         if self.draw not in DRAWS:
@@ -92,5 +97,18 @@ class DrawnWeights:
         return self.trials + int(self.observed_row)
 
     def __call__(self, index: np.ndarray) -> np.ndarray:
-        drawn = DRAWS[self.draw](self.seed, index, self.trials).astype(np.uint8)
+        drawn = (DRAWS[self.draw](self.seed, index, self.trials, self.first).astype(np.uint8) if self.trials
+                 else np.zeros((0, len(index)), np.uint8))
         return np.vstack([np.ones((1, len(index)), np.uint8), drawn]) if self.observed_row else drawn
+
+    def blocks(self, count: int) -> list["DrawnWeights"]:
+        """These rows cut into up to `count` contiguous blocks of near-equal size, in order: stacked, the blocks'
+        weights are these weights (a draw depends only on its index)."""
+        bounds = [self.rows * k // count for k in range(count + 1)]
+        return [self._rows(start, stop) for start, stop in zip(bounds, bounds[1:]) if stop > start]
+
+    def _rows(self, start: int, stop: int) -> "DrawnWeights":
+        observed = int(self.observed_row)
+        first_draw = max(start - observed, 0)
+        return DrawnWeights(self.draw, self.seed, stop - observed - first_draw,
+                            observed_row=self.observed_row and start == 0, first=self.first + first_draw)
