@@ -54,9 +54,10 @@ WorkersOpt = typer.Option(None, "--workers", "-w", min=1, metavar="N",
 MaxTokensOpt = typer.Option(256, "--max-tokens", min=1, metavar="N", help="Tokens shown per sample (scores cover all).")
 MetricsOpt = typer.Option(
     None, "--metrics", "-m", metavar="NAME[,NAME(key=value,...)]",
-    help="Comma-separated metrics (default: those recorded in the spill). A name or a result key (perplexity = "
-    "nll, eval_bleu_precision_1 = bleu); parameters in parentheses, e.g. 'f1(labels=yes,no,maybe)' (values are "
-    "JSON, or comma lists); a name alone keeps the parameters it was evaluated with. `spilleval metrics` lists them.",
+    help="Comma-separated metrics, repeatable (default: those recorded in the spill). A name or a result key "
+    "(perplexity = nll, eval_bleu_precision_1 = bleu); parameters in parentheses, e.g. 'f1(labels=yes,no,maybe)' "
+    "(values are JSON, or comma lists); a name alone keeps the parameters it was evaluated with. `spilleval metrics` "
+    "lists them.",
 )
 MetricsFileOpt = typer.Option(
     None, "--metrics-file", exists=True, dir_okay=False, metavar="FILE",
@@ -105,7 +106,7 @@ def _app(
 @per_part(console)
 def compute(
     spill_dir: Path = SpillDir,
-    metrics: str | None = MetricsOpt,
+    metrics: list[str] | None = MetricsOpt,
     metrics_file: Path | None = MetricsFileOpt,
     allow_partial: bool = AllowPartialOpt,
     as_json: bool = JsonOpt,
@@ -135,7 +136,7 @@ def compute(
     from .spill import SpillReader
 
     _load_plugins(plugin)
-    specs = parse_metrics(metrics, metrics_file)
+    specs = parse_metrics(",".join(metrics) if metrics else None, metrics_file)  # -m a -m b is -m a,b
     progress = wanted(quiet) and not as_json
     intervals = {}
     with contextlib.ExitStack() as stack:

@@ -174,6 +174,13 @@ def test_a_result_key_computes_its_metric(spill):
     assert payload["metrics"] == {k: live[k] for k in ("nll", "perplexity", "token_accuracy")}
 
 
+def test_repeated_metrics_options_add_up(spill):
+    """`-m nll -m token_accuracy` is `-m nll,token_accuracy`: a second -m used to replace the first, silently."""
+    repeated = json.loads(run("compute", spill, "-m", "perplexity", "-m", "eval_token_accuracy", "--json"))
+    assert repeated == json.loads(run("compute", spill, "-m", "perplexity,eval_token_accuracy", "--json"))
+    assert set(repeated["metrics"]) == {"nll", "perplexity", "token_accuracy"}
+
+
 @pytest.mark.parametrize("text, spec", [
     ("f1(labels=yes,no,maybe)", {"name": "f1", "params": {"labels": ["yes", "no", "maybe"]}}),
     ("f1(labels=[yes])", {"name": "f1", "params": {"labels": ["yes"]}}),

@@ -472,3 +472,22 @@ def test_corpus_bootstraps_on_workers_give_the_one_process_replicates(tmp_path):
               for workers in (1, 3)]
     assert paired[0] == paired[1] and not paired[0].skipped
     assert paired[0].results["auroc"].p_value < 0.05  # sharper scores rank better
+
+
+def test_score_bootstraps_on_a_local_dask_cluster_give_the_one_process_intervals(tmp_path):
+    """`spilleval compute --dask local`: the blocks of replicates run as Dask tasks, with the same intervals."""
+    pytest.importorskip("distributed")
+    rng = np.random.default_rng(12)
+    truth = rng.integers(0, 2, size=300)
+    probs = np.round(np.clip(truth + rng.normal(0, 0.6, size=300), 0, 1), 2).astype(np.float32)
+    spill = write_samples(tmp_path / "s", [Sample(pred=["a"], label=["a"], arrays={"class_scores": [p]},
+                                                  columns={"target": int(t)}) for p, t in zip(probs, truth)],
+                          chunk_rows=64)
+    metric_args = ["-m", ",".join(f"{name}(target_column=target)" for name in ("auroc", "average_precision", "ece"))]
+    runner = CliRunner()
+    outputs = [runner.invoke(app, ["compute", str(spill), "--json", "--bootstrap", "200", *metric_args, *args])
+               for args in (["--workers", "1"], ["--dask", "local", "--workers", "2"])]
+    for out in outputs:
+        assert out.exit_code == 0, out.output
+    payloads = [json.loads(out.output) for out in outputs]
+    assert payloads[0]["intervals"] == payloads[1]["intervals"] and len(payloads[0]["intervals"]) == 3
