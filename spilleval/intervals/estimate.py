@@ -6,6 +6,8 @@ WER, F1, nll, loss...) a percentile bootstrap over Poisson replicates keyed by d
 is the metrics' own sweep over the spill (`spilleval.metrics.parallel`), in as many worker processes as asked: each
 task adds up its samples' replicates (`tally`), a window of samples at a time, and the parent adds the tasks'
 sums. Memory per process is the replicate states (resamples x state size) plus one window's per-sample states.
+Corpus metrics with a bootstrap of their own (AUROC, average precision, ECE, loss percentiles) run it on the same
+workers, a block of replicates per task (`corpus_bootstrap`).
 """
 
 from __future__ import annotations
