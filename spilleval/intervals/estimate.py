@@ -23,8 +23,8 @@ from ..metrics.base import MAX_STATE_BYTES, StreamingMetric
 from ..metrics.parallel import TaskPool, compute_in_parallel
 from ..metrics.pool import InlineExecutor, worker_pool
 from ..metrics.runner import MetricSpec, MetricSuite, suite_for_spill
-from .corpus_bootstrap import corpus_bootstraps
 from .bounds import DEFAULT_LEVEL, Interval, mean_interval, percentile_interval
+from .corpus_bootstrap import corpus_bootstraps
 from .replicates import MetricReplicates, SampleMeanSums, means_only
 from .tally import ReplicatePass, ReplicateRequest, replicate_values, state_width
 from .weights import DrawnWeights
