@@ -14,7 +14,6 @@ divide among the workers. In one process, the bootstrap runs as before, over eve
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -22,6 +21,8 @@ import numpy as np
 
 from ..metrics.base import CorpusMetric
 from ..metrics.parallel import TaskPool, spill_state
+from ..metrics.registry import build_metric, import_modules, registering_modules
+from .tally import stacked
 from .weights import DrawnWeights
 
 if TYPE_CHECKING:
@@ -42,20 +43,18 @@ def corpus_bootstraps(metrics: Sequence[CorpusMetric], reader: "SpillReader", we
         return [metric.bootstrap(reader, weights, weights.rows) for metric in metrics]
     where = (os.fspath(reader.path), reader.allow_partial, spill_state(reader))
     own = [metric for metric in metrics if type(metric).bootstrap is not CorpusMetric.bootstrap]
-    jobs = [(metric.spec(), _module_of(metric), where, block) for metric in own for block in blocks]
+    jobs = [(metric.spec(), registering_modules([metric]), where, block) for metric in own for block in blocks]
     parts = iter(pool.map(bootstrap_block, jobs))
-    stacked = {id(metric): _stacked([next(parts) for _ in blocks]) for metric in own}
-    return [stacked.get(id(metric)) for metric in metrics]
+    values = {id(metric): [next(parts) for _ in blocks] for metric in own}
+    return [_stacked(values[id(metric)]) if id(metric) in values else None for metric in metrics]
 
 
-def bootstrap_block(spec: dict[str, Any], module: str | None, where: tuple[str, bool, str],
+def bootstrap_block(spec: dict[str, Any], modules: tuple[str, ...], where: tuple[str, bool, str],
                     weights: DrawnWeights) -> Values:
     """In a worker: the metric's bootstrap on one block of replicates, on its own reader of the spill."""
-    from ..metrics.registry import build_metric
     from ..spill import SpillReader
 
-    if module is not None:
-        importlib.import_module(module)  # registers a custom metric
+    import_modules(modules)
     spill_dir, allow_partial, state = where
     reader = SpillReader(spill_dir, allow_partial=allow_partial)
     if spill_state(reader) != state:
@@ -63,13 +62,6 @@ def bootstrap_block(spec: dict[str, Any], module: str | None, where: tuple[str, 
     return build_metric(spec).bootstrap(reader, weights, weights.rows)
 
 
-def _module_of(metric: CorpusMetric) -> str | None:
-    module = type(metric).__module__
-    return None if module in ("__main__", "__mp_main__") else module
-
-
-def _stacked(parts: list[Values]) -> Values:
-    """The blocks' values of one metric, each output's replicates in block order."""
-    if parts[0] is None:
-        return None
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}  # type: ignore[index]
+def _stacked(blocks: list[Values]) -> Values:
+    """The blocks' values of one metric (None: it has no bootstrap after all)."""
+    return None if any(block is None for block in blocks) else stacked(blocks)  # type: ignore[arg-type]

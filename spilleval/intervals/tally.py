@@ -11,7 +11,6 @@ single pass over the spill.
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ import numpy as np
 from ..batch import SampleBatch
 from ..metrics import exact_sum
 from ..metrics.base import StreamingMetric
+from ..metrics.registry import import_modules, registering_modules
 from .replicates import MetricReplicates, SampleMeanSums, values_of
 from .weights import DrawnWeights
 
@@ -139,11 +139,15 @@ def replicate_values(replicates: MetricReplicates, pool: "TaskPool | None" = Non
     if pool is None or pool.workers <= 1 or rows < 2 * pool.workers:
         return replicates.values()
     step = math.ceil(rows / pool.workers)
-    modules = tuple(m for m in (type(metric).__module__,) if m not in ("__main__", "__mp_main__"))
-    jobs = [(metric.spec(), modules, {name: states[start:start + step] for name, states in replicates.states.items()})
+    jobs = [(metric.spec(), registering_modules([metric]),
+             {name: states[start:start + step] for name, states in replicates.states.items()})
             for start in range(0, rows, step)]
-    parts = pool.map(values_of_states, jobs)
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    return stacked(pool.map(values_of_states, jobs))
+
+
+def stacked(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each output's values of blocks of replicates, in block order: the values of all the replicates."""
+    return {key: np.concatenate([block[key] for block in blocks]) for key in blocks[0]}
 
 
 def values_of_states(spec: dict[str, Any], modules: tuple[str, ...], states: dict[str, np.ndarray]
@@ -152,6 +156,5 @@ def values_of_states(spec: dict[str, Any], modules: tuple[str, ...], states: dic
     spec, after importing the module that registers it)."""
     from ..metrics.registry import build_metric
 
-    for module in modules:
-        importlib.import_module(module)
+    import_modules(modules)
     return values_of(build_metric(spec), states)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import importlib
 import math
 import os
 import signal
@@ -39,11 +38,12 @@ from threadpoolctl import threadpool_limits
 
 from ..batch import SampleBatch
 from ..decode import decode_batch
+from ..progress import sample_bar
 from ..sampleset import SampleSet
 from .base import CorpusMetric, Metric, State
-from ..progress import sample_bar
 from .mapmerge import MapMergeMetric
 from .pool import InlineExecutor
+from .registry import import_modules, registering_modules
 
 if TYPE_CHECKING:
     from ..intervals.tally import ReplicatePass
@@ -161,8 +161,7 @@ def _suite(sweep: Sweep, reader: "SpillReader") -> "MetricSuite":
         return sweep.local_suite
     key = ("suite", sweep.spill_dir, sweep.spill_state, repr(sweep.specs))
     if key not in _WORKER:
-        for module in sweep.modules:
-            importlib.import_module(module)
+        import_modules(sweep.modules)
         suite = MetricSuite(list(sweep.specs))
         threadpool_limits(1)  # and those the metrics' libraries loaded since
         # checked against the vocabulary here (the parent does not load it); light: no torch import in a worker
@@ -340,7 +339,7 @@ def _sweep(reader: "SpillReader", suite: "MetricSuite", *, streaming: bool, pass
     return Sweep(
         spill_dir=os.fspath(reader.path), allow_partial=reader.allow_partial, spill_state=spill_state(reader),
         specs=tuple(m.spec() for m in suite.metrics),
-        modules=tuple(sorted({type(m).__module__ for m in suite.metrics} - {"__main__", "__mp_main__"})),
+        modules=registering_modules(suite.metrics),
         streaming=streaming, passes=passes, batch_size=min([batch_size, *sizes]), local_suite=local_suite,
         local_reader=reader if local_suite is not None else None, replicates=replicates if streaming else None,
         reads={"columns": sorted({c for m in taking_part for c in m.needs_columns}),

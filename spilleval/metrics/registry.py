@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -35,6 +36,19 @@ def registered_in_main() -> bool:
     """Whether a class of the main module (a user's script) is registered: processes that rebuild metrics by name
     must import that module to find it (`pool.without_main`)."""
     return any(cls.__module__ == "__main__" for cls in _REGISTRY.values())
+
+
+def registering_modules(metrics: Iterable[Metric]) -> tuple[str, ...]:
+    """The modules that register these metrics' classes, for a worker to import before it rebuilds them by name
+    (`import_modules`). The main module is not one: a pool's workers import it themselves when a metric is
+    registered there (`registered_in_main`)."""
+    return tuple(sorted({type(m).__module__ for m in metrics} - {"__main__", "__mp_main__"}))
+
+
+def import_modules(modules: Iterable[str]) -> None:
+    """In a worker: import the modules that register custom metrics (`registering_modules`)."""
+    for module in modules:
+        importlib.import_module(module)
 
 
 def available_metrics() -> dict[str, type[Metric]]:
