@@ -470,8 +470,8 @@ def test_corpus_bootstraps_on_workers_give_the_one_process_replicates(tmp_path):
     spills = []
     for name, noise in (("a", 0.9), ("b", 0.45)):
         probs = np.round(np.clip(truth + rng.normal(0, noise, size=n), 0, 1), 2).astype(np.float32)
-        samples = [Sample(pred=["a"], label=["a"], arrays={"class_scores": [probs[i]]}, columns={"target": int(truth[i])},
-                          logprob=[float(-rng.exponential(1.5))]) for i in range(n)]
+        samples = [Sample(pred=["a"], label=["a"], arrays={"class_scores": [probs[i]]},
+                          columns={"target": int(truth[i])}, logprob=[float(-rng.exponential(1.5))]) for i in range(n)]
         spills.append(write_samples(tmp_path / name, samples, chunk_rows=64))
     specs = [*({"name": name, "params": {"target_column": "target"}} for name in ("auroc", "average_precision", "ece")),
              {"name": "loss_percentiles", "params": {"percentiles": [10, 50, 90]}}]

@@ -9,14 +9,14 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from spilleval.metrics import compute_from_spill
 
 
 def clear_caches(barrier: Any = None) -> None:
-    """Empty every `functools.lru_cache` of this process (see tools/bench_scaling.py's docstring); with a barrier, wait for the
-    other workers, so that each worker of a pool runs this once."""
+    """Empty every `functools.lru_cache` of this process (see tools/bench_scaling.py's docstring); with a barrier,
+    wait for the other workers, so that each worker of a pool runs this once."""
     import functools
     import gc
     import warnings
@@ -37,18 +37,26 @@ def one_worker_compute(spill: Path, spec: dict[str, Any]) -> float:
     return time.perf_counter() - start
 
 
-Timing = tuple[str, int, float, float, float, float, int]
+class Timing(NamedTuple):
+    """One task, as its worker saw it."""
+
+    kind: str  # `task_kind`
+    pid: int
+    start: float  # time.time()
+    seconds: float
+    cpu: float  # user + system seconds
+    system: float
+    minor_faults: int
 
 
 def timed_call(fn: Callable[..., Any], *args: Any) -> tuple[Any, Timing]:
-    """In a worker: fn(*args) and (its kind, the worker's pid, start time, seconds, CPU seconds, of them system
-    seconds, minor page faults)."""
+    """In a worker: fn(*args) and its `Timing`."""
     start, before = time.time(), resource.getrusage(resource.RUSAGE_SELF)
     out = fn(*args)
     after = resource.getrusage(resource.RUSAGE_SELF)
     user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
-    return out, (task_kind(fn, args), os.getpid(), start, time.time() - start, user + system, system,
-                 after.ru_minflt - before.ru_minflt)
+    return out, Timing(task_kind(fn, args), os.getpid(), start, time.time() - start, user + system, system,
+                       after.ru_minflt - before.ru_minflt)
 
 
 def task_kind(fn: Callable[..., Any], args: tuple) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _pool_tasks import timed_call  # noqa: E402
+from _pool_tasks import Timing, timed_call  # noqa: E402
 from bench_compute import CLASS_WORDS, PrefixSpills, caption_tokenizer, metric_specs  # noqa: E402
 
 from spilleval.metrics import compute_from_spill, run_partitions, runner  # noqa: E402
@@ -74,9 +74,9 @@ def trace_parent_step(owner: Any, name: str) -> None:
     setattr(owner, name, wrapper)
 
 
-def busy_per_slice(log: list[tuple[str, int, float, float]], start: float, wall: float) -> list[float]:
+def busy_per_slice(log: list[Timing], start: float, wall: float) -> list[float]:
     edges = [start + wall * i / SLICES for i in range(SLICES + 1)]
-    return [sum(max(0.0, min(b, t + d) - max(a, t)) for _, _, t, d, *_ in log) / (b - a)
+    return [sum(max(0.0, min(b, t.start + t.seconds) - max(a, t.start)) for t in log) / (b - a)
             for a, b in zip(edges, edges[1:])]
 
 
@@ -88,22 +88,23 @@ def trace(pool: Executor, spill: Path, spec: dict[str, Any], workers: int) -> No
     start = time.time()
     compute_from_spill(spill, [spec], executor=tracing, workers=workers)
     wall = time.time() - start
-    log = sorted(tracing.log, key=lambda timing: timing[2])
-    busy = sum(d for _, _, _, d, *_ in log)
+    log = sorted(tracing.log, key=lambda timing: timing.start)
+    busy = sum(t.seconds for t in log)
     print(f"wall {wall:.3f} s, {len(log)} tasks, {busy:.3f} s of task time (= {busy / wall:.1f} workers busy)")
-    print(f"first task starts at +{log[0][2] - start:.3f} s, the last ends at "
-          f"+{max(t + d for _, _, t, d, *_ in log) - start:.3f} s")
+    print(f"first task starts at +{log[0].start - start:.3f} s, the last ends at "
+          f"+{max(t.start + t.seconds for t in log) - start:.3f} s")
     for name, at, seconds in PARENT_STEPS:
         print(f"  parent: {name} at +{at - start:.3f} s for {seconds:.3f} s")
     print(f"workers busy in each 1/{SLICES} of the run:",
           " ".join(f"{v:.0f}" for v in busy_per_slice(log, start, wall)))
-    kinds: dict[str, list[tuple[float, float, float, int]]] = {}
-    for name, _, _, seconds, cpu, system, faults in log:
-        kinds.setdefault(name, []).append((seconds, cpu, system, faults))
-    for name, times in kinds.items():
-        print(f"  {name}: {len(times)} tasks, {sum(t[0] for t in times):.3f} s in all (CPU "
-              f"{sum(t[1] for t in times):.3f} s, of it system {sum(t[2] for t in times):.3f} s; "
-              f"{sum(t[3] for t in times):,} minor page faults), longest {max(t[0] for t in times):.3f} s")
+    kinds: dict[str, list[Timing]] = {}
+    for timing in log:
+        kinds.setdefault(timing.kind, []).append(timing)
+    for name, tasks in kinds.items():
+        print(f"  {name}: {len(tasks)} tasks, {sum(t.seconds for t in tasks):.3f} s in all (CPU "
+              f"{sum(t.cpu for t in tasks):.3f} s, of it system {sum(t.system for t in tasks):.3f} s; "
+              f"{sum(t.minor_faults for t in tasks):,} minor page faults), "
+              f"longest {max(t.seconds for t in tasks):.3f} s")
 
 
 def main() -> None:
